@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Benchmark gaffer.Manager against a bare Popen + pidfd loop, in one run, and print a table.
+
+    python3 bench/bench_gaffer.py [--rounds 3] [--processes 200] [--idle 10] [--respawns 20]
+
+Each trial runs in a fresh interpreter (so RSS and thread counts are its own);
+the variants take turns, round after round, and the table shows medians.
+The bare loop is what a careful program would write by hand: one thread,
+a selector on pidfds, Popen to respawn.  Standard library only; not a test.
+"""
+
+import argparse
+import collections
+import json
+import os
+import platform
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+SLEEP = [shutil.which("sleep") or "/bin/sleep", "1000"]
+
+
+# -- the bare loop -------------------------------------------------------------
+
+class BareLoop:
+    """The least a pidfd supervisor does: spawn, watch exits in a selector, respawn."""
+
+    def __init__(self, argv, on_spawn=None):
+        self.argv = argv
+        self.on_spawn = on_spawn
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.commands = collections.deque()
+        self.children = {}  # os pid -> Popen
+        self.stopping = False
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def call(self, fn, *args):
+        done = threading.Event()
+        result = []
+        self.commands.append(lambda: (result.append(fn(*args)), done.set()))
+        self.wake_w.send(b"x")
+        done.wait()
+        return result[0]
+
+    def spawn(self):
+        popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+        pidfd = os.pidfd_open(popen.pid)
+        self.selector.register(pidfd, selectors.EVENT_READ, popen)
+        self.children[popen.pid] = popen
+        if self.on_spawn:
+            self.on_spawn()
+
+    def start(self, n):
+        for _ in range(n):
+            self.spawn()
+
+    def stop(self):
+        self.stopping = True
+        for pid in self.children:
+            os.kill(pid, signal.SIGTERM)
+
+    def run(self):
+        while not (self.stopping and not self.children):
+            for key, _ in self.selector.select():
+                if key.data is None:
+                    self.wake_r.recv(4096)
+                    while self.commands:
+                        self.commands.popleft()()
+                    continue
+                popen = key.data
+                popen.wait()
+                self.selector.unregister(key.fd)
+                os.close(key.fd)
+                del self.children[popen.pid]
+                if not self.stopping:
+                    self.spawn()
+        self.stopped.set()
+
+
+# -- one trial (in its own interpreter) ----------------------------------------
+
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rss_mib():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1 << 20)
+
+
+def trial(variant, n, idle, respawns):
+    spawned = threading.Event()
+    stamp = [0.0]
+
+    def mark():
+        stamp[0] = time.perf_counter()
+        spawned.set()
+
+    threads_before = threading.active_count()
+    if variant == "bare":
+        bare = BareLoop(SLEEP, on_spawn=mark)
+        t0 = time.perf_counter()
+        bare.call(bare.start, n)
+        start = time.perf_counter() - t0
+        victims = lambda: list(bare.children)
+    else:
+        if variant == "gaffer-poll":
+            os.environ["GAFFER_NO_PIDFD"] = "1"
+        import gaffer
+        manager = gaffer.Manager()
+        manager.start()
+        config = gaffer.ProcessConfig("sleep", SLEEP[0], args=SLEEP[1:], numprocesses=n, graceful_timeout=5)
+        t0 = time.perf_counter()
+        manager.load(config)
+        start = time.perf_counter() - t0
+        manager.events.subscribe("spawn", lambda evtype, msg: mark())
+        victims = lambda: [p.os_pid for p in manager.list()]
+
+    latencies = []
+    for _ in range(respawns):
+        victim = victims()[0]
+        spawned.clear()
+        t0 = time.perf_counter()
+        os.kill(victim, signal.SIGKILL)
+        if not spawned.wait(10):
+            raise SystemExit("%s: no respawn within 10 s" % variant)
+        latencies.append(stamp[0] - t0)
+
+    threads = threading.active_count() - threads_before
+    cpu0, wall0 = cpu_seconds(), time.monotonic()
+    time.sleep(idle)
+    idle_cpu = (cpu_seconds() - cpu0) / (time.monotonic() - wall0) * 100
+    rss = rss_mib()
+
+    t0 = time.perf_counter()
+    if variant == "bare":
+        bare.call(bare.stop)
+        bare.stopped.wait()
+    else:
+        manager.stop()
+        manager.run()
+    stop = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "start": start, "respawn_median": statistics.median(latencies) * 1000,
+        "respawn_p90": latencies[int(0.9 * (len(latencies) - 1))] * 1000,
+        "idle_cpu": idle_cpu, "stop": stop, "rss": rss, "threads": threads,
+    }
+
+
+# -- the table -----------------------------------------------------------------
+
+METRICS = [
+    # key, label, format, target (ratio to bare, absolute bound, or None), lower is better
+    ("start", "start {n} sleep processes (s)", "%.3f", ("ratio", 1.5)),
+    ("respawn_median", "respawn after SIGKILL, median (ms)", "%.2f", ("ratio+abs", 2.0, 10.0)),
+    ("respawn_p90", "respawn after SIGKILL, p90 (ms)", "%.2f", None),
+    ("idle_cpu", "CPU while {n} children idle (% of a core)", "%.3f", ("abs", 0.5)),
+    ("stop", "stop {n} processes (s)", "%.3f", ("ratio", 2.0)),
+    ("rss", "RSS with {n} children (MiB)", "%.1f", None),
+    ("threads", "threads added", "%d", ("extra", 2)),
+]
+VARIANTS = [("bare", "bare loop"), ("gaffer", "gaffer"), ("gaffer-poll", "gaffer (poll)")]
+
+
+def verdict(target, value, base):
+    if target is None:
+        return ""
+    kind = target[0]
+    if kind == "ratio":
+        return "ok" if value <= target[1] * base else "MISS"
+    if kind == "ratio+abs":
+        return "ok" if value <= target[1] * base and value < target[2] else "MISS"
+    if kind == "abs":
+        return "ok" if value < target[1] else "MISS"
+    return "ok" if value <= target[1] else "MISS"
+
+
+def target_text(target):
+    if target is None:
+        return ""
+    return {"ratio": "<= %.1fx" % target[1] if target[0] == "ratio" else "",
+            "ratio+abs": "<= %.0fx, < %.0f ms" % target[1:] if target[0] == "ratio+abs" else "",
+            "abs": "< %s" % target[1] if target[0] == "abs" else "",
+            "extra": "<= %d" % target[1] if target[0] == "extra" else ""}[target[0]]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=200)
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measurement")
+    parser.add_argument("--respawns", type=int, default=20)
+    parser.add_argument("--trial", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trial:
+        print(json.dumps(trial(args.trial, args.processes, args.idle, args.respawns)))
+        return 0
+
+    results = {variant: collections.defaultdict(list) for variant, _ in VARIANTS}
+    for round_ in range(args.rounds):
+        for variant, _ in VARIANTS:
+            out = subprocess.run([sys.executable, __file__, "--trial", variant, "--processes", str(args.processes),
+                                  "--idle", str(args.idle), "--respawns", str(args.respawns)],
+                                 check=True, stdout=subprocess.PIPE, text=True).stdout
+            for key, value in json.loads(out).items():
+                results[variant][key].append(value)
+            print("round %d/%d: %s done" % (round_ + 1, args.rounds, variant), file=sys.stderr)
+
+    import gaffer
+    medians = {v: {k: statistics.median(vals) for k, vals in r.items()} for v, r in results.items()}
+    print("gaffer.py %s, %s, %s %s, %d cores, Python %s; medians of %d rounds"
+          % (gaffer.__version__, time.strftime("%Y-%m-%d"), platform.system(), platform.machine(),
+             os.cpu_count(), platform.python_version(), args.rounds))
+    header = ["metric"] + [label for _, label in VARIANTS] + ["gaffer/bare", "target", ""]
+    rows = []
+    for key, label, fmt, target in METRICS:
+        base, value = medians["bare"][key], medians["gaffer"][key]
+        ratio = "%.2fx" % (value / base) if base and key not in ("threads", "idle_cpu") else ""
+        rows.append([label.format(n=args.processes)] + [fmt % medians[v][key] for v, _ in VARIANTS]
+                    + [ratio, target_text(target), verdict(target, value, base)])
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    print(line)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    print(line)
+    for row in rows:
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in
+                        enumerate(zip(row, widths))).rstrip())
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

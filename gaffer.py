@@ -1,0 +1,1897 @@
+"""gaffer.py: keep OS processes alive, driven from any thread of a Python program.
+
+A process supervisor in one file that needs nothing but the standard library
+(Python 3.9+, Linux first-class, macOS through fallbacks).  Vendor the file or
+``pip install .``.
+
+Quick start::
+
+    import sys, gaffer
+    with gaffer.Manager() as manager:          # starts the loop thread
+        manager.load(gaffer.ProcessConfig(
+            "ticker", sys.executable, args=["-c", "import time; time.sleep(60)"],
+            numprocesses=2))
+        print(manager.pids("ticker"))          # [1, 2]: spawned when load returns
+        manager.scale("ticker", "+1")          # 3
+        manager.events.subscribe("exit", lambda evtype, msg: print(msg))
+    # leaving the block stops every process gracefully and waits for them
+
+Threading: one loop thread owns every job and process.  It sleeps in a
+``selectors`` selector on pidfds (exits), pipes (output, input) and a wake-up
+socket, and never polls while idle.  Public methods may be called from any
+thread: they post a command to the loop and wait for its result, or run inline
+when called on the loop thread itself (from an event listener).
+
+Events (``manager.events.subscribe(pattern, listener)``, ``listener(evtype, msg)``;
+``"."`` is every event, a dotted prefix such as ``"job.default.web"`` every event
+below it; ``msg["event"]`` is the event name):
+
+==============================================  ===================================
+``load``, ``unload``, ``update``                name
+``start``, ``stop`` (and ``job.<job>.*``)       name
+``spawn`` (and ``job.<job>.*``, ``proc.<pid>.*``) name, pid, os_pid
+``reap`` (same forms; stopped by a scale-down)  name, pid, os_pid
+``stop_process``, ``proc.<pid>.stop``           name, pid
+``exit`` (same forms as spawn)                  name, pid, os_pid, exit_status, term_signal, once
+``job.<job>.kill``, ``proc.<pid>.kill``         name, pid (kill) or not (killall), signum
+``flap``, ``job.<job>.flap``                    name
+``spawn_error``, ``job.<job>.spawn_error``      name, reason
+==============================================  ===================================
+
+``<job>`` is ``session.name``; ``pid`` is the manager's id of a process (an int
+growing from 1), ``os_pid`` the operating system's.  Output of a process is not on
+``manager.events`` but on the process (``process.monitor_io(label, listener)``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ProcessError", "ProcessNotFound", "ProcessConflict",
+    "FlappingInfo", "ProcessConfig",
+    "EventEmitter", "Loop", "Process", "Manager",
+]
+__version__ = "0.1.0"
+
+import atexit
+import collections
+import dataclasses
+import difflib
+import enum
+import functools
+import heapq
+import itertools
+import logging
+import os
+import re
+import selectors
+import shlex
+import signal
+import socket
+import string
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+
+try:
+    import grp
+    import pwd
+except ImportError:  # pragma: no cover - not a POSIX system
+    grp = pwd = None
+
+_log = logging.getLogger("gaffer")
+
+
+# -- Constants & platform probes ---------------------------------------------
+# Fixed numbers of the machinery, and what this platform can do, probed once.
+
+_DEFAULT_SESSION = "default"
+_SPAWN_DELAY_MIN, _SPAWN_DELAY_MAX = 0.1, 10.0   # backoff after a failed respawn
+_POLL_MIN, _POLL_MAX = 0.001, 0.05              # child polling where pidfds are missing
+_READ_SIZE = 1 << 16                            # bytes per read of a child's output
+_DRAIN_LIMIT = 1 << 26                          # bytes read from a process's pipes once it exited
+
+
+def _pidfd_works():
+    """Whether pidfds can be used: the call must exist *and* succeed (seccomp may forbid it)."""
+    if not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
+_HAVE_PIDFD = _pidfd_works()
+
+
+# -- Errors ------------------------------------------------------------------
+# One base class for what a manager refuses; the errno is an HTTP-like status.
+
+class ProcessError(Exception):
+    """A request the manager cannot carry out.
+
+    Attributes:
+        errno: an HTTP-like status code (400 bad request, 404, 409).
+        reason: a sentence saying what and why.
+    """
+
+    def __init__(self, errno=400, reason="bad request"):
+        super().__init__(errno, reason)
+        self.errno = errno
+        self.reason = reason
+
+    def __str__(self):
+        return self.reason
+
+
+class ProcessNotFound(ProcessError):
+    """An unknown job, session or process id (errno 404)."""
+
+    def __init__(self, reason="not found"):
+        super().__init__(404, reason)
+
+
+class ProcessConflict(ProcessError):
+    """A job of that name is already loaded in the session (errno 409)."""
+
+    def __init__(self, reason="conflict"):
+        super().__init__(409, reason)
+
+
+# -- Utilities ---------------------------------------------------------------
+# Small pure functions: signals, names, settings, environments.  Any thread.
+
+def _signum(value, setting="signal"):
+    """Return the number of a signal given as 15, "15", "TERM", "SIGTERM" or "term"."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 < value < signal.NSIG:
+            return int(value)
+    elif isinstance(value, str):
+        name = value.strip().upper()
+        sig = signal.Signals.__members__.get(name if name.startswith("SIG") else "SIG" + name)
+        if sig is not None:
+            return int(sig)
+    raise ValueError("%s must be a signal number or a name such as 'TERM', got %r" % (setting, value))
+
+
+def _check_name(setting, value):
+    if not isinstance(value, str) or not value:
+        raise ValueError("%s must be a non-empty str, got %r" % (setting, value))
+    if "." in value or "/" in value:
+        raise ValueError("%s must not contain '.' or '/', got %r" % (setting, value))
+    return value
+
+
+def _split_name(name, sessionid=None):
+    """Return (session, job) for "job", "session.job" or "session/job"."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("job name must be a non-empty str, got %r" % (name,))
+    for sep in "./":
+        session, found, job = name.partition(sep)
+        if found:
+            return session, job
+    return sessionid or _DEFAULT_SESSION, name
+
+
+def _int_setting(setting, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("%s must be an int, got %r" % (setting, value))
+    if value < minimum:
+        raise ValueError("%s must be >= %d, got %r" % (setting, minimum, value))
+    return value
+
+
+def _float_setting(setting, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("%s must be a number, got %r" % (setting, value))
+    if not value >= minimum:  # also refuses nan
+        raise ValueError("%s must be >= %s, got %r" % (setting, minimum, value))
+    return float(value)
+
+
+def _bool_setting(setting, value):
+    if not isinstance(value, bool):
+        raise ValueError("%s must be True or False, got %r" % (setting, value))
+    return value
+
+
+def _labels(setting, value):
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError("%s must be a list of labels, got %r" % (setting, value))
+    for label in value:
+        if not isinstance(label, str) or not label.isidentifier():
+            raise ValueError("%s: each label must be a name such as 'out', got %r" % (setting, label))
+    return list(value)
+
+
+def _account(setting, value, lookup):
+    """Resolve a user or group given by name or number to its number."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, str) and value:
+        if value.isdigit():
+            return int(value)
+        try:
+            return lookup(value)
+        except KeyError:
+            raise ValueError("%s: no %s named %r" % (setting, "user" if setting == "uid" else "group",
+                                                     value)) from None
+    raise ValueError("%s must be a name or a number >= 0, got %r" % (setting, value))
+
+
+def _expand(text, env):
+    """Replace $VAR and ${VAR} from env; unknown names are left as written."""
+    return string.Template(text).safe_substitute(env) if "$" in text else text
+
+
+def _reject_unknown(cls, settings):
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = "; did you mean %r?" % close[0] if close else ""
+            raise TypeError("%s has no setting %r%s" % (cls.__name__, key, hint))
+
+
+def _exit_status(returncode):
+    """(exit_status, term_signal) from a Popen returncode (negative means killed by a signal)."""
+    return (returncode, 0) if returncode >= 0 else (0, -returncode)
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _send_signal(pid, sig, group):
+    """Signal a process, or its whole process group; a process already gone is not an error."""
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        _log.warning("cannot send signal %d to %s %d: %s", sig, "group" if group else "process", pid, exc)
+
+
+# -- Configuration -------------------------------------------------------------
+# Plain dataclasses, validated and normalised when made.  Any thread; the
+# manager keeps its own copies, so changing a config after load changes nothing.
+
+@dataclasses.dataclass
+class FlappingInfo:
+    """Crash-loop detection for a job.
+
+    `attempts` exits within `window` seconds stop the job and publish ``flap``; it
+    is started again after `retry_in` seconds, at most `max_retry` times, then
+    stays stopped until started by hand.
+
+    Raises:
+        ValueError: a setting out of range, naming the setting.
+    """
+
+    attempts: int = 2
+    window: float = 1.0
+    retry_in: float = 7.0
+    max_retry: int = 5
+
+    def __post_init__(self):
+        self.attempts = _int_setting("flapping.attempts", self.attempts, 1)
+        self.window = _float_setting("flapping.window", self.window, 0)
+        self.retry_in = _float_setting("flapping.retry_in", self.retry_in, 0)
+        self.max_retry = _int_setting("flapping.max_retry", self.max_retry, 0)
+
+
+@dataclasses.dataclass(init=False)
+class ProcessConfig:
+    """How to run the processes of one job: ``ProcessConfig(name, cmd, **settings)``.
+
+    Settings (all optional, see DESIGN.md "Configuration"): args, env, os_env,
+    uid, gid, cwd, shell, numprocesses, flapping, redirect_output, redirect_input,
+    custom_streams, graceful_timeout, stop_signal, stop_children.  Values are
+    normalised: a str `args` is shlex-split, names of users, groups and signals
+    become numbers, `flapping` becomes a FlappingInfo.  Dict-style access works:
+    ``cfg["args"]``, ``cfg.get(key, default)``, ``key in cfg``, ``cfg[key] = value``.
+
+    Raises:
+        TypeError: an unknown setting (the message suggests the close match).
+        ValueError: a bad value, naming the setting and the reason.
+    """
+
+    #: job name: no "." or "/"
+    name: str
+    #: program; if it holds spaces it is shlex-split and its tail goes before args
+    cmd: str
+    #: arguments; $VAR and ${VAR} are replaced from the process environment
+    args: list = dataclasses.field(default_factory=list)
+    #: added to the environment
+    env: dict = dataclasses.field(default_factory=dict)
+    #: start from the manager's os.environ at each spawn (False: only env)
+    os_env: bool = True
+    #: user and group to run as (numbers; names are resolved when the config is made)
+    uid: int | None = None
+    gid: int | None = None
+    #: working directory (None: the manager's)
+    cwd: str | None = None
+    #: run cmd through /bin/sh -c, with args appended shell-quoted
+    shell: bool = False
+    #: processes kept alive
+    numprocesses: int = 1
+    #: crash-loop detection, or None
+    flapping: FlappingInfo | None = None
+    #: labels for stdout then stderr; the same label twice merges them
+    redirect_output: list = dataclasses.field(default_factory=list)
+    #: keep a pipe to stdin for send()
+    redirect_input: bool = False
+    #: labels of extra duplex channels; the child finds each in $GAFFER_STREAM_<LABEL>
+    custom_streams: list = dataclasses.field(default_factory=list)
+    #: seconds between the stop signal and SIGKILL
+    graceful_timeout: float = 10.0
+    #: signal that asks a process to stop
+    stop_signal: int = int(signal.SIGTERM)
+    #: stop signal and SIGKILL go to the whole process group
+    stop_children: bool = True
+
+    def __init__(self, name, cmd, **settings):
+        _reject_unknown(type(self), settings)
+        self.name = name
+        self.cmd = cmd
+        for f in dataclasses.fields(self)[2:]:
+            if f.name in settings:
+                value = settings[f.name]
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            setattr(self, f.name, value)
+        self._normalise()
+
+    def _normalise(self):
+        _check_name("name", self.name)
+        if not isinstance(self.cmd, str) or not self.cmd.strip():
+            raise ValueError("cmd must be a non-empty str, got %r" % (self.cmd,))
+        if not self.shell:
+            try:
+                shlex.split(self.cmd)
+            except ValueError as exc:
+                raise ValueError("cmd %r cannot be split: %s" % (self.cmd, exc)) from None
+        if isinstance(self.args, str):
+            try:
+                self.args = shlex.split(self.args)
+            except ValueError as exc:
+                raise ValueError("args %r cannot be split: %s" % (self.args, exc)) from None
+        if not isinstance(self.args, (list, tuple)):
+            raise ValueError("args must be a list or a str, got %r" % (self.args,))
+        self.args = [_env_value("args", a) for a in self.args]
+        self.env = _env_setting("env", self.env)
+        for setting in ("os_env", "shell", "redirect_input", "stop_children"):
+            _bool_setting(setting, getattr(self, setting))
+        self.uid = _account("uid", self.uid, lambda n: pwd.getpwnam(n).pw_uid)
+        self.gid = _account("gid", self.gid, lambda n: grp.getgrnam(n).gr_gid)
+        if self.cwd is not None:
+            if not isinstance(self.cwd, (str, os.PathLike)) or not os.fspath(self.cwd):
+                raise ValueError("cwd must be a path, got %r" % (self.cwd,))
+            self.cwd = os.fspath(self.cwd)
+        self.numprocesses = _int_setting("numprocesses", self.numprocesses, 0)
+        if isinstance(self.flapping, dict):
+            _reject_unknown(FlappingInfo, self.flapping)
+            self.flapping = FlappingInfo(**self.flapping)
+        elif self.flapping is True:
+            self.flapping = FlappingInfo()
+        elif self.flapping is not None and not isinstance(self.flapping, FlappingInfo):
+            raise ValueError("flapping must be a FlappingInfo, a dict or None, got %r" % (self.flapping,))
+        self.redirect_output = _labels("redirect_output", self.redirect_output)
+        if len(self.redirect_output) > 2:
+            raise ValueError("redirect_output takes at most 2 labels (stdout, stderr), got %r"
+                             % (self.redirect_output,))
+        self.custom_streams = _labels("custom_streams", self.custom_streams)
+        for label in self.custom_streams:
+            if self.custom_streams.count(label) > 1 or label in self.redirect_output:
+                raise ValueError("custom_streams: label %r is used twice" % (label,))
+        self.graceful_timeout = _float_setting("graceful_timeout", self.graceful_timeout, 0)
+        self.stop_signal = _signum(self.stop_signal, "stop_signal")
+
+    def to_dict(self):
+        """Return the settings as a dict of plain values (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        """Build a config from a dict such as to_dict() returns.
+
+        Raises:
+            ValueError: `name` or `cmd` is missing, or a value is bad.
+            TypeError: an unknown setting.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("a process config must be a dict, got %r" % (data,))
+        settings = dict(data)
+        for required in ("name", "cmd"):
+            if required not in settings:
+                raise ValueError("a process config needs %r" % required)
+        return cls(settings.pop("name"), settings.pop("cmd"), **settings)
+
+    def __getitem__(self, key):
+        if key not in self:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key, value):
+        # Rebuilt whole so that a bad value raises and leaves the config as it was.
+        self.__dict__.update(self.from_dict({**self.to_dict(), key: value}).__dict__)
+
+    def __contains__(self, key):
+        return key in _CONFIG_FIELDS
+
+    def get(self, key, default=None):
+        """Return the setting `key`, or `default` when there is no such setting."""
+        return getattr(self, key) if key in self else default
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ProcessConfig))
+
+
+def _env_setting(setting, env):
+    if not isinstance(env, dict):
+        raise ValueError("%s must be a dict, got %r" % (setting, env))
+    for key in env:
+        if not isinstance(key, str) or not key or "=" in key:
+            raise ValueError("%s: %r is not a variable name" % (setting, key))
+    return {key: _env_value("%s[%r]" % (setting, key), value) for key, value in env.items()}
+
+
+def _env_value(setting, value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError("%s must hold strings, got %r" % (setting, value))
+
+
+def _child_env(config, extra=None):
+    env = dict(os.environ) if config.os_env else {}
+    env.update(config.env)
+    env.update(extra or {})
+    return env
+
+
+def _command_line(config, env):
+    """The argv a process of `config` runs, with $VAR replaced from its environment."""
+    args = [_expand(a, env) for a in config.args]
+    if config.shell:
+        return ["/bin/sh", "-c", " ".join([config.cmd] + [shlex.quote(a) for a in args])]
+    return [_expand(a, env) for a in shlex.split(config.cmd)] + args
+
+
+# -- Events ------------------------------------------------------------------
+# Publish/subscribe by dotted topic.  The manager publishes on its loop thread;
+# subscribing works from any thread.
+
+def _topics(evtype):
+    """Every pattern that receives evtype: "." and each dotted prefix, evtype included."""
+    parts = evtype.split(".")
+    return ["."] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+class EventEmitter:
+    """Delivers events to listeners subscribed by pattern.
+
+    ``"."`` receives every event; ``"job.default.web"`` receives
+    ``job.default.web.spawn``, ``job.default.web.exit``... exactly once each.
+    A listener that raises is logged on the ``gaffer`` logger and kept.
+    """
+
+    def __init__(self):
+        # Writers hold _lock; publish reads _listeners without it, since the
+        # dict is replaced whole on every change and never mutated in place.
+        self._lock = threading.Lock()
+        self._listeners = {}  # pattern -> tuple of (listener, once)
+
+    def subscribe(self, pattern, listener, once=False):
+        """Call ``listener(evtype, msg)`` for every event matching pattern (only the next one if once)."""
+        if not callable(listener):
+            raise TypeError("listener must be callable, got %r" % (listener,))
+        with self._lock:
+            listeners = dict(self._listeners)
+            listeners[pattern] = listeners.get(pattern, ()) + ((listener, once),)
+            self._listeners = listeners
+
+    def subscribe_once(self, pattern, listener):
+        """Call ``listener(evtype, msg)`` for the next event matching pattern only."""
+        self.subscribe(pattern, listener, once=True)
+
+    def unsubscribe(self, pattern, listener):
+        """Stop calling listener for pattern; unknown pairs are ignored."""
+        with self._lock:
+            entries = self._listeners.get(pattern, ())
+            for entry in entries:
+                if entry[0] == listener:
+                    self._remove(pattern, entry)
+                    return
+
+    def _remove(self, pattern, entry):
+        """Remove one subscription; False if it was gone already.  Caller holds _lock."""
+        entries = self._listeners.get(pattern, ())
+        if entry not in entries:
+            return False
+        listeners = dict(self._listeners)
+        kept = tuple(e for e in entries if e is not entry)
+        if kept:
+            listeners[pattern] = kept
+        else:
+            del listeners[pattern]
+        self._listeners = listeners
+        return True
+
+    def publish(self, evtype, msg=None):
+        """Deliver ``(evtype, msg)`` to every matching listener, in the caller's thread.
+
+        ``msg`` is copied and gets ``msg["event"] = evtype``; listeners share that copy.
+        """
+        listeners = self._listeners
+        if not listeners:
+            return
+        matched = [(p, listeners[p]) for p in _topics(evtype) if p in listeners]
+        if not matched:
+            return
+        msg = dict(msg or (), event=evtype)
+        for pattern, entries in matched:
+            for entry in entries:
+                listener, once = entry
+                if once:
+                    with self._lock:
+                        if not self._remove(pattern, entry):
+                            continue  # fired already, by another thread or a nested publish
+                try:
+                    listener(evtype, msg)
+                except Exception:
+                    _log.exception("listener %r failed on event %r", listener, evtype)
+
+
+# -- Loop --------------------------------------------------------------------
+# The selector, the timer heap and the command queue.  Only the loop thread
+# runs callbacks and timers; submit() and call() may come from any thread.
+
+class _Timer:
+    """A callback due at a time of the loop's clock; cancel() flags it, the heap keeps it until due."""
+
+    __slots__ = ("when", "seq", "fn", "args", "cancelled")
+
+    def __init__(self, when, seq, fn, args):
+        self.when, self.seq, self.fn, self.args = when, seq, fn, args
+        self.cancelled = False
+
+    def __lt__(self, other):
+        return (self.when, self.seq) < (other.when, other.seq)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Loop:
+    """The event loop a Manager runs on its own thread.
+
+    Apps receive it in ``start(loop, manager)``.  From any thread:
+    ``call_soon_threadsafe(fn, *args)``, ``submit(fn, *args)`` (a Future) and
+    ``call(fn, *args)`` (its result).  On the loop thread: ``call_later``,
+    ``call_at``, ``set_events`` and ``time()``.
+
+    Args:
+        clock: the monotonic clock every deadline uses (default time.monotonic);
+            tests may pass one they can move forward.
+    """
+
+    def __init__(self, clock=None):
+        self.time = clock or time.monotonic
+        self.thread = None
+        self._selector = self._wake_r = self._wake_w = None  # made by start()
+        self._commands = collections.deque()  # (fn, args, future or None); deque ops are atomic
+        self._timers = []
+        self._seq = itertools.count()
+        self._compact_at = 256
+        self._accepting = False
+        self._stopping = False
+
+    def __repr__(self):
+        return "<Loop %s timers=%d>" % ("running" if self._accepting else "idle", len(self._timers))
+
+    # -- any thread
+
+    def in_loop_thread(self):
+        """True when called on the loop thread."""
+        return threading.current_thread() is self.thread
+
+    def wakeup(self):
+        """Make the loop's select return now."""
+        try:
+            self._wake_w.send(b"\0")
+        except (AttributeError, OSError):
+            pass  # not started, closed, or full (a wake-up is pending already)
+
+    def call_soon_threadsafe(self, fn, *args):
+        """Run fn(*args) on the loop thread soon, without waiting for it."""
+        self._commands.append((fn, args, None))
+        self.wakeup()
+
+    def submit(self, fn, *args):
+        """Run fn(*args) on the loop thread; return a Future of its result.
+
+        Raises:
+            RuntimeError: the loop is not running.
+        """
+        if not self._accepting:
+            raise RuntimeError("manager is not running")
+        future = Future()
+        self._commands.append((fn, args, future))
+        self.wakeup()
+        # The loop may have closed after the check above and drained the queue
+        # without this command; whoever moves the future first decides.
+        if not self._accepting and future.cancel():
+            raise RuntimeError("manager is not running")
+        return future
+
+    def call(self, fn, *args):
+        """Run fn(*args) on the loop thread and return its result (inline on the loop thread).
+
+        Raises:
+            RuntimeError: the loop is not running.
+            Exception: whatever fn raised, re-raised in the caller.
+        """
+        if self.in_loop_thread():
+            return fn(*args)
+        return self.submit(fn, *args).result()
+
+    # -- loop thread
+
+    def call_at(self, when, fn, *args):
+        """Run fn(*args) on the loop thread at `when` (the loop's clock); return a cancellable timer."""
+        if len(self._timers) >= self._compact_at:
+            self._timers = [t for t in self._timers if not t.cancelled]
+            heapq.heapify(self._timers)
+            self._compact_at = max(256, 2 * len(self._timers))
+        timer = _Timer(when, next(self._seq), fn, args)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def call_later(self, delay, fn, *args):
+        """Run fn(*args) on the loop thread after `delay` seconds; return a cancellable timer."""
+        return self.call_at(self.time() + delay, fn, *args)
+
+    def set_events(self, fileobj, events, callback=None):
+        """Call ``callback(mask)`` when fileobj is ready for `events` (EVENT_READ|EVENT_WRITE); 0 forgets it."""
+        try:
+            self._selector.get_key(fileobj)
+        except KeyError:
+            if events:
+                self._selector.register(fileobj, events, callback)
+            return
+        if events:
+            self._selector.modify(fileobj, events, callback)
+        else:
+            self._selector.unregister(fileobj)
+
+    def stop(self):
+        """End the loop after the current iteration."""
+        self._stopping = True
+
+    def start(self, on_close, name="gaffer-loop"):
+        """Run the loop on a new daemon thread; on_close() runs on it when the loop ends."""
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._accepting = True
+        self.thread = threading.Thread(target=self._run, args=(on_close,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, on_close):
+        try:
+            while not self._stopping:
+                self._run_once()
+        except BaseException:
+            _log.critical("gaffer loop crashed", exc_info=True)
+        finally:
+            self._accepting = False
+            self._run_commands(closing=True)
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            on_close()
+
+    def _run_once(self):
+        timeout = None
+        if self._commands:
+            timeout = 0
+        elif self._timers:
+            timeout = max(0.0, self._timers[0].when - self.time())
+        ready = self._selector.select(timeout)
+        fd_map = self._selector.get_map()
+        for key, mask in ready:
+            if fd_map.get(key.fileobj) is not key:
+                continue  # forgotten by an earlier callback of this batch
+            try:
+                key.data(mask)
+            except Exception:
+                _log.exception("callback for %r failed", key.fileobj)
+        self._run_commands()
+        self._run_timers()
+
+    def _on_wake(self, mask):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _run_commands(self, closing=False):
+        commands = self._commands
+        while commands:
+            fn, args, future = commands.popleft()
+            if future is None:
+                if closing:
+                    continue
+                try:
+                    fn(*args)
+                except Exception:
+                    _log.exception("command %r failed", fn)
+            elif future.set_running_or_notify_cancel():
+                if closing:
+                    future.set_exception(RuntimeError("manager is not running"))
+                    continue
+                try:
+                    result = fn(*args)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+
+    def _run_timers(self):
+        timers, now = self._timers, self.time()
+        while timers and timers[0].when <= now:
+            timer = heapq.heappop(timers)
+            if timer.cancelled:
+                continue
+            try:
+                timer.fn(*timer.args)
+            except Exception:
+                _log.exception("timer %r failed", timer.fn)
+
+
+# -- Reaper backends -----------------------------------------------------------
+# How the loop learns that a child exited.  Both reap only the pids they were
+# given (Popen.poll, never waitpid(-1)) and call on_exit() on the loop thread.
+
+class _PollReaper:
+    """Polls its own children with waitpid(pid, WNOHANG), fast after a spawn or a signal, then backing off."""
+
+    def __init__(self, loop):
+        self._loop = loop
+        self._children = {}  # Popen -> on_exit
+        self._timer = None
+        self._delay = _POLL_MIN
+
+    def watch(self, popen, on_exit):
+        self._children[popen] = on_exit
+        self.expect_exit()
+
+    def expect_exit(self):
+        """Something may exit soon (it was just started or signalled): poll at the shortest delay."""
+        self._delay = _POLL_MIN
+        if self._children and (self._timer is None or self._timer.when > self._loop.time() + _POLL_MIN):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_later(_POLL_MIN, self._poll)
+
+    def _poll(self):
+        self._timer = None
+        for popen, on_exit in list(self._children.items()):
+            if popen.poll() is not None:
+                del self._children[popen]
+                on_exit()
+        if self._children and self._timer is None:
+            self._delay = min(self._delay * 2, _POLL_MAX)
+            self._timer = self._loop.call_later(self._delay, self._poll)
+
+
+class _PidfdReaper(_PollReaper):
+    """Registers a pidfd per child in the loop's selector: readable means exited, no polling."""
+
+    def watch(self, popen, on_exit):
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except OSError as exc:  # out of descriptors, say: this child is polled instead
+            _log.warning("pidfd_open(%d) failed (%s); polling that child", popen.pid, exc)
+            super().watch(popen, on_exit)
+            return
+
+        def exited(mask):
+            if popen.poll() is not None:
+                self._loop.set_events(pidfd, 0)
+                os.close(pidfd)
+                on_exit()
+
+        self._loop.set_events(pidfd, selectors.EVENT_READ, exited)
+
+
+# -- Process -----------------------------------------------------------------
+# One OS child and its descriptors.  The loop thread changes it; other threads
+# read its fixed attributes or go through the manager.
+
+class _State(enum.Enum):
+    RUNNING = "running"
+    STOPPING = "stopping"
+    EXITED = "exited"
+
+
+_TRANSITIONS = {
+    _State.RUNNING: {_State.STOPPING, _State.EXITED},
+    _State.STOPPING: {_State.EXITED},
+    _State.EXITED: set(),
+}
+
+
+class _Channel:
+    """One non-blocking descriptor of a process in the selector.
+
+    Reads are passed to on_read(label, data) while `label` is set; writes are
+    queued and flushed whenever the descriptor is writable, so no caller and no
+    slow reader ever blocks the loop.  Loop thread only.
+    """
+
+    def __init__(self, loop, fileobj, label=None, on_read=None):
+        self.file = fileobj
+        self.fd = fileobj.fileno()
+        self.label = label
+        self.closed = False
+        self.dropped = 0  # bytes queued for writing and thrown away at close
+        self._loop = loop
+        self._on_read = on_read
+        self._pending = collections.deque()
+        self._pending_bytes = 0
+        self._mask = 0
+        os.set_blocking(self.fd, False)
+        self._watch()
+
+    def _watch(self):
+        mask = (selectors.EVENT_READ if self.label else 0) | (selectors.EVENT_WRITE if self._pending else 0)
+        if mask != self._mask:
+            self._loop.set_events(self.fd, mask, self._ready)
+            self._mask = mask
+
+    def _ready(self, mask):
+        if mask & selectors.EVENT_READ:
+            self.read()
+        if mask & selectors.EVENT_WRITE and not self.closed:
+            self._flush()
+
+    def read(self):
+        """Read once; return False at end of file (the channel is then closed)."""
+        try:
+            data = os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:
+            return True
+        except OSError:  # ECONNRESET on a socket the child dropped
+            data = b""
+        if not data:
+            self.close()
+            return False
+        self._on_read(self.label, data)
+        return True
+
+    def drain(self):
+        """Read what is buffered now (bounded, since a leftover writer may go on)."""
+        budget = _DRAIN_LIMIT
+        while self.label and not self.closed and budget > 0:
+            try:
+                data = os.read(self.fd, _READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
+            budget -= len(data)
+            self._on_read(self.label, data)
+
+    def write(self, data):
+        if self.closed:
+            raise ProcessError(400, "the channel is closed")
+        self._pending.append(memoryview(data))
+        self._pending_bytes += len(data)
+        self._flush()
+
+    @property
+    def pending(self):
+        return self._pending_bytes
+
+    def _flush(self):
+        pending = self._pending
+        while pending:
+            chunk = pending[0]
+            try:
+                written = os.write(self.fd, chunk)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # EPIPE: the child closed its end
+                _log.warning("write to fd %d failed (%s); %d bytes dropped", self.fd, exc, self._pending_bytes)
+                self.close()
+                return
+            self._pending_bytes -= written
+            if written == len(chunk):
+                pending.popleft()
+            else:
+                pending[0] = chunk[written:]
+        self._watch()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.label = None
+        self._pending.clear()
+        self.dropped += self._pending_bytes
+        self._pending_bytes = 0
+        self._loop.set_events(self.fd, 0)
+        self.file.close()
+
+
+class Process:
+    """One OS child of a job.
+
+    Fixed at spawn, readable from any thread: ``pid`` (the manager's id),
+    ``os_pid``, ``name`` ("session.job"), ``cmd``, ``args``, ``once`` (started by
+    commit()), ``create_time`` (wall clock).  The methods and the ``info``,
+    ``status`` and ``active`` properties may be called from any thread.
+    """
+
+    def __init__(self, manager, pid, job, once=False, env=None, graceful_timeout=None):
+        config = job.config
+        self.pid = pid
+        self.name = job.name
+        self.config = config
+        self.once = once
+        self.graceful_timeout = config.graceful_timeout if graceful_timeout is None else graceful_timeout
+        self.env = _child_env(config, env)
+        self.argv = _command_line(config, self.env)
+        self.cmd = config.cmd
+        self.args = self.argv[1:] if not config.shell else list(config.args)
+        self.os_pid = None
+        self.create_time = None
+        self.streams = {}
+        self._manager = manager
+        self._job = job
+        self._state = _State.RUNNING
+        self._popen = None
+        self._channels = []
+        self._stdin = None
+        self._kill_timer = None
+        self._io = EventEmitter()
+
+    def __repr__(self):
+        return "<Process %r pid=%s os_pid=%s %s>" % (self.name, self.pid, self.os_pid, self._state.name)
+
+    def _spawn(self, loop):
+        """Start the OS process (Popen raises in the parent if exec or cwd fails)."""
+        config = self.config
+        labels = config.redirect_output
+        stderr = subprocess.DEVNULL
+        if len(labels) == 2:
+            stderr = subprocess.STDOUT if labels[0] == labels[1] else subprocess.PIPE
+        env = dict(self.env)
+        ours, theirs = {}, []
+        try:
+            for label in config.custom_streams:
+                parent_end, child_end = socket.socketpair()
+                ours[label] = parent_end
+                theirs.append(child_end)
+                env["GAFFER_STREAM_" + label.upper()] = str(child_end.fileno())
+            self._popen = subprocess.Popen(
+                self.argv, cwd=config.cwd, env=env, close_fds=True, start_new_session=True,
+                pass_fds=[s.fileno() for s in theirs], user=config.uid, group=config.gid,
+                stdin=subprocess.PIPE if config.redirect_input else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if labels else subprocess.DEVNULL, stderr=stderr)
+        except BaseException:
+            for sock in ours.values():
+                sock.close()
+            raise
+        finally:
+            for sock in theirs:
+                sock.close()
+        self.os_pid = self._popen.pid
+        self.create_time = time.time()
+        publish = self._io.publish
+        on_read = lambda label, data: publish(label, {"name": self.name, "pid": self.pid, "data": data})
+        popen = self._popen
+        if popen.stdout is not None:
+            self._channels.append(_Channel(loop, popen.stdout, labels[0], on_read))
+        if popen.stderr is not None:
+            self._channels.append(_Channel(loop, popen.stderr, labels[1], on_read))
+        if popen.stdin is not None:
+            self._stdin = _Channel(loop, popen.stdin)
+            self._channels.append(self._stdin)
+        for label, sock in ours.items():
+            self.streams[label] = _Channel(loop, sock, label, on_read)
+            self._channels.append(self.streams[label])
+
+    def _set_state(self, new):
+        if new not in _TRANSITIONS[self._state]:
+            raise RuntimeError("%r cannot go from %s to %s" % (self, self._state.name, new.name))
+        self._state = new
+
+    def _finish(self):
+        """The child was reaped: deliver its last output, close its descriptors, forget its timer."""
+        self._set_state(_State.EXITED)  # RUNNING|STOPPING -> EXITED
+        for channel in self._channels:
+            channel.drain()
+        dropped = 0
+        for channel in self._channels:
+            channel.close()
+            dropped += channel.dropped
+        if dropped:
+            _log.warning("%r exited with %d bytes of input still queued; dropped", self, dropped)
+        return dropped
+
+    def _info(self):
+        return {
+            "pid": self.pid, "name": self.name, "cmd": self.cmd, "args": list(self.args),
+            "env": dict(self.env), "os_pid": self.os_pid, "create_time": self.create_time,
+            "commited": self.once, "redirect_output": list(self.config.redirect_output),
+            "redirect_input": self.config.redirect_input,
+            "custom_streams": list(self.config.custom_streams), "active": self.active,
+            "status": self.status,
+        }
+
+    # -- any thread
+
+    @property
+    def active(self):
+        """True until the process has exited and been reaped."""
+        return self._state is not _State.EXITED
+
+    @property
+    def status(self):
+        """"running", "stopping" or "exited"."""
+        return self._state.value
+
+    @property
+    def info(self):
+        """A dict describing the process (DESIGN.md "Manager API")."""
+        return self._manager._call(self._info)
+
+    def kill(self, sig):
+        """Send a signal (number or name) to the process."""
+        self._manager.kill(self.pid, sig)
+
+    def stop(self):
+        """Stop the process gracefully; its job replaces it unless it was committed."""
+        self._manager.stop_process(self.pid)
+
+    def write(self, data, stream=None):
+        """Queue str (UTF-8) or bytes for the process's stdin, or for a custom stream."""
+        self._manager.send(self.pid, data, stream)
+
+    def writelines(self, lines, stream=None):
+        """Queue each of `lines` (str or bytes) as write() does, in order."""
+        self._manager.send(self.pid, list(lines), stream)
+
+    def monitor_io(self, label, listener):
+        """Call ``listener(label, msg)`` with each chunk of output read under label ("." for all)."""
+        self._io.subscribe(label, listener)
+
+    def unmonitor_io(self, label, listener):
+        """Stop a monitor_io listener."""
+        self._io.unsubscribe(label, listener)
+
+
+# -- Job state -----------------------------------------------------------------
+# What the manager knows of each loaded job.  Loop thread only.
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    session: str
+    config: ProcessConfig
+    #: processes kept alive (scale changes it; reload goes back to config.numprocesses)
+    numprocesses: int
+    #: exits are replaced while True
+    active: bool = False
+    #: pid -> Process counted against numprocesses, oldest first
+    running: dict = dataclasses.field(default_factory=dict)
+    #: pid -> Process started by commit(), never restarted
+    running_out: dict = dataclasses.field(default_factory=dict)
+    #: times of recent unasked-for exits, for flapping
+    exits: collections.deque = dataclasses.field(default_factory=collections.deque)
+    #: flapping retries used since the job was last started by hand
+    flap_retries: int = 0
+    #: a pending respawn (spawn backoff) or restart (flapping retry)
+    restart_timer: _Timer | None = None
+    #: delay before the next respawn after a failed spawn
+    spawn_delay: float = _SPAWN_DELAY_MIN
+
+    @property
+    def name(self):
+        return "%s.%s" % (self.session, self.config.name)
+
+    def processes(self):
+        return list(self.running.values()) + list(self.running_out.values())
+
+    def __repr__(self):
+        return "<Job %r %s running=%d/%d>" % (self.name, "active" if self.active else "stopped",
+                                             len(self.running), self.numprocesses)
+
+
+# -- Manager -------------------------------------------------------------------
+# The public API first (any thread), then the _do_* bodies and the _on_*
+# handlers, which run on the loop thread and own all the state.
+
+class _Lifecycle(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+_SCALE = re.compile(r"\s*([=+-]?)\s*(\d+)\s*")
+_managers = weakref.WeakSet()  # started and not yet stopped, for the atexit hook
+
+
+class Manager:
+    """Keeps jobs of processes alive; every method may be called from any thread.
+
+    Args:
+        loop: a Loop to run on (default: a new one).
+        clock: the monotonic clock of a new loop (tests); not with `loop`.
+
+    All calls but stop() and restart() are synchronous: when load() returns, its
+    processes are spawned; when stop_job() returns, its processes are signalled
+    (their exit comes later as ``exit`` events).  Calls on a manager that is not
+    running raise RuntimeError("manager is not running").
+    """
+
+    def __init__(self, loop=None, clock=None):
+        if loop is not None and clock is not None:
+            raise ValueError("give a loop or a clock, not both")
+        self.loop = loop or Loop(clock)
+        self.events = EventEmitter()
+        self.use_pidfd = _HAVE_PIDFD and os.environ.get("GAFFER_NO_PIDFD", "") in ("", "0")
+        self._reaper = (_PidfdReaper if self.use_pidfd else _PollReaper)(self.loop)
+        self._state = _Lifecycle.NEW
+        self._sessions = {}       # session -> {job name -> _Job}, in load order
+        self._procs = {}          # pid -> Process not yet reaped
+        self._orphan_groups = {}  # pgid -> SIGKILL timer, for groups whose leader exited
+        self._pids = itertools.count(1)
+        self._apps = []
+        self._stop_callbacks = []
+        self._reap_waiters = []   # (set of pids, callback)
+        self._stopped = threading.Event()
+
+    def __repr__(self):
+        return "<Manager %s jobs=%d processes=%d>" % (
+            self._state.value, sum(len(s) for s in self._sessions.values()), len(self._procs))
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        self.run()
+
+    # -- lifecycle (any thread)
+
+    def start(self, apps=()):
+        """Start the loop thread, then each app's ``start(loop, manager)``.
+
+        Raises:
+            RuntimeError: the manager was started before.
+            Exception: an app failed to start; the manager is then stopped again.
+        """
+        if self._state is not _Lifecycle.NEW:
+            raise RuntimeError("manager was already started")
+        if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+            _log.warning("SIGCHLD is ignored: the kernel reaps children itself and exit codes will read 0")
+        self._state = _Lifecycle.RUNNING
+        _managers.add(self)
+        self.loop.start(self._on_loop_closed)
+        for app in apps:
+            try:
+                app.start(self.loop, self)
+            except BaseException:
+                self.stop()
+                self.run()
+                raise
+            self._apps.append(app)
+
+    def stop(self, callback=None):
+        """Stop every job gracefully, then the apps, then call ``callback(manager)``; return at once.
+
+        Safe from any thread and from a signal handler.  A manager that is not
+        running calls the callback at once.
+        """
+        try:
+            self.loop.submit(self._do_stop, callback)
+        except RuntimeError:
+            if callback is not None:
+                callback(self)
+
+    def restart(self, callback=None):
+        """Restart the apps and replace every running process (new ones first); return at once.
+
+        ``callback(manager)`` runs on the loop thread once the old processes are reaped.
+        """
+        self.loop.submit(self._do_restart, callback)
+
+    def run(self):
+        """Block until the manager has fully stopped (children gone, apps stopped, callbacks called).
+
+        In the main thread, SIGINT and SIGTERM become stop() meanwhile.
+
+        Raises:
+            RuntimeError: the manager was never started.
+        """
+        if self._state is _Lifecycle.NEW:
+            raise RuntimeError("manager was never started")
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, lambda *_: self.stop())
+        try:
+            self._stopped.wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    @property
+    def active(self):
+        """True while the manager runs and accepts calls."""
+        return self._state is _Lifecycle.RUNNING
+
+    @property
+    def started(self):
+        """True from start() until the manager has fully stopped."""
+        return self._state in (_Lifecycle.RUNNING, _Lifecycle.STOPPING)
+
+    def wakeup(self):
+        """Wake the loop thread (a no-op when it is not running)."""
+        self.loop.wakeup()
+
+    # -- jobs (any thread)
+
+    @property
+    def sessions(self):
+        """Session ids, in creation order."""
+        return self._call(lambda: list(self._sessions))
+
+    def jobs(self, sessionid=None):
+        """Return ``"session.name"`` of every job (of one session), in load order.
+
+        Raises:
+            ProcessNotFound: unknown session.
+        """
+        return self._call(self._do_jobs, sessionid)
+
+    def jobs_walk(self, callback, sessionid=None):
+        """Call ``callback(manager, "session.name")`` for each job, in the caller's thread."""
+        for name in self.jobs(sessionid):
+            callback(self, name)
+
+    def load(self, config, sessionid=None, env=None, start=True):
+        """Add a job and (by default) start its processes.
+
+        Args:
+            config: a ProcessConfig (or a dict for ProcessConfig.from_dict).
+            sessionid: the session (default "default").
+            env: variables laid over the config's env.
+            start: spawn the processes now.
+
+        Raises:
+            ProcessConflict: a job of that name exists in the session.
+            ProcessError: a process could not be spawned; the job stays loaded and stopped.
+        """
+        config = self._config(config, env)
+        return self._call(self._do_load, config, _check_name("sessionid", sessionid or _DEFAULT_SESSION), start)
+
+    def unload(self, name_or_config, sessionid=None):
+        """Remove a job, stopping its processes.
+
+        Raises:
+            ProcessNotFound: unknown job.
+        """
+        name = name_or_config.name if isinstance(name_or_config, ProcessConfig) else name_or_config
+        self._call(self._do_unload, _split_name(name, sessionid))
+
+    def reload(self, name, sessionid=None):
+        """Start the job at its config's count, replacing every process (new ones first)."""
+        self._call(self._do_reload, _split_name(name, sessionid))
+
+    def update(self, config, sessionid=None, env=None, start=False):
+        """Give a job a new config; its processes are replaced unless the job is stopped.
+
+        The count becomes max(new config's, current); ``start=True`` also starts a stopped job.
+        If a new process cannot be spawned the job keeps its old config and processes.
+        """
+        config = self._config(config, env)
+        self._call(self._do_update, config, _split_name(config.name, sessionid), start)
+
+    def get(self, name):
+        """Return a copy of the job's ProcessConfig."""
+        return self._call(lambda: ProcessConfig.from_dict(self._job(name).config.to_dict()))
+
+    def start_job(self, name):
+        """Run the job at its configured count (no-op if it runs).
+
+        Raises:
+            ProcessError: a process could not be spawned; the job is left stopped.
+        """
+        self._call(self._do_start_job, name)
+
+    def stop_job(self, name):
+        """Stop every process of the job; none is restarted until start_job()."""
+        self._call(self._do_stop_job, name)
+
+    def commit(self, name, graceful_timeout=0, env=None):
+        """Start one extra process of the job, never restarted; return its pid.
+
+        `graceful_timeout` 0 means the job's; `env` is laid over the job's env.
+        """
+        graceful_timeout = _float_setting("graceful_timeout", graceful_timeout, 0)
+        env = _env_setting("env", env or {})
+        return self._call(self._do_commit, name, graceful_timeout or None, env)
+
+    def scale(self, name, n):
+        """Change the job's count and return the new one.
+
+        `n`: an int adds (> 0) or removes (<= 0); "3" and "+3" add, "-3" removes,
+        "=3" sets.  The count never goes below 0; the oldest processes stop first.
+
+        Raises:
+            ValueError: `n` is none of those forms.
+        """
+        if isinstance(n, int) and not isinstance(n, bool):
+            op, amount = ("-" if n < 0 else "+"), abs(n)
+        else:
+            match = _SCALE.fullmatch(n) if isinstance(n, str) else None
+            if match is None:
+                raise ValueError("scale must be an int or a str like '3', '+3', '-3' or '=3', got %r" % (n,))
+            op, amount = match.group(1) or "+", int(match.group(2))
+        return self._call(self._do_scale, name, op, amount)
+
+    def info(self, name):
+        """Return ``{name, active, running, running_out, max_processes, processes, config}``."""
+        return self._call(self._do_info, name)
+
+    def stats(self, name):
+        """Resource use of the job's processes (the I/O issue implements it)."""
+        raise NotImplementedError("stats() comes with process monitoring")
+
+    def manage(self, name):
+        """Bring the job back to its count now."""
+        self._call(lambda: self._manage(self._job(name)))
+
+    # -- processes (any thread)
+
+    def get_process(self, pid):
+        """Return the Process of a manager pid.
+
+        Raises:
+            ProcessNotFound: no such live process.
+        """
+        return self._call(self._process, pid)
+
+    def get_process_id(self):
+        """Allocate and return a fresh process id."""
+        return next(self._pids)
+
+    def stop_process(self, pid):
+        """Stop one process gracefully; its job replaces it (unless committed)."""
+        self._call(self._do_stop_process, pid)
+
+    def stopall(self, name):
+        """Stop every process of the job gracefully; the job replaces them."""
+        self._call(self._do_stopall, name)
+
+    def kill(self, pid, sig):
+        """Send a signal (number or name) to one process."""
+        self._call(self._do_kill, pid, _signum(sig))
+
+    def killall(self, name, sig):
+        """Send a signal (number or name) to every process of the job."""
+        self._call(self._do_killall, name, _signum(sig))
+
+    def send(self, pid, lines, stream=None):
+        """Queue str (UTF-8), bytes or a list of them for a process's stdin or custom stream."""
+        if isinstance(lines, (str, bytes, bytearray, memoryview)):
+            lines = [lines]
+        chunks = []
+        for line in lines:
+            if isinstance(line, str):
+                line = line.encode("utf-8")
+            if not isinstance(line, (bytes, bytearray, memoryview)):
+                raise TypeError("send takes str, bytes or a list of them, got %r" % (line,))
+            chunks.append(bytes(line))
+        self._call(self._do_send, pid, chunks, stream)
+
+    def walk(self, callback, name=None):
+        """Call ``callback(manager, process)`` for each running process (of a job), in the caller's thread."""
+        for process in self.list(name):
+            callback(self, process)
+
+    def list(self, name=None):
+        """Return the running Process objects (of a job), oldest first."""
+        return self._call(self._do_list, name)
+
+    def pids(self, name=None):
+        """Return the pids of the running processes (of a job), oldest first."""
+        return [p.pid for p in self.list(name)]
+
+    def monitor(self, listener, name):
+        """Periodic stats of the job's processes (the I/O issue implements it)."""
+        raise NotImplementedError("monitor() comes with process monitoring")
+
+    def unmonitor(self, listener, name):
+        """Stop a monitor() listener (the I/O issue implements it)."""
+        raise NotImplementedError("unmonitor() comes with process monitoring")
+
+    def subscribe(self, topic):
+        """Open a pub/sub channel (the I/O issue implements it)."""
+        raise NotImplementedError("subscribe() comes with pub/sub channels")
+
+    def unsubscribe(self, topic, channel):
+        """Close a pub/sub channel (the I/O issue implements it)."""
+        raise NotImplementedError("unsubscribe() comes with pub/sub channels")
+
+    # -- plumbing
+
+    def _call(self, fn, *args):
+        """Run a change on the loop thread; only while running, except from the loop itself."""
+        if self._state is not _Lifecycle.RUNNING and not self.loop.in_loop_thread():
+            raise RuntimeError("manager is not running")
+        return self.loop.call(fn, *args)
+
+    @staticmethod
+    def _config(config, env):
+        if isinstance(config, dict):
+            config = ProcessConfig.from_dict(config)
+        if not isinstance(config, ProcessConfig):
+            raise TypeError("config must be a ProcessConfig or a dict, got %r" % (config,))
+        data = config.to_dict()
+        data["env"] = {**data["env"], **(env or {})}
+        return ProcessConfig.from_dict(data)
+
+    def _job(self, name, sessionid=None):
+        session, job = name if isinstance(name, tuple) else _split_name(name, sessionid)
+        try:
+            return self._sessions[session][job]
+        except KeyError:
+            if session not in self._sessions:
+                raise ProcessNotFound("session %r not found" % session) from None
+            raise ProcessNotFound("job %r not found" % ("%s.%s" % (session, job))) from None
+
+    def _process(self, pid):
+        try:
+            return self._procs[pid]
+        except (KeyError, TypeError):
+            raise ProcessNotFound("process %r not found" % (pid,)) from None
+
+    def _publish(self, msg, *evtypes):
+        for evtype in evtypes:
+            self.events.publish(evtype, msg)
+
+    def _publish_job(self, job, event):
+        self._publish({"name": job.name}, event, "job.%s.%s" % (job.name, event))
+
+    def _publish_proc(self, proc, event, **fields):
+        msg = {"name": proc.name, "pid": proc.pid, "os_pid": proc.os_pid, **fields}
+        self._publish(msg, event, "job.%s.%s" % (proc.name, event), "proc.%d.%s" % (proc.pid, event))
+
+    # -- _do_* bodies (loop thread)
+
+    def _do_jobs(self, sessionid):
+        if sessionid is None:
+            return [job.name for jobs in self._sessions.values() for job in jobs.values()]
+        if sessionid not in self._sessions:
+            raise ProcessNotFound("session %r not found" % (sessionid,))
+        return [job.name for job in self._sessions[sessionid].values()]
+
+    def _do_load(self, config, session, start):
+        jobs = self._sessions.get(session, {})
+        if config.name in jobs:
+            raise ProcessConflict("job %r is already loaded" % ("%s.%s" % (session, config.name)))
+        job = _Job(session, config, config.numprocesses)
+        self._sessions.setdefault(session, jobs)[config.name] = job
+        self._publish({"name": job.name}, "load")
+        if start:
+            self._start_job(job)
+
+    def _do_unload(self, name):
+        job = self._job(name)
+        self._stop_job(job)
+        jobs = self._sessions[job.session]
+        del jobs[job.config.name]
+        if not jobs:
+            del self._sessions[job.session]
+        self._publish({"name": job.name}, "unload")
+
+    def _do_reload(self, name):
+        job = self._job(name)
+        job.numprocesses = job.config.numprocesses
+        self._activate(job)
+        self._replace(job)
+
+    def _do_update(self, config, name, start):
+        job = self._job(name)
+        old = (job.config, job.numprocesses, job.active)
+        job.config = config
+        job.numprocesses = max(config.numprocesses, job.numprocesses)
+        if start and not job.active:
+            self._activate(job)
+        if job.active:
+            try:
+                self._replace(job)
+            except ProcessError:
+                job.config, job.numprocesses, job.active = old
+                raise
+        self._publish({"name": job.name}, "update")
+
+    def _do_start_job(self, name):
+        job = self._job(name)
+        if not job.active:
+            job.numprocesses = job.config.numprocesses
+            self._start_job(job)
+
+    def _do_stop_job(self, name):
+        job = self._job(name)
+        self._stop_job(job)
+
+    def _do_commit(self, name, graceful_timeout, env):
+        job = self._job(name)
+        try:
+            proc = self._spawn(job, once=True, env=env, graceful_timeout=graceful_timeout)
+        except ProcessError as exc:
+            self._publish({"name": job.name, "reason": exc.reason},
+                          "spawn_error", "job.%s.spawn_error" % job.name)
+            raise
+        return proc.pid
+
+    def _do_scale(self, name, op, amount):
+        job = self._job(name)
+        before = job.numprocesses
+        target = amount if op == "=" else before + amount if op == "+" else before - amount
+        job.numprocesses = max(0, target)
+        if job.active:
+            try:
+                self._manage(job, strict=True)
+            except ProcessError:
+                job.numprocesses = before
+                raise
+        self._publish({"name": job.name}, "update")
+        return job.numprocesses
+
+    def _do_info(self, name):
+        job = self._job(name)
+        return {
+            "name": job.name, "active": job.active,
+            "running": len(job.running) + len(job.running_out),
+            "running_out": len(job.running_out), "max_processes": job.numprocesses,
+            "processes": [p.pid for p in job.processes()], "config": job.config.to_dict(),
+        }
+
+    def _do_stop_process(self, pid):
+        proc = self._running_process(pid)
+        self._stop(proc, "stop_process")
+        self._manage(proc._job)
+
+    def _do_stopall(self, name):
+        job = self._job(name)
+        for proc in job.processes():
+            self._stop(proc, "stop_process")
+        self._manage(job)
+
+    def _do_kill(self, pid, signum):
+        proc = self._running_process(pid)
+        self._signal(proc, signum, group=False)
+        msg = {"name": proc.name, "pid": proc.pid, "signum": signum}
+        self._publish(msg, "job.%s.kill" % proc.name, "proc.%d.kill" % proc.pid)
+
+    def _do_killall(self, name, signum):
+        job = self._job(name)
+        for proc in job.processes():
+            self._signal(proc, signum, group=False)
+            self._publish({"name": proc.name, "pid": proc.pid, "signum": signum}, "proc.%d.kill" % proc.pid)
+        self._publish({"name": job.name, "signum": signum}, "job.%s.kill" % job.name)
+
+    def _do_send(self, pid, chunks, stream):
+        proc = self._running_process(pid)
+        if stream is None:
+            channel = proc._stdin
+            if channel is None:
+                raise ProcessError(400, "process %d of %r has no stdin pipe (redirect_input is off)"
+                                   % (pid, proc.name))
+        else:
+            channel = proc.streams.get(stream)
+            if channel is None:
+                raise ProcessError(404, "process %d of %r has no stream %r" % (pid, proc.name, stream))
+        if channel.closed:
+            raise ProcessError(400, "the %s of process %d is closed" % (stream or "stdin", pid))
+        for chunk in chunks:
+            channel.write(chunk)
+
+    def _do_list(self, name):
+        if name is None:
+            return [p for p in self._procs.values() if p._state is _State.RUNNING]
+        return self._job(name).processes()
+
+    def _running_process(self, pid):
+        proc = self._process(pid)
+        if proc._state is not _State.RUNNING:
+            raise ProcessNotFound("process %r is stopping" % (pid,))
+        return proc
+
+    def _do_stop(self, callback):
+        if callback is not None:
+            self._stop_callbacks.append(callback)
+        if self._state is not _Lifecycle.RUNNING:
+            return
+        self._state = _Lifecycle.STOPPING
+        for jobs in self._sessions.values():
+            for job in jobs.values():
+                if job.active or job.processes():
+                    self._stop_job(job)
+        self._check_stopped()
+
+    def _do_restart(self, callback):
+        if self._state is not _Lifecycle.RUNNING:
+            return
+        for app in self._apps:
+            try:
+                app.restart()
+            except Exception:
+                _log.exception("app %r failed to restart", app)
+        old = set()
+        for jobs in self._sessions.values():
+            for job in jobs.values():
+                if job.active:
+                    old.update(p.pid for p in job.running.values())
+                    try:
+                        self._replace(job)
+                    except ProcessError as exc:
+                        _log.error("restart of %s kept its old processes: %s", job.name, exc)
+                        old.difference_update(job.running)
+        if callback is not None:
+            self._when_reaped(old, lambda: callback(self))
+
+    # -- the machinery (loop thread)
+
+    def _spawn(self, job, once=False, env=None, graceful_timeout=None):
+        """Start one process of the job and watch it; ProcessError if the OS refuses."""
+        if self._state is not _Lifecycle.RUNNING:
+            raise RuntimeError("manager is not running")
+        proc = Process(self, next(self._pids), job, once, env, graceful_timeout)
+        try:
+            proc._spawn(self.loop)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            raise ProcessError(400, "job %r cannot start %r: %s" % (job.name, job.config.cmd, exc)) from exc
+        self._procs[proc.pid] = proc
+        (job.running_out if once else job.running)[proc.pid] = proc
+        self._reaper.watch(proc._popen, functools.partial(self._on_exit, proc))
+        self._publish_proc(proc, "spawn")
+        return proc
+
+    def _activate(self, job):
+        """Mark a job started by hand: flapping history and pending retries are forgotten."""
+        if job.restart_timer is not None:
+            job.restart_timer.cancel()
+            job.restart_timer = None
+        job.exits.clear()
+        job.flap_retries = 0
+        job.spawn_delay = _SPAWN_DELAY_MIN
+        if not job.active:
+            job.active = True
+            self._publish_job(job, "start")
+
+    def _start_job(self, job):
+        self._activate(job)
+        self._manage(job, strict=True)
+
+    def _stop_job(self, job):
+        if job.restart_timer is not None:
+            job.restart_timer.cancel()
+            job.restart_timer = None
+        was_active, job.active = job.active, False
+        for proc in job.processes():
+            self._stop(proc, "stop_process")
+        if was_active:
+            self._publish_job(job, "stop")
+
+    def _manage(self, job, strict=False):
+        """Bring the job's running count to its target.
+
+        strict (a caller waits): a spawn failure stops the job and raises.
+        Otherwise it publishes spawn_error, counts toward flapping and retries later.
+        """
+        if not job.active or self._state is not _Lifecycle.RUNNING:
+            return
+        while len(job.running) > job.numprocesses:
+            self._stop(next(iter(job.running.values())), "reap")
+        while job.active and len(job.running) < job.numprocesses and not job.restart_timer:
+            try:
+                self._spawn(job)
+            except ProcessError as exc:
+                self._publish({"name": job.name, "reason": exc.reason},
+                              "spawn_error", "job.%s.spawn_error" % job.name)
+                if strict:
+                    self._stop_job(job)
+                    raise
+                _log.error("%s", exc.reason)
+                if not self._flapped(job):
+                    job.restart_timer = self.loop.call_later(job.spawn_delay, self._on_restart_due, job, False)
+                    job.spawn_delay = min(job.spawn_delay * 2, _SPAWN_DELAY_MAX)
+                return
+        job.spawn_delay = _SPAWN_DELAY_MIN
+
+    def _replace(self, job):
+        """Replace every counted process: spawn the new ones first, then stop the old.
+
+        If a new one cannot be spawned, the new ones are stopped, the old kept, and ProcessError raised.
+        """
+        old = list(job.running.values())
+        new = []
+        try:
+            while len(new) < job.numprocesses:
+                new.append(self._spawn(job))
+        except ProcessError as exc:
+            self._publish({"name": job.name, "reason": exc.reason},
+                          "spawn_error", "job.%s.spawn_error" % job.name)
+            for proc in new:
+                self._stop(proc, "stop_process")
+            raise
+        for proc in old:
+            self._stop(proc, "stop_process")
+
+    def _stop(self, proc, event):
+        """Ask a process to stop (RUNNING -> STOPPING) and arm its SIGKILL; event is stop_process or reap."""
+        if proc._state is not _State.RUNNING:
+            return
+        job = proc._job
+        job.running.pop(proc.pid, None) or job.running_out.pop(proc.pid, None)
+        proc._set_state(_State.STOPPING)
+        self._signal(proc, proc.config.stop_signal, proc.config.stop_children)
+        proc._kill_timer = self.loop.call_later(proc.graceful_timeout, self._on_graceful_timeout, proc)
+        if event == "reap":
+            self._publish_proc(proc, "reap")
+        else:
+            self._publish({"name": proc.name, "pid": proc.pid}, "stop_process", "proc.%d.stop" % proc.pid)
+
+    def _signal(self, proc, signum, group):
+        if proc._state is not _State.EXITED:  # only then is the pid surely still ours
+            _send_signal(proc.os_pid, signum, group)
+            self._reaper.expect_exit()
+
+    def _flapped(self, job):
+        """Record an unasked-for exit; if the job is flapping, stop it, publish flap, maybe schedule a retry."""
+        flapping = job.config.flapping
+        if flapping is None:
+            return False
+        now = self.loop.time()
+        job.exits.append(now)
+        while now - job.exits[0] > flapping.window:
+            job.exits.popleft()
+        if len(job.exits) < flapping.attempts:
+            return False
+        job.exits.clear()
+        self._publish({"name": job.name}, "flap", "job.%s.flap" % job.name)
+        self._stop_job(job)
+        if job.flap_retries < flapping.max_retry:
+            job.flap_retries += 1
+            job.restart_timer = self.loop.call_later(flapping.retry_in, self._on_restart_due, job, True)
+        else:
+            _log.error("%s is flapping; stopped after %d retries", job.name, job.flap_retries)
+        return True
+
+    def _when_reaped(self, pids, callback):
+        pids = {pid for pid in pids if pid in self._procs}
+        if pids:
+            self._reap_waiters.append((pids, callback))
+        else:
+            self._run_callback(callback)
+
+    def _check_stopped(self):
+        if self._state is _Lifecycle.STOPPING and not self._procs and not self._orphan_groups:
+            for app in reversed(self._apps):
+                try:
+                    app.stop()
+                except Exception:
+                    _log.exception("app %r failed to stop", app)
+            callbacks, self._stop_callbacks = self._stop_callbacks, []
+            for callback in callbacks:
+                self._run_callback(lambda: callback(self))
+            self.loop.stop()
+
+    @staticmethod
+    def _run_callback(callback):
+        try:
+            callback()
+        except Exception:
+            _log.exception("callback %r failed", callback)
+
+    # -- _on_* handlers (loop thread)
+
+    def _on_exit(self, proc):
+        """The reaper saw the process exit: finish it, publish exit, replace it if its job runs."""
+        asked = proc._state is _State.STOPPING
+        kill_timer, proc._kill_timer = proc._kill_timer, None
+        if proc.config.stop_children and _group_alive(proc.os_pid):
+            # The leader is gone but some of its group is not: ask them too, then kill them on time.
+            if kill_timer is None:
+                _send_signal(proc.os_pid, proc.config.stop_signal, group=True)
+                kill_timer = self.loop.call_later(proc.graceful_timeout, self._on_graceful_timeout, proc)
+            self._orphan_groups[proc.os_pid] = kill_timer
+        elif kill_timer is not None:
+            kill_timer.cancel()
+        proc._finish()
+        del self._procs[proc.pid]
+        job = proc._job
+        job.running.pop(proc.pid, None) or job.running_out.pop(proc.pid, None)
+        exit_status, term_signal = _exit_status(proc._popen.returncode)
+        self._publish_proc(proc, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once)
+        for waiter in list(self._reap_waiters):
+            waiter[0].discard(proc.pid)
+            if not waiter[0]:
+                self._reap_waiters.remove(waiter)
+                self._run_callback(waiter[1])
+        if not asked and not proc.once and job.active and not self._flapped(job):
+            self._manage(job)
+        self._check_stopped()
+
+    def _on_graceful_timeout(self, proc):
+        """A stopping process (or the rest of its group) outlived graceful_timeout: SIGKILL."""
+        if proc._state is not _State.EXITED:
+            _send_signal(proc.os_pid, signal.SIGKILL, proc.config.stop_children)
+            self._reaper.expect_exit()
+        elif self._orphan_groups.pop(proc.os_pid, None) is not None:
+            _send_signal(proc.os_pid, signal.SIGKILL, group=True)
+            self._check_stopped()
+
+    def _on_restart_due(self, job, flapped):
+        job.restart_timer = None
+        if self._state is not _Lifecycle.RUNNING or self._sessions.get(job.session, {}).get(job.config.name) is not job:
+            return
+        if flapped:
+            job.active = True
+            self._publish_job(job, "start")
+        self._manage(job)
+
+    def _on_loop_closed(self):
+        """Last words of the loop thread: normally nothing is left; after a crash, kill what is."""
+        self._state = _Lifecycle.STOPPED
+        _managers.discard(self)
+        for proc in list(self._procs.values()):
+            _send_signal(proc.os_pid, signal.SIGKILL, proc.config.stop_children)
+            try:
+                proc._popen.wait(1)
+            except subprocess.TimeoutExpired:
+                pass
+        for pgid in self._orphan_groups:
+            _send_signal(pgid, signal.SIGKILL, group=True)
+        self._stopped.set()
+
+
+@atexit.register
+def _stop_at_exit():
+    """A host program that exits without stop() still leaves no child behind."""
+    for manager in list(_managers):
+        manager.stop()
+    for manager in list(_managers):
+        longest = max([p.graceful_timeout for p in list(manager._procs.values())] + [0])
+        manager._stopped.wait(longest + 5)

@@ -1,0 +1,894 @@
+"""Tests of gaffer.py: real children, bounded waits, and a teardown that checks nothing leaked.
+
+Run with: python3 -m unittest -v test_gaffer
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+
+import gaffer
+
+PY = sys.executable
+SLEEP = ["-c", "import time; time.sleep(60)"]
+HAVE_PROC = os.path.isdir("/proc/self/fd")
+TIMEOUT = 15.0
+
+
+def wait_until(predicate, timeout=TIMEOUT, what=None):
+    """Poll predicate until it returns a true value (returned) or the deadline passes (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what or predicate))
+        time.sleep(0.002)
+
+
+def open_fds():
+    return set(os.listdir("/proc/self/fd")) if HAVE_PROC else set()
+
+
+def proc_table():
+    """{pid: (ppid, sid, state)} of every process on the machine."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        table[int(entry)] = (int(fields[1]), int(fields[3]), fields[0])
+    return table
+
+
+def my_children():
+    return [pid for pid, (ppid, _, _) in proc_table().items() if ppid == os.getpid()]
+
+
+def alive(pid):
+    """True while pid exists and is not a zombie."""
+    if HAVE_PROC:
+        entry = proc_table().get(pid)
+        return entry is not None and entry[2] != "Z"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def python(code):
+    """A ProcessConfig cmd/args pair that runs a Python snippet."""
+    return dict(cmd=PY, args=["-c", textwrap.dedent(code)])
+
+
+class FakeClock:
+    """time.monotonic plus an offset that tests move forward."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self):
+        return time.monotonic() + self.offset
+
+
+class Recorder:
+    """Records events; wait_for() blocks until one matching arrives."""
+
+    def __init__(self, emitter, pattern="."):
+        self.events = []
+        self.cond = threading.Condition()
+        emitter.subscribe(pattern, self)
+
+    def __call__(self, evtype, msg):
+        with self.cond:
+            self.events.append((evtype, msg))
+            self.cond.notify_all()
+
+    def names(self):
+        with self.cond:
+            return [e for e, _ in self.events]
+
+    def matching(self, evtype, **fields):
+        with self.cond:
+            return [m for e, m in self.events
+                    if e == evtype and all(m.get(k) == v for k, v in fields.items())]
+
+    def wait_for(self, evtype, count=1, timeout=TIMEOUT, **fields):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [m for e, m in self.events
+                         if e == evtype and all(m.get(k) == v for k, v in fields.items())]
+                if len(found) >= count:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError("no %d x %r %r within %.1fs; got %r"
+                                         % (count, evtype, fields, timeout, [e for e, _ in self.events]))
+                self.cond.wait(remaining)
+
+
+class LeakCheckedTestCase(unittest.TestCase):
+    """Checks at teardown that no child, zombie, descendant, fd or thread was left behind."""
+
+    def setUp(self):
+        self._fds_before = open_fds()
+        self._threads_before = set(threading.enumerate())
+        self.tmp = tempfile.mkdtemp(prefix="gaffer-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.session_leaders = set()  # os pids of processes started in a new session
+        self.addCleanup(self._check_nothing_left)
+
+    def _check_nothing_left(self):
+        if HAVE_PROC:
+            wait_until(lambda: not my_children(), 10, "no child nor zombie left")
+            sids = self.session_leaders
+            wait_until(lambda: not [p for p, (_, sid, st) in proc_table().items() if sid in sids and st != "Z"],
+                       10, "no descendant of a spawned process left")
+            wait_until(lambda: open_fds() <= self._fds_before, 10, "no fd left open")
+        wait_until(lambda: set(threading.enumerate()) <= self._threads_before, 10, "no thread left")
+
+
+class ManagerTestCase(LeakCheckedTestCase):
+    """A running manager per test (self.m) with events recorded (self.rec); stopped and checked at teardown."""
+
+    no_pidfd = False
+
+    def setUp(self):
+        if self.no_pidfd:
+            previous = os.environ.get("GAFFER_NO_PIDFD")
+            os.environ["GAFFER_NO_PIDFD"] = "1"
+            self.addCleanup(lambda: os.environ.pop("GAFFER_NO_PIDFD") if previous is None
+                            else os.environ.__setitem__("GAFFER_NO_PIDFD", previous))
+        super().setUp()
+        self.clock = FakeClock()
+        self.m = gaffer.Manager(clock=self.clock)
+        self.rec = Recorder(self.m.events)
+        self.m.events.subscribe("spawn", self._on_spawn)
+        self.output = {}  # pid -> bytes read under any label
+        self.m.start()
+        self.addCleanup(self._stop_manager)
+        if self.no_pidfd:
+            self.assertFalse(self.m.use_pidfd)
+
+    def _on_spawn(self, evtype, msg):
+        # On the loop thread, before the first read: no output can be missed.
+        self.session_leaders.add(msg["os_pid"])
+        self.output[msg["pid"]] = b""
+
+        def collect(label, io):
+            with self.rec.cond:
+                self.output[io["pid"]] += io["data"]
+                self.rec.cond.notify_all()
+
+        self.m.get_process(msg["pid"]).monitor_io(".", collect)
+
+    def wait_output(self, pid, text, timeout=TIMEOUT):
+        """Wait until process pid has written bytes `text` to a redirected output."""
+        with self.rec.cond:
+            if not self.rec.cond.wait_for(lambda: text in self.output.get(pid, b""), timeout):
+                raise AssertionError("process %d never wrote %r; got %r" % (pid, text, self.output.get(pid)))
+
+    def _stop_manager(self):
+        self.m.stop()
+        runner = threading.Thread(target=self.m.run)
+        runner.start()
+        runner.join(30)
+        self.assertFalse(runner.is_alive(), "manager did not stop within 30 s")
+        self.m.loop.thread.join(5)
+
+    def load(self, name="w", numprocesses=1, code=None, **settings):
+        settings.setdefault("graceful_timeout", 2.0)
+        if code is not None:
+            settings.update(python(code))
+        else:
+            settings.setdefault("cmd", PY)
+            settings.setdefault("args", list(SLEEP))
+        cmd = settings.pop("cmd")
+        self.m.load(gaffer.ProcessConfig(name, cmd, numprocesses=numprocesses, **settings))
+        return name
+
+    def os_pid(self, pid):
+        return self.m.get_process(pid).os_pid
+
+
+# -- Configuration -------------------------------------------------------------
+
+class ConfigTest(unittest.TestCase):
+
+    def test_defaults_and_normalisation(self):
+        cfg = gaffer.ProcessConfig("web", "python -u app.py", args="--port $PORT 'a b'",
+                                   stop_signal="hup", flapping={"attempts": 3}, env={"N": 1})
+        self.assertEqual(cfg.args, ["--port", "$PORT", "a b"])
+        self.assertEqual(cfg.stop_signal, signal.SIGHUP)
+        self.assertEqual(cfg.flapping, gaffer.FlappingInfo(attempts=3))
+        self.assertEqual(cfg.env, {"N": "1"})
+        self.assertEqual((cfg.numprocesses, cfg.graceful_timeout, cfg.os_env, cfg.stop_children),
+                         (1, 10.0, True, True))
+        self.assertEqual(gaffer.ProcessConfig("w", "x", uid="root", gid="0").uid, 0)
+        for form in (1, "1", "HUP", "SIGHUP", "hup", " sighup "):
+            self.assertEqual(gaffer.ProcessConfig("w", "x", stop_signal=form).stop_signal, 1, form)
+
+    def test_unknown_setting_is_a_type_error_with_a_suggestion(self):
+        with self.assertRaisesRegex(TypeError, r"'numprocess'.*did you mean 'numprocesses'"):
+            gaffer.ProcessConfig("web", "x", numprocess=2)
+        with self.assertRaisesRegex(TypeError, r"FlappingInfo has no setting 'atempts'.*'attempts'"):
+            gaffer.ProcessConfig("web", "x", flapping={"atempts": 2})
+
+    def test_bad_values_name_the_setting(self):
+        cases = [
+            (dict(numprocesses=-1), r"numprocesses must be >= 0, got -1"),
+            (dict(numprocesses=1.5), r"numprocesses must be an int, got 1.5"),
+            (dict(numprocesses=True), r"numprocesses must be an int"),
+            (dict(graceful_timeout=-1), r"graceful_timeout must be >= 0"),
+            (dict(graceful_timeout="soon"), r"graceful_timeout must be a number"),
+            (dict(redirect_output=["a", "b", "c"]), r"redirect_output takes at most 2"),
+            (dict(redirect_output="out"), r"redirect_output must be a list"),
+            (dict(stop_signal="NOPE"), r"stop_signal must be a signal .* got 'NOPE'"),
+            (dict(stop_signal=0), r"stop_signal must be a signal"),
+            (dict(uid="no-such-user-here"), r"uid: no user named 'no-such-user-here'"),
+            (dict(gid="no-such-group-here"), r"gid: no group named"),
+            (dict(args="'unclosed"), r"args .* cannot be split"),
+            (dict(args=[None]), r"args must hold strings"),
+            (dict(env={"A=B": "x"}), r"env: 'A=B' is not a variable name"),
+            (dict(env=["A"]), r"env must be a dict"),
+            (dict(shell="yes"), r"shell must be True or False"),
+            (dict(flapping={"attempts": 0}), r"flapping.attempts must be >= 1"),
+            (dict(flapping=3), r"flapping must be a FlappingInfo"),
+            (dict(custom_streams=["ctl", "ctl"]), r"label 'ctl' is used twice"),
+            (dict(custom_streams=["bad label"]), r"custom_streams: each label"),
+        ]
+        for settings, pattern in cases:
+            with self.subTest(settings=settings), self.assertRaisesRegex(ValueError, pattern):
+                gaffer.ProcessConfig("web", "x", **settings)
+        for name in ("", "a.b", "a/b", None):
+            with self.subTest(name=name), self.assertRaisesRegex(ValueError, r"name must"):
+                gaffer.ProcessConfig(name, "x")
+        for cmd in ("", "   ", None, "'unclosed"):
+            with self.subTest(cmd=cmd), self.assertRaisesRegex(ValueError, r"cmd"):
+                gaffer.ProcessConfig("web", cmd)
+
+    def test_dict_access(self):
+        cfg = gaffer.ProcessConfig("web", "x", args=["a"])
+        self.assertEqual(cfg["args"], ["a"])
+        self.assertEqual(cfg.get("numprocesses"), 1)
+        self.assertEqual(cfg.get("nope", 7), 7)
+        self.assertIn("cwd", cfg)
+        self.assertNotIn("nope", cfg)
+        with self.assertRaises(KeyError):
+            cfg["nope"]
+        cfg["numprocesses"] = 4
+        cfg["args"] = "b c"
+        self.assertEqual((cfg.numprocesses, cfg.args), (4, ["b", "c"]))
+        with self.assertRaisesRegex(ValueError, "numprocesses must be >= 0"):
+            cfg["numprocesses"] = -2
+        with self.assertRaises(TypeError):
+            cfg["nope"] = 1
+        self.assertEqual(cfg.numprocesses, 4, "a refused change leaves the config as it was")
+
+    def test_round_trip(self):
+        cfg = gaffer.ProcessConfig("web", "x", args=["1"], env={"A": "b"}, flapping=gaffer.FlappingInfo(),
+                                   redirect_output=["out", "err"], custom_streams=["ctl"], cwd="/tmp")
+        data = cfg.to_dict()
+        self.assertEqual(json.loads(json.dumps(data)), data)
+        self.assertEqual(gaffer.ProcessConfig.from_dict(data), cfg)
+        for missing in ("name", "cmd"):
+            broken = dict(data)
+            del broken[missing]
+            with self.subTest(missing=missing), self.assertRaisesRegex(ValueError, "needs %r" % missing):
+                gaffer.ProcessConfig.from_dict(broken)
+
+
+# -- Events ------------------------------------------------------------------
+
+class EventEmitterTest(unittest.TestCase):
+
+    def test_patterns_once_and_unsubscribe(self):
+        em = gaffer.EventEmitter()
+        everything, prefix, exact, once = Recorder(em, "."), Recorder(em, "job.s.web"), [], []
+        em.subscribe("spawn", lambda e, m: exact.append(m))
+        em.subscribe_once("job", lambda e, m: once.append(e))
+        em.publish("job.s.web.spawn", {"pid": 1})
+        em.publish("job.s.webby.spawn", {"pid": 2})
+        em.publish("spawn", {"pid": 3})
+        self.assertEqual(everything.names(), ["job.s.web.spawn", "job.s.webby.spawn", "spawn"])
+        self.assertEqual(prefix.names(), ["job.s.web.spawn"])
+        self.assertEqual(prefix.events[0][1], {"pid": 1, "event": "job.s.web.spawn"})
+        self.assertEqual(exact, [{"pid": 3, "event": "spawn"}])
+        self.assertEqual(once, ["job.s.web.spawn"])
+        em.unsubscribe(".", everything)
+        em.publish("spawn", {})
+        self.assertEqual(len(everything.events), 3)
+        self.assertEqual(len(exact), 2)
+
+    def test_a_raising_listener_is_logged_and_kept(self):
+        em = gaffer.EventEmitter()
+        calls = []
+
+        def bad(evtype, msg):
+            calls.append(evtype)
+            raise RuntimeError("boom")
+
+        em.subscribe("x", bad)
+        after = Recorder(em, "x")
+        with self.assertLogs("gaffer", logging.ERROR) as logs:
+            em.publish("x")
+            em.publish("x")
+        self.assertEqual(calls, ["x", "x"])
+        self.assertEqual(len(after.events), 2)
+        self.assertIn("boom", "\n".join(logs.output))
+
+
+# -- Manager -------------------------------------------------------------------
+
+class ManagerTest(ManagerTestCase):
+
+    def test_load_is_synchronous_and_info_describes_the_job(self):
+        self.load("web", 2)
+        pids = self.m.pids("web")
+        self.assertEqual(pids, [1, 2])
+        for pid in pids:
+            self.assertTrue(alive(self.os_pid(pid)))
+        info = self.m.info("web")
+        self.assertEqual({k: info[k] for k in ("name", "active", "running", "running_out", "max_processes",
+                                               "processes")},
+                         {"name": "default.web", "active": True, "running": 2, "running_out": 0,
+                          "max_processes": 2, "processes": [1, 2]})
+        self.assertEqual(info["config"]["numprocesses"], 2)
+        proc = self.m.get_process(1)
+        self.assertEqual((proc.name, proc.cmd, proc.args, proc.once, proc.active), ("default.web", PY, SLEEP,
+                                                                                   False, True))
+        self.assertEqual(proc.info["os_pid"], proc.os_pid)
+        self.assertRegex(repr(proc), r"<Process 'default.web' pid=1 os_pid=\d+ RUNNING>")
+        self.assertEqual(self.rec.names()[:6], ["load", "start", "job.default.web.start", "spawn",
+                                                "job.default.web.spawn", "proc.1.spawn"])
+        spawn = self.rec.matching("spawn", pid=1)[0]
+        self.assertEqual(spawn, {"name": "default.web", "pid": 1, "os_pid": proc.os_pid, "event": "spawn"})
+
+    def test_sessions_and_names(self):
+        self.load("a")
+        self.m.load(gaffer.ProcessConfig("b", PY, args=SLEEP), sessionid="s1")
+        self.m.load(gaffer.ProcessConfig("c", PY, args=SLEEP, numprocesses=0), sessionid="s2")
+        self.assertEqual(self.m.sessions, ["default", "s1", "s2"])
+        self.assertEqual(self.m.jobs(), ["default.a", "s1.b", "s2.c"])
+        self.assertEqual(self.m.jobs("s1"), ["s1.b"])
+        walked = []
+        self.m.jobs_walk(lambda m, name: walked.append(name))
+        self.assertEqual(walked, ["default.a", "s1.b", "s2.c"])
+        self.assertEqual(self.m.info("s1.b")["name"], "s1.b")
+        self.assertEqual(self.m.info("s1/b")["name"], "s1.b")
+        self.assertEqual(self.m.get("default.a").name, "a")
+        with self.assertRaises(gaffer.ProcessConflict) as cm:
+            self.m.load(gaffer.ProcessConfig("b", PY), sessionid="s1")
+        self.assertEqual(cm.exception.errno, 409)
+        self.m.unload("c", "s2")
+        self.assertEqual(self.m.sessions, ["default", "s1"], "a session goes with its last job")
+        self.m.unload(gaffer.ProcessConfig("b", "x"), sessionid="s1")
+        self.assertEqual(self.m.jobs(), ["default.a"])
+
+    def test_unknown_names_are_not_found(self):
+        for call in (lambda: self.m.jobs("nope"), lambda: self.m.info("nope"), lambda: self.m.info("s.nope"),
+                     lambda: self.m.get_process(99), lambda: self.m.kill(99, "TERM"),
+                     lambda: self.m.stop_process(99), lambda: self.m.scale("nope", 1),
+                     lambda: self.m.unload("nope"), lambda: self.m.commit("nope")):
+            with self.assertRaises(gaffer.ProcessNotFound) as cm:
+                call()
+            self.assertEqual(cm.exception.errno, 404)
+            self.assertIn("not found", str(cm.exception))
+
+    def test_bad_arguments(self):
+        self.load("w")
+        with self.assertRaisesRegex(ValueError, "signal number or a name"):
+            self.m.kill(1, "NOPE")
+        with self.assertRaisesRegex(ValueError, "scale must be"):
+            self.m.scale("w", "x2")
+        with self.assertRaisesRegex(TypeError, "config must be a ProcessConfig"):
+            self.m.load("w")
+        with self.assertRaisesRegex(ValueError, "sessionid must not contain"):
+            self.m.load(gaffer.ProcessConfig("v", PY), sessionid="a.b")
+        self.assertEqual(self.m.jobs(), ["default.w"], "bad calls changed nothing")
+
+    def test_an_exited_process_is_replaced_at_once(self):
+        self.load("w", 2)
+        victim = self.os_pid(1)
+        os.kill(victim, signal.SIGKILL)
+        exit_msg = self.rec.wait_for("exit", pid=1)[0]
+        self.assertEqual((exit_msg["exit_status"], exit_msg["term_signal"], exit_msg["os_pid"], exit_msg["once"]),
+                         (0, signal.SIGKILL, victim, False))
+        self.rec.wait_for("spawn", pid=3)
+        self.assertEqual(self.m.pids("w"), [2, 3])
+        names = self.rec.names()
+        self.assertLess(names.index("proc.1.exit"), names.index("proc.3.spawn"))
+
+    def test_exit_code_is_reported(self):
+        self.load("w", code="import sys; sys.exit(3)")
+        msg = self.rec.wait_for("exit", pid=1)[0]
+        self.assertEqual((msg["exit_status"], msg["term_signal"]), (3, 0))
+
+    def test_scale_forms(self):
+        self.load("w", 1)
+        self.assertEqual(self.m.scale("w", 2), 3)
+        self.assertEqual(len(self.m.pids("w")), 3, "scale returns after spawning")
+        self.assertEqual(self.m.scale("w", "+1"), 4)
+        self.assertEqual(self.m.scale("w", "1"), 5)
+        self.assertEqual(self.m.scale("w", -1), 4)
+        self.assertEqual(self.m.pids("w"), [2, 3, 4, 5], "the oldest process goes first")
+        self.assertEqual(self.rec.matching("reap")[0]["pid"], 1)
+        self.assertEqual(self.m.scale("w", "-2"), 2)
+        self.assertEqual(self.m.pids("w"), [4, 5])
+        self.assertEqual(self.m.scale("w", "=3"), 3)
+        self.assertEqual(self.m.scale("w", 0), 3)
+        self.assertEqual(self.m.scale("w", "-10"), 0, "the count never goes below 0")
+        self.assertEqual(self.m.pids("w"), [])
+        self.assertEqual(self.m.info("w")["max_processes"], 0)
+        self.assertGreaterEqual(len(self.rec.matching("update", name="default.w")), 7)
+
+    def test_stop_job_and_start_job(self):
+        self.load("w", 2)
+        self.m.scale("w", 1)
+        old = [self.os_pid(pid) for pid in self.m.pids("w")]
+        self.m.stop_job("w")
+        self.assertEqual(self.m.pids("w"), [], "stopped processes leave the running list at once")
+        self.assertFalse(self.m.info("w")["active"])
+        self.rec.wait_for("exit", count=3)
+        for os_pid in old:
+            wait_until(lambda: not alive(os_pid))
+        self.assertEqual(self.m.pids("w"), [], "no process of a stopped job is restarted")
+        self.assertEqual(len(self.rec.matching("stop_process")), 3)
+        self.assertEqual(self.rec.matching("stop"), [{"name": "default.w", "event": "stop"}])
+        self.m.start_job("w")
+        self.assertEqual(len(self.m.pids("w")), 2, "start_job runs the configured count")
+        self.assertEqual(len(self.rec.matching("start")), 2)
+
+    def test_unload_stops_the_processes(self):
+        self.load("w", 2)
+        os_pids = [self.os_pid(p) for p in self.m.pids("w")]
+        self.m.unload("w")
+        self.assertEqual(self.m.jobs(), [])
+        self.assertEqual(self.m.pids(), [])
+        self.rec.wait_for("exit", count=2)
+        for os_pid in os_pids:
+            wait_until(lambda: not alive(os_pid))
+        self.assertIn("unload", self.rec.names())
+
+    def test_reload_replaces_every_process(self):
+        self.load("w", 2)
+        self.m.scale("w", 1)
+        self.m.reload("w")
+        self.assertEqual(self.m.pids("w"), [4, 5], "count back to the config's, all new")
+        self.rec.wait_for("exit", count=3)
+        self.m.stop_job("w")
+        self.m.reload("w")
+        self.assertEqual(len(self.m.pids("w")), 2, "reload starts a stopped job")
+
+    def test_update(self):
+        self.load("w", 2)
+        marker = os.path.join(self.tmp, "updated")
+        config = gaffer.ProcessConfig("w", PY, numprocesses=1, env={"MARK": marker}, graceful_timeout=2,
+                                      args=["-c", "import os, time; open(os.environ['MARK'], 'w').close(); "
+                                                  "time.sleep(60)"])
+        self.m.update(config)
+        self.assertEqual(self.m.pids("w"), [3, 4], "count is max(new, current), processes replaced")
+        self.assertEqual(self.m.get("w").env, {"MARK": marker})
+        wait_until(lambda: os.path.exists(marker))
+        self.assertIn("update", self.rec.names())
+        self.m.stop_job("w")
+        self.m.update(gaffer.ProcessConfig("w", PY, args=SLEEP, numprocesses=3))
+        self.assertEqual(self.m.pids("w"), [], "a stopped job stays stopped")
+        self.assertEqual(self.m.info("w")["max_processes"], 3)
+        self.m.update(gaffer.ProcessConfig("w", PY, args=SLEEP, graceful_timeout=2), start=True)
+        self.assertEqual(len(self.m.pids("w")), 3)
+
+    def test_commit(self):
+        self.load("w", 1)
+        pid = self.m.commit("w", graceful_timeout=0.5, env={"EXTRA": "1"})
+        proc = self.m.get_process(pid)
+        self.assertTrue(proc.once)
+        self.assertEqual(proc.env["EXTRA"], "1")
+        self.assertEqual(proc.graceful_timeout, 0.5)
+        info = self.m.info("w")
+        self.assertEqual((info["running"], info["running_out"], info["max_processes"]), (2, 1, 1))
+        self.assertIn(pid, self.m.pids("w"))
+        os.kill(proc.os_pid, signal.SIGKILL)
+        self.assertTrue(self.rec.wait_for("exit", pid=pid)[0]["once"])
+        self.assertEqual(self.m.pids("w"), [1], "a committed process is never restarted")
+        self.assertEqual(self.m.info("w")["running_out"], 0)
+
+    def test_stop_process_and_stopall_are_replaced(self):
+        self.load("w", 2)
+        self.m.stop_process(1)
+        self.assertEqual(self.m.pids("w"), [2, 3])
+        self.assertTrue(self.rec.matching("proc.1.stop"))
+        self.m.get_process(2).stop()
+        self.assertEqual(self.m.pids("w"), [3, 4])
+        self.m.stopall("w")
+        self.assertEqual(self.m.pids("w"), [5, 6])
+        self.rec.wait_for("exit", count=4)
+        self.assertEqual(self.m.pids("w"), [5, 6], "asked-for exits are not replaced twice")
+
+    def test_kill_and_killall(self):
+        code = """
+            import signal, sys, time
+            signal.signal(signal.SIGHUP, lambda *a: sys.exit(7))
+            print("ready", flush=True)
+            time.sleep(60)
+        """
+        self.load("w", 2, code=code, redirect_output=["out"])
+        for pid in (1, 2):
+            self.wait_ready(pid)
+        self.m.kill(1, "SIGHUP")
+        self.assertEqual(self.rec.wait_for("exit", pid=1)[0]["exit_status"], 7)
+        self.assertEqual(self.rec.matching("proc.1.kill"), [{"name": "default.w", "pid": 1, "signum": 1,
+                                                             "event": "proc.1.kill"}])
+        self.assertTrue(self.rec.matching("job.default.w.kill", pid=1))
+        self.wait_ready(3)
+        self.m.killall("w", "hup")
+        self.rec.wait_for("exit", pid=2)
+        self.rec.wait_for("exit", pid=3)
+        self.assertEqual([m["exit_status"] for m in self.rec.matching("exit")], [7, 7, 7])
+        self.assertTrue(self.rec.matching("job.default.w.kill", signum=1))
+
+    def wait_ready(self, pid):
+        """Wait until process pid printed 'ready' (its signal handlers are in place)."""
+        self.wait_output(pid, b"ready")
+
+    def test_graceful_timeout_escalates_to_sigkill(self):
+        code = """
+            import signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            print("ready", flush=True)
+            time.sleep(60)
+        """
+        self.load("w", code=code, graceful_timeout=0.2, redirect_output=["out"])
+        self.wait_ready(1)
+        self.m.stop_job("w")
+        self.assertEqual(self.rec.wait_for("exit", pid=1)[0]["term_signal"], signal.SIGKILL)
+
+    def test_stop_signal(self):
+        code = """
+            import signal, sys, time
+            signal.signal(signal.SIGINT, lambda *a: sys.exit(5))
+            print("ready", flush=True)
+            time.sleep(60)
+        """
+        self.load("w", code=code, stop_signal="INT", redirect_output=["out"])
+        self.wait_ready(1)
+        self.m.stop_process(1)
+        self.assertEqual(self.rec.wait_for("exit", pid=1)[0]["exit_status"], 5)
+
+    def grandchild_job(self, name, code_after, **settings):
+        """A job whose process starts a grandchild, writes its pid to a file, then runs code_after."""
+        pidfile = os.path.join(self.tmp, name + ".pid")
+        code = textwrap.dedent("""
+            import subprocess, sys, time
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            with open(%r, "w") as f:
+                f.write(str(child.pid))
+        """) % pidfile + textwrap.dedent(code_after)
+        self.load(name, code=code, **settings)
+        return int(wait_until(lambda: os.path.exists(pidfile) and open(pidfile).read()))
+
+    def test_stop_reaches_grandchildren(self):
+        grandchild = self.grandchild_job("w", "time.sleep(60)")
+        self.assertTrue(alive(grandchild))
+        self.m.stop_job("w")
+        wait_until(lambda: not alive(grandchild), what="grandchild stopped with its group")
+
+    def test_leftovers_of_an_exited_process_are_stopped(self):
+        grandchild = self.grandchild_job("w", "sys.exit(0)", numprocesses=1)
+        wait_until(lambda: not alive(grandchild), what="the group of an exited leader stopped")
+        self.rec.wait_for("exit", pid=1)
+
+    def test_without_stop_children_only_the_leader_is_signalled(self):
+        grandchild = self.grandchild_job("w", "time.sleep(60)", stop_children=False)
+        self.m.stop_job("w")
+        self.rec.wait_for("exit", pid=1)
+        self.assertTrue(alive(grandchild))
+        os.kill(grandchild, signal.SIGKILL)
+        wait_until(lambda: not alive(grandchild))
+
+    def test_without_flapping_it_keeps_restarting(self):
+        self.load("w", code="pass")
+        self.rec.wait_for("exit", count=5)
+        self.assertTrue(self.m.info("w")["active"])
+        self.assertFalse(self.rec.matching("flap"))
+
+    def test_flapping_stops_then_retries_then_gives_up(self):
+        flapping = gaffer.FlappingInfo(attempts=3, window=60, retry_in=30, max_retry=1)
+        self.load("w", code="import sys; sys.exit(1)", flapping=flapping)
+        self.rec.wait_for("flap")
+        self.assertFalse(self.m.info("w")["active"])
+        self.assertEqual(len(self.rec.matching("exit")), 3)
+        self.assertEqual(self.rec.names().count("flap"), 1)
+        self.assertLess(self.rec.names().index("flap"), self.rec.names().index("stop"))
+        self.clock.offset += 31  # the retry is due; nothing waits 30 real seconds
+        self.m.wakeup()
+        self.rec.wait_for("flap", count=2)
+        self.assertEqual(len(self.rec.matching("start")), 2)
+        self.clock.offset += 31
+        self.m.wakeup()
+        self.assertEqual(self.m.pids("w"), [], "max_retry used up: stays stopped")
+        self.assertEqual(len(self.rec.matching("start")), 2)
+        self.assertFalse(self.m.info("w")["active"])
+        self.m.start_job("w")  # by hand: retries are counted afresh
+        self.rec.wait_for("flap", count=3)
+
+    def test_spawn_failures_raise_and_leave_the_job_stopped(self):
+        plain = os.path.join(self.tmp, "not-executable")
+        with open(plain, "w") as f:
+            f.write("#!/bin/sh\n")
+        cases = [
+            (dict(cmd="/no/such/binary"), "No such file"),
+            (dict(cmd=plain), "Permission denied"),
+            (dict(cmd=PY, args=SLEEP, cwd="/no/such/dir"), "No such file"),
+        ]
+        for index, (settings, oserror) in enumerate(cases):
+            name = "bad%d" % index
+            with self.subTest(settings=settings):
+                with self.assertRaises(gaffer.ProcessError) as cm:
+                    self.m.load(gaffer.ProcessConfig(name, numprocesses=2, **settings))
+                message = str(cm.exception)
+                self.assertIn("default.%s" % name, message)
+                self.assertIn(settings["cmd"], message)
+                self.assertIn(oserror, message)
+                self.assertIn(name, [j.split(".")[1] for j in self.m.jobs()], "the job stays loaded")
+                self.assertFalse(self.m.info(name)["active"])
+                self.assertEqual(self.m.pids(name), [])
+                for call in (lambda: self.m.start_job(name), lambda: self.m.commit(name)):
+                    self.assertRaises(gaffer.ProcessError, call)
+                self.assertEqual(self.m.pids(name), [])
+        self.assertTrue(self.rec.matching("spawn_error", name="default.bad0")[0]["reason"])
+        self.load("good")
+        self.assertEqual(len(self.m.pids("good")), 1, "the manager keeps serving")
+
+    def test_a_half_started_job_is_stopped(self):
+        # The second spawn fails: the first process must not stay behind.
+        link = os.path.join(self.tmp, "python")
+        os.symlink(PY, link)
+        remove_after_first = lambda evtype, msg: os.path.lexists(link) and os.unlink(link)
+        self.m.events.subscribe_once("spawn", remove_after_first)
+        with self.assertRaises(gaffer.ProcessError):
+            self.m.load(gaffer.ProcessConfig("w", link, args=SLEEP, numprocesses=3))
+        self.assertEqual(self.m.pids("w"), [])
+        self.assertFalse(self.m.info("w")["active"])
+        self.rec.wait_for("exit", pid=1)
+
+    def test_a_failed_scale_keeps_the_count(self):
+        link = os.path.join(self.tmp, "python")
+        os.symlink(PY, link)
+        self.m.load(gaffer.ProcessConfig("w", link, args=SLEEP, numprocesses=1, graceful_timeout=2))
+        os.unlink(link)
+        with self.assertRaisesRegex(gaffer.ProcessError, "No such file"):
+            self.m.scale("w", 2)
+        self.assertEqual(self.m.info("w")["max_processes"], 1)
+
+    def test_a_failed_update_keeps_the_old_config_and_processes(self):
+        self.load("w", 2)
+        with self.assertRaises(gaffer.ProcessError):
+            self.m.update(gaffer.ProcessConfig("w", "/no/such/binary", numprocesses=3))
+        self.assertEqual(self.m.pids("w"), [1, 2])
+        self.assertEqual(self.m.get("w").cmd, PY)
+        self.assertEqual(self.m.info("w")["max_processes"], 2)
+
+    def test_respawn_failures_back_off_and_recover(self):
+        link = os.path.join(self.tmp, "python")
+        os.symlink(PY, link)
+        self.m.load(gaffer.ProcessConfig("w", link, args=SLEEP, graceful_timeout=2))
+        os.unlink(link)
+        os.kill(self.os_pid(1), signal.SIGKILL)
+        stamps = []
+        self.m.events.subscribe("spawn_error", lambda e, msg: stamps.append(time.monotonic()))
+        self.rec.wait_for("spawn_error", count=4)
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        self.assertGreaterEqual(gaps[0], 0.09, "retries wait, never a tight loop: %r" % gaps)
+        self.assertGreater(gaps[1], gaps[0] * 1.5, "the delay doubles: %r" % gaps)
+        self.assertIn("No such file", self.rec.matching("spawn_error")[0]["reason"])
+        self.assertEqual(self.m.info("w")["running"], 0, "the manager still answers")
+        os.symlink(PY, link)
+        wait_until(lambda: self.m.pids("w"), what="the job recovers once the binary is back")
+
+    def test_listeners_may_call_the_manager_inline(self):
+        seen = []
+
+        def on_spawn(evtype, msg):
+            seen.append(self.m.info("w")["running"])
+            if msg["pid"] == 1:
+                self.m.scale("w", 1)
+
+        self.m.events.subscribe("spawn", on_spawn)
+        self.load("w", 1)
+        self.assertEqual(self.m.pids("w"), [1, 2])
+        self.m.events.subscribe("exit", lambda e, msg: self.m.stop_job("w"))
+        self.m.kill(1, "KILL")
+        self.rec.wait_for("stop")
+        self.assertEqual(self.m.pids("w"), [])
+
+    def test_a_failing_listener_does_not_wedge_the_loop(self):
+        self.m.events.subscribe("spawn", lambda e, msg: 1 / 0)
+        with self.assertLogs("gaffer", logging.ERROR):
+            self.load("w", 2)
+        self.assertEqual(self.m.pids("w"), [1, 2])
+
+    def test_calls_from_many_threads(self):
+        self.load("w", 0)
+        errors = []
+
+        def worker():
+            try:
+                for _ in range(5):
+                    self.m.scale("w", 1)
+                    self.m.info("w")
+                    self.m.scale("w", -1)
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(self.m.info("w")["max_processes"], 0)
+        self.assertEqual(self.m.pids("w"), [])
+
+    def test_one_loop_thread_for_any_number_of_processes(self):
+        before = threading.active_count()
+        self.load("w", 40)
+        self.assertEqual(len(self.m.pids("w")), 40)
+        self.assertEqual(threading.active_count(), before)
+        names = [t.name for t in threading.enumerate()]
+        self.assertEqual(names.count("gaffer-loop"), 1)
+
+    def test_host_children_are_not_stolen(self):
+        self.load("w", 2)
+        own = subprocess.Popen([PY, "-c", "import sys; sys.exit(5)"])
+        os.kill(self.os_pid(1), signal.SIGKILL)  # the manager reaps one of its own meanwhile
+        self.rec.wait_for("exit", pid=1)
+        self.assertEqual(own.wait(TIMEOUT), 5, "the host's child kept its exit status")
+
+    def test_no_fd_grows_over_many_spawn_exit_cycles(self):
+        true = shutil.which("true")
+        self.m.load(gaffer.ProcessConfig("w", true, numprocesses=2, redirect_output=["out", "err"],
+                                         redirect_input=True))
+        self.rec.wait_for("exit", count=20)
+        baseline = len(open_fds())
+        self.rec.wait_for("exit", count=1000, timeout=90)
+        self.assertLessEqual(len(open_fds()), baseline + 8)  # those of the 2 live processes at most
+        self.m.stop_job("w")
+
+    def test_stop_run_and_callbacks(self):
+        self.load("w", 3)
+        os_pids = [self.os_pid(p) for p in self.m.pids()]
+        called = []
+        stopper = threading.Thread(target=self.m.stop,
+                                   args=(lambda m: called.append((m, threading.current_thread().name)),))
+        started = time.monotonic()
+        stopper.start()
+        stopper.join(5)
+        self.assertLess(time.monotonic() - started, 2, "stop returns at once")
+        self.m.run()
+        self.assertEqual(called, [(self.m, "gaffer-loop")])
+        for os_pid in os_pids:
+            self.assertFalse(alive(os_pid))
+        self.assertFalse(self.m.active)
+        self.assertFalse(self.m.started)
+        for call in (lambda: self.m.pids(), lambda: self.m.load(gaffer.ProcessConfig("x", PY)),
+                     lambda: self.m.restart()):
+            with self.assertRaisesRegex(RuntimeError, "manager is not running"):
+                call()
+        late = []
+        self.m.stop(late.append)
+        self.assertEqual(late, [self.m], "stop on a stopped manager calls back at once")
+
+    def test_restart_replaces_every_process(self):
+        self.load("a", 2)
+        self.load("b", 1)
+        self.m.stop_job("b")
+        self.rec.wait_for("exit", pid=3)
+        done = threading.Event()
+        exited = []
+        self.m.restart(lambda m: (exited.extend(e["pid"] for e in self.rec.matching("exit")), done.set()))
+        self.assertTrue(done.wait(TIMEOUT))
+        self.assertEqual(sorted(self.m.pids()), [4, 5], "only running jobs restart; new ones in place")
+        self.assertEqual(sorted(exited), [1, 2, 3], "the callback came after the old were reaped")
+
+
+class PollReaperManagerTest(ManagerTest):
+    """The whole manager suite again with the waitpid(pid, WNOHANG) fallback of platforms without pidfd."""
+
+    no_pidfd = True
+
+
+class LifecycleTest(LeakCheckedTestCase):
+
+    def test_run_before_start_and_calls_before_start(self):
+        m = gaffer.Manager()
+        with self.assertRaisesRegex(RuntimeError, "never started"):
+            m.run()
+        with self.assertRaisesRegex(RuntimeError, "manager is not running"):
+            m.load(gaffer.ProcessConfig("w", PY))
+
+    def test_a_failing_app_leaves_the_manager_stopped(self):
+        class App:
+            def __init__(self, fail):
+                self.fail, self.calls = fail, []
+
+            def start(self, loop, manager):
+                self.calls.append("start")
+                if self.fail:
+                    raise OSError("address in use")
+
+            def stop(self):
+                self.calls.append("stop")
+
+            def restart(self):
+                self.calls.append("restart")
+
+        good, bad = App(False), App(True)
+        m = gaffer.Manager()
+        with self.assertRaisesRegex(OSError, "address in use"):
+            m.start([good, bad])
+        self.assertFalse(m.started)
+        self.assertEqual(good.calls, ["start", "stop"])
+        self.assertEqual(bad.calls, ["start"])
+
+    def run_script(self, code, *extra):
+        """Start a host program that prints the os pids of its children, then waits."""
+        script = os.path.join(self.tmp, "host.py")
+        with open(script, "w") as f:
+            f.write("import sys\nsys.path.insert(0, %r)\n" % os.path.dirname(os.path.abspath(gaffer.__file__)))
+            f.write(code)
+        host = subprocess.Popen([PY, script, *extra], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(host.wait)
+        self.addCleanup(host.kill)
+        self.addCleanup(host.stdout.close)
+        line = host.stdout.readline()
+        os_pids = [int(p) for p in line.split()]
+        self.assertEqual(len(os_pids), 2, line)
+        self.session_leaders.update(os_pids)
+        return host, os_pids
+
+    HOST = textwrap.dedent("""
+        import sys, gaffer
+        m = gaffer.Manager()
+        m.start()
+        m.load(gaffer.ProcessConfig("w", sys.executable, args=["-c", "import time; time.sleep(60)"],
+                                    numprocesses=2, graceful_timeout=3))
+        print(*[p.os_pid for p in m.list()], flush=True)
+    """)
+
+    def test_sigint_and_sigterm_stop_run_in_the_main_thread(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with self.subTest(signal=signum):
+                host, os_pids = self.run_script(self.HOST + "m.run()\nprint('clean exit')\n")
+                host.send_signal(signum)
+                self.assertEqual(host.stdout.read().strip(), "clean exit")
+                self.assertEqual(host.wait(TIMEOUT), 0)
+                for os_pid in os_pids:
+                    self.assertFalse(alive(os_pid))
+
+    def test_atexit_stops_children_of_a_host_that_forgot(self):
+        host, os_pids = self.run_script(self.HOST + "sys.stdin.read() if len(sys.argv) > 1 else None\n")
+        self.assertEqual(host.wait(TIMEOUT), 0)
+        for os_pid in os_pids:
+            wait_until(lambda: not alive(os_pid), what="children of an exited host")
+
+
+if __name__ == "__main__":
+    unittest.main()
