@@ -48,7 +48,7 @@ from __future__ import annotations
 __all__ = [
     "ProcessError", "ProcessNotFound", "ProcessConflict",
     "FlappingInfo", "ProcessConfig",
-    "EventEmitter", "Loop", "Process", "Manager",
+    "EventEmitter", "Loop", "Process", "Stream", "Manager", "Channel",
 ]
 __version__ = "0.1.0"
 
@@ -57,11 +57,13 @@ import collections
 import dataclasses
 import difflib
 import enum
+import fcntl
 import functools
 import heapq
 import itertools
 import logging
 import os
+import queue
 import re
 import selectors
 import shlex
@@ -90,8 +92,9 @@ _log = logging.getLogger("gaffer")
 _DEFAULT_SESSION = "default"
 _SPAWN_DELAY_MIN, _SPAWN_DELAY_MAX = 0.1, 10.0   # backoff after a failed respawn
 _POLL_MIN, _POLL_MAX = 0.001, 0.05              # child polling where pidfds are missing
-_READ_SIZE = 1 << 16                            # bytes per read of a child's output
+_READ_MIN, _READ_MAX = 1 << 16, 1 << 20        # a channel's reads start small, grow when it is busy
 _DRAIN_LIMIT = 1 << 26                          # bytes read from a process's pipes once it exited
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 
 
 def _pidfd_works():
@@ -537,14 +540,18 @@ class EventEmitter:
         """Deliver ``(evtype, msg)`` to every matching listener, in the caller's thread.
 
         ``msg`` is copied and gets ``msg["event"] = evtype``; listeners share that copy.
+
+        Returns:
+            the number of listeners called.
         """
         listeners = self._listeners
         if not listeners:
-            return
+            return 0
         matched = [(p, listeners[p]) for p in _topics(evtype) if p in listeners]
         if not matched:
-            return
+            return 0
         msg = dict(msg or (), event=evtype)
+        called = 0
         for pattern, entries in matched:
             for entry in entries:
                 listener, once = entry
@@ -552,10 +559,16 @@ class EventEmitter:
                     with self._lock:
                         if not self._remove(pattern, entry):
                             continue  # fired already, by another thread or a nested publish
+                called += 1
                 try:
-                    listener(evtype, msg)
+                    self._invoke(listener, evtype, msg)
                 except Exception:
                     _log.exception("listener %r failed on event %r", listener, evtype)
+        return called
+
+    @staticmethod
+    def _invoke(listener, evtype, msg):
+        listener(evtype, msg)
 
 
 # -- Loop --------------------------------------------------------------------
@@ -841,8 +854,8 @@ _TRANSITIONS = {
 }
 
 
-class _Channel:
-    """One non-blocking descriptor of a process in the selector.
+class _Pipe:
+    """One non-blocking descriptor of a process in the selector: a pipe, or a socketpair end.
 
     Reads are passed to on_read(label, data) while `label` is set; writes are
     queued and flushed whenever the descriptor is writable, so no caller and no
@@ -860,6 +873,7 @@ class _Channel:
         self._pending = collections.deque()
         self._pending_bytes = 0
         self._mask = 0
+        self._read_size = _READ_MIN
         os.set_blocking(self.fd, False)
         self._watch()
 
@@ -870,44 +884,49 @@ class _Channel:
             self._mask = mask
 
     def _ready(self, mask):
-        if mask & selectors.EVENT_READ:
-            self.read()
+        if mask & selectors.EVENT_READ and self.label:
+            self._read()
         if mask & selectors.EVENT_WRITE and not self.closed:
             self._flush()
 
-    def read(self):
-        """Read once; return False at end of file (the channel is then closed)."""
+    def _read(self):
+        """Read once and pass the bytes on: return them, b"" at end of file (then closed), None if none."""
         try:
-            data = os.read(self.fd, _READ_SIZE)
+            data = os.read(self.fd, self._read_size)
         except BlockingIOError:
-            return True
+            return None
         except OSError:  # ECONNRESET on a socket the child dropped
             data = b""
         if not data:
             self.close()
-            return False
+            return data
+        if len(data) == self._read_size < _READ_MAX:
+            self._grow()
         self._on_read(self.label, data)
-        return True
+        return data
+
+    def _grow(self):
+        # A full read means a busy writer: take more per read, and let the pipe hold as much
+        # (a pipe grows only once busy, since every pipe counts against a per-user limit).
+        self._read_size = _READ_MAX
+        if _F_SETPIPE_SZ is not None:
+            try:
+                fcntl.fcntl(self.fd, _F_SETPIPE_SZ, _READ_MAX)
+            except OSError:  # a socket, or over the limit: reads are larger all the same
+                pass
 
     def drain(self):
         """Read what is buffered now (bounded, since a leftover writer may go on)."""
         budget = _DRAIN_LIMIT
-        while self.label and not self.closed and budget > 0:
-            try:
-                data = os.read(self.fd, _READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
+        while self.label and budget > 0:
+            data = self._read()
             if not data:
-                self.close()
                 return
             budget -= len(data)
-            self._on_read(self.label, data)
 
     def write(self, data):
         if self.closed:
-            raise ProcessError(400, "the channel is closed")
+            raise ProcessError(400, "the pipe is closed")
         self._pending.append(memoryview(data))
         self._pending_bytes += len(data)
         self._flush()
@@ -969,15 +988,17 @@ class Process:
         self.args = self.argv[1:] if not config.shell else list(config.args)
         self.os_pid = None
         self.create_time = None
-        self.streams = {}
+        self.streams = {label: Stream(self, label) for label in config.custom_streams}
         self._manager = manager
         self._job = job
         self._state = _State.RUNNING
         self._popen = None
-        self._channels = []
+        self._pipes = []
         self._stdin = None
         self._kill_timer = None
         self._io = EventEmitter()
+        self._streams = {}        # label -> _Pipe of each custom stream
+        self._last_sample = None  # (cpu seconds, monotonic time) of the previous stats sample
 
     def __repr__(self):
         return "<Process %r pid=%s os_pid=%s %s>" % (self.name, self.pid, self.os_pid, self._state.name)
@@ -1015,15 +1036,15 @@ class Process:
         on_read = lambda label, data: publish(label, {"name": self.name, "pid": self.pid, "data": data})
         popen = self._popen
         if popen.stdout is not None:
-            self._channels.append(_Channel(loop, popen.stdout, labels[0], on_read))
+            self._pipes.append(_Pipe(loop, popen.stdout, labels[0], on_read))
         if popen.stderr is not None:
-            self._channels.append(_Channel(loop, popen.stderr, labels[1], on_read))
+            self._pipes.append(_Pipe(loop, popen.stderr, labels[1], on_read))
         if popen.stdin is not None:
-            self._stdin = _Channel(loop, popen.stdin)
-            self._channels.append(self._stdin)
+            self._stdin = _Pipe(loop, popen.stdin)
+            self._pipes.append(self._stdin)
         for label, sock in ours.items():
-            self.streams[label] = _Channel(loop, sock, label, on_read)
-            self._channels.append(self.streams[label])
+            self._streams[label] = _Pipe(loop, sock, label, on_read)
+            self._pipes.append(self._streams[label])
 
     def _set_state(self, new):
         if new not in _TRANSITIONS[self._state]:
@@ -1033,15 +1054,35 @@ class Process:
     def _finish(self):
         """The child was reaped: deliver its last output, close its descriptors, forget its timer."""
         self._set_state(_State.EXITED)  # RUNNING|STOPPING -> EXITED
-        for channel in self._channels:
-            channel.drain()
+        for pipe in self._pipes:
+            pipe.drain()
         dropped = 0
-        for channel in self._channels:
-            channel.close()
-            dropped += channel.dropped
+        for pipe in self._pipes:
+            pipe.close()
+            dropped += pipe.dropped
         if dropped:
             _log.warning("%r exited with %d bytes of input still queued; dropped", self, dropped)
         return dropped
+
+    def _sample(self):
+        """Resource use now: cpu % since the previous sample (the first: since the start), memory, threads."""
+        stats = {"pid": self.pid, "os_pid": self.os_pid}
+        raw = _proc_stat(self.os_pid)
+        if raw is None:
+            stats.update(dict.fromkeys(_STAT_KEYS, "N/A"))
+            return stats
+        cpu_seconds, threads, vms, rss, age = raw
+        now = time.monotonic()
+        if self._last_sample is None:
+            cpu = cpu_seconds / age if age > 0 else 0.0
+        else:
+            elapsed = now - self._last_sample[1]
+            cpu = (cpu_seconds - self._last_sample[0]) / elapsed if elapsed > 0 else 0.0
+        self._last_sample = (cpu_seconds, now)
+        stats.update(cpu=round(cpu * 100, 1), mem=round(rss * 100 / _mem_total(), 1), rss=rss, vms=vms,
+                     mem_info1=_human(rss), mem_info2=_human(vms),
+                     ctime="%d:%05.2f" % divmod(cpu_seconds, 60), num_threads=threads)
+        return stats
 
     def _info(self):
         return {
@@ -1070,6 +1111,19 @@ class Process:
         """A dict describing the process (DESIGN.md "Manager API")."""
         return self._manager._call(self._info)
 
+    @property
+    def stats(self):
+        """Resource use: pid, os_pid, cpu %, mem %, rss, vms, mem_info1/2, ctime, num_threads ("N/A" off Linux)."""
+        return self._manager._call(self._sample)
+
+    def monitor(self, listener):
+        """Call ``listener("stat", stats)`` every Manager.stats_interval seconds until unmonitor() or exit."""
+        self._manager._call(self._manager._do_monitor, self, listener)
+
+    def unmonitor(self, listener):
+        """Stop a monitor() listener."""
+        self._manager._call(self._manager._do_unmonitor, self, listener)
+
     def kill(self, sig):
         """Send a signal (number or name) to the process."""
         self._manager.kill(self.pid, sig)
@@ -1093,6 +1147,73 @@ class Process:
     def unmonitor_io(self, label, listener):
         """Stop a monitor_io listener."""
         self._io.unsubscribe(label, listener)
+
+
+class Stream:
+    """A custom stream of a process (ProcessConfig.custom_streams), from any thread.
+
+    The child inherited the other end of a socketpair; it finds the descriptor's
+    number in ``$GAFFER_STREAM_<LABEL>``.  write() queues bytes for the child;
+    monitor(listener) receives what it writes as ``listener(label, msg)``.
+    """
+
+    def __init__(self, process, label):
+        self.process = process
+        self.label = label
+
+    def __repr__(self):
+        return "<Stream %r of %r>" % (self.label, self.process)
+
+    def write(self, data):
+        """Queue str (UTF-8) or bytes for the child."""
+        self.process.write(data, self.label)
+
+    def writelines(self, lines):
+        """Queue each of `lines` (str or bytes), in order."""
+        self.process.writelines(lines, self.label)
+
+    def monitor(self, listener):
+        """Call ``listener(label, msg)`` with each chunk the child writes; msg has name, pid, data."""
+        self.process.monitor_io(self.label, listener)
+
+    def unmonitor(self, listener):
+        """Stop a monitor() listener."""
+        self.process.unmonitor_io(self.label, listener)
+
+
+_STAT_KEYS = ("cpu", "mem", "rss", "vms", "mem_info1", "mem_info2", "ctime", "num_threads")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _proc_stat(os_pid):
+    """(cpu seconds, threads, vms, rss, age in seconds) of a process from /proc, or None without /proc."""
+    try:
+        with open("/proc/%d/stat" % os_pid, "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()  # fields[0] is field 3 of proc(5)
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+    except OSError:
+        return None
+    cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return cpu, int(fields[17]), int(fields[20]), int(fields[21]) * _PAGE_SIZE, uptime - int(fields[19]) / _CLOCK_TICKS
+
+
+@functools.lru_cache(maxsize=1)
+def _mem_total():
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            if line.startswith(b"MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemTotal in /proc/meminfo")
+
+
+def _human(n):
+    """1536 -> '1.5K', as ps and top show sizes."""
+    for unit in "BKMGT":
+        if n < 1024 or unit == "T":
+            return ("%d%s" if unit == "B" else "%.1f%s") % (n, unit)
+        n /= 1024
 
 
 # -- Job state -----------------------------------------------------------------
@@ -1152,6 +1273,7 @@ class Manager:
     Args:
         loop: a Loop to run on (default: a new one).
         clock: the monotonic clock of a new loop (tests); not with `loop`.
+        stats_interval: seconds between two samples for monitor() and STATS channels.
 
     All calls but stop() and restart() are synchronous: when load() returns, its
     processes are spawned; when stop_job() returns, its processes are signalled
@@ -1159,9 +1281,10 @@ class Manager:
     running raise RuntimeError("manager is not running").
     """
 
-    def __init__(self, loop=None, clock=None):
+    def __init__(self, loop=None, clock=None, stats_interval=1.0):
         if loop is not None and clock is not None:
             raise ValueError("give a loop or a clock, not both")
+        self.stats_interval = _float_setting("stats_interval", stats_interval, 0.001)
         self.loop = loop or Loop(clock)
         self.events = EventEmitter()
         self.use_pidfd = _HAVE_PIDFD and os.environ.get("GAFFER_NO_PIDFD", "") in ("", "0")
@@ -1174,6 +1297,9 @@ class Manager:
         self._apps = []
         self._stop_callbacks = []
         self._reap_waiters = []   # (set of pids, callback)
+        self._monitors = {}       # _Job or Process -> stats listeners
+        self._sample_timer = None
+        self._channels = {}       # _Job, Process or None (the manager) -> pub/sub channels fed by it
         self._stopped = threading.Event()
 
     def __repr__(self):
@@ -1372,8 +1498,11 @@ class Manager:
         return self._call(self._do_info, name)
 
     def stats(self, name):
-        """Resource use of the job's processes (the I/O issue implements it)."""
-        raise NotImplementedError("stats() comes with process monitoring")
+        """Return ``{name, stats: [per process], cpu, max_cpu, min_cpu, mem, max_mem, min_mem}``.
+
+        cpu and mem are sums of percentages; they and the extremes are "N/A" without processes.
+        """
+        return self._call(self._do_stats, name)
 
     def manage(self, name):
         """Bring the job back to its count now."""
@@ -1413,6 +1542,8 @@ class Manager:
         """Queue str (UTF-8), bytes or a list of them for a process's stdin or custom stream."""
         if isinstance(lines, (str, bytes, bytearray, memoryview)):
             lines = [lines]
+        elif not isinstance(lines, (list, tuple)):
+            raise TypeError("send takes str, bytes or a list of them, got %r" % (lines,))
         chunks = []
         for line in lines:
             if isinstance(line, str):
@@ -1436,20 +1567,33 @@ class Manager:
         return [p.pid for p in self.list(name)]
 
     def monitor(self, listener, name):
-        """Periodic stats of the job's processes (the I/O issue implements it)."""
-        raise NotImplementedError("monitor() comes with process monitoring")
+        """Call ``listener("stat", msg)`` for every process of the job, every stats_interval seconds.
+
+        Processes spawned later are included; msg is the process stats plus name.
+        """
+        self._call(lambda: self._do_monitor(self._job(name), listener))
 
     def unmonitor(self, listener, name):
-        """Stop a monitor() listener (the I/O issue implements it)."""
-        raise NotImplementedError("unmonitor() comes with process monitoring")
+        """Stop a monitor() listener."""
+        self._call(lambda: self._do_unmonitor(self._job(name), listener))
 
-    def subscribe(self, topic):
-        """Open a pub/sub channel (the I/O issue implements it)."""
-        raise NotImplementedError("subscribe() comes with pub/sub channels")
+    def subscribe(self, topic, max_bytes=None):
+        """Open a pub/sub channel on a topic; see Channel.
+
+        Topics: ``EVENTS`` or ``EVENTS:<pattern>``, ``JOB:<session.job>``,
+        ``PROCESS:<pid>``, ``STATS:<pid>`` or ``STATS:<session.job>``, ``STREAM:<pid>``.
+
+        Raises:
+            ProcessError: an unknown source or a malformed pid (400).
+            ProcessNotFound: an unknown job or pid.
+        """
+        return self._call(self._do_subscribe, topic, max_bytes or _CHANNEL_MAX_BYTES)
 
     def unsubscribe(self, topic, channel):
-        """Close a pub/sub channel (the I/O issue implements it)."""
-        raise NotImplementedError("unsubscribe() comes with pub/sub channels")
+        """Close a channel opened by subscribe(topic)."""
+        if channel.topic != topic:
+            raise ValueError("channel %r is not subscribed to %r" % (channel, topic))
+        channel.close()
 
     # -- plumbing
 
@@ -1522,6 +1666,7 @@ class Manager:
         if not jobs:
             del self._sessions[job.session]
         self._publish({"name": job.name}, "unload")
+        self._forget(job)
 
     def _do_reload(self, name):
         job = self._job(name)
@@ -1614,23 +1759,104 @@ class Manager:
     def _do_send(self, pid, chunks, stream):
         proc = self._running_process(pid)
         if stream is None:
-            channel = proc._stdin
-            if channel is None:
+            pipe = proc._stdin
+            if pipe is None:
                 raise ProcessError(400, "process %d of %r has no stdin pipe (redirect_input is off)"
                                    % (pid, proc.name))
         else:
-            channel = proc.streams.get(stream)
-            if channel is None:
+            pipe = proc._streams.get(stream)
+            if pipe is None:
                 raise ProcessError(404, "process %d of %r has no stream %r" % (pid, proc.name, stream))
-        if channel.closed:
+        if pipe.closed:
             raise ProcessError(400, "the %s of process %d is closed" % (stream or "stdin", pid))
         for chunk in chunks:
-            channel.write(chunk)
+            pipe.write(chunk)
 
     def _do_list(self, name):
         if name is None:
             return [p for p in self._procs.values() if p._state is _State.RUNNING]
         return self._job(name).processes()
+
+    def _do_stats(self, name):
+        job = self._job(name)
+        stats = [proc._sample() for proc in job.processes()]
+        result = {"name": job.name, "stats": stats}
+        for key in ("cpu", "mem"):
+            values = [s[key] for s in stats if s[key] != "N/A"]
+            result[key] = round(sum(values), 1) if values else "N/A"
+            result["max_" + key] = max(values) if values else "N/A"
+            result["min_" + key] = min(values) if values else "N/A"
+        return result
+
+    def _do_monitor(self, target, listener):
+        if not callable(listener):
+            raise TypeError("listener must be callable, got %r" % (listener,))
+        self._monitors.setdefault(target, []).append(listener)
+        if self._sample_timer is None:
+            self._sample_timer = self.loop.call_later(self.stats_interval, self._on_sample)
+
+    def _do_unmonitor(self, target, listener):
+        listeners = self._monitors.get(target, [])
+        if listener in listeners:
+            listeners.remove(listener)
+        if not listeners:
+            self._monitors.pop(target, None)
+            self._idle_sampler()
+
+    def _idle_sampler(self):
+        if not self._monitors and self._sample_timer is not None:
+            self._sample_timer.cancel()
+            self._sample_timer = None
+
+    def _do_subscribe(self, topic, max_bytes):
+        if not isinstance(topic, str):
+            raise ProcessError(400, "a topic is a str such as 'EVENTS' or 'JOB:default.web', got %r" % (topic,))
+        source, _, target = topic.partition(":")
+        source = source.upper()
+        channel = Channel(self, topic, max_bytes, msg_only=source == "STATS")
+        if source == "EVENTS":
+            owner, emitter, pattern, strip = None, self.events, target or ".", ""
+        elif source == "JOB":
+            owner = self._job(target)
+            emitter, pattern, strip = self.events, "job." + owner.name, "job.%s." % owner.name
+        elif source in ("PROCESS", "STREAM"):
+            if not target.isdigit():
+                raise ProcessError(400, "%s needs a process id, got %r" % (source, target))
+            owner = self._process(int(target))
+            emitter, pattern, strip = ((self.events, "proc.%d" % owner.pid, "proc.%d." % owner.pid)
+                                       if source == "PROCESS" else (owner._io, ".", ""))
+        elif source == "STATS":
+            owner = self._process(int(target)) if target.isdigit() else self._job(target)
+            emitter = None
+        else:
+            raise ProcessError(400, "unknown topic source %r in %r: use EVENTS, JOB, PROCESS, STATS or STREAM"
+                               % (source, topic))
+        if emitter is None:  # STATS: fed by the sampler
+            self._do_monitor(owner, channel._put)
+            channel._undo = lambda: self._do_unmonitor(owner, channel._put)
+        else:
+            listener = (lambda evtype, msg: channel._put(evtype[len(strip):], msg)) if strip else channel._put
+            emitter.subscribe(pattern, listener)
+            channel._undo = lambda: emitter.unsubscribe(pattern, listener)
+        channel._owner = owner
+        self._channels.setdefault(owner, set()).add(channel)
+        return channel
+
+    def _release(self, channel):
+        """Unhook a channel from what feeds it (loop thread)."""
+        channels = self._channels.get(channel._owner, set())
+        if channel in channels:
+            channels.discard(channel)
+            if not channels:
+                del self._channels[channel._owner]
+            channel._undo()
+
+    def _forget(self, owner):
+        """A process exited or a job was unloaded: its monitors end and its channels close."""
+        self._monitors.pop(owner, None)
+        self._idle_sampler()
+        for channel in list(self._channels.get(owner, ())):
+            channel.close()
 
     def _running_process(self, pid):
         proc = self._process(pid)
@@ -1816,6 +2042,8 @@ class Manager:
             callbacks, self._stop_callbacks = self._stop_callbacks, []
             for callback in callbacks:
                 self._run_callback(lambda: callback(self))
+            for owner in list(self._channels):
+                self._forget(owner)
             self.loop.stop()
 
     @staticmethod
@@ -1839,12 +2067,14 @@ class Manager:
             self._orphan_groups[proc.os_pid] = kill_timer
         elif kill_timer is not None:
             kill_timer.cancel()
-        proc._finish()
+        dropped = proc._finish()
         del self._procs[proc.pid]
         job = proc._job
         job.running.pop(proc.pid, None) or job.running_out.pop(proc.pid, None)
         exit_status, term_signal = _exit_status(proc._popen.returncode)
-        self._publish_proc(proc, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once)
+        self._publish_proc(proc, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
+                           dropped_input=dropped)
+        self._forget(proc)
         for waiter in list(self._reap_waiters):
             waiter[0].discard(proc.pid)
             if not waiter[0]:
@@ -1862,6 +2092,19 @@ class Manager:
         elif self._orphan_groups.pop(proc.os_pid, None) is not None:
             _send_signal(proc.os_pid, signal.SIGKILL, group=True)
             self._check_stopped()
+
+    def _on_sample(self):
+        self._sample_timer = None
+        for target, listeners in list(self._monitors.items()):
+            for proc in (target.processes() if isinstance(target, _Job) else [target]):
+                msg = dict(proc._sample(), name=proc.name)
+                for listener in list(listeners):
+                    try:
+                        listener("stat", msg)
+                    except Exception:
+                        _log.exception("stats listener %r failed", listener)
+        if self._monitors:
+            self._sample_timer = self.loop.call_later(self.stats_interval, self._on_sample)
 
     def _on_restart_due(self, job, flapped):
         job.restart_timer = None
@@ -1885,6 +2128,136 @@ class Manager:
         for pgid in self._orphan_groups:
             _send_signal(pgid, signal.SIGKILL, group=True)
         self._stopped.set()
+
+
+# -- Pub/sub channels ------------------------------------------------------------
+# A channel is fed on the loop thread and read from any thread: by callbacks
+# bound to it, or by get() and iteration, with a bounded buffer in between.
+
+_CHANNEL_MAX_BYTES = 8 << 20
+_MESSAGE_COST = 256  # what a message counts for in a channel's buffer, besides its data
+
+
+class _StatsCallbacks(EventEmitter):
+    """STATS channels call their callbacks with the message alone."""
+
+    @staticmethod
+    def _invoke(listener, evtype, msg):
+        listener(msg)
+
+
+class Channel:
+    """A subscription to one topic of a manager (Manager.subscribe).
+
+    Messages go to the callbacks bound to them, on the loop thread:
+    ``bind(event, cb)`` / ``bind_all(cb)`` call ``cb(evtype, msg)`` (STATS
+    channels: ``bind(cb)``, ``cb(msg)``; STREAM channels: the event is the
+    output label).  A message no callback takes is kept for ``get()`` and
+    iteration, from any thread, up to `max_bytes` (8 MiB by default; each
+    message counts as its data plus 256 bytes).  Past that, messages are
+    dropped and counted in ``dropped``; the reader then gets an
+    ``("overflow", {"dropped": n, "topic": ...})`` message where the gap is.
+    A channel closes when its process exits, its job is unloaded, the manager
+    stops, or on close(); iteration then ends and get() raises EOFError.
+    """
+
+    def __init__(self, manager, topic, max_bytes=_CHANNEL_MAX_BYTES, msg_only=False):
+        self.topic = topic
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self.closed = False
+        self._manager = manager
+        self._callbacks = _StatsCallbacks() if msg_only else EventEmitter()
+        # _cond guards _queue, _queued_bytes, _lost and closed: the loop puts, readers take.
+        self._cond = threading.Condition()
+        self._queue = collections.deque()  # (evtype, msg, cost)
+        self._queued_bytes = 0
+        self._lost = 0  # dropped since the reader last heard of it
+        self._owner = None
+        self._undo = lambda: None
+
+    def __repr__(self):
+        return "<Channel %r%s queued=%d dropped=%d>" % (self.topic, " closed" if self.closed else "",
+                                                        len(self._queue), self.dropped)
+
+    def bind(self, event, callback=None):
+        """Call ``callback(evtype, msg)`` for messages of `event` (a prefix works); ``bind(cb)`` binds all."""
+        if callback is None:
+            event, callback = ".", event
+        self._callbacks.subscribe(event, callback)
+
+    def bind_all(self, callback):
+        """Call ``callback(evtype, msg)`` for every message."""
+        self._callbacks.subscribe(".", callback)
+
+    def unbind(self, event, callback=None):
+        """Undo a bind() or bind_all()."""
+        if callback is None:
+            event, callback = ".", event
+        self._callbacks.unsubscribe(event, callback)
+
+    def get(self, timeout=None):
+        """Return the next ``(evtype, msg)`` not taken by a callback.
+
+        Raises:
+            queue.Empty: nothing came within `timeout` seconds.
+            EOFError: the channel is closed and everything was read.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._queue or self.closed, timeout):
+                raise queue.Empty
+            if not self._queue:
+                raise EOFError("channel %r is closed" % self.topic)
+            evtype, msg, cost = self._queue.popleft()
+            self._queued_bytes -= cost
+            return evtype, msg
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.get()
+            except EOFError:
+                return
+
+    def close(self):
+        """Stop the channel (any thread); what was queued can still be read."""
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            self._note_loss()
+            self._cond.notify_all()
+        manager = self._manager
+        if manager.loop.in_loop_thread():
+            manager._release(self)
+        else:
+            manager.loop.call_soon_threadsafe(manager._release, self)
+
+    def _put(self, evtype, msg):
+        """Deliver a message (loop thread): to the callbacks, else to the queue."""
+        if self.closed or self._callbacks.publish(evtype, msg):
+            return
+        cost = _MESSAGE_COST + len(msg.get("data", b""))
+        with self._cond:
+            if self._queued_bytes + cost > self.max_bytes:
+                if not self._lost:
+                    _log.warning("channel %r is full (%d bytes unread): dropping messages", self.topic,
+                                 self._queued_bytes)
+                self._lost += 1
+                self.dropped += 1
+                return
+            self._note_loss()
+            self._queue.append((evtype, dict(msg, event=evtype), cost))
+            self._queued_bytes += cost
+            self._cond.notify()
+
+    def _note_loss(self):
+        """Tell the reader, where the gap is, how many messages it lost.  Caller holds _cond."""
+        if self._lost:
+            msg = {"event": "overflow", "topic": self.topic, "dropped": self._lost}
+            self._queue.append(("overflow", msg, _MESSAGE_COST))
+            self._queued_bytes += _MESSAGE_COST
+            self._lost = 0
 
 
 @atexit.register

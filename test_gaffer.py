@@ -3,9 +3,11 @@
 Run with: python3 -m unittest -v test_gaffer
 """
 
+import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import stat
@@ -812,6 +814,396 @@ class ManagerTest(ManagerTestCase):
 class PollReaperManagerTest(ManagerTest):
     """The whole manager suite again with the waitpid(pid, WNOHANG) fallback of platforms without pidfd."""
 
+    no_pidfd = True
+
+
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+FIREHOSE = """
+    import hashlib, os, random, sys
+    rng = random.Random(7)
+    total, digest, out = int(sys.argv[1]), hashlib.sha256(), open(1, "wb", buffering=0, closefd=False)
+    while total:
+        chunk = memoryview(rng.randbytes(min(total, rng.choice([1, 100, 4096, 65536, 300000]))))
+        digest.update(chunk)
+        total -= len(chunk)
+        while chunk:
+            chunk = chunk[out.write(chunk):]
+    os.write(2, digest.hexdigest().encode())
+"""
+
+
+class OutputTest(ManagerTestCase):
+
+    def test_two_labels_and_a_merged_label(self):
+        code = """
+            import os, sys
+            os.write(1, b"to stdout")
+            os.write(2, b"to stderr")
+        """
+        self.load("two", code=code, redirect_output=["out", "err"])
+        self.load("merged", code=code, redirect_output=["log", "log"])
+        self.load("outonly", code=code, redirect_output=["out"])
+        chunks = {}
+
+        def on_io(label, msg):
+            chunks.setdefault((msg["name"], label), bytearray()).extend(msg["data"])
+            self.assertEqual(msg["event"], label)
+
+        self.m.events.subscribe("spawn", lambda e, msg: self.m.get_process(msg["pid"]).monitor_io(".", on_io))
+        for name in ("two", "merged", "outonly"):
+            self.rec.wait_for("exit", name="default." + name, count=2)
+        self.assertEqual(chunks[("default.two", "out")][:9], b"to stdout")
+        self.assertEqual(chunks[("default.two", "err")][:9], b"to stderr")
+        self.assertEqual(chunks[("default.merged", "log")][:18], b"to stdoutto stderr", "one pipe, in order")
+        self.assertEqual({label for name, label in chunks if name == "default.outonly"}, {"out"})
+        self.assertEqual(chunks[("default.outonly", "out")][:9], b"to stdout")
+
+    def test_a_20_mib_firehose_arrives_whole_and_before_exit(self):
+        size = 20 << 20
+        received, at_exit, err = hashlib.sha256(), [], []
+        count = [0]
+
+        def on_out(label, msg):
+            received.update(msg["data"])
+            count[0] += len(msg["data"])
+
+        def on_spawn(evtype, msg):
+            proc = self.m.get_process(msg["pid"])
+            proc.monitor_io("out", on_out)
+            proc.monitor_io("err", lambda label, msg: err.append(msg["data"]))
+
+        self.m.events.subscribe("spawn", on_spawn)
+        self.m.events.subscribe("exit", lambda e, msg: at_exit.append((count[0], b"".join(err))))
+        self.m.load(gaffer.ProcessConfig("hose", PY, args=["-c", textwrap.dedent(FIREHOSE), str(size)],
+                                         numprocesses=1, redirect_output=["out", "err"]))
+        self.assertEqual(self.rec.wait_for("exit", pid=1, timeout=60)[0]["exit_status"], 0)
+        self.m.stop_job("hose")  # it would run again; the first exit is the one checked
+        self.assertEqual(at_exit[0][0], size, "every byte before the exit event")
+        self.assertEqual(at_exit[0][1].decode(), received.hexdigest(), "byte for byte, in order")
+
+    def test_unread_output_is_dropped_and_memory_stays_flat(self):
+        self.m.events.unsubscribe("spawn", self._on_spawn)  # nobody listens
+        self.m.events.subscribe("spawn", lambda e, msg: self.session_leaders.add(msg["os_pid"]))
+        before = rss_bytes()
+        self.m.load(gaffer.ProcessConfig("hose", PY, args=["-c", textwrap.dedent(FIREHOSE), str(200 << 20)],
+                                         redirect_output=["out"]))
+        self.assertEqual(self.rec.wait_for("exit", pid=1, timeout=60)[0]["exit_status"], 0)
+        self.m.stop_job("hose")
+        self.assertLess(rss_bytes() - before, 32 << 20, "200 MiB read and dropped, not kept")
+
+    def test_a_raising_io_listener_does_not_stop_the_stream(self):
+        code = "import os\nfor i in range(50): os.write(1, b'%d,' % i)\n"
+
+        def bad(label, msg):
+            raise ValueError("listener bug")
+
+        self.m.events.subscribe("spawn", lambda e, msg: self.m.get_process(msg["pid"]).monitor_io("out", bad))
+        with self.assertLogs("gaffer", logging.ERROR):
+            self.load("w", code=code, redirect_output=["out"])
+            self.rec.wait_for("exit", pid=1)
+        self.assertTrue(self.output[1].endswith(b"49,"))
+
+
+ECHO = """
+    import sys
+    for line in sys.stdin:
+        sys.stdout.write("echo:" + line)
+        sys.stdout.flush()
+"""
+
+
+class InputTest(ManagerTestCase):
+
+    def test_echo_through_stdin(self):
+        self.load("echo", code=ECHO, redirect_input=True, redirect_output=["out"])
+        self.m.send(1, "héllo\n")
+        self.m.send(1, [b"two\n", "three\n"])
+        proc = self.m.get_process(1)
+        proc.write(b"four\n")
+        proc.writelines(["five\n", b"six\n"])
+        self.wait_output(1, b"echo:six\n")
+        self.assertEqual(self.output[1].decode(), "".join("echo:%s\n" % w for w in
+                                                          ["héllo", "two", "three", "four", "five", "six"]))
+
+    def test_megabytes_to_a_late_reader(self):
+        code = """
+            import hashlib, sys, time
+            print("ready", flush=True)
+            time.sleep(1)
+            data = sys.stdin.buffer.read(int(sys.argv[1]))
+            print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
+        """
+        payload = os.urandom(5 << 20)
+        self.m.load(gaffer.ProcessConfig("late", PY, args=["-c", textwrap.dedent(code), str(len(payload))],
+                                         redirect_input=True, redirect_output=["out"], graceful_timeout=2))
+        self.wait_ready(1)
+        started = time.monotonic()
+        self.m.send(1, payload)
+        self.assertLess(time.monotonic() - started, 0.5, "send returns at once")
+        started = time.monotonic()
+        self.m.pids()
+        self.m.info("late")
+        self.assertLess(time.monotonic() - started, 0.5, "the loop serves other calls meanwhile")
+        self.wait_output(1, hashlib.sha256(payload).hexdigest().encode())
+        self.assertIn(b"%d " % len(payload), self.output[1])
+
+    def wait_ready(self, pid):
+        self.wait_output(pid, b"ready")
+
+    def test_bad_sends(self):
+        self.load("plain")
+        with self.assertRaisesRegex(gaffer.ProcessError, "no stdin pipe .redirect_input is off."):
+            self.m.send(1, "x")
+        with self.assertRaisesRegex(gaffer.ProcessError, "no stream 'nope'"):
+            self.m.send(1, "x", stream="nope")
+        with self.assertRaisesRegex(TypeError, "send takes str, bytes"):
+            self.m.send(1, 42)
+        with self.assertRaises(gaffer.ProcessNotFound):
+            self.m.send(99, "x")
+
+    def test_a_child_that_closes_its_stdin(self):
+        code = """
+            import os, time
+            os.close(0)
+            print("ready", flush=True)
+            time.sleep(60)
+        """
+        self.load("closer", code=code, redirect_input=True, redirect_output=["out"])
+        self.wait_ready(1)
+        with self.assertLogs("gaffer", logging.WARNING) as logs:
+            self.m.send(1, b"x" * (1 << 20))
+        self.assertIn("dropped", "\n".join(logs.output))
+        with self.assertRaisesRegex(gaffer.ProcessError, "stdin of process 1 is closed"):
+            self.m.send(1, "more")
+        self.assertEqual(self.m.pids("closer"), [1], "the loop goes on")
+
+    def test_input_queued_for_an_exiting_process_is_counted(self):
+        code = """
+            import time
+            print("ready", flush=True)
+            time.sleep(60)
+        """
+        self.load("deaf", code=code, redirect_input=True, redirect_output=["out"])
+        self.wait_ready(1)
+        self.m.send(1, b"x" * (4 << 20))
+        with self.assertLogs("gaffer", logging.WARNING):
+            self.m.kill(1, "KILL")
+            msg = self.rec.wait_for("exit", pid=1)[0]
+        self.assertGreater(msg["dropped_input"], 3 << 20)
+        self.assertEqual(self.rec.wait_for("spawn", pid=2)[0]["pid"], 2)
+
+
+class CustomStreamTest(ManagerTestCase):
+
+    def test_a_duplex_stream(self):
+        code = """
+            import os, socket
+            sock = socket.socket(fileno=int(os.environ["GAFFER_STREAM_CTL"]))
+            sock.sendall(b"hello from child;")
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                sock.sendall(b"got:" + data)
+        """
+        self.load("duplex", code=code, custom_streams=["ctl"])
+        proc = self.m.get_process(1)
+        self.assertEqual(list(proc.streams), ["ctl"])
+        self.wait_output(1, b"hello from child;")
+        self.m.send(1, "ping", stream="ctl")
+        self.wait_output(1, b"got:ping")
+        got = []
+        proc.streams["ctl"].monitor(lambda label, msg: got.append((label, msg["data"])))
+        proc.streams["ctl"].write(b"pong")
+        self.wait_output(1, b"got:pong")
+        self.assertEqual(got, [("ctl", b"got:pong")])
+        self.assertIn("GAFFER_STREAM_CTL", self.run_env_probe())
+
+    def run_env_probe(self):
+        self.load("probe", code="import os; print(sorted(os.environ))", custom_streams=["ctl"],
+                  redirect_output=["out"])
+        pid = self.m.pids("probe")[0]
+        self.wait_output(pid, b"]")
+        return self.output[pid].decode()
+
+
+SPIN = "while True: pass"
+IDLE = "import time; time.sleep(60)"
+
+
+class StatsTest(ManagerTestCase):
+
+    def test_stats_of_a_busy_and_an_idle_child(self):
+        self.load("busy", code=SPIN)
+        self.load("idle", code=IDLE)
+        busy, idle = self.m.get_process(1), self.m.get_process(2)
+        self.assertEqual(set(busy.stats), {"pid", "os_pid", "cpu", "mem", "rss", "vms", "mem_info1", "mem_info2",
+                                           "ctime", "num_threads"})
+        deadline = time.monotonic() + TIMEOUT
+        while busy.stats["cpu"] < 30:  # two samples with time between them; the first includes start-up
+            self.assertLess(time.monotonic(), deadline, "a spinning child shows cpu")
+            time.sleep(0.2)
+        wait_until(lambda: idle.stats["cpu"] < 10, what="an idle child shows little cpu")
+        stats = idle.stats
+        self.assertEqual((stats["pid"], stats["os_pid"]), (2, idle.os_pid))
+        self.assertGreater(stats["rss"], 1 << 20)
+        self.assertGreater(stats["vms"], stats["rss"])
+        self.assertTrue(0 < stats["mem"] < 100)
+        self.assertRegex(stats["mem_info1"], r"^\d+\.\dM$")
+        self.assertRegex(stats["ctime"], r"^\d+:\d\d\.\d\d$")
+        self.assertGreaterEqual(stats["num_threads"], 1)
+
+    def test_manager_stats(self):
+        self.load("w", 2, code=IDLE)
+        stats = self.m.stats("w")
+        self.assertEqual(stats["name"], "default.w")
+        self.assertEqual([s["pid"] for s in stats["stats"]], [1, 2])
+        cpus = [s["cpu"] for s in stats["stats"]]
+        self.assertEqual((stats["max_cpu"], stats["min_cpu"]), (max(cpus), min(cpus)))
+        self.assertAlmostEqual(stats["mem"], sum(s["mem"] for s in stats["stats"]), places=1)
+        self.m.scale("w", "=0")
+        stats = self.m.stats("w")
+        self.assertEqual(stats["stats"], [])
+        self.assertEqual({stats[k] for k in ("cpu", "max_cpu", "min_cpu", "mem", "max_mem", "min_mem")}, {"N/A"})
+
+    def test_monitor_follows_the_job_and_stops_cleanly(self):
+        self.m.stats_interval = 0.05
+        self.load("w", 1, code=IDLE)
+        seen, other = Recorder(gaffer.EventEmitter()), Recorder(gaffer.EventEmitter())
+        self.m.monitor(seen, "w")
+        seen.wait_for("stat", pid=1)
+        self.m.scale("w", 1)
+        msg = seen.wait_for("stat", pid=2)[0]
+        self.assertEqual((msg["name"], msg["os_pid"]), ("default.w", self.os_pid(2)))
+        self.m.unmonitor(seen, "w")
+        before = len(seen.events)
+        self.m.get_process(1).monitor(other)
+        other.wait_for("stat", count=3)
+        self.assertEqual(len(seen.events), before, "no sample after unmonitor")
+        self.m.kill(1, "KILL")
+        self.rec.wait_for("exit", pid=1)
+        self.assertEqual(self.m.loop.call(lambda: (self.m._monitors, self.m._sample_timer)), ({}, None),
+                         "a process's monitors end with it; no timer runs for nobody")
+
+
+class PubSubTest(ManagerTestCase):
+
+    def test_events_topics(self):
+        everything = self.m.subscribe("EVENTS")
+        spawns = self.m.subscribe("EVENTS:spawn")
+        bound = []
+        everything.bind("exit", lambda evtype, msg: bound.append(msg["pid"]))
+        self.load("w")
+        self.m.kill(1, "KILL")
+        self.rec.wait_for("spawn", pid=2)
+        self.assertEqual(spawns.get(TIMEOUT)[1]["pid"], 1)
+        self.assertEqual(spawns.get(TIMEOUT)[1]["pid"], 2)
+        with self.assertRaises(queue.Empty):
+            spawns.get(0.01)
+        names = []
+        while True:
+            try:
+                names.append(everything.get(0)[0])
+            except queue.Empty:
+                break
+        self.assertIn("load", names)
+        self.assertNotIn("exit", names, "a message a callback took is not queued")
+        self.assertEqual(bound, [1])
+        self.m.unsubscribe("EVENTS:spawn", spawns)
+        self.assertTrue(spawns.closed)
+        with self.assertRaises(EOFError):
+            spawns.get(0)
+
+    def test_job_and_process_topics(self):
+        self.load("w")
+        job = self.m.subscribe("JOB:default.w")
+        proc = self.m.subscribe("PROCESS:1")
+        self.m.kill(1, "KILL")
+        self.assertEqual([e for e, _ in proc], ["kill", "exit"], "closed after the exit")
+        self.assertEqual(job.get(TIMEOUT)[0], "kill")
+        self.assertEqual(job.get(TIMEOUT)[0], "exit")
+        evtype, msg = job.get(TIMEOUT)
+        self.assertEqual((evtype, msg["event"], msg["pid"]), ("spawn", "spawn", 2))
+        self.m.unload("w")
+        self.assertEqual([e for e, _ in job], ["stop"], "closed by unload")
+
+    def test_stats_topics(self):
+        self.m.stats_interval = 0.05
+        self.load("w", 1, code=IDLE)
+        by_job, by_pid = self.m.subscribe("STATS:default.w"), self.m.subscribe("STATS:1")
+        got = []
+        by_pid.bind(lambda msg: got.append(msg))
+        self.m.scale("w", 1)
+        pids = set()
+        while pids != {1, 2}:
+            evtype, msg = by_job.get(TIMEOUT)
+            self.assertEqual(evtype, "stat")
+            pids.add(msg["pid"])
+        wait_until(lambda: got)
+        self.assertEqual(got[0]["pid"], 1)
+        self.assertIn("cpu", got[0])
+
+    def test_stream_topic_consumed_by_another_thread(self):
+        code = """
+            import os, sys, time
+            sys.stdin.readline()
+            for i in range(100):
+                os.write(1, b"line %d\\n" % i)
+            os.write(2, b"done")
+        """
+        self.load("w", code=code, redirect_output=["out", "err"], redirect_input=True)
+        channel = self.m.subscribe("STREAM:1")
+        errs = []
+        channel.bind("err", lambda label, msg: errs.append(msg["data"]))
+        collected = []
+        reader = threading.Thread(target=lambda: collected.extend(channel))
+        reader.start()
+        self.m.send(1, "go\n")
+        reader.join(TIMEOUT)
+        self.assertFalse(reader.is_alive(), "iteration ends when the process exits")
+        self.assertEqual({label for label, _ in collected}, {"out"})
+        self.assertEqual(b"".join(m["data"] for _, m in collected), b"".join(b"line %d\n" % i for i in range(100)))
+        self.assertEqual(b"".join(errs), b"done")
+
+    def test_overflow_is_counted_and_reported(self):
+        self.load("w", 0)
+        channel = self.m.subscribe("EVENTS:update", max_bytes=3 * 300)
+        for _ in range(10):
+            self.m.scale("w", "=0")
+        self.assertEqual(channel.dropped, 7)
+        got = [channel.get(0) for _ in range(3)]
+        self.assertEqual([e for e, _ in got], ["update"] * 3)
+        self.m.scale("w", "=0")
+        evtype, msg = channel.get(0)
+        self.assertEqual((evtype, msg["dropped"], msg["topic"]), ("overflow", 7, "EVENTS:update"))
+        self.assertEqual(channel.get(0)[0], "update")
+
+    def test_bad_topics(self):
+        self.load("w")
+        for topic, errno in (("NOPE:x", 400), ("PROCESS:abc", 400), ("STREAM:", 400), (42, 400),
+                             ("PROCESS:99", 404), ("JOB:nope", 404), ("STATS:nope", 404), ("JOB:s.nope", 404)):
+            with self.subTest(topic=topic), self.assertRaises(gaffer.ProcessError) as cm:
+                self.m.subscribe(topic)
+            self.assertEqual(cm.exception.errno, errno)
+        self.assertEqual(self.m.loop.call(lambda: self.m._channels), {}, "nothing half-made")
+
+    def test_stop_closes_every_channel(self):
+        self.load("w")
+        channels = [self.m.subscribe(t) for t in ("EVENTS", "JOB:w", "PROCESS:1", "STATS:w", "STREAM:1")]
+        self._stop_manager()
+        for channel in channels:
+            self.assertTrue(channel.closed, channel)
+        self.assertIn("stop", [evtype for evtype, _ in channels[1]])
+
+
+class PollReaperOutputTest(OutputTest):
     no_pidfd = True
 
 
