@@ -32,15 +32,23 @@ below it; ``msg["event"]`` is the event name):
 ``spawn`` (and ``job.<job>.*``, ``proc.<pid>.*``) name, pid, os_pid
 ``reap`` (same forms; stopped by a scale-down)  name, pid, os_pid
 ``stop_process``, ``proc.<pid>.stop``           name, pid
-``exit`` (same forms as spawn)                  name, pid, os_pid, exit_status, term_signal, once
+``exit`` (same forms as spawn)                  name, pid, os_pid, exit_status, term_signal, once,
+                                                dropped_input (bytes queued for stdin, thrown away)
 ``job.<job>.kill``, ``proc.<pid>.kill``         name, pid (kill) or not (killall), signum
 ``flap``, ``job.<job>.flap``                    name
 ``spawn_error``, ``job.<job>.spawn_error``      name, reason
 ==============================================  ===================================
 
 ``<job>`` is ``session.name``; ``pid`` is the manager's id of a process (an int
-growing from 1), ``os_pid`` the operating system's.  Output of a process is not on
-``manager.events`` but on the process (``process.monitor_io(label, listener)``).
+growing from 1), ``os_pid`` the operating system's.
+
+Talking to processes: output read from redirected pipes and custom streams is
+not on ``manager.events`` but on the process, ``process.monitor_io(label,
+listener)`` with ``{name, pid, data}``; ``manager.send(pid, data, stream=None)``
+queues input.  ``process.stats`` and ``manager.monitor(listener, name)`` give
+resource use from /proc.  ``manager.subscribe(topic)`` opens a Channel on
+``EVENTS[:pattern]``, ``JOB:<job>``, ``PROCESS:<pid>``, ``STATS:<pid|job>`` or
+``STREAM:<pid>``, read by callbacks or, from any thread, by ``get()``.
 """
 
 from __future__ import annotations
@@ -808,13 +816,25 @@ class _PollReaper:
 
     def _poll(self):
         self._timer = None
-        for popen, on_exit in list(self._children.items()):
-            if popen.poll() is not None:
-                del self._children[popen]
-                on_exit()
+        if _some_child_exited():
+            for popen, on_exit in list(self._children.items()):
+                if popen.poll() is not None:
+                    del self._children[popen]
+                    on_exit()
         if self._children and self._timer is None:
             self._delay = min(self._delay * 2, _POLL_MAX)
             self._timer = self._loop.call_later(self._delay, self._poll)
+
+
+def _some_child_exited():
+    """Whether any child of this process awaits reaping: one peek (WNOWAIT reaps nothing),
+    so an idle poll costs one call whatever the number of children."""
+    try:
+        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return False
+    except (AttributeError, OSError):  # no waitid here: look at each child
+        return True
 
 
 class _PidfdReaper(_PollReaper):

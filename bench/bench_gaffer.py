@@ -2,6 +2,7 @@
 """Benchmark gaffer.Manager against a bare Popen + pidfd loop, in one run, and print a table.
 
     python3 bench/bench_gaffer.py [--rounds 3] [--processes 200] [--idle 10] [--respawns 20]
+                                  [--output-mib 256] [--only manager|output]
 
 Each trial runs in a fresh interpreter (so RSS and thread counts are its own);
 the variants take turns, round after round, and the table shows medians.
@@ -11,11 +12,13 @@ a selector on pidfds, Popen to respawn.  Standard library only; not a test.
 
 import argparse
 import collections
+import fcntl
 import json
 import os
 import platform
 import resource
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -29,6 +32,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 SLEEP = [shutil.which("sleep") or "/bin/sleep", "1000"]
+WRITER = """
+import os, sys
+chunk, left = memoryview(b"x" * (1 << 20)), int(sys.argv[1]) << 20
+while left:
+    left -= os.write(1, chunk[:min(left, len(chunk))])
+"""
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 # -- the bare loop -------------------------------------------------------------
@@ -171,6 +181,55 @@ def trial(variant, n, idle, respawns):
     }
 
 
+def output_trial(variant, mib):
+    """Seconds for one child's `mib` MiB of stdout to be read to the end (from spawn)."""
+    argv = [sys.executable, "-c", WRITER, str(mib)]
+    t0 = time.perf_counter()
+    if variant == "cat":
+        subprocess.run(["bash", "-c", "set -o pipefail; %s | cat > /dev/null" % shlex.join(argv)], check=True)
+    elif variant.startswith("bare"):
+        size = 1 << 20 if variant == "bare-1m" else 1 << 16
+        popen = subprocess.Popen(argv, stdout=subprocess.PIPE, close_fds=True, start_new_session=True)
+        fd = popen.stdout.fileno()
+        if variant == "bare-1m":
+            fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+        os.set_blocking(fd, False)
+        selector = selectors.DefaultSelector()
+        selector.register(fd, selectors.EVENT_READ)
+        count = 0
+        while True:
+            selector.select()
+            data = os.read(fd, size)
+            if not data:
+                break
+            count += len(data)
+        popen.stdout.close()
+        popen.wait()
+        assert count == mib << 20, count
+    else:
+        import gaffer
+        done, count = threading.Event(), [0]
+
+        def on_spawn(evtype, msg):
+            manager.get_process(msg["pid"]).monitor_io("out", lambda label, m: count.__setitem__(
+                0, count[0] + len(m["data"])))
+
+        manager = gaffer.Manager()
+        manager.start()
+        manager.events.subscribe("spawn", on_spawn)
+        manager.events.subscribe("exit", lambda evtype, msg: done.set())
+        t0 = time.perf_counter()
+        manager.load(gaffer.ProcessConfig("writer", argv[0], args=argv[1:], redirect_output=["out"]))
+        done.wait()
+        elapsed = time.perf_counter() - t0
+        manager.stop_job("writer")
+        manager.stop()
+        manager.run()
+        assert count[0] == mib << 20, count
+        return {"seconds": elapsed}
+    return {"seconds": time.perf_counter() - t0}
+
+
 # -- the table -----------------------------------------------------------------
 
 METRICS = [
@@ -184,6 +243,10 @@ METRICS = [
     ("threads", "threads added", "%d", ("extra", 2)),
 ]
 VARIANTS = [("bare", "bare loop"), ("gaffer", "gaffer"), ("gaffer-poll", "gaffer (poll)")]
+OUTPUT_VARIANTS = [
+    ("bare-1m", "bare loop, 1 MiB pipe and reads"), ("bare-64k", "bare loop, 64 KiB pipe and reads"),
+    ("gaffer", "gaffer, a listener counting"), ("cat", "writer | cat > /dev/null"),
+]
 
 
 def verdict(target, value, base):
@@ -214,34 +277,43 @@ def main():
     parser.add_argument("--processes", type=int, default=200)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measurement")
     parser.add_argument("--respawns", type=int, default=20)
+    parser.add_argument("--output-mib", type=int, default=256, help="MiB the writer child writes")
+    parser.add_argument("--only", choices=["manager", "output"])
     parser.add_argument("--trial", help=argparse.SUPPRESS)
+    parser.add_argument("--output-trial", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trial:
         print(json.dumps(trial(args.trial, args.processes, args.idle, args.respawns)))
         return 0
+    if args.output_trial:
+        print(json.dumps(output_trial(args.output_trial, args.output_mib)))
+        return 0
 
-    results = {variant: collections.defaultdict(list) for variant, _ in VARIANTS}
+    import gaffer
+    print("gaffer.py %s, %s, %s %s, %d cores, Python %s; medians of %d rounds"
+          % (gaffer.__version__, time.strftime("%Y-%m-%d"), platform.system(), platform.machine(),
+             os.cpu_count(), platform.python_version(), args.rounds))
+    if args.only != "output":
+        manager_table(args)
+    if args.only != "manager":
+        output_table(args)
+    return 0
+
+
+def run_rounds(args, variants, trial_flag, extra):
+    """Run each variant once a round, in a fresh interpreter; return {variant: {metric: median}}."""
+    results = {variant: collections.defaultdict(list) for variant, _ in variants}
     for round_ in range(args.rounds):
-        for variant, _ in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--trial", variant, "--processes", str(args.processes),
-                                  "--idle", str(args.idle), "--respawns", str(args.respawns)],
+        for variant, _ in variants:
+            out = subprocess.run([sys.executable, __file__, trial_flag, variant] + extra,
                                  check=True, stdout=subprocess.PIPE, text=True).stdout
             for key, value in json.loads(out).items():
                 results[variant][key].append(value)
             print("round %d/%d: %s done" % (round_ + 1, args.rounds, variant), file=sys.stderr)
+    return {v: {k: statistics.median(vals) for k, vals in r.items()} for v, r in results.items()}
 
-    import gaffer
-    medians = {v: {k: statistics.median(vals) for k, vals in r.items()} for v, r in results.items()}
-    print("gaffer.py %s, %s, %s %s, %d cores, Python %s; medians of %d rounds"
-          % (gaffer.__version__, time.strftime("%Y-%m-%d"), platform.system(), platform.machine(),
-             os.cpu_count(), platform.python_version(), args.rounds))
-    header = ["metric"] + [label for _, label in VARIANTS] + ["gaffer/bare", "target", ""]
-    rows = []
-    for key, label, fmt, target in METRICS:
-        base, value = medians["bare"][key], medians["gaffer"][key]
-        ratio = "%.2fx" % (value / base) if base and key not in ("threads", "idle_cpu") else ""
-        rows.append([label.format(n=args.processes)] + [fmt % medians[v][key] for v, _ in VARIANTS]
-                    + [ratio, target_text(target), verdict(target, value, base)])
+
+def print_table(header, rows):
     widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
     print(line)
@@ -251,7 +323,34 @@ def main():
         print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in
                         enumerate(zip(row, widths))).rstrip())
     print(line)
-    return 0
+
+
+def output_table(args):
+    medians = run_rounds(args, OUTPUT_VARIANTS, "--output-trial", ["--output-mib", str(args.output_mib)])
+    base = medians["bare-1m"]["seconds"]
+    rows = []
+    for variant, label in OUTPUT_VARIANTS:
+        seconds = medians[variant]["seconds"]
+        rate = args.output_mib * (1 << 20) / seconds / 1e6
+        share = "%.0f%%" % (100 * base / seconds)
+        mark = ("ok" if base / seconds >= 0.7 else "MISS") if variant == "gaffer" else ""
+        rows.append([label, "%.3f" % seconds, "%.0f" % rate, share, ">= 70%" if variant == "gaffer" else "", mark])
+    print()
+    print("output throughput: one child writes %d MiB to a redirected stdout" % args.output_mib)
+    print_table(["reader", "seconds", "MB/s", "of bare 1 MiB", "target", ""], rows)
+
+
+def manager_table(args):
+    medians = run_rounds(args, VARIANTS, "--trial", ["--processes", str(args.processes), "--idle", str(args.idle),
+                                                     "--respawns", str(args.respawns)])
+    header = ["metric"] + [label for _, label in VARIANTS] + ["gaffer/bare", "target", ""]
+    rows = []
+    for key, label, fmt, target in METRICS:
+        base, value = medians["bare"][key], medians["gaffer"][key]
+        ratio = "%.2fx" % (value / base) if base and key not in ("threads", "idle_cpu") else ""
+        rows.append([label.format(n=args.processes)] + [fmt % medians[v][key] for v, _ in VARIANTS]
+                    + [ratio, target_text(target), verdict(target, value, base)])
+    print_table(header, rows)
 
 
 if __name__ == "__main__":
