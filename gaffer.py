@@ -56,19 +56,27 @@ from __future__ import annotations
 __all__ = [
     "ProcessError", "ProcessNotFound", "ProcessConflict",
     "FlappingInfo", "ProcessConfig",
-    "EventEmitter", "Loop", "Process", "Stream", "Manager", "Channel",
+    "EventEmitter", "Loop", "Process", "Stream", "Manager", "Channel", "HttpHandler", "main",
 ]
 __version__ = "0.1.0"
 
+import argparse
 import atexit
+import base64
 import collections
+import configparser
 import dataclasses
 import difflib
 import enum
 import fcntl
 import functools
 import heapq
+import hmac
+import http.client
+import http.server
+import ipaddress
 import itertools
+import json
 import logging
 import os
 import queue
@@ -77,11 +85,13 @@ import selectors
 import shlex
 import signal
 import socket
+import socketserver
 import string
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import weakref
 from concurrent.futures import Future
 
@@ -1321,6 +1331,7 @@ class Manager:
         self._sample_timer = None
         self._channels = {}       # _Job, Process or None (the manager) -> pub/sub channels fed by it
         self._stopped = threading.Event()
+        self._run_wakeups = []    # sockets that run() sleeps on, written to when the loop ends
 
     def __repr__(self):
         return "<Manager %s jobs=%d processes=%d>" % (
@@ -1381,7 +1392,8 @@ class Manager:
     def run(self):
         """Block until the manager has fully stopped (children gone, apps stopped, callbacks called).
 
-        In the main thread, SIGINT and SIGTERM become stop() meanwhile.
+        In the main thread, SIGINT and SIGTERM become stop() meanwhile, and a
+        second one kills every process at once.
 
         Raises:
             RuntimeError: the manager was never started.
@@ -1389,14 +1401,37 @@ class Manager:
         if self._state is _Lifecycle.NEW:
             raise RuntimeError("manager was never started")
         previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous[signum] = signal.signal(signum, lambda *_: self.stop())
-        try:
+        signals = []
+
+        def on_signal(signum, frame):
+            signals.append(signum)
+            if len(signals) == 1:
+                self.stop()
+            else:
+                self.loop.call_soon_threadsafe(self._do_kill_all)
+
+        if threading.current_thread() is not threading.main_thread():
             self._stopped.wait()
+            return
+        # The kernel may hand a signal to any thread; Python runs handlers in the main thread only,
+        # and only once it wakes.  So the main thread sleeps on the signal wakeup fd, which the
+        # loop also writes to when it ends.
+        wake_r, wake_w = socket.socketpair()
+        wake_w.setblocking(False)
+        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        self._run_wakeups.append(wake_w)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
+        try:
+            while not self._stopped.is_set():
+                wake_r.recv(512)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            signal.set_wakeup_fd(old_fd)
+            self._run_wakeups.remove(wake_w)
+            wake_r.close()
+            wake_w.close()
 
     @property
     def active(self):
@@ -1896,6 +1931,13 @@ class Manager:
                     self._stop_job(job)
         self._check_stopped()
 
+    def _do_kill_all(self):
+        """SIGKILL every process and every leftover group now (a second Ctrl-C)."""
+        for proc in self._procs.values():
+            self._signal(proc, signal.SIGKILL, proc.config.stop_children)
+        for pgid in self._orphan_groups:
+            _send_signal(pgid, signal.SIGKILL, group=True)
+
     def _do_restart(self, callback):
         if self._state is not _Lifecycle.RUNNING:
             return
@@ -2148,6 +2190,11 @@ class Manager:
         for pgid in self._orphan_groups:
             _send_signal(pgid, signal.SIGKILL, group=True)
         self._stopped.set()
+        for wake in list(self._run_wakeups):
+            try:
+                wake.send(b"\0")
+            except OSError:
+                pass
 
 
 # -- Pub/sub channels ------------------------------------------------------------
@@ -2288,3 +2335,1236 @@ def _stop_at_exit():
     for manager in list(_managers):
         longest = max([p.graceful_timeout for p in list(manager._procs.values())] + [0])
         manager._stopped.wait(longest + 5)
+
+
+# -- Apps: the HTTP controller ------------------------------------------------------
+# An app is any object with start(loop, manager), stop() and restart().  The HTTP
+# app accepts connections on the loop's selector (no polling thread) and serves
+# each on a thread of its own; handlers use only the public, thread-safe API.
+
+_SSE_KEEPALIVE = 15.0  # seconds between comments on an idle event stream (they also find dead clients)
+
+
+def _parse_address(address):
+    """(family, address) for "host:port", ":port", 5000, "[::1]:5000" or "unix:/path"; the host defaults to loopback."""
+    if isinstance(address, str) and address.startswith("unix:"):
+        if not address[5:]:
+            raise ValueError("address %r names no socket path" % address)
+        return socket.AF_UNIX, address[5:]
+    if isinstance(address, int) and not isinstance(address, bool):
+        host, port = "127.0.0.1", str(address)
+    elif isinstance(address, str) and ":" in address:
+        host, _, port = address.strip().rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+    elif isinstance(address, str):
+        host, port = "127.0.0.1", address.strip()
+    else:
+        raise ValueError("address must be 'host:port', ':port', a port or 'unix:/path', got %r" % (address,))
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError("address %r: the port must be a number from 0 to 65535" % (address,))
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
+
+
+def _is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpHandler:
+    """The app that serves a manager over HTTP/1.1 with JSON bodies (the old gafferd's routes).
+
+    Args:
+        address: "host:port", ":port", a port number or "unix:/path"; port 0 picks
+            a free port, then found in ``port``.  The host defaults to 127.0.0.1.
+        token: when set, every request needs ``Authorization: Bearer <token>``.
+            Serving an address other than loopback without a token is refused.
+        max_body: largest request body in bytes (413 past it).
+
+    Use: ``manager.start(apps=[HttpHandler("127.0.0.1:5000")])``.
+    """
+
+    def __init__(self, address="127.0.0.1:5000", token=None, max_body=1 << 20):
+        self.family, self.address = _parse_address(address)
+        if self.family != socket.AF_UNIX and not _is_loopback(self.address[0]) and not token:
+            raise ValueError("refusing to serve %r without a token: anyone who reaches it could run commands; "
+                             "give token=... or bind 127.0.0.1" % (address,))
+        self.token = token
+        self.max_body = _int_setting("max_body", max_body, 0)
+        self.port = None
+        self.manager = None
+        self._auth = ("Bearer %s" % token).encode() if token else None
+        self._server = None
+        self._loop = None
+        # _lock guards _connections and _streams: handler threads add and remove, stop() empties.
+        self._lock = threading.Lock()
+        self._connections = set()
+        self._streams = set()
+
+    def __repr__(self):
+        return "<HttpHandler %s%s>" % (self.url, "" if self._server else " stopped")
+
+    @property
+    def url(self):
+        """The base URL to reach the server (``unix:/path`` for a unix socket)."""
+        if self.family == socket.AF_UNIX:
+            return "unix:" + self.address
+        host = self.address[0]
+        return "http://%s:%s" % ("[%s]" % host if ":" in host else host, self.port or self.address[1])
+
+    def start(self, loop, manager):
+        """Bind the address (errors raise here) and accept on the loop."""
+        self.manager, self._loop = manager, loop
+        server = _HttpServer(self.family, self.address, self)
+        server.socket.setblocking(False)
+        self._server = server
+        if self.family != socket.AF_UNIX:
+            self.port = server.server_address[1]
+        loop.call(loop.set_events, server.socket, selectors.EVENT_READ, self._on_accept)
+        _log.info("serving HTTP on %s", self.url)
+
+    def stop(self):
+        """Stop accepting, end every event stream and close every connection (loop thread)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._loop.set_events(server.socket, 0)
+        server.server_close()
+        if self.family == socket.AF_UNIX:
+            try:
+                os.unlink(self.address)
+            except OSError:
+                pass
+        with self._lock:
+            streams, connections = list(self._streams), list(self._connections)
+        for channel in streams:
+            channel.close()
+        for handler in connections:
+            try:
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def restart(self):
+        """Nothing to do: the routes read the manager afresh on every request."""
+
+    def _on_accept(self, mask):
+        try:
+            request, client = self._server.get_request()
+        except OSError:  # the client left between select and accept
+            return
+        request.setblocking(True)
+        self._server.process_request(request, client)
+
+
+class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, family, address, app):
+        self.address_family = family
+        self.app = app
+        super().__init__(address, _HttpRequestHandler)
+
+    def server_bind(self):
+        if self.address_family == socket.AF_UNIX and os.path.exists(self.server_address):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(self.server_address)
+            except OSError:
+                os.unlink(self.server_address)  # a stale socket left by a crash
+            else:
+                raise OSError(98, "address in use: %s" % self.server_address)
+            finally:
+                probe.close()
+        # HTTPServer.server_bind would look up the host's FQDN, which can hang on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "localhost", 0
+
+    def process_request(self, request, client_address):
+        threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                         name="gaffer-http", daemon=True).start()
+
+
+_ROUTES = []  # (method, compiled path, function(request, manager, *groups) -> (status, body) or None)
+
+
+def _route(method, pattern):
+    def register(fn):
+        _ROUTES.append((method, re.compile(pattern + "/?"), fn))
+        return fn
+    return register
+
+
+def _find_route(method, path):
+    allowed = []
+    for route_method, regex, fn in _ROUTES:
+        match = regex.fullmatch(path)
+        if match:
+            if route_method == method:
+                return fn, match.groups()
+            allowed.append(route_method)
+    if allowed:
+        raise _MethodNotAllowed(allowed)
+    raise ProcessNotFound("no route for %s %s" % (method, path))
+
+
+class _MethodNotAllowed(ProcessError):
+    def __init__(self, allowed):
+        super().__init__(405, "method not allowed; use %s" % ", ".join(allowed))
+        self.allowed = allowed
+
+
+# Exceptions -> HTTP status, in one place: what the manager refuses keeps its errno.
+_HTTP_ERRORS = ((ProcessError, None), (ValueError, 400), (TypeError, 400), (RuntimeError, 503))
+
+
+def _http_error(exc):
+    for kind, status in _HTTP_ERRORS:
+        if isinstance(exc, kind):
+            return (status or exc.errno), str(exc)
+    return 500, "internal error: %s" % exc
+
+
+class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "gaffer/" + __version__
+
+    def setup(self):
+        super().setup()
+        with self.server.app._lock:
+            self.server.app._connections.add(self)
+
+    def finish(self):
+        with self.server.app._lock:
+            self.server.app._connections.discard(self)
+        super().finish()
+
+    def address_string(self):
+        return self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
+
+    def log_message(self, fmt, *args):
+        _log.info("%s %s", self.address_string(), fmt % args)
+
+    def do_GET(self):
+        app = self.server.app
+        path, _, query = self.path.partition("?")
+        self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+        self.body = None
+        self._streaming = False
+        try:
+            if app._auth and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), app._auth):
+                raise ProcessError(401, "missing or wrong bearer token")
+            fn, groups = _find_route(self.command, urllib.parse.unquote(path))
+            self.body = self._read_body(app.max_body)
+            result = fn(self, app.manager, *groups)
+        except Exception as exc:
+            status, reason = _http_error(exc)
+            if status >= 500:
+                _log.exception("%s %s failed", self.command, self.path)
+            if self._streaming:
+                return
+            if self.body is None:
+                self.close_connection = True  # the body, if any, was not read
+            headers = {"Allow": ", ".join(exc.allowed)} if isinstance(exc, _MethodNotAllowed) else {}
+            self._send_json(status, {"error": reason, "errno": status}, headers)
+            return
+        if result is not None:
+            self._send_json(*result)
+
+    do_POST = do_PUT = do_DELETE = do_GET
+
+    def _read_body(self, limit):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            raise ProcessError(400, "chunked request bodies are not supported; send Content-Length")
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit():
+            raise ProcessError(400, "bad Content-Length %r" % length)
+        if int(length) > limit:
+            raise ProcessError(413, "request body of %s bytes is over the limit of %d" % (length, limit))
+        return self.rfile.read(int(length))
+
+    def json(self, required=True):
+        """The request body as a JSON object ({} when empty and not required)."""
+        if not self.body and not required:
+            return {}
+        try:
+            value = json.loads(self.body or b"null")
+        except ValueError as exc:
+            raise ProcessError(400, "the body is not valid JSON: %s" % exc) from None
+        if not isinstance(value, dict):
+            raise ProcessError(400, "the body must be a JSON object, got %s" % type(value).__name__)
+        return value
+
+    def field(self, key, kinds=None):
+        """A required field of the JSON body, optionally of the given types."""
+        body = self.json()
+        if key not in body:
+            raise ProcessError(400, "the body needs %r" % key)
+        if kinds and not isinstance(body[key], kinds):
+            raise ProcessError(400, "%r has the wrong type: %r" % (key, body[key]))
+        return body[key]
+
+    def _send_json(self, status, body, headers=None):
+        data = json.dumps(body, default=str).encode() + b"\n"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def stream(self, channel, frame):
+        """Send a channel's messages as Server-Sent Events until it closes or the client leaves."""
+        app = self.server.app
+        with app._lock:
+            app._streams.add(channel)
+        self._streaming = True
+        self.close_connection = True
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                try:
+                    evtype, msg = channel.get(_SSE_KEEPALIVE)
+                except queue.Empty:
+                    self.wfile.write(b": keepalive\n\n")
+                except EOFError:
+                    break
+                else:
+                    data = frame(evtype, msg)
+                    if data is None:
+                        continue
+                    lines = "".join("data: %s\n" % line for line in data.split("\n"))
+                    self.wfile.write(("event: %s\n%s\n" % (evtype, lines)).encode())
+                self.wfile.flush()
+        except OSError:  # the client went away
+            pass
+        finally:
+            channel.close()
+            with app._lock:
+                app._streams.discard(channel)
+
+
+def _job_name(session, job):
+    return "%s.%s" % (session, job)
+
+
+@_route("GET", "/")
+def _http_index(req, m):
+    return 200, {"name": "gaffer", "version": __version__}
+
+
+@_route("GET", "/version")
+def _http_version(req, m):
+    return 200, {"name": "gaffer", "version": __version__}
+
+
+@_route("GET", "/ping")
+def _http_ping(req, m):
+    return 200, {"ok": True}
+
+
+@_route("GET", "/sessions")
+def _http_sessions(req, m):
+    return 200, {"sessions": m.sessions}
+
+
+@_route("GET", "/jobs")
+def _http_jobs(req, m):
+    return 200, {"jobs": m.jobs()}
+
+
+@_route("GET", "/jobs/([^/]+)")
+def _http_session_jobs(req, m, session):
+    return 200, {"sessionid": session, "jobs": m.jobs(session)}
+
+
+@_route("POST", "/jobs/([^/]+)")
+def _http_load(req, m, session):
+    body = req.json()
+    start = body.pop("start", True)
+    m.load(ProcessConfig.from_dict(body), sessionid=session, start=_bool_setting("start", start))
+    return 201, {"ok": True}
+
+
+@_route("GET", "/jobs/([^/]+)/([^/]+)")
+def _http_info(req, m, session, job):
+    return 200, m.info(_job_name(session, job))
+
+
+@_route("PUT", "/jobs/([^/]+)/([^/]+)")
+def _http_update(req, m, session, job):
+    body = req.json()
+    start = body.pop("start", False)
+    if body.setdefault("name", job) != job:
+        raise ProcessError(400, "the body names job %r, the path %r" % (body["name"], job))
+    m.update(ProcessConfig.from_dict(body), sessionid=session, start=_bool_setting("start", start))
+    return 201, {"ok": True}
+
+
+@_route("DELETE", "/jobs/([^/]+)/([^/]+)")
+def _http_unload(req, m, session, job):
+    m.unload(_job_name(session, job))
+    return 200, {"ok": True}
+
+
+@_route("GET", "/jobs/([^/]+)/([^/]+)/stats")
+def _http_job_stats(req, m, session, job):
+    return 200, m.stats(_job_name(session, job))
+
+
+@_route("GET", "/jobs/([^/]+)/([^/]+)/numprocesses")
+def _http_numprocesses(req, m, session, job):
+    return 200, {"numprocesses": m.info(_job_name(session, job))["max_processes"]}
+
+
+@_route("POST", "/jobs/([^/]+)/([^/]+)/numprocesses")
+def _http_scale(req, m, session, job):
+    return 200, {"numprocesses": m.scale(_job_name(session, job), req.field("scale", (int, str)))}
+
+
+@_route("POST", "/jobs/([^/]+)/([^/]+)/signal")
+def _http_job_signal(req, m, session, job):
+    m.killall(_job_name(session, job), req.field("signal", (int, str)))
+    return 202, {"ok": True}
+
+
+@_route("GET", "/jobs/([^/]+)/([^/]+)/state")
+def _http_state(req, m, session, job):
+    return 200, {"active": m.info(_job_name(session, job))["active"]}
+
+
+@_route("POST", "/jobs/([^/]+)/([^/]+)/state")
+def _http_set_state(req, m, session, job):
+    actions = {"start": m.start_job, "stop": m.stop_job, "reload": m.reload}
+    state = req.field("state", str)
+    if state not in actions:
+        raise ProcessError(400, "state must be 'start', 'stop' or 'reload', got %r" % state)
+    actions[state](_job_name(session, job))
+    return 202, {"ok": True}
+
+
+@_route("GET", "/jobs/([^/]+)/([^/]+)/pids")
+def _http_job_pids(req, m, session, job):
+    return 200, {"pids": m.pids(_job_name(session, job))}
+
+
+@_route("POST", "/jobs/([^/]+)/([^/]+)/commit")
+def _http_commit(req, m, session, job):
+    body = req.json(required=False)
+    pid = m.commit(_job_name(session, job), body.get("graceful_timeout", 0), body.get("env"))
+    return 200, {"pid": pid}
+
+
+@_route("GET", "/pids")
+def _http_pids(req, m):
+    return 200, {"pids": m.pids()}
+
+
+@_route("GET", r"/(\d+)")
+def _http_process(req, m, pid):
+    return 200, m.get_process(int(pid)).info
+
+
+@_route("DELETE", r"/(\d+)")
+def _http_stop_process(req, m, pid):
+    m.stop_process(int(pid))
+    return 200, {"ok": True}
+
+
+@_route("POST", r"/(\d+)/signal")
+def _http_signal(req, m, pid):
+    m.kill(int(pid), req.field("signal", (int, str)))
+    return 202, {"ok": True}
+
+
+@_route("GET", r"/(\d+)/stats")
+def _http_process_stats(req, m, pid):
+    return 200, m.get_process(int(pid)).stats
+
+
+@_route("POST", r"/(\d+)/stdin")
+def _http_stdin(req, m, pid):
+    m.send(int(pid), req.body)
+    return 202, {"ok": True}
+
+
+@_route("POST", r"/(\d+)/streams/([^/]+)")
+def _http_write_stream(req, m, pid, label):
+    m.send(int(pid), req.body, stream=label)
+    return 202, {"ok": True}
+
+
+@_route("GET", "/watch")
+def _http_watch(req, m):
+    channel = m.subscribe("EVENTS:" + req.query.get("pattern", "."))
+    req.stream(channel, lambda evtype, msg: json.dumps(msg, default=str))
+
+
+@_route("GET", r"/(\d+)/streams/([^/]+)")
+def _http_read_stream(req, m, pid, label):
+    encoding = req.query.get("encoding", "utf-8")
+    if encoding not in ("utf-8", "base64"):
+        raise ProcessError(400, "encoding must be 'utf-8' or 'base64', got %r" % encoding)
+    process = m.get_process(int(pid))
+    if label not in process.config.redirect_output + process.config.custom_streams:
+        raise ProcessNotFound("process %s has no output or stream labelled %r" % (pid, label))
+    decode = ((lambda data: base64.b64encode(data).decode()) if encoding == "base64"
+              else (lambda data: data.decode("utf-8", "replace")))
+    req.stream(m.subscribe("STREAM:%s" % pid), lambda evtype, msg: decode(msg["data"]) if evtype == label else None)
+
+
+# -- Procfile and command line -------------------------------------------------------
+# Procfile and .env parsing, the foreground runner (start, run), the daemon
+# (serve), the HTTP client commands and the exporters.  Main thread only.
+
+class _UsageError(Exception):
+    """Bad input from the user: a file, a flag, a value.  Printed as one line; exit code 2."""
+
+
+class _ClientError(Exception):
+    """The server is unreachable or refused a request.  Printed as one line; exit code 1."""
+
+
+_PROCFILE_LINE = re.compile(r"([A-Za-z0-9_-]+)\s*:\s*(.*\S)\s*")
+_COLORS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
+
+
+def _read_text(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise _UsageError("cannot read %s %s: %s" % (what, path, exc.strerror)) from None
+
+
+def _parse_procfile(path):
+    """Return [(name, command)] in file order; _UsageError("path:line: reason") on a bad line."""
+    entries, seen = [], {}
+    for lineno, line in enumerate(_read_text(path, "Procfile").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _PROCFILE_LINE.fullmatch(line)
+        if match is None:
+            raise _UsageError("%s:%d: expected 'name: command' (name of letters, digits, - and _), got %r"
+                              % (path, lineno, line))
+        name, command = match.groups()
+        if name in seen:
+            raise _UsageError("%s:%d: process %r is already defined at line %d" % (path, lineno, name, seen[name]))
+        seen[name] = lineno
+        entries.append((name, command))
+    if not entries:
+        raise _UsageError("%s: no process defined" % path)
+    return entries
+
+
+def _parse_dotenv(path):
+    """Return the variables of a .env file: KEY=value, quotes, 'export ' prefixes, # comments."""
+    env = {}
+    for lineno, line in enumerate(_read_text(path, "env file").splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if text.startswith("export "):
+            text = text[7:].lstrip()
+        key, sep, value = text.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise _UsageError("%s:%d: expected KEY=value, got %r" % (path, lineno, line))
+        if value[:1] in ("'", '"'):
+            quote = value[0]
+            end = value.find(quote, 1)
+            while quote == '"' and end > 0 and value[end - 1] == "\\":
+                end = value.find(quote, end + 1)
+            if end < 0 or value[end + 1:].strip()[:1] not in ("", "#"):
+                raise _UsageError("%s:%d: unbalanced %s in %r" % (path, lineno, quote, line))
+            value = value[1:end]
+            if quote == '"':
+                value = re.sub(r'\\([\\"n])', lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+        else:
+            value = re.split(r"\s+#", value, 1)[0]
+        env[key] = value
+    return env
+
+
+def _parse_concurrency(text, names):
+    """{"web": 2} from "web=2,worker=1"; every name must be in the Procfile."""
+    counts = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, sep, count = item.partition("=")
+        if not sep or not count.strip().isdigit():
+            raise _UsageError("-c: expected name=count, got %r" % item)
+        if name.strip() not in names:
+            raise _UsageError("-c: no process named %r in the Procfile (it has %s)" % (name.strip(), ", ".join(names)))
+        counts[name.strip()] = int(count)
+    return counts
+
+
+def _exit_code(msg):
+    return msg["exit_status"] or (128 + msg["term_signal"] if msg["term_signal"] else 0)
+
+
+class _Printer:
+    """Writes output and gaffer's messages as "HH:MM:SS name.N | text", a colour per process on a tty."""
+
+    def __init__(self, stream, color, names):
+        self.stream = stream
+        self.color = color
+        self.width = max(len(n) for n in list(names) + ["system"])
+        self.colors = {name: _COLORS[i % len(_COLORS)] for i, name in enumerate(names)}
+        self.partial = {}  # pid -> bytes of an unfinished line
+
+    def line(self, name, text):
+        prefix = "%s %s |" % (time.strftime("%H:%M:%S"), name.ljust(self.width))
+        if self.color:
+            prefix = "\033[%sm%s\033[0m" % (self.colors.get(name, "0"), prefix)
+        self.stream.write("%s %s\n" % (prefix, text))
+        self.stream.flush()
+
+    def output(self, name, pid, data):
+        lines = (self.partial.pop(pid, b"") + data).split(b"\n")
+        if lines[-1]:
+            self.partial[pid] = lines[-1]
+        for line in lines[:-1]:
+            self.line(name, line.decode("utf-8", "replace"))
+
+    def flush(self, name, pid):
+        if pid in self.partial:
+            self.line(name, self.partial.pop(pid).decode("utf-8", "replace"))
+
+
+def _run_foreground(configs, args, keep_alive):
+    """Run jobs in the foreground with prefixed output until Ctrl-C (or, unless keep_alive, a first exit).
+
+    configs: [(session, ProcessConfig)]; each process shows as session.job.
+    Returns the exit code: 0 when stopped on request, else the first process's that exited on its own.
+    """
+    names = ["%s.%s" % (session, config.name) for session, config in configs]
+    printer = _Printer(sys.stdout, sys.stdout.isatty() and not args.no_color, names)
+    manager = Manager()
+    asked, first_exit = set(), []
+
+    def on_spawn(evtype, msg):
+        printer.line("system", "%s started with pid %d" % (msg["name"], msg["os_pid"]))
+        manager.get_process(msg["pid"]).monitor_io(".", lambda label, io: printer.output(io["name"], io["pid"],
+                                                                                       io["data"]))
+
+    def on_exit(evtype, msg):
+        printer.flush(msg["name"], msg["pid"])
+        code = msg["exit_status"]
+        how = "killed by signal %d" % msg["term_signal"] if msg["term_signal"] else "exited with code %d" % code
+        printer.line("system", "%s %s" % (msg["name"], how))
+        if msg["pid"] in asked or keep_alive or first_exit:
+            return
+        first_exit.append(_exit_code(msg))
+        for job in manager.jobs():  # inline, before the job would replace the process
+            manager.stop_job(job)
+        manager.stop()
+
+    def on_stop_process(evtype, msg):
+        asked.add(msg["pid"])
+        printer.line("system", "%s stopping" % msg["name"])
+
+    manager.events.subscribe("spawn", on_spawn)
+    manager.events.subscribe("exit", on_exit)
+    manager.events.subscribe("stop_process", on_stop_process)
+    manager.events.subscribe("spawn_error", lambda e, msg: printer.line("system", "%s cannot start: %s"
+                                                                         % (msg["name"], msg["reason"])))
+    manager.start([HttpHandler(args.http)] if args.http else [])
+    try:
+        for session, config in configs:
+            manager.load(config, sessionid=session)
+    except ProcessError as exc:
+        printer.line("system", str(exc))
+        first_exit.append(1)
+        manager.stop()
+    manager.run()
+    return first_exit[0] if first_exit else 0
+
+
+def _procfile_configs(args):
+    """[(session, ProcessConfig)] for the Procfile's processes that `start` runs."""
+    procfile = os.path.abspath(args.procfile)
+    entries = _parse_procfile(procfile)
+    names = [name for name, _ in entries]
+    env = {"PYTHONUNBUFFERED": "1"}
+    env_file = args.env or ".env"
+    if args.env or os.path.exists(env_file):
+        env.update(_parse_dotenv(env_file))
+    counts = _parse_concurrency(args.concurrency, names)
+    for name in args.processes:
+        if name not in names:
+            raise _UsageError("no process named %r in %s (it has %s)" % (name, args.procfile, ", ".join(names)))
+    configs = []
+    for index, (name, command) in enumerate(entries):
+        if args.processes and name not in args.processes:
+            continue
+        for number in range(1, counts.get(name, 1) + 1):
+            port = args.port + 100 * index + number - 1
+            configs.append((name, ProcessConfig(
+                str(number), command, shell=True, cwd=os.path.dirname(procfile), env={**env, "PORT": str(port)},
+                redirect_output=["out", "out"], graceful_timeout=args.graceful_timeout)))
+    return configs
+
+
+def _cmd_start(args):
+    if not args.procfile_given and not os.path.exists(args.procfile) and args.processes:
+        return _client_state(args, "start")  # no Procfile here: start JOB on a running gaffer
+    return _run_foreground(_procfile_configs(args), args, args.keep_alive)
+
+
+def _cmd_run(args):
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise _UsageError("run: give the command after --, e.g. run -- python3 -m http.server")
+    name = args.name or re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(command[0]))
+    configs = [(name, ProcessConfig(str(n), command[0], args=command[1:], redirect_output=["out", "out"],
+                                    graceful_timeout=args.graceful_timeout, env={"PYTHONUNBUFFERED": "1"}))
+               for n in range(1, args.n + 1)]
+    return _run_foreground(configs, args, keep_alive=True)
+
+
+def _cmd_check(args):
+    entries = _parse_procfile(args.procfile)
+    print("valid Procfile %s: %d process type%s" % (args.procfile, len(entries), "s" if len(entries) > 1 else ""))
+    for name, command in entries:
+        print("  %s: %s" % (name, command))
+    return 0
+
+
+# -- serve: a daemon from a config file
+
+_INI_BOOLEANS = {"1": True, "yes": True, "true": True, "on": True, "0": False, "no": False, "false": False,
+                 "off": False}
+
+
+def _ini_value(key, text):
+    """Convert an INI setting to what ProcessConfig takes."""
+    kind = {f.name: f.type for f in dataclasses.fields(ProcessConfig)}.get(key, "str")
+    if key in ("redirect_output", "custom_streams"):
+        return [label for label in re.split(r"[\s,]+", text) if label]
+    if key == "env":
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in shlex.split(text.replace(",", " ")))
+    if key == "flapping":
+        values = [v for v in re.split(r"[\s,]+", text) if v]
+        if len(values) > 4:
+            raise ValueError("give attempts, window, retry_in, max_retry")
+        types = (int, float, float, int)
+        return dict(zip(("attempts", "window", "retry_in", "max_retry"), (t(v) for t, v in zip(types, values))))
+    if kind == "bool":
+        if text.lower() not in _INI_BOOLEANS:
+            raise ValueError("expected true or false, got %r" % text)
+        return _INI_BOOLEANS[text.lower()]
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    return text
+
+
+def _read_config(path):
+    """Read a JSON or INI daemon config: ([(session, ProcessConfig)], http address or None, token or None).
+
+    Errors are _UsageError("path: where: reason").
+    """
+    text = _read_text(path, "config file")
+    if path.endswith(".json") or text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise _UsageError("%s: not valid JSON: %s" % (path, exc)) from None
+        if not isinstance(data, dict):
+            raise _UsageError("%s: the config must be a JSON object with 'jobs'" % path)
+        unknown = set(data) - {"jobs", "http", "token"}
+        if unknown:
+            raise _UsageError("%s: unknown key %r (the keys are jobs, http, token)" % (path, sorted(unknown)[0]))
+        jobs = data.get("jobs", [])
+        if not isinstance(jobs, list):
+            raise _UsageError("%s: jobs: must be a list of process configs" % path)
+        configs = []
+        for index, job in enumerate(jobs):
+            where = "jobs[%d]" % index
+            if isinstance(job, dict):
+                job = dict(job)
+                session = job.pop("session", _DEFAULT_SESSION)
+                where = "jobs[%d] (%s)" % (index, job.get("name", "?"))
+            try:
+                configs.append((_check_name("session", session), ProcessConfig.from_dict(job)))
+            except (TypeError, ValueError) as exc:
+                raise _UsageError("%s: %s: %s" % (path, where, exc)) from None
+        return configs, data.get("http"), data.get("token")
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # environment variables keep their case
+    try:
+        parser.read_string(text, path)
+    except configparser.Error as exc:
+        raise _UsageError("%s: %s" % (path, str(exc).replace("\n", " "))) from None
+    http, token = None, None
+    if parser.has_section("gaffer"):
+        section = parser["gaffer"]
+        token = section.get("token")
+        http = section.get("http")
+        endpoint = section.get("http_endpoints", "").split(",")[0].strip()
+        if endpoint:
+            bind = parser.get("endpoint:" + endpoint, "bind", fallback=None)
+            http = bind or endpoint
+    configs = []
+    for name in parser.sections():
+        kind, _, job = name.partition(":")
+        if kind not in ("job", "process"):
+            continue
+        session, job = _split_name(job) if job else (_DEFAULT_SESSION, job)
+        settings = {}
+        for key, value in parser[name].items():
+            try:
+                settings[key] = _ini_value(key, value)
+            except ValueError as exc:
+                raise _UsageError("%s: %s/%s: %s" % (path, name, key, exc)) from None
+        if parser.has_section("env:" + job):
+            settings["env"] = {**settings.get("env", {}), **dict(parser["env:" + job])}
+        try:
+            configs.append((session, ProcessConfig(job, settings.pop("cmd", None), **settings)))
+        except (TypeError, ValueError) as exc:
+            raise _UsageError("%s: %s: %s" % (path, name, exc)) from None
+    return configs, http, token
+
+
+def _apply_config(manager, configs):
+    """Bring the manager to a config: load new jobs, unload gone ones, update changed ones; leave the rest."""
+    wanted = {"%s.%s" % (session, config.name): (session, config) for session, config in configs}
+    for name in manager.jobs():
+        if name not in wanted:
+            _log.info("unloading %s", name)
+            manager.unload(name)
+    for name, (session, config) in wanted.items():
+        try:
+            current = manager.get(name)
+        except ProcessNotFound:
+            _log.info("loading %s", name)
+            manager.load(config, sessionid=session)
+            continue
+        if current != config:
+            _log.info("updating %s", name)
+            manager.update(config, sessionid=session, start=True)
+
+
+def _cmd_serve(args):
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configs, http, token = _read_config(args.config)
+    try:
+        app = HttpHandler(args.http or http or "127.0.0.1:5000", args.token or token or os.environ.get("GAFFER_TOKEN"))
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    manager = Manager()
+    for event in ("spawn", "exit", "flap", "spawn_error", "stop_process"):
+        manager.events.subscribe(event, lambda evtype, msg: _log.info("%s %s", evtype, json.dumps(msg)))
+    try:
+        manager.start([app])
+    except OSError as exc:
+        raise _UsageError("cannot serve on %s: %s" % (app.url, exc.strerror or exc)) from None
+
+    def reload_config():
+        try:
+            _apply_config(manager, _read_config(args.config)[0])
+        except (_UsageError, ProcessError) as exc:
+            _log.error("reload of %s failed: %s", args.config, exc)
+
+    previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
+    try:
+        for session, config in configs:
+            try:
+                manager.load(config, sessionid=session)
+            except ProcessError as exc:
+                _log.error("%s", exc)
+        _log.info("ready: %d jobs from %s", len(configs), args.config)
+        manager.run()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    return 0
+
+
+# -- client commands: talk to a running gaffer over HTTP
+
+class _Client:
+    """A small HTTP client of the controller: JSON requests and Server-Sent Event streams."""
+
+    def __init__(self, address, token):
+        self.text = address
+        self.family, self.address = _parse_address(address)
+        self.token = token
+
+    def _connection(self, timeout):
+        if self.family == socket.AF_UNIX:
+            connection = http.client.HTTPConnection("localhost", timeout=timeout)
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self.address)
+            except OSError:
+                sock.close()
+                raise
+            connection.sock = sock
+            return connection
+        return http.client.HTTPConnection(*self.address, timeout=timeout)
+
+    def _open(self, method, path, body=None, timeout=30):
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        try:
+            connection = self._connection(timeout)
+            connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            raise _ClientError("cannot reach gaffer at %s: %s" % (self.text, getattr(exc, "strerror", None) or exc)) \
+                from None
+        if response.status >= 400:
+            try:
+                reason = json.loads(response.read())["error"]
+            except (ValueError, KeyError, TypeError):
+                reason = response.reason
+            connection.close()
+            raise _ClientError("gaffer at %s: %s (%d)" % (self.text, reason, response.status))
+        return connection, response
+
+    def request(self, method, path, body=None):
+        connection, response = self._open(method, path, body)
+        try:
+            return json.loads(response.read())
+        finally:
+            connection.close()
+
+    def events(self, path):
+        """Yield (event, data) from a Server-Sent Events stream until the server ends it."""
+        connection, response = self._open("GET", path, timeout=None)
+        event, data = None, []
+        try:
+            for raw in response:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+                elif not line and event is not None:
+                    yield event, "\n".join(data)
+                    event, data = None, []
+        finally:
+            connection.close()
+
+
+def _job_path(name):
+    try:
+        session, job = _split_name(name)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    return "/jobs/%s/%s" % (urllib.parse.quote(session, safe=""), urllib.parse.quote(job, safe=""))
+
+
+def _client(args):
+    return _Client(args.http or "127.0.0.1:5000", args.token or os.environ.get("GAFFER_TOKEN"))
+
+
+def _print_json(value):
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _uptime(create_time):
+    seconds = int(max(0, time.time() - create_time)) if isinstance(create_time, (int, float)) else 0
+    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def _cmd_ps(args):
+    client = _client(args)
+    rows = []
+    for pid in client.request("GET", "/pids")["pids"]:
+        try:
+            info, stats = client.request("GET", "/%d" % pid), client.request("GET", "/%d/stats" % pid)
+        except _ClientError:
+            continue  # it exited between the two requests
+        rows.append({**info, "stats": stats})
+    if args.json:
+        _print_json(rows)
+        return 0
+    table = [("JOB", "PID", "OS_PID", "STATE", "UPTIME", "CPU%", "MEM%")]
+    table += [(r["name"], str(r["pid"]), str(r["os_pid"]), r["status"], _uptime(r["create_time"]),
+               str(r["stats"]["cpu"]), str(r["stats"]["mem"])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _cmd_status(args):
+    info = _client(args).request("GET", _job_path(args.job))
+    if args.json:
+        _print_json(info)
+    else:
+        print("%s: %s, %d running (%d committed), target %d, pids %s" % (
+            info["name"], "active" if info["active"] else "stopped", info["running"], info["running_out"],
+            info["max_processes"], " ".join(map(str, info["processes"])) or "-"))
+    return 0
+
+
+def _cmd_scale(args):
+    count = args.count.strip()
+    if not re.fullmatch(r"[+-]?\d+", count):
+        raise _UsageError("scale: N, +N or -N expected, got %r" % args.count)
+    result = _client(args).request("POST", _job_path(args.job) + "/numprocesses",
+                                   {"scale": count if count[0] in "+-" else "=" + count})
+    _print_json(result) if args.json else print("%s: %d" % (args.job, result["numprocesses"]))
+    return 0
+
+
+def _client_state(args, state):
+    jobs = getattr(args, "processes", None) or [args.job]
+    for job in jobs:
+        result = _client(args).request("POST", _job_path(job) + "/state", {"state": state})
+        _print_json(result) if args.json else print("%s: %s" % (job, state))
+    return 0
+
+
+def _cmd_kill(args):
+    path = "/%s" % args.target if args.target.isdigit() else _job_path(args.target)
+    try:
+        _signum(args.signal)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    result = _client(args).request("POST", path + "/signal", {"signal": args.signal})
+    _print_json(result) if args.json else print("%s: sent %s" % (args.target, args.signal))
+    return 0
+
+
+def _cmd_load(args):
+    """Load the jobs of a daemon config (JSON or INI), or of a JSON file holding one ProcessConfig."""
+    try:
+        single = json.loads(_read_text(args.file, "config file"))
+    except ValueError:
+        single = None
+    if isinstance(single, dict) and "jobs" not in single:
+        single = dict(single)
+        session = single.pop("session", _DEFAULT_SESSION)
+        try:
+            configs = [(session, ProcessConfig.from_dict(single))]
+        except (TypeError, ValueError) as exc:
+            raise _UsageError("%s: %s" % (args.file, exc)) from None
+    else:
+        configs = _read_config(args.file)[0]
+    client = _client(args)
+    for session, config in configs:
+        result = client.request("POST", "/jobs/%s" % urllib.parse.quote(session, safe=""), config.to_dict())
+        _print_json(result) if args.json else print("loaded %s.%s" % (session, config.name))
+    return 0
+
+
+def _cmd_unload(args):
+    result = _client(args).request("DELETE", _job_path(args.job))
+    _print_json(result) if args.json else print("unloaded %s" % args.job)
+    return 0
+
+
+def _cmd_watch(args):
+    path = "/watch" + ("?" + urllib.parse.urlencode({"pattern": args.pattern}) if args.pattern else "")
+    for event, data in _client(args).events(path):
+        print(data if args.json else "%s %s" % (event, data), flush=True)
+    return 0
+
+
+def _cmd_logs(args):
+    path = "/%d/streams/%s" % (args.pid, urllib.parse.quote(args.label, safe=""))
+    for event, data in _client(args).events(path):
+        sys.stdout.write(data)
+        sys.stdout.flush()
+    return 0
+
+
+# -- export: unit files for a system manager
+
+def _systemd_quote(text):
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+
+
+def _supervisor_quote(text):
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+
+
+def _cmd_export(args):
+    procfile = os.path.abspath(args.procfile)
+    entries = _parse_procfile(procfile)
+    env = _parse_dotenv(args.env or ".env") if args.env or os.path.exists(".env") else {}
+    counts = _parse_concurrency(args.concurrency, [name for name, _ in entries])
+    app = args.app or re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(os.path.dirname(procfile))) or "app"
+    cwd = os.path.dirname(procfile)
+    instances = [(name, number, command, {**env, "PORT": str(args.port + 100 * index + number - 1)})
+                 for index, (name, command) in enumerate(entries) for number in range(1, counts.get(name, 1) + 1)]
+    os.makedirs(args.output, exist_ok=True)
+    written = []
+
+    def write(filename, text):
+        path = os.path.join(args.output, filename)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        written.append(path)
+
+    if args.format == "systemd":
+        units = []
+        for name, number, command, variables in instances:
+            unit = "%s-%s-%d.service" % (app, name, number)
+            units.append(unit)
+            lines = ["[Unit]", "Description=%s %s.%d" % (app, name, number), "PartOf=%s.target" % app, "",
+                     "[Service]", "WorkingDirectory=%s" % cwd]
+            lines += ["Environment=%s" % _systemd_quote("%s=%s" % item) for item in sorted(variables.items())]
+            lines += ["ExecStart=/bin/sh -c %s" % _systemd_quote(command), "Restart=always",
+                      "KillMode=control-group", "TimeoutStopSec=%g" % args.graceful_timeout]
+            if args.user:
+                lines.append("User=%s" % args.user)
+            lines += ["", "[Install]", "WantedBy=%s.target" % app, ""]
+            write(unit, "\n".join(lines))
+        write("%s.target" % app, "\n".join(["[Unit]", "Description=%s (exported by gaffer)" % app,
+                                            "Wants=%s" % " ".join(units), "", "[Install]",
+                                            "WantedBy=multi-user.target", ""]))
+    else:
+        lines, programs = [], []
+        for name, number, command, variables in instances:
+            program = "%s-%s-%d" % (app, name, number)
+            programs.append(program)
+            lines += ["[program:%s]" % program, "command=/bin/sh -c %s" % _supervisor_quote(command),
+                      "directory=%s" % cwd,
+                      "environment=%s" % ",".join("%s=%s" % (k, _supervisor_quote(v)) for k, v in
+                                                  sorted(variables.items())),
+                      "autostart=true", "autorestart=true", "stopasgroup=true", "killasgroup=true",
+                      "stopwaitsecs=%g" % args.graceful_timeout, "redirect_stderr=true"]
+            if args.user:
+                lines.append("user=%s" % args.user)
+            lines.append("")
+        lines += ["[group:%s]" % app, "programs=%s" % ",".join(programs), ""]
+        write("%s.conf" % app, "\n".join(lines))
+    for path in written:
+        print("wrote %s" % path)
+    return 0
+
+
+# -- main
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError("%s: %s" % (self.prog, message))
+
+
+def _parser():
+    parser = _ArgumentParser(prog="gaffer", description="Run and supervise processes (gaffer.py %s)." % __version__)
+    parser.add_argument("--version", action="version", version="gaffer.py %s" % __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+
+    def command(name, fn, help, client=False):
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(fn=fn)
+        if client:
+            sub.add_argument("--http", metavar="ADDR", help="the server (default 127.0.0.1:5000; unix:/path works)")
+            sub.add_argument("--token", help="bearer token (default: $GAFFER_TOKEN)")
+            sub.add_argument("--json", action="store_true", help="print raw JSON")
+        return sub
+
+    def procfile_options(sub):
+        sub.add_argument("-f", "--procfile", default="Procfile", help="the Procfile (default ./Procfile)")
+        sub.add_argument("-e", "--env", help="a .env file (default ./.env when present)")
+        sub.add_argument("-c", "--concurrency", metavar="web=2,worker=1", help="processes of each type")
+        sub.add_argument("-p", "--port", type=int, default=5000, help="base of $PORT (default 5000)")
+        sub.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S",
+                         help="seconds between SIGTERM and SIGKILL (default 5)")
+
+    sub = command("start", _cmd_start, "run a Procfile in the foreground, like honcho; with no Procfile here, "
+                  "'start JOB' asks a running gaffer to start a job", client=True)
+    procfile_options(sub)
+    sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
+    sub.add_argument("--keep-alive", action="store_true", help="restart processes that exit (default: stop all)")
+    sub.add_argument("processes", nargs="*", metavar="PROCESS", help="run only these")
+
+    sub = command("run", _cmd_run, "supervise one command: kept alive, N copies, prefixed output", client=False)
+    sub.add_argument("-n", type=int, default=1, metavar="N", help="copies (default 1)")
+    sub.add_argument("--name", help="the name shown (default: the program's)")
+    sub.add_argument("--http", metavar="ADDR", help="also serve the HTTP controller")
+    sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
+    sub.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S")
+    sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    sub = command("check", _cmd_check, "validate a Procfile and list its processes")
+    sub.add_argument("-f", "--procfile", default="Procfile")
+
+    sub = command("serve", _cmd_serve, "run a daemon from a JSON or INI config, with the HTTP controller on")
+    sub.add_argument("-c", "--config", required=True, metavar="FILE")
+    sub.add_argument("--http", metavar="ADDR", help="address (default: the config's, else 127.0.0.1:5000)")
+    sub.add_argument("--token", help="require this bearer token (default: the config's or $GAFFER_TOKEN)")
+    sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    command("ps", _cmd_ps, "list the running processes", client=True)
+    sub = command("status", _cmd_status, "show a job", client=True)
+    sub.add_argument("job")
+    sub = command("scale", _cmd_scale, "set (N) or change (+N, -N) a job's number of processes", client=True)
+    sub.add_argument("job")
+    sub.add_argument("count", metavar="N|+N|-N")
+    for name, state in (("stop", "stop"), ("reload", "reload")):
+        sub = command(name, lambda args, state=state: _client_state(args, state), "%s a job" % name, client=True)
+        sub.add_argument("job")
+    sub = command("kill", _cmd_kill, "send a signal to a job's processes or to one process", client=True)
+    sub.add_argument("target", metavar="JOB|PID")
+    sub.add_argument("signal", metavar="SIG")
+    sub = command("load", _cmd_load, "load the jobs of a JSON or INI file", client=True)
+    sub.add_argument("file")
+    sub = command("unload", _cmd_unload, "unload a job", client=True)
+    sub.add_argument("job")
+    sub = command("watch", _cmd_watch, "follow the events (optionally those under PATTERN)", client=True)
+    sub.add_argument("pattern", nargs="?")
+    sub = command("logs", _cmd_logs, "follow a process's output", client=True)
+    sub.add_argument("pid", type=int)
+    sub.add_argument("label", nargs="?", default="out", help="the output or stream label (default out)")
+
+    sub = command("export", _cmd_export, "write systemd units or a supervisord config from a Procfile")
+    sub.add_argument("format", choices=["systemd", "supervisord"])
+    procfile_options(sub)
+    sub.add_argument("-o", "--output", required=True, metavar="DIR")
+    sub.add_argument("-a", "--app", help="application name (default: the Procfile's directory)")
+    sub.add_argument("-u", "--user", help="run the processes as this user")
+    return parser
+
+
+def main(argv=None):
+    """The command line: ``python3 gaffer.py COMMAND ...``; returns the exit code.
+
+    0 success, 1 a failure at run time (unreachable server, refused request),
+    2 bad input (usage, Procfile, .env, config file); a runner returns the exit
+    code of the first process that exited on its own.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command in ("start", "export"):
+            args.procfile_given = any(a in ("-f", "--procfile") or a.startswith("--procfile=") for a in argv)
+        return args.fn(args)
+    except _UsageError as exc:
+        print("gaffer: %s" % exc, file=sys.stderr)
+        return 2
+    except _ClientError as exc:
+        print("gaffer: %s" % exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,11 +3,14 @@
 Run with: python3 -m unittest -v test_gaffer
 """
 
+import base64
 import hashlib
+import http.client
 import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import stat
@@ -164,10 +167,13 @@ class ManagerTestCase(LeakCheckedTestCase):
         self.rec = Recorder(self.m.events)
         self.m.events.subscribe("spawn", self._on_spawn)
         self.output = {}  # pid -> bytes read under any label
-        self.m.start()
+        self.m.start(self.make_apps())
         self.addCleanup(self._stop_manager)
         if self.no_pidfd:
             self.assertFalse(self.m.use_pidfd)
+
+    def make_apps(self):
+        return []
 
     def _on_spawn(self, evtype, msg):
         # On the loop thread, before the first read: no output can be missed.
@@ -1280,6 +1286,615 @@ class LifecycleTest(LeakCheckedTestCase):
         self.assertEqual(host.wait(TIMEOUT), 0)
         for os_pid in os_pids:
             wait_until(lambda: not alive(os_pid), what="children of an exited host")
+
+
+# -- HTTP controller -------------------------------------------------------------
+
+class HttpTestCase(ManagerTestCase):
+    token = None
+
+    def make_apps(self):
+        self.http = gaffer.HttpHandler("127.0.0.1:0", token=self.token, max_body=4096)
+        return [self.http]
+
+    def req(self, method, path, body=None, raw=None, headers=None, token=True):
+        """(status, decoded JSON body, headers) of one request."""
+        headers = dict(headers or {})
+        if self.token and token:
+            headers.setdefault("Authorization", "Bearer " + self.token)
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=TIMEOUT)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"null"), dict(resp.getheaders())
+        finally:
+            conn.close()
+
+    def ok(self, method, path, body=None, status=200, **kw):
+        got, payload, _ = self.req(method, path, body, **kw)
+        self.assertEqual(got, status, payload)
+        return payload
+
+    def sse(self, path):
+        """Open an event stream: returns (connection, iterator of (event, data))."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=TIMEOUT)
+        headers = {"Authorization": "Bearer " + self.token} if self.token else {}
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.getheader("Content-Type"), "text/event-stream")
+
+        def events():
+            event, data = None, []
+            for raw in resp:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+                elif not line and event:
+                    yield event, "\n".join(data)
+                    event, data = None, []
+
+        self.addCleanup(conn.close)
+        return conn, events()
+
+
+class HttpTest(HttpTestCase):
+
+    def test_read_routes(self):
+        self.load("w", 2)
+        self.assertEqual(self.ok("GET", "/"), {"name": "gaffer", "version": gaffer.__version__})
+        self.assertEqual(self.ok("GET", "/version")["version"], gaffer.__version__)
+        self.assertEqual(self.ok("GET", "/ping"), {"ok": True})
+        self.assertEqual(self.ok("GET", "/sessions"), {"sessions": ["default"]})
+        self.assertEqual(self.ok("GET", "/jobs"), {"jobs": ["default.w"]})
+        self.assertEqual(self.ok("GET", "/jobs/default"), {"sessionid": "default", "jobs": ["default.w"]})
+        info = self.ok("GET", "/jobs/default/w")
+        self.assertEqual((info["name"], info["running"], info["processes"]), ("default.w", 2, [1, 2]))
+        self.assertEqual([s["pid"] for s in self.ok("GET", "/jobs/default/w/stats")["stats"]], [1, 2])
+        self.assertEqual(self.ok("GET", "/jobs/default/w/numprocesses"), {"numprocesses": 2})
+        self.assertEqual(self.ok("GET", "/jobs/default/w/state"), {"active": True})
+        self.assertEqual(self.ok("GET", "/jobs/default/w/pids"), {"pids": [1, 2]})
+        self.assertEqual(self.ok("GET", "/pids"), {"pids": [1, 2]})
+        self.assertEqual(self.ok("GET", "/1")["os_pid"], self.os_pid(1))
+        self.assertEqual(self.ok("GET", "/1/stats")["pid"], 1)
+
+    def test_write_routes(self):
+        config = {"name": "w", "cmd": PY, "args": SLEEP, "graceful_timeout": 2}
+        self.assertEqual(self.ok("POST", "/jobs/s1", config, status=201), {"ok": True})
+        self.assertEqual(self.m.pids("s1.w"), [1])
+        self.ok("POST", "/jobs/s1", {**config, "name": "idle", "start": False}, status=201)
+        self.assertEqual(self.m.pids("s1.idle"), [])
+        self.assertEqual(self.ok("POST", "/jobs/s1/w/numprocesses", {"scale": "+2"}), {"numprocesses": 3})
+        self.assertEqual(self.ok("POST", "/jobs/s1/w/numprocesses", {"scale": -1}), {"numprocesses": 2})
+        self.ok("POST", "/jobs/s1/w/state", {"state": "stop"}, status=202)
+        self.assertFalse(self.m.info("s1.w")["active"])
+        self.ok("POST", "/jobs/s1/w/state", {"state": "start"}, status=202)
+        self.ok("POST", "/jobs/s1/w/state", {"state": "reload"}, status=202)
+        self.assertEqual(len(self.m.pids("s1.w")), 1)
+        pid = self.ok("POST", "/jobs/s1/w/commit", {"env": {"X": "1"}, "graceful_timeout": 1})["pid"]
+        self.assertTrue(self.m.get_process(pid).once)
+        self.ok("PUT", "/jobs/s1/w", {**config, "numprocesses": 3}, status=201)
+        self.assertEqual(self.m.info("s1.w")["max_processes"], 3)
+        self.ok("POST", "/jobs/s1/w/signal", {"signal": "KILL"}, status=202)
+        self.rec.wait_for("exit", count=4, name="s1.w", term_signal=9)
+        victim = self.m.pids("s1.w")[0]
+        self.ok("POST", "/%d/signal" % victim, {"signal": 9}, status=202)
+        self.rec.wait_for("exit", pid=victim)
+        victim = self.m.pids("s1.w")[0]
+        self.assertEqual(self.ok("DELETE", "/%d" % victim), {"ok": True})
+        self.assertNotIn(victim, self.m.pids())
+        self.assertEqual(self.ok("DELETE", "/jobs/s1/w"), {"ok": True})
+        self.assertEqual(self.m.jobs(), ["s1.idle"])
+
+    def test_stdin_and_stream_writes(self):
+        self.load("echo", code=ECHO, redirect_input=True, redirect_output=["out"])
+        self.ok("POST", "/1/stdin", raw=b"raw body\n", status=202)
+        self.wait_output(1, b"echo:raw body\n")
+        code = """
+            import os, socket
+            sock = socket.socket(fileno=int(os.environ["GAFFER_STREAM_CTL"]))
+            data = sock.recv(100)
+            sock.sendall(b"ctl got " + data)
+            sock.recv(1)
+        """
+        self.load("ctl", code=code, custom_streams=["ctl"])
+        pid = self.m.pids("ctl")[0]
+        self.ok("POST", "/%d/streams/ctl" % pid, raw=b"hello", status=202)
+        self.wait_output(pid, b"ctl got hello")
+
+    def test_errors(self):
+        self.load("w")
+        cases = [
+            ("POST", "/jobs/default", None, b"{not json", 400, "not valid JSON"),
+            ("POST", "/jobs/default", None, b"[1, 2]", 400, "must be a JSON object"),
+            ("POST", "/jobs/default", {"name": "x"}, None, 400, "needs 'cmd'"),
+            ("POST", "/jobs/default", {"name": "x", "cmd": "y", "numprocess": 1}, None, 400, "did you mean"),
+            ("POST", "/jobs/default", {"name": "x", "cmd": "y", "numprocesses": -1}, None, 400, ">= 0"),
+            ("POST", "/jobs/default", {"name": "w", "cmd": PY}, None, 409, "already loaded"),
+            ("POST", "/jobs/default/w/numprocesses", {}, None, 400, "needs 'scale'"),
+            ("POST", "/jobs/default/w/numprocesses", {"scale": "lots"}, None, 400, "scale must be"),
+            ("POST", "/jobs/default/w/state", {"state": "dance"}, None, 400, "state must be"),
+            ("POST", "/jobs/default/w/signal", {"signal": "NOPE"}, None, 400, "signal"),
+            ("PUT", "/jobs/default/w", {"name": "other", "cmd": PY}, None, 400, "names job 'other'"),
+            ("GET", "/jobs/default/nope", None, None, 404, "not found"),
+            ("GET", "/jobs/nope", None, None, 404, "not found"),
+            ("GET", "/99", None, None, 404, "not found"),
+            ("GET", "/nowhere", None, None, 404, "no route"),
+            ("POST", "/1/stdin", None, b"x", 400, "redirect_input is off"),
+            ("GET", "/1/streams/out", None, None, 404, "no output or stream"),
+            ("POST", "/jobs/default", None, b"x" * 5000, 413, "over the limit"),
+        ]
+        for method, path, body, raw, status, reason in cases:
+            with self.subTest(method=method, path=path, body=body if raw is None else raw[:20]):
+                got, payload, _ = self.req(method, path, body, raw=raw)
+                self.assertEqual((got, payload["errno"]), (status, status), payload)
+                self.assertIn(reason, payload["error"])
+        got, payload, headers = self.req("DELETE", "/pids")
+        self.assertEqual((got, headers.get("Allow")), (405, "GET"))
+        self.assertEqual(self.m.jobs(), ["default.w"], "no bad request reached the manager")
+        self.assertEqual(self.m.pids(), [1])
+
+    def test_watch_events(self):
+        conn, events = self.sse("/watch?pattern=job.default.w")
+        self.load("w")
+        evtype, data = next(events)
+        self.assertEqual(evtype, "job.default.w.start")
+        self.assertEqual(json.loads(data)["name"], "default.w")
+        evtype, data = next(events)
+        self.assertEqual((evtype, json.loads(data)["pid"]), ("job.default.w.spawn", 1))
+        conn.close()  # the client leaves: the server's stream ends (the teardown checks its thread is gone)
+
+    def test_output_streams_as_text_and_base64(self):
+        code = """
+            import os, sys
+            sys.stdin.readline()
+            os.write(1, "héllo\\nworld".encode())
+            os.write(2, bytes([0, 255]))
+        """
+        self.load("w", code=code, redirect_output=["out", "err"], redirect_input=True)
+        _, text = self.sse("/1/streams/out")
+        _, binary = self.sse("/1/streams/err?encoding=base64")
+        self.m.send(1, "go\n")
+        received = ""
+        for evtype, data in text:
+            self.assertEqual(evtype, "out")
+            received += data
+        self.assertEqual(received, "héllo\nworld", "the stream ended with the process")
+        self.assertEqual([(e, base64.b64decode(d)) for e, d in binary], [("err", bytes([0, 255]))])
+
+    def test_streams_end_when_the_manager_stops(self):
+        self.load("w")
+        _, events = self.sse("/watch")
+        done = threading.Event()
+        seen = []
+        reader = threading.Thread(target=lambda: (seen.extend(events), done.set()))
+        reader.start()
+        self.m.stop()
+        self.assertTrue(done.wait(TIMEOUT), "the stream ended")
+        reader.join(TIMEOUT)
+        self.assertIn("stop", [e for e, _ in seen])
+
+
+class HttpTokenTest(HttpTestCase):
+    token = "s3cret-token"
+
+    def test_token_required(self):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+            with self.subTest(headers=headers):
+                status, payload, _ = self.req("GET", "/jobs", headers=headers, token=False)
+                self.assertEqual((status, payload["errno"]), (401, 401))
+        self.assertEqual(self.ok("GET", "/jobs"), {"jobs": []})
+
+    def test_a_public_address_needs_a_token(self):
+        with self.assertRaisesRegex(ValueError, "refusing to serve '0.0.0.0:0' without a token"):
+            gaffer.HttpHandler("0.0.0.0:0")
+        public = gaffer.HttpHandler("0.0.0.0:0", token="t")
+        self.assertEqual(public.address, ("0.0.0.0", 0))
+
+    def test_addresses(self):
+        self.assertEqual(gaffer.HttpHandler(8080).address, ("127.0.0.1", 8080))
+        self.assertEqual(gaffer.HttpHandler(":8080").address, ("127.0.0.1", 8080))
+        self.assertEqual(gaffer.HttpHandler("[::1]:80").address, ("::1", 80))
+        self.assertEqual(gaffer.HttpHandler("unix:/tmp/g.sock").address, "/tmp/g.sock")
+        for bad in ("host:port", "127.0.0.1:70000", "unix:", None):
+            with self.subTest(address=bad), self.assertRaisesRegex(ValueError, "address"):
+                gaffer.HttpHandler(bad)
+
+
+class HttpUnixSocketTest(LeakCheckedTestCase):
+
+    def test_serve_on_a_unix_socket(self):
+        path = os.path.join(self.tmp, "gaffer.sock")
+        app = gaffer.HttpHandler("unix:" + path)
+        m = gaffer.Manager()
+        m.start([app])
+        try:
+            client = gaffer._Client("unix:" + path, None)
+            self.assertEqual(client.request("GET", "/ping"), {"ok": True})
+        finally:
+            m.stop()
+            m.run()
+        self.assertFalse(os.path.exists(path), "the socket file is removed at stop")
+
+
+# -- Command line ------------------------------------------------------------------
+
+GAFFER = os.path.abspath(gaffer.__file__)
+
+
+class CommandLineTestCase(LeakCheckedTestCase):
+    """Runs gaffer.py as a program in a temporary directory."""
+
+    def write(self, name, text):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    def gaffer(self, *args, timeout=60, env=None):
+        return subprocess.run([PY, GAFFER, *args], cwd=self.tmp, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+
+    def spawn(self, *args, env=None):
+        """Start gaffer.py in the background; lines it prints are collected for wait_line()."""
+        proc = subprocess.Popen([PY, GAFFER, *args], cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env={**os.environ, **(env or {})})
+        lines, cond = [], threading.Condition()
+
+        def read():
+            for line in proc.stdout:
+                with cond:
+                    lines.append(line.rstrip("\n"))
+                    match = re.search(r"started with pid (\d+)", line)
+                    if match:
+                        self.session_leaders.add(int(match.group(1)))
+                    cond.notify_all()
+            with cond:
+                lines.append(None)
+                cond.notify_all()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        proc.lines = lines
+
+        def wait_line(pattern, count=1, timeout=TIMEOUT):
+            with cond:
+                ok = cond.wait_for(lambda: len([l for l in lines if l and re.search(pattern, l)]) >= count, timeout)
+                if not ok:
+                    raise AssertionError("no line matching %r in %r" % (pattern, lines))
+                return [l for l in lines if l and re.search(pattern, l)]
+
+        def finish(timeout=TIMEOUT):
+            code = proc.wait(timeout)
+            reader.join(timeout)
+            proc.stdout.close()
+            return code
+
+        proc.wait_line, proc.finish = wait_line, finish
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), finish()))
+        return proc
+
+
+class RunnerTest(CommandLineTestCase):
+
+    PROCFILE = """
+        # a comment, then a blank line
+
+        web: echo "web port=$PORT greeting=$GREETING"; exec sleep 60
+        worker: exec python3 -c "import time; print('working', flush=True); time.sleep(60)"
+    """
+
+    def test_start_prefixes_ports_concurrency_and_ctrl_c(self):
+        self.write("Procfile", self.PROCFILE)
+        self.write(".env", """
+            # comment
+            export GREETING="hello world"  # trailing comment
+            OTHER='single # quoted'
+        """)
+        proc = self.spawn("start", "-c", "web=2")
+        lines = proc.wait_line(r"web\.\d +\| web port=", count=2)
+        proc.wait_line(r"worker\.1 \| working")
+        self.assertEqual(sorted(re.search(r"port=(\d+)", l).group(1) for l in lines), ["5000", "5001"])
+        self.assertIn("greeting=hello world", lines[0])
+        self.assertRegex(lines[0], r"^\d\d:\d\d:\d\d web\.[12]\s+\| ")
+        self.assertFalse(any("\033[" in l for l in proc.lines if l), "no colour when piped")
+        proc.wait_line(r"system\s+\| worker\.1 started with pid \d+")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.finish(), 0, "stopped on request")
+        self.assertEqual(len(proc.wait_line(r"stopping")), 3)
+
+    def test_the_first_exit_stops_the_rest_and_gives_the_code(self):
+        self.write("Procfile", """
+            fail: sleep 0.5; exit 3
+            long: exec sleep 60
+        """)
+        proc = self.spawn("start")
+        self.assertEqual(proc.finish(), 3)
+        proc.wait_line(r"fail\.1 exited with code 3")
+        proc.wait_line(r"long\.1 stopping")
+
+    def test_keep_alive_and_a_subset(self):
+        self.write("Procfile", """
+            blink: echo blink
+            other: exec sleep 60
+        """)
+        proc = self.spawn("start", "--keep-alive", "blink")
+        proc.wait_line(r"blink\.1 \| blink", count=3)
+        self.assertFalse(any("other" in l for l in proc.lines if l))
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.finish(), 0)
+
+    def test_second_ctrl_c_kills_at_once(self):
+        self.write("Procfile", """
+            stubborn: exec python3 -c "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+        """)
+        proc = self.spawn("start", "--graceful-timeout", "60")
+        proc.wait_line(r"stubborn\.1 \| ready")
+        proc.send_signal(signal.SIGINT)
+        proc.wait_line(r"stopping")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.finish(timeout=10), 0)
+        proc.wait_line(r"killed by signal 9")
+
+    def test_colour_on_a_terminal(self):
+        import pty
+        self.write("Procfile", "hello: echo hi\n")
+        primary, secondary = pty.openpty()
+        proc = subprocess.Popen([PY, GAFFER, "start"], cwd=self.tmp, stdout=secondary, stderr=secondary)
+        os.close(secondary)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the other side closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(primary)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertIn(b"\033[", output)
+        self.assertIn(b"hi", output)
+        result = self.gaffer("start", "--no-color")
+        self.assertNotIn("\033[", result.stdout)
+
+    def test_run_one_command(self):
+        proc = self.spawn("run", "-n", "2", "--name", "hello", "--", PY, "-c",
+                          "import time; print('hi', flush=True); time.sleep(60)")
+        proc.wait_line(r"hello\.1 \| hi")
+        proc.wait_line(r"hello\.2 \| hi")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.finish(), 0)
+
+    def test_run_keeps_the_command_alive(self):
+        proc = self.spawn("run", "--", PY, "-c", "print('once')")
+        proc.wait_line(r"\| once", count=3)
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.finish(), 0)
+
+    def test_check_and_bad_input(self):
+        self.write("Procfile", self.PROCFILE)
+        result = self.gaffer("check")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("web: echo", result.stdout)
+        self.assertIn("2 process types", result.stdout)
+        self.write("Bad", "web: ok\nthis line is wrong\n")
+        self.write("Dup", "web: a\n\nweb: b\n")
+        self.write("bad.env", "GOOD=1\nnot a pair\n")
+        cases = [
+            (["check", "-f", "Bad"], r"Bad:2: expected 'name: command'"),
+            (["check", "-f", "Dup"], r"Dup:3: process 'web' is already defined at line 1"),
+            (["check", "-f", "Missing"], r"cannot read Procfile Missing"),
+            (["start", "-e", "bad.env"], r"bad.env:2: expected KEY=value"),
+            (["start", "-c", "nope=2"], r"-c: no process named 'nope'"),
+            (["start", "-c", "web=x"], r"-c: expected name=count"),
+            (["start", "nope"], r"no process named 'nope'"),
+            (["run"], r"give the command after --"),
+            (["frobnicate"], r"invalid choice"),
+        ]
+        for args, message in cases:
+            with self.subTest(args=args):
+                result = self.gaffer(*args)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertRegex(result.stderr, message)
+                self.assertEqual(len(result.stderr.strip().splitlines()), 1, "one clear line")
+
+    def test_version_help_and_python_m(self):
+        result = subprocess.run([PY, "-m", "gaffer", "--version"], cwd=os.path.dirname(GAFFER), capture_output=True,
+                                text=True, timeout=30)
+        self.assertEqual(result.stdout.strip(), "gaffer.py %s" % gaffer.__version__)
+        for command in ("start", "run", "check", "serve", "ps", "scale", "kill", "watch", "logs", "export"):
+            with self.subTest(command=command):
+                result = self.gaffer(command, "--help")
+                self.assertEqual(result.returncode, 0)
+                self.assertIn("usage: gaffer %s" % command, result.stdout)
+
+
+class ServeTest(CommandLineTestCase):
+    """serve from JSON and INI files, SIGHUP, and every client command against it."""
+
+    def serve(self, config, *extra):
+        self.sock = os.path.join(self.tmp, "g.sock")
+        proc = self.spawn("serve", "-c", config, "--http", "unix:" + self.sock, *extra)
+        proc.wait_line(r"ready: \d+ jobs")
+        self.addCleanup(lambda: proc.poll() is None and (proc.terminate(), proc.finish()))
+        return proc
+
+    def client(self, *args, check=True):
+        result = self.gaffer(*args, "--http", "unix:" + self.sock)
+        if check:
+            self.assertEqual(result.returncode, 0, result.stderr)
+        return result
+
+    def jobs(self):
+        return gaffer._Client("unix:" + self.sock, None).request("GET", "/jobs")["jobs"]
+
+    def pids(self, job="default.a"):
+        return gaffer._Client("unix:" + self.sock, None).request("GET", gaffer._job_path(job) + "/pids")["pids"]
+
+    def json_config(self, jobs):
+        return self.write("gaffer.json", json.dumps({"jobs": jobs}))
+
+    def job(self, name, **settings):
+        return {"name": name, "cmd": PY, "args": SLEEP, "graceful_timeout": 2, **settings}
+
+    def record_leaders(self):
+        for pid in gaffer._Client("unix:" + self.sock, None).request("GET", "/pids")["pids"]:
+            info = gaffer._Client("unix:" + self.sock, None).request("GET", "/%d" % pid)
+            self.session_leaders.add(info["os_pid"])
+
+    def test_json_config_sighup_and_sigterm(self):
+        config = self.json_config([self.job("a"), self.job("b", numprocesses=2), self.job("c", session="s")])
+        proc = self.serve(config)
+        self.assertEqual(self.jobs(), ["default.a", "default.b", "s.c"])
+        self.record_leaders()
+        a_pids = self.pids()
+        self.json_config([self.job("a"), self.job("b", numprocesses=3), self.job("d")])
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: self.jobs() == ["default.a", "default.b", "default.d"],
+                   what="reloaded config; serve printed %r" % proc.lines)
+        self.record_leaders()
+        self.assertEqual(self.pids(), a_pids, "an unchanged job is untouched")
+        self.assertEqual(len(self.pids("default.b")), 3)
+        proc.terminate()
+        self.assertEqual(proc.finish(), 0)
+
+    def test_ini_config(self):
+        config = self.write("gaffer.ini", """
+            [gaffer]
+            http_endpoints = public
+
+            [endpoint:public]
+            bind = 127.0.0.1:0
+
+            [job:a]
+            cmd = %s
+            args = -c "import os, time; print(os.environ['GREETING'], flush=True); time.sleep(60)"
+            numprocesses = 2
+            redirect_output = out, err
+            graceful_timeout = 2
+            flapping = 3, 1.5, 7, 2
+
+            [env:a]
+            GREETING = hello
+
+            [process:s.b]
+            cmd = %s
+            args = -c "import time; time.sleep(60)"
+            stop_children = false
+        """ % (PY, PY))
+        proc = self.serve(config)
+        self.assertEqual(self.jobs(), ["default.a", "s.b"])
+        self.record_leaders()
+        info = gaffer._Client("unix:" + self.sock, None).request("GET", "/jobs/default/a")
+        self.assertEqual((info["running"], info["config"]["env"], info["config"]["flapping"]["window"],
+                          info["config"]["redirect_output"]), (2, {"GREETING": "hello"}, 1.5, ["out", "err"]))
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.finish(), 0)
+
+    def test_bad_config_files(self):
+        self.write("unknown.json", json.dumps({"jobs": [{"name": "a", "cmd": "x", "numprocess": 2}]}))
+        self.write("notobject.json", "[1]")
+        self.write("badint.ini", "[job:a]\ncmd = x\nnumprocesses = many\n")
+        self.write("badvalue.ini", "[job:a]\ncmd = x\nnumprocesses = -1\n")
+        self.write("nocmd.ini", "[job:a]\nnumprocesses = 1\n")
+        cases = [
+            ("unknown.json", r"unknown.json: jobs\[0\] \(a\): ProcessConfig has no setting 'numprocess'; "
+                             r"did you mean 'numprocesses'"),
+            ("notobject.json", r"notobject.json: the config must be a JSON object"),
+            ("badint.ini", r"badint.ini: job:a/numprocesses: invalid literal"),
+            ("badvalue.ini", r"badvalue.ini: job:a: numprocesses must be >= 0, got -1"),
+            ("nocmd.ini", r"nocmd.ini: job:a: cmd must be a non-empty str"),
+            ("missing.ini", r"cannot read config file missing.ini"),
+        ]
+        for name, message in cases:
+            with self.subTest(config=name):
+                result = self.gaffer("serve", "-c", name, "--http", "unix:" + os.path.join(self.tmp, "x.sock"))
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertRegex(result.stderr, message)
+
+    def test_client_commands(self):
+        code = "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.2)\n"
+        self.serve(self.json_config([self.job("a", args=["-c", code], redirect_output=["out"])]))
+        self.record_leaders()
+        ps = self.client("ps").stdout.splitlines()
+        self.assertEqual(ps[0].split(), ["JOB", "PID", "OS_PID", "STATE", "UPTIME", "CPU%", "MEM%"])
+        self.assertEqual(ps[1].split()[:2], ["default.a", "1"])
+        self.assertEqual(json.loads(self.client("ps", "--json").stdout)[0]["pid"], 1)
+        self.assertIn("default.a: active, 1 running", self.client("status", "a").stdout)
+        self.assertEqual(self.client("scale", "a", "3").stdout.strip(), "a: 3", "N sets the count")
+        self.assertEqual(self.client("scale", "a", "+1").stdout.strip(), "a: 4")
+        self.assertEqual(self.client("scale", "a", "-2").stdout.strip(), "a: 2")
+        self.record_leaders()
+        self.client("stop", "a")
+        self.assertEqual(self.pids(), [])
+        self.client("start", "a")  # no Procfile here: asks the server
+        self.assertEqual(len(self.pids()), 1)
+        self.client("reload", "a")
+        self.record_leaders()
+        pid = self.pids()[0]
+        logs = self.spawn("logs", str(pid), "--http", "unix:" + self.sock)
+        logs.wait_line(r"^tick$", count=2)
+        watch = self.spawn("watch", "job.default", "--http", "unix:" + self.sock)
+        wait_until(lambda: self.client("kill", "a", "CONT") and [l for l in watch.lines if l and "kill" in l],
+                   what="watch following the events")
+        self.client("kill", str(pid), "KILL")
+        watch.wait_line(r"^job\.default\.a\.exit .*\"term_signal\": 9")
+        logs.finish()  # the stream ends with the process
+        self.record_leaders()
+        self.client("kill", "a", "TERM")
+        watch.wait_line(r"job\.default\.a\.exit .*\"term_signal\": 15")
+        self.write("b.json", json.dumps(self.job("b", session="s2")))
+        self.assertIn("loaded s2.b", self.client("load", "b.json").stdout)
+        self.record_leaders()
+        self.assertIn("s2.b", self.jobs())
+        self.client("unload", "s2.b")
+        self.assertNotIn("s2.b", self.jobs())
+        watch.terminate()
+        watch.finish()
+
+    def test_client_errors(self):
+        self.serve(self.json_config([self.job("a")]))
+        self.record_leaders()
+        result = self.client("status", "nope", check=False)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("job 'default.nope' not found (404)", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        result = self.client("scale", "a", "lots", check=False)
+        self.assertEqual(result.returncode, 2)
+        result = self.gaffer("ps", "--http", "127.0.0.1:1")
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r"^gaffer: cannot reach gaffer at 127.0.0.1:1: .*refused")
+
+
+class ExportTest(CommandLineTestCase):
+
+    def test_systemd_and_supervisord(self):
+        self.write("Procfile", "web: python3 -m http.server $PORT\nworker: ./work --level=100%\n")
+        self.write(".env", "TOKEN=abc\n")
+        out = os.path.join(self.tmp, "out")
+        result = self.gaffer("export", "systemd", "-c", "web=2", "-o", out, "-a", "shop")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(os.listdir(out)), ["shop-web-1.service", "shop-web-2.service",
+                                                   "shop-worker-1.service", "shop.target"])
+        unit = open(os.path.join(out, "shop-web-2.service")).read()
+        self.assertIn('Environment="PORT=5001"', unit)
+        self.assertIn('Environment="TOKEN=abc"', unit)
+        self.assertIn("WorkingDirectory=%s" % self.tmp, unit)
+        self.assertIn('ExecStart=/bin/sh -c "python3 -m http.server $$PORT"', unit)
+        self.assertIn('"./work --level=100%%"', open(os.path.join(out, "shop-worker-1.service")).read())
+        self.assertIn("Wants=shop-web-1.service shop-web-2.service shop-worker-1.service",
+                      open(os.path.join(out, "shop.target")).read())
+        result = self.gaffer("export", "supervisord", "-c", "web=2", "-o", out, "-a", "shop")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        conf = open(os.path.join(out, "shop.conf")).read()
+        self.assertIn("[program:shop-web-2]", conf)
+        self.assertIn('environment=PORT="5001",TOKEN="abc"', conf)
+        self.assertIn("programs=shop-web-1,shop-web-2,shop-worker-1", conf)
+        self.assertIn("stopasgroup=true", conf)
 
 
 if __name__ == "__main__":
