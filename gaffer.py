@@ -1109,7 +1109,7 @@ class Process:
             elapsed = now - self._last_sample[1]
             cpu = (cpu_seconds - self._last_sample[0]) / elapsed if elapsed > 0 else 0.0
         self._last_sample = (cpu_seconds, now)
-        stats.update(cpu=round(cpu * 100, 1), mem=round(rss * 100 / _mem_total(), 1), rss=rss, vms=vms,
+        stats.update(cpu=round(cpu * 100, 1), mem=round(rss * 100 / _mem_total(), 2), rss=rss, vms=vms,
                      mem_info1=_human(rss), mem_info2=_human(vms),
                      ctime="%d:%05.2f" % divmod(cpu_seconds, 60), num_threads=threads)
         return stats
@@ -2441,12 +2441,13 @@ class HttpHandler:
         with self._lock:
             streams, connections = list(self._streams), list(self._connections)
         for channel in streams:
-            channel.close()
+            channel.close()  # the stream sends what was queued, then ends
         for handler in connections:
-            try:
-                handler.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            if not handler.streaming:  # wake a keep-alive connection waiting for its next request
+                try:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def restart(self):
         """Nothing to do: the routes read the manager afresh on every request."""
@@ -2533,6 +2534,8 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "gaffer/" + __version__
 
+    streaming = False
+
     def setup(self):
         super().setup()
         with self.server.app._lock:
@@ -2554,7 +2557,6 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
         self.body = None
-        self._streaming = False
         try:
             if app._auth and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), app._auth):
                 raise ProcessError(401, "missing or wrong bearer token")
@@ -2565,7 +2567,7 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
             status, reason = _http_error(exc)
             if status >= 500:
                 _log.exception("%s %s failed", self.command, self.path)
-            if self._streaming:
+            if self.streaming:
                 return
             if self.body is None:
                 self.close_connection = True  # the body, if any, was not read
@@ -2623,8 +2625,9 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
         app = self.server.app
         with app._lock:
             app._streams.add(channel)
-        self._streaming = True
+        self.streaming = True
         self.close_connection = True
+        self.connection.settimeout(2 * _SSE_KEEPALIVE)  # a client that stops reading is dropped
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -2652,10 +2655,6 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
             channel.close()
             with app._lock:
                 app._streams.discard(channel)
-
-
-def _job_name(session, job):
-    return "%s.%s" % (session, job)
 
 
 @_route("GET", "/")
@@ -2696,72 +2695,73 @@ def _http_load(req, m, session):
     return 201, {"ok": True}
 
 
-@_route("GET", "/jobs/([^/]+)/([^/]+)")
-def _http_info(req, m, session, job):
-    return 200, m.info(_job_name(session, job))
+@_route("GET", "/jobs/([^/]+/[^/]+)")
+def _http_info(req, m, job):
+    return 200, m.info(job)
 
 
-@_route("PUT", "/jobs/([^/]+)/([^/]+)")
-def _http_update(req, m, session, job):
+@_route("PUT", "/jobs/([^/]+/[^/]+)")
+def _http_update(req, m, job):
+    session, name = _split_name(job)
     body = req.json()
     start = body.pop("start", False)
-    if body.setdefault("name", job) != job:
-        raise ProcessError(400, "the body names job %r, the path %r" % (body["name"], job))
+    if body.setdefault("name", name) != name:
+        raise ProcessError(400, "the body names job %r, the path %r" % (body["name"], name))
     m.update(ProcessConfig.from_dict(body), sessionid=session, start=_bool_setting("start", start))
     return 201, {"ok": True}
 
 
-@_route("DELETE", "/jobs/([^/]+)/([^/]+)")
-def _http_unload(req, m, session, job):
-    m.unload(_job_name(session, job))
+@_route("DELETE", "/jobs/([^/]+/[^/]+)")
+def _http_unload(req, m, job):
+    m.unload(job)
     return 200, {"ok": True}
 
 
-@_route("GET", "/jobs/([^/]+)/([^/]+)/stats")
-def _http_job_stats(req, m, session, job):
-    return 200, m.stats(_job_name(session, job))
+@_route("GET", "/jobs/([^/]+/[^/]+)/stats")
+def _http_job_stats(req, m, job):
+    return 200, m.stats(job)
 
 
-@_route("GET", "/jobs/([^/]+)/([^/]+)/numprocesses")
-def _http_numprocesses(req, m, session, job):
-    return 200, {"numprocesses": m.info(_job_name(session, job))["max_processes"]}
+@_route("GET", "/jobs/([^/]+/[^/]+)/numprocesses")
+def _http_numprocesses(req, m, job):
+    return 200, {"numprocesses": m.info(job)["max_processes"]}
 
 
-@_route("POST", "/jobs/([^/]+)/([^/]+)/numprocesses")
-def _http_scale(req, m, session, job):
-    return 200, {"numprocesses": m.scale(_job_name(session, job), req.field("scale", (int, str)))}
+@_route("POST", "/jobs/([^/]+/[^/]+)/numprocesses")
+def _http_scale(req, m, job):
+    return 200, {"numprocesses": m.scale(job, req.field("scale", (int, str)))}
 
 
-@_route("POST", "/jobs/([^/]+)/([^/]+)/signal")
-def _http_job_signal(req, m, session, job):
-    m.killall(_job_name(session, job), req.field("signal", (int, str)))
+@_route("POST", "/jobs/([^/]+/[^/]+)/signal")
+def _http_job_signal(req, m, job):
+    m.killall(job, req.field("signal", (int, str)))
     return 202, {"ok": True}
 
 
-@_route("GET", "/jobs/([^/]+)/([^/]+)/state")
-def _http_state(req, m, session, job):
-    return 200, {"active": m.info(_job_name(session, job))["active"]}
+@_route("GET", "/jobs/([^/]+/[^/]+)/state")
+def _http_state(req, m, job):
+    return 200, {"active": m.info(job)["active"]}
 
 
-@_route("POST", "/jobs/([^/]+)/([^/]+)/state")
-def _http_set_state(req, m, session, job):
+@_route("POST", "/jobs/([^/]+/[^/]+)/state")
+def _http_set_state(req, m, job):
     actions = {"start": m.start_job, "stop": m.stop_job, "reload": m.reload}
     state = req.field("state", str)
     if state not in actions:
         raise ProcessError(400, "state must be 'start', 'stop' or 'reload', got %r" % state)
-    actions[state](_job_name(session, job))
+    actions[state](job)
     return 202, {"ok": True}
 
 
-@_route("GET", "/jobs/([^/]+)/([^/]+)/pids")
-def _http_job_pids(req, m, session, job):
-    return 200, {"pids": m.pids(_job_name(session, job))}
+@_route("GET", "/jobs/([^/]+/[^/]+)/pids")
+def _http_job_pids(req, m, job):
+    return 200, {"pids": m.pids(job)}
 
 
-@_route("POST", "/jobs/([^/]+)/([^/]+)/commit")
-def _http_commit(req, m, session, job):
+@_route("POST", "/jobs/([^/]+/[^/]+)/commit")
+def _http_commit(req, m, job):
     body = req.json(required=False)
-    pid = m.commit(_job_name(session, job), body.get("graceful_timeout", 0), body.get("env"))
+    pid = m.commit(job, body.get("graceful_timeout", 0), body.get("env"))
     return 200, {"pid": pid}
 
 
@@ -2891,7 +2891,7 @@ def _parse_dotenv(path):
             if quote == '"':
                 value = re.sub(r'\\([\\"n])', lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
         else:
-            value = re.split(r"\s+#", value, 1)[0]
+            value = re.split(r"\s+#", value, maxsplit=1)[0]
         env[key] = value
     return env
 
@@ -3092,15 +3092,8 @@ def _read_config(path):
             raise _UsageError("%s: jobs: must be a list of process configs" % path)
         configs = []
         for index, job in enumerate(jobs):
-            where = "jobs[%d]" % index
-            if isinstance(job, dict):
-                job = dict(job)
-                session = job.pop("session", _DEFAULT_SESSION)
-                where = "jobs[%d] (%s)" % (index, job.get("name", "?"))
-            try:
-                configs.append((_check_name("session", session), ProcessConfig.from_dict(job)))
-            except (TypeError, ValueError) as exc:
-                raise _UsageError("%s: %s: %s" % (path, where, exc)) from None
+            where = "jobs[%d] (%s)" % (index, job.get("name", "?")) if isinstance(job, dict) else "jobs[%d]" % index
+            configs.append(_json_job(job, "%s: %s" % (path, where)))
         return configs, data.get("http"), data.get("token")
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # environment variables keep their case
@@ -3136,6 +3129,18 @@ def _read_config(path):
         except (TypeError, ValueError) as exc:
             raise _UsageError("%s: %s: %s" % (path, name, exc)) from None
     return configs, http, token
+
+
+def _json_job(job, where):
+    """(session, ProcessConfig) of a JSON job: a ProcessConfig object with an optional "session"."""
+    try:
+        if not isinstance(job, dict):
+            raise ValueError("a job must be a JSON object, got %r" % (job,))
+        job = dict(job)
+        session = _check_name("session", job.pop("session", _DEFAULT_SESSION))
+        return session, ProcessConfig.from_dict(job)
+    except (TypeError, ValueError) as exc:
+        raise _UsageError("%s: %s" % (where, exc)) from None
 
 
 def _apply_config(manager, configs):
@@ -3351,12 +3356,7 @@ def _cmd_load(args):
     except ValueError:
         single = None
     if isinstance(single, dict) and "jobs" not in single:
-        single = dict(single)
-        session = single.pop("session", _DEFAULT_SESSION)
-        try:
-            configs = [(session, ProcessConfig.from_dict(single))]
-        except (TypeError, ValueError) as exc:
-            raise _UsageError("%s: %s" % (args.file, exc)) from None
+        configs = [_json_job(single, args.file)]
     else:
         configs = _read_config(args.file)[0]
     client = _client(args)

@@ -1061,7 +1061,9 @@ class StatsTest(ManagerTestCase):
         self.assertEqual((stats["pid"], stats["os_pid"]), (2, idle.os_pid))
         self.assertGreater(stats["rss"], 1 << 20)
         self.assertGreater(stats["vms"], stats["rss"])
-        self.assertTrue(0 < stats["mem"] < 100)
+        with open("/proc/meminfo") as f:
+            total = int(f.readline().split()[1]) * 1024  # MemTotal comes first
+        self.assertAlmostEqual(stats["mem"], stats["rss"] * 100 / total, delta=0.01)
         self.assertRegex(stats["mem_info1"], r"^\d+\.\dM$")
         self.assertRegex(stats["ctime"], r"^\d+:\d\d\.\d\d$")
         self.assertGreaterEqual(stats["num_threads"], 1)
