@@ -1838,7 +1838,7 @@ class Manager:
         result = {"name": job.name, "stats": stats}
         for key in ("cpu", "mem"):
             values = [s[key] for s in stats if s[key] != "N/A"]
-            result[key] = round(sum(values), 1) if values else "N/A"
+            result[key] = round(sum(values), 2) if values else "N/A"
             result["max_" + key] = max(values) if values else "N/A"
             result["min_" + key] = min(values) if values else "N/A"
         return result

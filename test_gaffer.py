@@ -1075,7 +1075,7 @@ class StatsTest(ManagerTestCase):
         self.assertEqual([s["pid"] for s in stats["stats"]], [1, 2])
         cpus = [s["cpu"] for s in stats["stats"]]
         self.assertEqual((stats["max_cpu"], stats["min_cpu"]), (max(cpus), min(cpus)))
-        self.assertAlmostEqual(stats["mem"], sum(s["mem"] for s in stats["stats"]), places=1)
+        self.assertAlmostEqual(stats["mem"], sum(s["mem"] for s in stats["stats"]), places=2)
         self.m.scale("w", "=0")
         stats = self.m.stats("w")
         self.assertEqual(stats["stats"], [])
@@ -1270,13 +1270,25 @@ class LifecycleTest(LeakCheckedTestCase):
         m.start()
         m.load(gaffer.ProcessConfig("w", sys.executable, args=["-c", "import time; time.sleep(60)"],
                                     numprocesses=2, graceful_timeout=3))
-        print(*[p.os_pid for p in m.list()], flush=True)
+        pids = [p.os_pid for p in m.list()]
     """)
 
     def test_sigint_and_sigterm_stop_run_in_the_main_thread(self):
         for signum in (signal.SIGINT, signal.SIGTERM):
             with self.subTest(signal=signum):
-                host, os_pids = self.run_script(self.HOST + "m.run()\nprint('clean exit')\n")
+                host, os_pids = self.run_script(self.HOST + textwrap.dedent("""
+                    import signal, threading, time
+
+                    def announce():  # once run() has its handlers in place
+                        while (signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                               or signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+                            time.sleep(0.001)
+                        print(*pids, flush=True)
+
+                    threading.Thread(target=announce).start()
+                    m.run()
+                    print('clean exit')
+                """))
                 host.send_signal(signum)
                 self.assertEqual(host.stdout.read().strip(), "clean exit")
                 self.assertEqual(host.wait(TIMEOUT), 0)
@@ -1284,7 +1296,7 @@ class LifecycleTest(LeakCheckedTestCase):
                     self.assertFalse(alive(os_pid))
 
     def test_atexit_stops_children_of_a_host_that_forgot(self):
-        host, os_pids = self.run_script(self.HOST + "sys.stdin.read() if len(sys.argv) > 1 else None\n")
+        host, os_pids = self.run_script(self.HOST + "print(*pids, flush=True)\n")
         self.assertEqual(host.wait(TIMEOUT), 0)
         for os_pid in os_pids:
             wait_until(lambda: not alive(os_pid), what="children of an exited host")
