@@ -2916,9 +2916,10 @@ def _exit_code(msg):
 class _Printer:
     """Writes output and gaffer's messages as "HH:MM:SS name.N | text", a colour per process on a tty."""
 
-    def __init__(self, stream, color, names):
+    def __init__(self, stream, color, names, on_broken):
         self.stream = stream
         self.color = color
+        self.on_broken = on_broken  # called once if the reader of the stream goes away
         self.width = max(len(n) for n in list(names) + ["system"])
         self.colors = {name: _COLORS[i % len(_COLORS)] for i, name in enumerate(names)}
         self.partial = {}  # pid -> bytes of an unfinished line
@@ -2927,8 +2928,15 @@ class _Printer:
         prefix = "%s %s |" % (time.strftime("%H:%M:%S"), name.ljust(self.width))
         if self.color:
             prefix = "\033[%sm%s\033[0m" % (self.colors.get(name, "0"), prefix)
-        self.stream.write("%s %s\n" % (prefix, text))
-        self.stream.flush()
+        if self.on_broken is None:
+            return
+        try:
+            self.stream.write("%s %s\n" % (prefix, text))
+            self.stream.flush()
+        except BrokenPipeError:  # e.g. piped into head: stop quietly, as a shell pipeline would
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            on_broken, self.on_broken = self.on_broken, None
+            on_broken()
 
     def output(self, name, pid, data):
         lines = (self.partial.pop(pid, b"") + data).split(b"\n")
@@ -2949,9 +2957,17 @@ def _run_foreground(configs, args, keep_alive):
     Returns the exit code: 0 when stopped on request, else the first process's that exited on its own.
     """
     names = ["%s.%s" % (session, config.name) for session, config in configs]
-    printer = _Printer(sys.stdout, sys.stdout.isatty() and not args.no_color, names)
     manager = Manager()
     asked, first_exit = set(), []
+
+    def stop_all(code):
+        """Record the exit code and stop every job now (inline: nothing is replaced meanwhile)."""
+        first_exit.append(code)
+        for job in manager.jobs():
+            manager.stop_job(job)
+        manager.stop()
+
+    printer = _Printer(sys.stdout, sys.stdout.isatty() and not args.no_color, names, lambda: stop_all(1))
 
     def on_spawn(evtype, msg):
         printer.line("system", "%s started with pid %d" % (msg["name"], msg["os_pid"]))
@@ -2963,12 +2979,8 @@ def _run_foreground(configs, args, keep_alive):
         code = msg["exit_status"]
         how = "killed by signal %d" % msg["term_signal"] if msg["term_signal"] else "exited with code %d" % code
         printer.line("system", "%s %s" % (msg["name"], how))
-        if msg["pid"] in asked or keep_alive or first_exit:
-            return
-        first_exit.append(_exit_code(msg))
-        for job in manager.jobs():  # inline, before the job would replace the process
-            manager.stop_job(job)
-        manager.stop()
+        if msg["pid"] not in asked and not keep_alive and not first_exit:
+            stop_all(_exit_code(msg))
 
     def on_stop_process(evtype, msg):
         asked.add(msg["pid"])
@@ -2979,7 +2991,7 @@ def _run_foreground(configs, args, keep_alive):
     manager.events.subscribe("stop_process", on_stop_process)
     manager.events.subscribe("spawn_error", lambda e, msg: printer.line("system", "%s cannot start: %s"
                                                                          % (msg["name"], msg["reason"])))
-    manager.start([HttpHandler(args.http)] if args.http else [])
+    _start(manager, args.http and _http_app(args.http, getattr(args, "token", None)))
     try:
         for session, config in configs:
             manager.load(config, sessionid=session)
@@ -2989,6 +3001,21 @@ def _run_foreground(configs, args, keep_alive):
         manager.stop()
     manager.run()
     return first_exit[0] if first_exit else 0
+
+
+def _http_app(address, token):
+    try:
+        return HttpHandler(address, token or os.environ.get("GAFFER_TOKEN"))
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _start(manager, app):
+    """Start the manager, with the HTTP app if any; an address in use is one line, not a traceback."""
+    try:
+        manager.start([app] if app else [])
+    except OSError as exc:
+        raise _UsageError("cannot serve on %s: %s" % (app.url, exc.strerror or exc)) from None
 
 
 def _procfile_configs(args):
@@ -3026,8 +3053,10 @@ def _cmd_run(args):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise _UsageError("run: give the command after --, e.g. run -- python3 -m http.server")
+    if args.n < 1:
+        raise _UsageError("run: -n must be at least 1, got %d" % args.n)
     name = args.name or re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(command[0]))
-    configs = [(name, ProcessConfig(str(n), command[0], args=command[1:], redirect_output=["out", "out"],
+    configs = [(name, ProcessConfig(str(n), shlex.quote(command[0]), args=command[1:], redirect_output=["out", "out"],
                                     graceful_timeout=args.graceful_timeout, env={"PYTHONUNBUFFERED": "1"}))
                for n in range(1, args.n + 1)]
     return _run_foreground(configs, args, keep_alive=True)
@@ -3166,17 +3195,11 @@ def _cmd_serve(args):
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configs, http, token = _read_config(args.config)
-    try:
-        app = HttpHandler(args.http or http or "127.0.0.1:5000", args.token or token or os.environ.get("GAFFER_TOKEN"))
-    except ValueError as exc:
-        raise _UsageError(str(exc)) from None
+    app = _http_app(args.http or http or "127.0.0.1:5000", args.token or token)
     manager = Manager()
     for event in ("spawn", "exit", "flap", "spawn_error", "stop_process"):
         manager.events.subscribe(event, lambda evtype, msg: _log.info("%s %s", evtype, json.dumps(msg)))
-    try:
-        manager.start([app])
-    except OSError as exc:
-        raise _UsageError("cannot serve on %s: %s" % (app.url, exc.strerror or exc)) from None
+    _start(manager, app)
 
     def reload_config():
         try:
@@ -3283,6 +3306,14 @@ def _print_json(value):
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
+def _report(args, result, text):
+    """Print the server's answer as JSON (--json) or as a line for people."""
+    if args.json:
+        _print_json(result)
+    else:
+        print(text)
+
+
 def _uptime(create_time):
     seconds = int(max(0, time.time() - create_time)) if isinstance(create_time, (int, float)) else 0
     return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
@@ -3311,12 +3342,9 @@ def _cmd_ps(args):
 
 def _cmd_status(args):
     info = _client(args).request("GET", _job_path(args.job))
-    if args.json:
-        _print_json(info)
-    else:
-        print("%s: %s, %d running (%d committed), target %d, pids %s" % (
-            info["name"], "active" if info["active"] else "stopped", info["running"], info["running_out"],
-            info["max_processes"], " ".join(map(str, info["processes"])) or "-"))
+    _report(args, info, "%s: %s, %d running (%d committed), target %d, pids %s" % (
+        info["name"], "active" if info["active"] else "stopped", info["running"], info["running_out"],
+        info["max_processes"], " ".join(map(str, info["processes"])) or "-"))
     return 0
 
 
@@ -3326,7 +3354,7 @@ def _cmd_scale(args):
         raise _UsageError("scale: N, +N or -N expected, got %r" % args.count)
     result = _client(args).request("POST", _job_path(args.job) + "/numprocesses",
                                    {"scale": count if count[0] in "+-" else "=" + count})
-    _print_json(result) if args.json else print("%s: %d" % (args.job, result["numprocesses"]))
+    _report(args, result, "%s: %d" % (args.job, result["numprocesses"]))
     return 0
 
 
@@ -3334,7 +3362,7 @@ def _client_state(args, state):
     jobs = getattr(args, "processes", None) or [args.job]
     for job in jobs:
         result = _client(args).request("POST", _job_path(job) + "/state", {"state": state})
-        _print_json(result) if args.json else print("%s: %s" % (job, state))
+        _report(args, result, "%s: %s" % (job, state))
     return 0
 
 
@@ -3345,7 +3373,7 @@ def _cmd_kill(args):
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     result = _client(args).request("POST", path + "/signal", {"signal": args.signal})
-    _print_json(result) if args.json else print("%s: sent %s" % (args.target, args.signal))
+    _report(args, result, "%s: sent %s" % (args.target, args.signal))
     return 0
 
 
@@ -3362,13 +3390,13 @@ def _cmd_load(args):
     client = _client(args)
     for session, config in configs:
         result = client.request("POST", "/jobs/%s" % urllib.parse.quote(session, safe=""), config.to_dict())
-        _print_json(result) if args.json else print("loaded %s.%s" % (session, config.name))
+        _report(args, result, "loaded %s.%s" % (session, config.name))
     return 0
 
 
 def _cmd_unload(args):
     result = _client(args).request("DELETE", _job_path(args.job))
-    _print_json(result) if args.json else print("unloaded %s" % args.job)
+    _report(args, result, "unloaded %s" % args.job)
     return 0
 
 
@@ -3493,6 +3521,7 @@ def _parser():
     sub.add_argument("-n", type=int, default=1, metavar="N", help="copies (default 1)")
     sub.add_argument("--name", help="the name shown (default: the program's)")
     sub.add_argument("--http", metavar="ADDR", help="also serve the HTTP controller")
+    sub.add_argument("--token", help="require this bearer token (default: $GAFFER_TOKEN)")
     sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
     sub.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S")
     sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")

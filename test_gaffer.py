@@ -1683,6 +1683,17 @@ class RunnerTest(CommandLineTestCase):
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.finish(), 0)
 
+    def test_a_closed_stdout_stops_the_runner_quietly(self):
+        read_end, write_end = os.pipe()
+        proc = subprocess.Popen([PY, GAFFER, "run", "--", "echo", "hello"], cwd=self.tmp, stdout=write_end,
+                                stderr=subprocess.PIPE, text=True)
+        os.close(write_end)
+        self.assertTrue(os.read(read_end, 100), "some output came")
+        os.close(read_end)  # the reader goes away, as head does
+        self.assertEqual(proc.wait(TIMEOUT), 1)
+        self.assertNotIn("Traceback", proc.stderr.read())
+        proc.stderr.close()
+
     def test_run_keeps_the_command_alive(self):
         proc = self.spawn("run", "--", PY, "-c", "print('once')")
         proc.wait_line(r"\| once", count=3)
@@ -1707,6 +1718,9 @@ class RunnerTest(CommandLineTestCase):
             (["start", "-c", "web=x"], r"-c: expected name=count"),
             (["start", "nope"], r"no process named 'nope'"),
             (["run"], r"give the command after --"),
+            (["run", "-n", "0", "--", "true"], r"-n must be at least 1"),
+            (["run", "--http", "0.0.0.0:1", "--", "true"], r"refusing to serve '0.0.0.0:1' without a token"),
+            (["run", "--http", "nowhere:port", "--", "true"], r"the port must be a number"),
             (["frobnicate"], r"invalid choice"),
         ]
         for args, message in cases:
