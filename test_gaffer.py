@@ -1641,6 +1641,18 @@ class RunnerTest(CommandLineTestCase):
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.finish(), 0)
 
+    def test_start_serves_the_controller(self):
+        self.write("Procfile", "web: exec sleep 60\nworker: exec sleep 60\n")
+        sock = os.path.join(self.tmp, "runner.sock")
+        proc = self.spawn("start", "-c", "web=2", "--http", "unix:" + sock)
+        proc.wait_line(r"worker\.1 started")
+        client = gaffer._Client("unix:" + sock, None)
+        self.assertEqual(client.request("GET", "/jobs")["jobs"], ["web.1", "web.2", "worker.1"])
+        result = self.gaffer("ps", "--http", "unix:" + sock)
+        self.assertEqual([line.split()[0] for line in result.stdout.splitlines()[1:]], ["web.1", "web.2", "worker.1"])
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.finish(), 0)
+
     def test_second_ctrl_c_kills_at_once(self):
         self.write("Procfile", """
             stubborn: exec python3 -c "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
@@ -1883,6 +1895,17 @@ class ServeTest(CommandLineTestCase):
         self.assertNotIn("s2.b", self.jobs())
         watch.terminate()
         watch.finish()
+
+    def test_token(self):
+        self.serve(self.json_config([self.job("a")]), "--token", "t0ken")
+        result = self.client("ps", check=False)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("missing or wrong bearer token (401)", result.stderr)
+        result = self.gaffer("status", "a", "--http", "unix:" + self.sock, env={"GAFFER_TOKEN": "t0ken"})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("default.a: active", result.stdout)
+        os_pid = gaffer._Client("unix:" + self.sock, "t0ken").request("GET", "/1")["os_pid"]
+        self.session_leaders.add(os_pid)
 
     def test_client_errors(self):
         self.serve(self.json_config([self.job("a")]))
