@@ -955,15 +955,12 @@ class _Pipe:
             budget -= len(data)
 
     def write(self, data):
-        if self.closed:
-            raise ProcessError(400, "the pipe is closed")
+        if self.closed:  # the child closed its end earlier in this send: dropped, as on EPIPE
+            self.dropped += len(data)
+            return
         self._pending.append(memoryview(data))
         self._pending_bytes += len(data)
         self._flush()
-
-    @property
-    def pending(self):
-        return self._pending_bytes
 
     def _flush(self):
         pending = self._pending
@@ -3020,7 +3017,7 @@ def _start(manager, app):
 
 def _procfile_configs(args):
     """[(session, ProcessConfig)] for the Procfile's processes that `start` runs."""
-    procfile = os.path.abspath(args.procfile)
+    procfile = os.path.abspath(args.procfile or "Procfile")
     entries = _parse_procfile(procfile)
     names = [name for name, _ in entries]
     env = {"PYTHONUNBUFFERED": "1"}
@@ -3030,7 +3027,8 @@ def _procfile_configs(args):
     counts = _parse_concurrency(args.concurrency, names)
     for name in args.processes:
         if name not in names:
-            raise _UsageError("no process named %r in %s (it has %s)" % (name, args.procfile, ", ".join(names)))
+            raise _UsageError("no process named %r in %s (it has %s)" % (name, args.procfile or "Procfile",
+                                                                          ", ".join(names)))
     configs = []
     for index, (name, command) in enumerate(entries):
         if args.processes and name not in args.processes:
@@ -3044,7 +3042,7 @@ def _procfile_configs(args):
 
 
 def _cmd_start(args):
-    if not args.procfile_given and not os.path.exists(args.procfile) and args.processes:
+    if args.procfile is None and not os.path.exists("Procfile") and args.processes:
         return _client_state(args, "start")  # no Procfile here: start JOB on a running gaffer
     return _run_foreground(_procfile_configs(args), args, args.keep_alive)
 
@@ -3072,13 +3070,12 @@ def _cmd_check(args):
 
 # -- serve: a daemon from a config file
 
-_INI_BOOLEANS = {"1": True, "yes": True, "true": True, "on": True, "0": False, "no": False, "false": False,
-                 "off": False}
+_CONFIG_TYPES = {f.name: f.type for f in dataclasses.fields(ProcessConfig)}
 
 
 def _ini_value(key, text):
     """Convert an INI setting to what ProcessConfig takes."""
-    kind = {f.name: f.type for f in dataclasses.fields(ProcessConfig)}.get(key, "str")
+    kind = _CONFIG_TYPES.get(key, "str")
     if key in ("redirect_output", "custom_streams"):
         return [label for label in re.split(r"[\s,]+", text) if label]
     if key == "env":
@@ -3090,9 +3087,9 @@ def _ini_value(key, text):
         types = (int, float, float, int)
         return dict(zip(("attempts", "window", "retry_in", "max_retry"), (t(v) for t, v in zip(types, values))))
     if kind == "bool":
-        if text.lower() not in _INI_BOOLEANS:
+        if text.lower() not in configparser.ConfigParser.BOOLEAN_STATES:
             raise ValueError("expected true or false, got %r" % text)
-        return _INI_BOOLEANS[text.lower()]
+        return configparser.ConfigParser.BOOLEAN_STATES[text.lower()]
     if kind == "int":
         return int(text)
     if kind == "float":
@@ -3426,7 +3423,7 @@ def _supervisor_quote(text):
 
 
 def _cmd_export(args):
-    procfile = os.path.abspath(args.procfile)
+    procfile = os.path.abspath(args.procfile or "Procfile")
     entries = _parse_procfile(procfile)
     env = _parse_dotenv(args.env or ".env") if args.env or os.path.exists(".env") else {}
     counts = _parse_concurrency(args.concurrency, [name for name, _ in entries])
@@ -3503,7 +3500,7 @@ def _parser():
         return sub
 
     def procfile_options(sub):
-        sub.add_argument("-f", "--procfile", default="Procfile", help="the Procfile (default ./Procfile)")
+        sub.add_argument("-f", "--procfile", help="the Procfile (default ./Procfile)")
         sub.add_argument("-e", "--env", help="a .env file (default ./.env when present)")
         sub.add_argument("-c", "--concurrency", metavar="web=2,worker=1", help="processes of each type")
         sub.add_argument("-p", "--port", type=int, default=5000, help="base of $PORT (default 5000)")
@@ -3573,15 +3570,12 @@ def main(argv=None):
     2 bad input (usage, Procfile, .env, config file); a runner returns the exit
     code of the first process that exited on its own.
     """
-    argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     try:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
-        if args.command in ("start", "export"):
-            args.procfile_given = any(a in ("-f", "--procfile") or a.startswith("--procfile=") for a in argv)
         return args.fn(args)
     except _UsageError as exc:
         print("gaffer: %s" % exc, file=sys.stderr)
