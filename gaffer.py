@@ -112,6 +112,11 @@ _SPAWN_DELAY_MIN, _SPAWN_DELAY_MAX = 0.1, 10.0   # backoff after a failed respaw
 _POLL_MIN, _POLL_MAX = 0.001, 0.05              # child polling where pidfds are missing
 _READ_MIN, _READ_MAX = 1 << 16, 1 << 20        # a channel's reads start small, grow when it is busy
 _DRAIN_LIMIT = 1 << 26                          # bytes read from a process's pipes once it exited
+_MAX_WAIT = 7 * 86400.0                         # the longest any setting may make the loop wait (a week)
+_MAX_SELECT = 3600.0                            # the longest one select sleeps, whatever is due
+_MAX_COUNT = 1 << 31                            # the largest count a setting may hold
+_ORPHAN_POLL_MIN, _ORPHAN_POLL_MAX = 0.005, 0.5  # rechecks of a group whose leader was reaped
+_ORPHAN_GIVE_UP = 10.0                          # seconds after SIGKILL a group may linger before it is forgotten
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 
 
@@ -168,7 +173,7 @@ class ProcessConflict(ProcessError):
 
 def _signum(value, setting="signal"):
     """Return the number of a signal given as 15, "15", "TERM", "SIGTERM" or "term"."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if _is_number(value.strip() if isinstance(value, str) else None):
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if 0 < value < signal.NSIG:
@@ -181,12 +186,21 @@ def _signum(value, setting="signal"):
     raise ValueError("%s must be a signal number or a name such as 'TERM', got %r" % (setting, value))
 
 
+_NAME = re.compile(r"[A-Za-z0-9_@-]{1,128}")
+
+
 def _check_name(setting, value):
+    """A job or session name: 1 to 128 ASCII letters, digits, '_', '-' or '@' (safe in paths, topics and logs)."""
     if not isinstance(value, str) or not value:
         raise ValueError("%s must be a non-empty str, got %r" % (setting, value))
-    if "." in value or "/" in value:
-        raise ValueError("%s must not contain '.' or '/', got %r" % (setting, value))
+    if not _NAME.fullmatch(value):
+        raise ValueError("%s must be 1 to 128 ASCII letters, digits, '_', '-' or '@', got %r" % (setting, value))
     return value
+
+
+def _is_number(text):
+    """Whether text is a decimal number in ASCII digits (str.isdigit also takes '١' and '²')."""
+    return isinstance(text, str) and text.isascii() and text.isdigit()
 
 
 def _split_name(name, sessionid=None):
@@ -200,19 +214,22 @@ def _split_name(name, sessionid=None):
     return sessionid or _DEFAULT_SESSION, name
 
 
-def _int_setting(setting, value, minimum):
+def _int_setting(setting, value, minimum, maximum=_MAX_COUNT):
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError("%s must be an int, got %r" % (setting, value))
-    if value < minimum:
-        raise ValueError("%s must be >= %d, got %r" % (setting, minimum, value))
+    if not minimum <= value <= maximum:
+        bound = ">= %d" % minimum if value < minimum else "<= %d" % maximum
+        raise ValueError("%s must be %s, got %r" % (setting, bound, value))
     return value
 
 
-def _float_setting(setting, value, minimum):
+def _float_setting(setting, value, minimum, maximum=_MAX_WAIT):
+    """A number of seconds (or another measure) within bounds: every wait the loop takes is one of these."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("%s must be a number, got %r" % (setting, value))
-    if not value >= minimum:  # also refuses nan
-        raise ValueError("%s must be >= %s, got %r" % (setting, minimum, value))
+    if not minimum <= value <= maximum:  # also refuses nan and infinities
+        bound = "<= %s" % maximum if value > maximum else ">= %s" % minimum
+        raise ValueError("%s must be %s, got %r" % (setting, bound, value))
     return float(value)
 
 
@@ -236,7 +253,7 @@ def _account(setting, value, lookup):
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         return value
     if isinstance(value, str) and value:
-        if value.isdigit():
+        if _is_number(value):
             return int(value)
         try:
             return lookup(value)
@@ -609,6 +626,15 @@ class _Timer:
         self.cancelled = True
 
 
+class _Watch:
+    """What the selector calls for one registration; callback None once it was forgotten."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback):
+        self.callback = callback
+
+
 class Loop:
     """The event loop a Manager runs on its own thread.
 
@@ -658,10 +684,13 @@ class Loop:
         """Run fn(*args) on the loop thread; return a Future of its result.
 
         Raises:
-            RuntimeError: the loop is not running.
+            RuntimeError: the loop is not running, or this is the loop thread (waiting
+                there for the Future would wait forever: use call()).
         """
         if not self._accepting:
             raise RuntimeError("manager is not running")
+        if self.in_loop_thread():
+            raise RuntimeError("submit() on the loop thread would wait for itself; use call() or call_soon_threadsafe()")
         future = Future()
         self._commands.append((fn, args, future))
         self.wakeup()
@@ -701,14 +730,19 @@ class Loop:
     def set_events(self, fileobj, events, callback=None):
         """Call ``callback(mask)`` when fileobj is ready for `events` (EVENT_READ|EVENT_WRITE); 0 forgets it."""
         try:
-            self._selector.get_key(fileobj)
+            key = self._selector.get_key(fileobj)
         except KeyError:
             if events:
-                self._selector.register(fileobj, events, callback)
+                self._selector.register(fileobj, events, _Watch(callback))
             return
         if events:
-            self._selector.modify(fileobj, events, callback)
+            key.data.callback = callback
+            if key.events != events:
+                self._selector.modify(fileobj, events, key.data)
         else:
+            # A callback later in this select batch may still hold this key: the flag tells it,
+            # even if fileobj is closed by then and could no longer be looked up.
+            key.data.callback = None
             self._selector.unregister(fileobj)
 
     def stop(self):
@@ -721,7 +755,7 @@ class Loop:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, _Watch(self._on_wake))
         self._accepting = True
         self.thread = threading.Thread(target=self._run, args=(on_close,), name=name, daemon=True)
         self.thread.start()
@@ -745,14 +779,13 @@ class Loop:
         if self._commands:
             timeout = 0
         elif self._timers:
-            timeout = max(0.0, self._timers[0].when - self.time())
-        ready = self._selector.select(timeout)
-        fd_map = self._selector.get_map()
-        for key, mask in ready:
-            if fd_map.get(key.fileobj) is not key:
+            timeout = min(max(0.0, self._timers[0].when - self.time()), _MAX_SELECT)
+        for key, mask in self._selector.select(timeout):
+            callback = key.data.callback
+            if callback is None:
                 continue  # forgotten by an earlier callback of this batch
             try:
-                key.data(mask)
+                callback(mask)
             except Exception:
                 _log.exception("callback for %r failed", key.fileobj)
         self._run_commands()
@@ -1290,7 +1323,7 @@ class _Lifecycle(enum.Enum):
     STOPPED = "stopped"
 
 
-_SCALE = re.compile(r"\s*([=+-]?)\s*(\d+)\s*")
+_SCALE = re.compile(r"\s*([=+-]?)\s*([0-9]+)\s*")
 _managers = weakref.WeakSet()  # started and not yet stopped, for the atexit hook
 
 
@@ -1319,7 +1352,9 @@ class Manager:
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
-        self._orphan_groups = {}  # pgid -> SIGKILL timer, for groups whose leader exited
+        self._orphan_groups = {}  # pgid -> (deadline, killed) of a group whose leader was reaped first
+        self._orphan_timer = None
+        self._orphan_delay = _ORPHAN_POLL_MIN
         self._pids = itertools.count(1)
         self._apps = []
         self._stop_callbacks = []
@@ -1331,8 +1366,9 @@ class Manager:
         self._run_wakeups = []    # sockets that run() sleeps on, written to when the loop ends
 
     def __repr__(self):
+        # Any thread: each list() copies a loop-owned dict in one step, never iterating it live.
         return "<Manager %s jobs=%d processes=%d>" % (
-            self._state.value, sum(len(s) for s in self._sessions.values()), len(self._procs))
+            self._state.value, sum(map(len, list(self._sessions.values()))), len(self._procs))
 
     def __enter__(self):
         self.start()
@@ -1370,12 +1406,11 @@ class Manager:
     def stop(self, callback=None):
         """Stop every job gracefully, then the apps, then call ``callback(manager)``; return at once.
 
-        Safe from any thread and from a signal handler.  A manager that is not
-        running calls the callback at once.
+        Safe from any thread, from a listener and from a signal handler.  A manager
+        that is not running calls the callback at once.  The callback sees
+        ``manager.started == False``.
         """
-        try:
-            self.loop.submit(self._do_stop, callback)
-        except RuntimeError:
+        if self._state is _Lifecycle.STOPPED or not self._post(self._do_stop, callback):
             if callback is not None:
                 callback(self)
 
@@ -1383,8 +1418,25 @@ class Manager:
         """Restart the apps and replace every running process (new ones first); return at once.
 
         ``callback(manager)`` runs on the loop thread once the old processes are reaped.
+
+        Raises:
+            RuntimeError: the manager is not running.
         """
-        self.loop.submit(self._do_restart, callback)
+        if not self._post(self._do_restart, callback):
+            raise RuntimeError("manager is not running")
+
+    def _post(self, fn, *args):
+        """Run fn on the loop thread later, without waiting; a failure is logged.  False if the loop is gone."""
+        if self.loop.in_loop_thread():
+            self.loop.call_soon_threadsafe(fn, *args)  # after the event being delivered, not inside it
+            return True
+        try:
+            future = self.loop.submit(fn, *args)
+        except RuntimeError:
+            return False
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or _log.error(
+            "%s failed", fn.__name__, exc_info=f.exception()))
+        return True
 
     def run(self):
         """Block until the manager has fully stopped (children gone, apps stopped, callbacks called).
@@ -1393,10 +1445,13 @@ class Manager:
         second one kills every process at once.
 
         Raises:
-            RuntimeError: the manager was never started.
+            RuntimeError: the manager was never started, or this is the loop thread
+                (a listener or callback), which would wait for itself.
         """
         if self._state is _Lifecycle.NEW:
             raise RuntimeError("manager was never started")
+        if self.loop.in_loop_thread():
+            raise RuntimeError("run() on the loop thread (in a listener or callback) would wait for itself")
         previous = {}
         signals = []
 
@@ -1475,7 +1530,8 @@ class Manager:
 
         Raises:
             ProcessConflict: a job of that name exists in the session.
-            ProcessError: a process could not be spawned; the job stays loaded and stopped.
+            ProcessError: a process could not be spawned; nothing is loaded (the
+                processes spawned before the failure are stopped).
         """
         config = self._config(config, env)
         return self._call(self._do_load, config, _check_name("sessionid", sessionid or _DEFAULT_SESSION), start)
@@ -1693,9 +1749,16 @@ class Manager:
 
     # -- _do_* bodies (loop thread)
 
+    def _all_jobs(self):
+        """Every loaded job, as a snapshot: listeners may load and unload while a caller walks it."""
+        return [job for jobs in list(self._sessions.values()) for job in list(jobs.values())]
+
+    def _loaded(self, job):
+        return self._sessions.get(job.session, {}).get(job.config.name) is job
+
     def _do_jobs(self, sessionid):
         if sessionid is None:
-            return [job.name for jobs in self._sessions.values() for job in jobs.values()]
+            return [job.name for job in self._all_jobs()]
         if sessionid not in self._sessions:
             raise ProcessNotFound("session %r not found" % (sessionid,))
         return [job.name for job in self._sessions[sessionid].values()]
@@ -1708,10 +1771,17 @@ class Manager:
         self._sessions.setdefault(session, jobs)[config.name] = job
         self._publish({"name": job.name}, "load")
         if start:
-            self._start_job(job)
+            try:
+                self._start_job(job)
+            except ProcessError as exc:
+                if self._loaded(job):  # a listener may have unloaded it already
+                    self._unload(job)
+                raise ProcessError(exc.errno, "%s; the job was not loaded" % exc.reason) from exc
 
     def _do_unload(self, name):
-        job = self._job(name)
+        self._unload(self._job(name))
+
+    def _unload(self, job):
         self._stop_job(job)
         jobs = self._sessions[job.session]
         del jobs[job.config.name]
@@ -1766,6 +1836,8 @@ class Manager:
         before = job.numprocesses
         target = amount if op == "=" else before + amount if op == "+" else before - amount
         job.numprocesses = max(0, target)
+        if not job.active and job.numprocesses > before:
+            self._activate(job)  # scaling up asks for processes: a stopped job starts, as in the seed
         if job.active:
             try:
                 self._manage(job, strict=True)
@@ -1872,13 +1944,13 @@ class Manager:
             owner = self._job(target)
             emitter, pattern, strip = self.events, "job." + owner.name, "job.%s." % owner.name
         elif source in ("PROCESS", "STREAM"):
-            if not target.isdigit():
+            if not _is_number(target):
                 raise ProcessError(400, "%s needs a process id, got %r" % (source, target))
             owner = self._process(int(target))
             emitter, pattern, strip = ((self.events, "proc.%d" % owner.pid, "proc.%d." % owner.pid)
                                        if source == "PROCESS" else (owner._io, ".", ""))
         elif source == "STATS":
-            owner = self._process(int(target)) if target.isdigit() else self._job(target)
+            owner = self._process(int(target)) if _is_number(target) else self._job(target)
             emitter = None
         else:
             raise ProcessError(400, "unknown topic source %r in %r: use EVENTS, JOB, PROCESS, STATS or STREAM"
@@ -1917,23 +1989,27 @@ class Manager:
         return proc
 
     def _do_stop(self, callback):
+        if self._state is _Lifecycle.STOPPED:  # posted by a stop callback, after the others ran
+            if callback is not None:
+                self._run_callback(lambda: callback(self))
+            return
         if callback is not None:
             self._stop_callbacks.append(callback)
         if self._state is not _Lifecycle.RUNNING:
             return
         self._state = _Lifecycle.STOPPING
-        for jobs in self._sessions.values():
-            for job in jobs.values():
-                if job.active or job.processes():
-                    self._stop_job(job)
+        for job in self._all_jobs():
+            if job.active or job.processes():
+                self._stop_job(job)
         self._check_stopped()
 
     def _do_kill_all(self):
         """SIGKILL every process and every leftover group now (a second Ctrl-C)."""
-        for proc in self._procs.values():
+        for proc in list(self._procs.values()):
             self._signal(proc, signal.SIGKILL, proc.config.stop_children)
-        for pgid in self._orphan_groups:
-            _send_signal(pgid, signal.SIGKILL, group=True)
+        for pgid in list(self._orphan_groups):
+            self._orphan_groups[pgid] = (0.0, False)  # due now
+        self._watch_orphans()
 
     def _do_restart(self, callback):
         if self._state is not _Lifecycle.RUNNING:
@@ -1944,15 +2020,14 @@ class Manager:
             except Exception:
                 _log.exception("app %r failed to restart", app)
         old = set()
-        for jobs in self._sessions.values():
-            for job in jobs.values():
-                if job.active:
-                    old.update(p.pid for p in job.running.values())
-                    try:
-                        self._replace(job)
-                    except ProcessError as exc:
-                        _log.error("restart of %s kept its old processes: %s", job.name, exc)
-                        old.difference_update(job.running)
+        for job in self._all_jobs():
+            if job.active and self._loaded(job) and self._state is _Lifecycle.RUNNING:
+                old.update(job.running)
+                try:
+                    self._replace(job)
+                except ProcessError as exc:
+                    _log.error("restart of %s kept its old processes: %s", job.name, exc)
+                    old.difference_update(job.running)
         if callback is not None:
             self._when_reaped(old, lambda: callback(self))
 
@@ -2093,6 +2168,7 @@ class Manager:
 
     def _check_stopped(self):
         if self._state is _Lifecycle.STOPPING and not self._procs and not self._orphan_groups:
+            self._state = _Lifecycle.STOPPED  # what the apps and callbacks see: no longer started
             for app in reversed(self._apps):
                 try:
                     app.stop()
@@ -2118,14 +2194,16 @@ class Manager:
         """The reaper saw the process exit: finish it, publish exit, replace it if its job runs."""
         asked = proc._state is _State.STOPPING
         kill_timer, proc._kill_timer = proc._kill_timer, None
+        if kill_timer is not None:
+            kill_timer.cancel()
         if proc.config.stop_children and _group_alive(proc.os_pid):
-            # The leader is gone but some of its group is not: ask them too, then kill them on time.
+            # The leader is gone but some of its group is not: ask them too (unless they were asked
+            # with it), and kill them at the same deadline as the leader.
             if kill_timer is None:
                 _send_signal(proc.os_pid, proc.config.stop_signal, group=True)
-                kill_timer = self.loop.call_later(proc.graceful_timeout, self._on_graceful_timeout, proc)
-            self._orphan_groups[proc.os_pid] = kill_timer
-        elif kill_timer is not None:
-            kill_timer.cancel()
+            deadline = kill_timer.when if kill_timer is not None else self.loop.time() + proc.graceful_timeout
+            self._orphan_groups[proc.os_pid] = (deadline, False)
+            self._watch_orphans()
         dropped = proc._finish()
         del self._procs[proc.pid]
         job = proc._job
@@ -2144,13 +2222,40 @@ class Manager:
         self._check_stopped()
 
     def _on_graceful_timeout(self, proc):
-        """A stopping process (or the rest of its group) outlived graceful_timeout: SIGKILL."""
+        """A stopping process outlived graceful_timeout: SIGKILL (its group too, with stop_children)."""
+        proc._kill_timer = None
         if proc._state is not _State.EXITED:
             _send_signal(proc.os_pid, signal.SIGKILL, proc.config.stop_children)
             self._reaper.expect_exit()
-        elif self._orphan_groups.pop(proc.os_pid, None) is not None:
-            _send_signal(proc.os_pid, signal.SIGKILL, group=True)
-            self._check_stopped()
+
+    def _watch_orphans(self):
+        """Recheck the orphaned groups soon, then less and less often: no descriptor tells when a group empties."""
+        self._orphan_delay = _ORPHAN_POLL_MIN
+        if self._orphan_timer is not None:
+            self._orphan_timer.cancel()
+        self._orphan_timer = self.loop.call_later(_ORPHAN_POLL_MIN, self._on_orphan_check)
+
+    def _on_orphan_check(self):
+        """Forget the groups that emptied, SIGKILL those past their deadline, give up on those SIGKILL left."""
+        self._orphan_timer = None
+        now = self.loop.time()
+        for pgid, (deadline, killed) in list(self._orphan_groups.items()):
+            if not _group_alive(pgid):
+                del self._orphan_groups[pgid]
+            elif now < deadline:
+                continue
+            elif not killed:
+                _send_signal(pgid, signal.SIGKILL, group=True)
+                self._orphan_groups[pgid] = (now + _ORPHAN_GIVE_UP, True)
+            else:  # zombies that no one reaps (a PID namespace without init, say): a stop must still finish
+                _log.warning("process group %d is still there %gs after SIGKILL; no longer waiting for it",
+                             pgid, _ORPHAN_GIVE_UP)
+                del self._orphan_groups[pgid]
+        if self._orphan_groups:
+            self._orphan_delay = min(self._orphan_delay * 2, _ORPHAN_POLL_MAX)
+            due = min(deadline for deadline, _ in self._orphan_groups.values())
+            self._orphan_timer = self.loop.call_at(min(now + self._orphan_delay, max(due, now)), self._on_orphan_check)
+        self._check_stopped()
 
     def _on_sample(self):
         self._sample_timer = None
@@ -2167,7 +2272,7 @@ class Manager:
 
     def _on_restart_due(self, job, flapped):
         job.restart_timer = None
-        if self._state is not _Lifecycle.RUNNING or self._sessions.get(job.session, {}).get(job.config.name) is not job:
+        if self._state is not _Lifecycle.RUNNING or not self._loaded(job):
             return
         if flapped:
             job.active = True
@@ -2184,7 +2289,7 @@ class Manager:
                 proc._popen.wait(1)
             except subprocess.TimeoutExpired:
                 pass
-        for pgid in self._orphan_groups:
+        for pgid in list(self._orphan_groups):
             _send_signal(pgid, signal.SIGKILL, group=True)
         self._stopped.set()
         for wake in list(self._run_wakeups):
@@ -2357,7 +2462,7 @@ def _parse_address(address):
         host, port = "127.0.0.1", address.strip()
     else:
         raise ValueError("address must be 'host:port', ':port', a port or 'unix:/path', got %r" % (address,))
-    if not port.isdigit() or int(port) > 65535:
+    if not _is_number(port) or int(port) > 65535:
         raise ValueError("address %r: the port must be a number from 0 to 65535" % (address,))
     return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
 
@@ -2492,7 +2597,7 @@ _ROUTES = []  # (method, compiled path, function(request, manager, *groups) -> (
 
 def _route(method, pattern):
     def register(fn):
-        _ROUTES.append((method, re.compile(pattern + "/?"), fn))
+        _ROUTES.append((method, re.compile(pattern + "/?", re.ASCII), fn))
         return fn
     return register
 
@@ -2580,7 +2685,7 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             raise ProcessError(400, "chunked request bodies are not supported; send Content-Length")
         length = self.headers.get("Content-Length", "0")
-        if not length.isdigit():
+        if not _is_number(length):
             raise ProcessError(400, "bad Content-Length %r" % length)
         if int(length) > limit:
             raise ProcessError(413, "request body of %s bytes is over the limit of %d" % (length, limit))
@@ -2898,7 +3003,7 @@ def _parse_concurrency(text, names):
     counts = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         name, sep, count = item.partition("=")
-        if not sep or not count.strip().isdigit():
+        if not sep or not _is_number(count.strip()):
             raise _UsageError("-c: expected name=count, got %r" % item)
         if name.strip() not in names:
             raise _UsageError("-c: no process named %r in the Procfile (it has %s)" % (name.strip(), ", ".join(names)))
@@ -3347,7 +3452,7 @@ def _cmd_status(args):
 
 def _cmd_scale(args):
     count = args.count.strip()
-    if not re.fullmatch(r"[+-]?\d+", count):
+    if not re.fullmatch(r"[+-]?[0-9]+", count):
         raise _UsageError("scale: N, +N or -N expected, got %r" % args.count)
     result = _client(args).request("POST", _job_path(args.job) + "/numprocesses",
                                    {"scale": count if count[0] in "+-" else "=" + count})
@@ -3364,7 +3469,7 @@ def _client_state(args, state):
 
 
 def _cmd_kill(args):
-    path = "/%s" % args.target if args.target.isdigit() else _job_path(args.target)
+    path = "/%s" % args.target if _is_number(args.target) else _job_path(args.target)
     try:
         _signum(args.signal)
     except ValueError as exc:

@@ -408,8 +408,11 @@ class ManagerTest(ManagerTestCase):
             self.m.scale("w", "x2")
         with self.assertRaisesRegex(TypeError, "config must be a ProcessConfig"):
             self.m.load("w")
-        with self.assertRaisesRegex(ValueError, "sessionid must not contain"):
+        with self.assertRaisesRegex(ValueError, "sessionid must be 1 to 128 ASCII letters"):
             self.m.load(gaffer.ProcessConfig("v", PY), sessionid="a.b")
+        for name in ("a\nb", "caf\u00e9", "a b", "x" * 129):
+            with self.subTest(name=name), self.assertRaisesRegex(ValueError, "name must be 1 to 128 ASCII"):
+                self.m.load(gaffer.ProcessConfig(name, PY))
         self.assertEqual(self.m.jobs(), ["default.w"], "bad calls changed nothing")
 
     def test_an_exited_process_is_replaced_at_once(self):
@@ -637,7 +640,7 @@ class ManagerTest(ManagerTestCase):
         self.m.start_job("w")  # by hand: retries are counted afresh
         self.rec.wait_for("flap", count=3)
 
-    def test_spawn_failures_raise_and_leave_the_job_stopped(self):
+    def test_spawn_failures_raise_and_load_nothing(self):
         plain = os.path.join(self.tmp, "not-executable")
         with open(plain, "w") as f:
             f.write("#!/bin/sh\n")
@@ -655,13 +658,15 @@ class ManagerTest(ManagerTestCase):
                 self.assertIn("default.%s" % name, message)
                 self.assertIn(settings["cmd"], message)
                 self.assertIn(oserror, message)
-                self.assertIn(name, [j.split(".")[1] for j in self.m.jobs()], "the job stays loaded")
-                self.assertFalse(self.m.info(name)["active"])
-                self.assertEqual(self.m.pids(name), [])
-                for call in (lambda: self.m.start_job(name), lambda: self.m.commit(name)):
-                    self.assertRaises(gaffer.ProcessError, call)
-                self.assertEqual(self.m.pids(name), [])
+                self.assertIn("the job was not loaded", message)
+                self.assertEqual(self.m.jobs(), [], "an error means nothing changed")
+                self.assertEqual(self.m.pids(), [])
         self.assertTrue(self.rec.matching("spawn_error", name="default.bad0")[0]["reason"])
+        self.assertEqual(len(self.rec.matching("unload")), 3, "listeners saw each load undone")
+        self.m.load(gaffer.ProcessConfig("idle", "/no/such/binary"), start=False)
+        for call in (lambda: self.m.start_job("idle"), lambda: self.m.commit("idle")):
+            self.assertRaises(gaffer.ProcessError, call)
+        self.assertEqual(self.m.info("idle")["active"], False, "a failed start leaves a loaded job stopped")
         self.load("good")
         self.assertEqual(len(self.m.pids("good")), 1, "the manager keeps serving")
 
@@ -673,8 +678,8 @@ class ManagerTest(ManagerTestCase):
         self.m.events.subscribe_once("spawn", remove_after_first)
         with self.assertRaises(gaffer.ProcessError):
             self.m.load(gaffer.ProcessConfig("w", link, args=SLEEP, numprocesses=3))
-        self.assertEqual(self.m.pids("w"), [])
-        self.assertFalse(self.m.info("w")["active"])
+        self.assertEqual(self.m.jobs(), [])
+        self.assertEqual(self.m.pids(), [])
         self.rec.wait_for("exit", pid=1)
 
     def test_a_failed_scale_keeps_the_count(self):
