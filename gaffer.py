@@ -521,12 +521,19 @@ def _topics(evtype):
     return ["."] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
+def _pattern(pattern):
+    """A subscription pattern as stored: "a.b." means "a.b", as in the seed; "" and "." mean everything."""
+    if not isinstance(pattern, str):
+        raise TypeError("pattern must be a str, got %r" % (pattern,))
+    return pattern.rstrip(".") or "."
+
+
 class EventEmitter:
     """Delivers events to listeners subscribed by pattern.
 
-    ``"."`` receives every event; ``"job.default.web"`` receives
-    ``job.default.web.spawn``, ``job.default.web.exit``... exactly once each.
-    A listener that raises is logged on the ``gaffer`` logger and kept.
+    ``"."`` receives every event; ``"job.default.web"`` (or ``"job.default.web."``)
+    receives ``job.default.web.spawn``, ``job.default.web.exit``... exactly once
+    each.  A listener that raises is logged on the ``gaffer`` logger and kept.
     """
 
     def __init__(self):
@@ -539,6 +546,7 @@ class EventEmitter:
         """Call ``listener(evtype, msg)`` for every event matching pattern (only the next one if once)."""
         if not callable(listener):
             raise TypeError("listener must be callable, got %r" % (listener,))
+        pattern = _pattern(pattern)
         with self._lock:
             listeners = dict(self._listeners)
             listeners[pattern] = listeners.get(pattern, ()) + ((listener, once),)
@@ -550,6 +558,7 @@ class EventEmitter:
 
     def unsubscribe(self, pattern, listener):
         """Stop calling listener for pattern; unknown pairs are ignored."""
+        pattern = _pattern(pattern)
         with self._lock:
             entries = self._listeners.get(pattern, ())
             for entry in entries:
@@ -571,10 +580,12 @@ class EventEmitter:
         self._listeners = listeners
         return True
 
-    def publish(self, evtype, msg=None):
-        """Deliver ``(evtype, msg)`` to every matching listener, in the caller's thread.
+    def publish(self, evtype, *args, **kwargs):
+        """Call ``listener(evtype, *args, **kwargs)`` for every matching listener, in the caller's thread.
 
-        ``msg`` is copied and gets ``msg["event"] = evtype``; listeners share that copy.
+        A message that is one dict (as the manager sends) is copied with
+        ``msg["event"] = evtype``, and the listeners share that copy.  Any other
+        payload is passed as it is, as the seed's emitter did.
 
         Returns:
             the number of listeners called.
@@ -585,7 +596,8 @@ class EventEmitter:
         matched = [(p, listeners[p]) for p in _topics(evtype) if p in listeners]
         if not matched:
             return 0
-        msg = dict(msg or (), event=evtype)
+        if len(args) == 1 and not kwargs and isinstance(args[0], dict):
+            args = (dict(args[0], event=evtype),)
         called = 0
         for pattern, entries in matched:
             for entry in entries:
@@ -596,14 +608,14 @@ class EventEmitter:
                             continue  # fired already, by another thread or a nested publish
                 called += 1
                 try:
-                    self._invoke(listener, evtype, msg)
+                    self._invoke(listener, evtype, *args, **kwargs)
                 except Exception:
                     _log.exception("listener %r failed on event %r", listener, evtype)
         return called
 
     @staticmethod
-    def _invoke(listener, evtype, msg):
-        listener(evtype, msg)
+    def _invoke(listener, evtype, *args, **kwargs):
+        listener(evtype, *args, **kwargs)
 
 
 # -- Loop --------------------------------------------------------------------

@@ -11,8 +11,10 @@ import logging
 import os
 import queue
 import re
+import selectors
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -336,8 +338,8 @@ class EventEmitterTest(unittest.TestCase):
         em.subscribe("x", bad)
         after = Recorder(em, "x")
         with self.assertLogs("gaffer", logging.ERROR) as logs:
-            em.publish("x")
-            em.publish("x")
+            em.publish("x", {})
+            em.publish("x", {})
         self.assertEqual(calls, ["x", "x"])
         self.assertEqual(len(after.events), 2)
         self.assertIn("boom", "\n".join(logs.output))
@@ -1306,6 +1308,249 @@ class LifecycleTest(LeakCheckedTestCase):
         for os_pid in os_pids:
             wait_until(lambda: not alive(os_pid), what="children of an exited host")
 
+
+
+# -- Loop survival: what a hostile caller, listener or child does to the loop ----------
+
+IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+
+
+class LoopSurvivalTest(ManagerTestCase):
+
+    def stop_and_time(self):
+        """Stop the manager and return how long run() took (failing past 20 s)."""
+        started = time.monotonic()
+        self.m.stop()
+        runner = threading.Thread(target=self.m.run)
+        runner.start()
+        runner.join(20)
+        self.assertFalse(runner.is_alive(), "stop() + run() did not finish")
+        return time.monotonic() - started
+
+    def test_stop_finishes_when_a_group_outlives_its_sigkilled_leader(self):
+        # Leader and child both ignore SIGTERM; SIGKILL at the deadline; the leader may be reaped
+        # before the rest of its group, whose kill timer has fired already.
+        code = """
+            import os, signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+            print("forked", flush=True)
+            time.sleep(60)
+        """
+        self.load("w", 3, code=code, graceful_timeout=0.3, redirect_output=["out"])
+        for pid in (1, 2, 3):
+            self.wait_output(pid, b"forked")
+        self.assertLess(self.stop_and_time(), 10)
+
+    def test_a_group_emptied_after_its_leader_is_noticed_at_once(self):
+        # The leader exits on SIGTERM, its child a moment later: run() must not wait for the deadline.
+        code = """
+            import os, signal, sys, time
+            if os.fork() == 0:
+                signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.2), os._exit(0)))
+                time.sleep(60)
+            print("forked", flush=True)
+            time.sleep(60)
+        """
+        self.load("w", code=code, graceful_timeout=60, redirect_output=["out"])
+        self.wait_output(1, b"forked")
+        self.assertLess(self.stop_and_time(), 20)  # the deadline is 60 s away
+        self.assertEqual(self.m.started, False)
+
+    def test_huge_waits_are_refused_and_the_loop_clamps_its_sleep(self):
+        cases = [
+            (dict(graceful_timeout=1e9), "graceful_timeout must be <= 604800"),
+            (dict(graceful_timeout=float("inf")), "graceful_timeout must be <= "),
+            (dict(graceful_timeout=float("nan")), "graceful_timeout must be "),
+            (dict(flapping={"retry_in": 1e12}), "flapping.retry_in must be <= "),
+            (dict(flapping={"window": 1e12}), "flapping.window must be <= "),
+            (dict(numprocesses=1 << 40), "numprocesses must be <= "),
+        ]
+        for settings, message in cases:
+            with self.subTest(settings=settings), self.assertRaisesRegex(ValueError, message):
+                gaffer.ProcessConfig("w", PY, **settings)
+        with self.assertRaisesRegex(ValueError, "stats_interval must be <= "):
+            gaffer.Manager(stats_interval=1e10)
+        with self.assertRaisesRegex(ValueError, "graceful_timeout must be <= "):
+            self.m.commit("nope", graceful_timeout=1e10)
+        # A timer far away (set by an app, say) must not overflow select: the loop goes on serving.
+        fired = []
+        self.m.loop.call(lambda: self.m.loop.call_later(1e12, fired.append, 1))
+        self.m.loop.wakeup()
+        self.load("w")
+        self.assertEqual(self.m.pids("w"), [1])
+        os.kill(self.os_pid(1), signal.SIGKILL)
+        self.rec.wait_for("spawn", pid=2)
+        self.assertEqual(fired, [])
+
+    def test_listeners_that_change_the_manager_during_restart_and_stop(self):
+        for name in ("a", "b", "c", "d"):
+            self.load(name, 2)
+        errors = []
+
+        def meddle(evtype, msg):
+            try:
+                if evtype == "spawn" and "default.b" in self.m.jobs():
+                    self.m.unload("b")          # mid-restart, a job not replaced yet goes away
+                    self.m.load(gaffer.ProcessConfig("late", PY, args=SLEEP, graceful_timeout=2))
+                elif evtype == "job.default.a.stop":
+                    self.m.unload("c")           # mid-stop, the job after this one goes away
+                    self.m.load(gaffer.ProcessConfig("e", PY, args=SLEEP, graceful_timeout=2))
+                    self.m.scale("d", 3)
+                    self.m.restart()
+                elif evtype == "exit":
+                    self.m.start_job("d")
+            except (gaffer.ProcessError, RuntimeError) as exc:
+                errors.append(exc)
+
+        restarted = threading.Event()
+        self.m.events.subscribe(".", meddle)
+        self.m.restart(lambda manager: restarted.set())
+        self.assertTrue(restarted.wait(TIMEOUT), "restart finished")
+        self.assertNotIn("default.b", self.m.jobs())
+        self.assertIn("default.late", self.m.jobs())
+        self.assertLess(self.stop_and_time(), 15)
+        self.assertEqual(self.m._procs, {}, "every process was reaped")
+
+    def test_a_callback_may_close_a_socket_that_is_ready_in_the_same_batch(self):
+        pairs = [socket.socketpair() for _ in range(2)]
+        for a, b in pairs:
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+        loop, calls = self.m.loop, []
+
+        def close_the_other(index):
+            def callback(mask):
+                calls.append(index)
+                pairs[index][0].recv(16)
+                other = pairs[1 - index][0]
+                if other.fileno() != -1:
+                    loop.set_events(other, 0)
+                    other.close()
+            return callback
+
+        def register():
+            for index, (a, _) in enumerate(pairs):
+                loop.set_events(a, selectors.EVENT_READ, close_the_other(index))
+            for _, b in pairs:  # both ready before the loop selects again
+                b.send(b"x")
+        loop.call(register)
+        wait_until(lambda: calls)
+        self.load("w")  # the loop still serves
+        self.assertEqual(self.m.pids("w"), [1])
+        self.assertEqual(len(calls), 1, "the closed socket's callback was not called")
+        loop.call(loop.set_events, [a for a, _ in pairs if a.fileno() != -1][0], 0)
+
+    def test_waiting_calls_on_the_loop_thread_raise(self):
+        seen = []
+
+        def listener(evtype, msg):
+            for call in (self.m.run, lambda: self.m.loop.submit(len, ())):
+                try:
+                    call()
+                except RuntimeError as exc:
+                    seen.append(str(exc))
+
+        self.m.events.subscribe("load", listener)
+        self.load("w")
+        self.assertEqual(len(seen), 2, seen)
+        self.assertIn("would wait for itself", seen[0])
+        self.assertIn("would wait for itself", seen[1])
+
+    def test_repr_from_another_thread_while_jobs_change(self):
+        stop, failures = threading.Event(), []
+
+        def spin():
+            while not stop.is_set():
+                try:
+                    repr(self.m)
+                except Exception as exc:  # "dictionary changed size during iteration"
+                    failures.append(exc)
+                    return
+
+        spinner = threading.Thread(target=spin)
+        spinner.start()
+        try:
+            for i in range(100):
+                self.m.load(gaffer.ProcessConfig("j%d" % i, PY, args=SLEEP, numprocesses=0), sessionid="s%d" % i)
+            for i in range(100):
+                self.m.unload("s%d.j%d" % (i, i))
+        finally:
+            stop.set()
+            spinner.join()
+        self.assertEqual(failures, [])
+        self.assertRegex(repr(self.m), r"<Manager running jobs=0 processes=0>")
+
+    def test_a_failure_inside_stop_or_restart_is_logged(self):
+        class Broken(gaffer.Manager):
+            def _do_restart(self, callback):
+                raise RuntimeError("restart broke")
+
+        m = Broken()
+        m.start()
+        try:
+            with self.assertLogs("gaffer", logging.ERROR) as logs:
+                m.restart()
+                wait_until(lambda: any("restart broke" in line for line in logs.output))
+        finally:
+            m.stop()
+            m.run()
+
+
+class PollReaperLoopSurvivalTest(LoopSurvivalTest):
+    no_pidfd = True
+
+
+# -- The seed's behaviours ----------------------------------------------------------
+
+class SeedCompatibilityTest(ManagerTestCase):
+
+    def test_the_stop_callback_sees_a_stopped_manager(self):
+        self.load("w")
+        seen = []
+        done = threading.Event()
+        self.m.stop(lambda manager: (seen.append((manager.started, manager.active)), done.set()))
+        self.assertTrue(done.wait(TIMEOUT))
+        self.assertEqual(seen, [(False, False)])
+        later = []
+        self.m.stop(lambda manager: later.append(manager.started))
+        self.assertEqual(later, [False], "a stop after the end calls back at once")
+
+    def test_publish_takes_any_payload(self):
+        em = gaffer.EventEmitter()
+        got = []
+        em.subscribe("test", lambda *args, **kwargs: got.append((args, kwargs)))
+        em.publish("test", 1)
+        em.publish("test", 1, 2, key="v")
+        em.publish("test")
+        em.publish("test", {"a": 1})
+        self.assertEqual(got, [(("test", 1), {}), (("test", 1, 2), {"key": "v"}), (("test",), {}),
+                               (("test", {"a": 1, "event": "test"}), {})])
+
+    def test_a_trailing_dot_means_the_same_pattern(self):
+        em = gaffer.EventEmitter()
+        dotted, plain = Recorder(em, "a.b."), Recorder(em, "a.b")
+        em.publish("a.b.c", {})
+        em.publish("a.bc", {})
+        self.assertEqual(dotted.names(), ["a.b.c"])
+        self.assertEqual(plain.names(), ["a.b.c"])
+        em.unsubscribe("a.b", dotted)
+        em.publish("a.b", {})
+        self.assertEqual(dotted.names(), ["a.b.c"], "unsubscribed by the plain form")
+
+    def test_scaling_up_a_job_loaded_stopped_starts_it(self):
+        self.m.load(gaffer.ProcessConfig("w", PY, args=SLEEP, numprocesses=0, graceful_timeout=2), start=False)
+        committed = self.m.commit("w")
+        self.assertEqual(self.m.info("w")["active"], False)
+        self.assertEqual(self.m.scale("w", 1), 1)
+        info = self.m.info("w")
+        self.assertEqual((info["active"], info["running"], info["running_out"]), (True, 2, 1))
+        self.assertIn(committed, info["processes"])
+        self.m.stop_job("w")
+        self.assertEqual(self.m.scale("w", -1), 0)
+        self.assertEqual(self.m.info("w")["active"], False, "scaling down leaves a stopped job stopped")
 
 # -- HTTP controller -------------------------------------------------------------
 
