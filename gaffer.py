@@ -72,6 +72,7 @@ import fcntl
 import functools
 import heapq
 import hmac
+import io
 import http.client
 import http.server
 import ipaddress
@@ -2497,26 +2498,41 @@ class HttpHandler:
         token: when set, every request needs ``Authorization: Bearer <token>``.
             Serving an address other than loopback without a token is refused.
         max_body: largest request body in bytes (413 past it).
+        allowed_hosts: host names accepted in the ``Host`` header besides the bound
+            address, ``localhost`` and loopback IPs (any other name is a DNS-rebinding
+            attempt: 403).  A unix socket accepts any Host.
+        allowed_origins: origins (``"https://ops.example"``) whose browser requests are
+            accepted; a request with any other ``Origin`` than the server's own is 403.
+        max_connections: connections served at once; more wait in the listen backlog.
+        request_timeout: seconds a client has to send a request (line, headers and
+            body), and the longest a keep-alive connection may stay idle.
 
     Use: ``manager.start(apps=[HttpHandler("127.0.0.1:5000")])``.
     """
 
-    def __init__(self, address="127.0.0.1:5000", token=None, max_body=1 << 20):
+    def __init__(self, address="127.0.0.1:5000", token=None, max_body=1 << 20, allowed_hosts=(),
+                 allowed_origins=(), max_connections=64, request_timeout=10.0):
         self.family, self.address = _parse_address(address)
         if self.family != socket.AF_UNIX and not _is_loopback(self.address[0]) and not token:
             raise ValueError("refusing to serve %r without a token: anyone who reaches it could run commands; "
                              "give token=... or bind 127.0.0.1" % (address,))
         self.token = token
         self.max_body = _int_setting("max_body", max_body, 0)
+        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in _strings("allowed_hosts", allowed_hosts))
+        self.allowed_origins = frozenset(o.lower().rstrip("/") for o in _strings("allowed_origins", allowed_origins))
+        self.max_connections = _int_setting("max_connections", max_connections, 1, 10000)
+        self.request_timeout = _float_setting("request_timeout", request_timeout, 0.001)
         self.port = None
         self.manager = None
         self._auth = ("Bearer %s" % token).encode() if token else None
         self._server = None
         self._loop = None
-        # _lock guards _connections and _streams: handler threads add and remove, stop() empties.
+        # _lock guards _active, _connections and _streams: handler threads change them, stop() reads them.
         self._lock = threading.Lock()
-        self._connections = set()
+        self._active = 0            # connections being served (a thread each)
+        self._connections = set()   # their request handlers
         self._streams = set()
+        self._paused = False  # loop thread: not accepting while max_connections are served
 
     def __repr__(self):
         return "<HttpHandler %s%s>" % (self.url, "" if self._server else " stopped")
@@ -2532,7 +2548,7 @@ class HttpHandler:
     def start(self, loop, manager):
         """Bind the address (errors raise here) and accept on the loop."""
         self.manager, self._loop = manager, loop
-        server = _HttpServer(self.family, self.address, self)
+        server = _http_classes()[0](self.family, self.address, self)
         server.socket.setblocking(False)
         self._server = server
         if self.family != socket.AF_UNIX:
@@ -2545,7 +2561,8 @@ class HttpHandler:
         server, self._server = self._server, None
         if server is None:
             return
-        self._loop.set_events(server.socket, 0)
+        if not self._paused:
+            self._loop.set_events(server.socket, 0)
         server.server_close()
         if self.family == socket.AF_UNIX:
             try:
@@ -2567,24 +2584,73 @@ class HttpHandler:
         """Nothing to do: the routes read the manager afresh on every request."""
 
     def _on_accept(self, mask):
-        try:
-            request, client = self._server.get_request()
-        except OSError:  # the client left between select and accept
-            return
-        request.setblocking(True)
-        self._server.process_request(request, client)
+        """Accept what waits, up to max_connections served at once; past that, leave them in the backlog."""
+        while self._server is not None:
+            with self._lock:
+                if self._active >= self.max_connections:
+                    self._loop.set_events(self._server.socket, 0)
+                    self._paused = True
+                    return
+            try:
+                request, client = self._server.get_request()
+            except OSError:  # nothing more waits, or the client left between select and accept
+                return
+            request.setblocking(True)
+            self._server.process_request(request, client)
+
+    def _on_connection_closed(self):
+        """A handler thread ended (loop thread): accept again if the cap had stopped it."""
+        if self._paused and self._server is not None:
+            self._paused = False
+            self._loop.set_events(self._server.socket, selectors.EVENT_READ, self._on_accept)
+            self._on_accept(selectors.EVENT_READ)
+
+    def _host_allowed(self, host):
+        """Whether a Host header names this server, not a name rebound to it by someone's DNS."""
+        if self.family == socket.AF_UNIX or host is None:  # HTTP/1.0 clients send none; browsers always do
+            return True
+        host = host.strip().lower()
+        name = host[1:host.find("]")] if host.startswith("[") else host.rpartition(":")[0] if ":" in host else host
+        name = name.rstrip(".")
+        if name in self.allowed_hosts or name == self.address[0].lower() or _is_loopback(name):
+            return True
+        # Bound to every address: an IP literal is one of ours (rebinding always goes through a name).
+        return self.address[0] in ("0.0.0.0", "::", "") and _is_ip(name)
+
+    def _origin_allowed(self, origin, host):
+        """Whether a browser's Origin is the server's own page or one the user allows."""
+        origin = origin.strip().lower().rstrip("/")
+        return origin in self.allowed_origins or (host is not None and origin == "http://" + host.strip().lower())
 
 
-class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+def _strings(setting, values):
+    if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
+        raise ValueError("%s must be a list of non-empty str, got %r" % (setting, values))
+    return list(values)
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _Server:
+    """The listening half of the HTTP app, mixed into http.server.HTTPServer by _http_classes()."""
+
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 1024  # the listen backlog: a burst of clients waits there, not in threads
 
     def __init__(self, family, address, app):
         self.address_family = family
         self.app = app
-        super().__init__(address, _HttpRequestHandler)
+        super().__init__(address, _http_classes()[1])
 
     def server_bind(self):
+        import socketserver
         if self.address_family == socket.AF_UNIX and os.path.exists(self.server_address):
             probe = socket.socket(socket.AF_UNIX)
             try:
@@ -2597,30 +2663,65 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 probe.close()
         # HTTPServer.server_bind would look up the host's FQDN, which can hang on DNS.
         socketserver.TCPServer.server_bind(self)
+        if self.address_family == socket.AF_UNIX:
+            os.chmod(self.server_address, 0o600)  # before listen(): no one else ever connects
         self.server_name, self.server_port = "localhost", 0
 
     def process_request(self, request, client_address):
-        threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                         name="gaffer-http", daemon=True).start()
+        """Serve one connection on a thread of its own (loop thread; the accept cap counts it)."""
+        with self.app._lock:
+            self.app._active += 1
+        try:
+            threading.Thread(target=self._serve, args=(request, client_address), name="gaffer-http",
+                             daemon=True).start()
+        except RuntimeError:  # no thread to be had: drop the client, not the loop
+            self._closed()
+            self.shutdown_request(request)
+
+    def _serve(self, request, client_address):
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self._closed()
+
+    def _closed(self):
+        app = self.app
+        with app._lock:
+            app._active -= 1
+        app._loop.call_soon_threadsafe(app._on_connection_closed)
+
+    def handle_error(self, request, client_address):
+        """A client that went away is a debug line; anything else is logged once, never printed raw."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            _log.debug("HTTP client %s went away: %s", client_address, exc)
+        else:
+            _log.error("HTTP connection from %s failed", client_address, exc_info=True)
 
 
-_ROUTES = []  # (method, compiled path, function(request, manager, *groups) -> (status, body) or None)
+_ROUTES = []  # (method, compiled path, body's content type or None, function(request, manager, *groups))
+_JSON, _RAW = "application/json", "application/octet-stream"
 
 
-def _route(method, pattern):
+def _route(method, pattern, body=None):
+    """Register a route; `body` is the one Content-Type its request body may have (_JSON or _RAW).
+
+    Neither is one a web page can send cross-site without a CORS preflight, which is never granted.
+    """
     def register(fn):
-        _ROUTES.append((method, re.compile(pattern + "/?", re.ASCII), fn))
+        _ROUTES.append((method, re.compile(pattern + "/?", re.ASCII), body, fn))
         return fn
     return register
 
 
 def _find_route(method, path):
+    """(function, path groups, content type of its body or None) of a request."""
     allowed = []
-    for route_method, regex, fn in _ROUTES:
+    for route_method, regex, body, fn in _ROUTES:
         match = regex.fullmatch(path)
         if match:
             if route_method == method:
-                return fn, match.groups()
+                return fn, match.groups(), body
             allowed.append(route_method)
     if allowed:
         raise _MethodNotAllowed(allowed)
@@ -2634,7 +2735,8 @@ class _MethodNotAllowed(ProcessError):
 
 
 # Exceptions -> HTTP status, in one place: what the manager refuses keeps its errno.
-_HTTP_ERRORS = ((ProcessError, None), (ValueError, 400), (TypeError, 400), (RuntimeError, 503))
+_HTTP_ERRORS = ((ProcessError, None), (ValueError, 400), (TypeError, 400), (RecursionError, 400),
+                (RuntimeError, 503))
 
 
 def _http_error(exc):
@@ -2644,21 +2746,60 @@ def _http_error(exc):
     return 500, "internal error: %s" % exc
 
 
-class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
+class _ClientGone(Exception):
+    """The client went away or was too slow while sending its request: close without an answer."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Reads a connection's socket so that the whole request must arrive before the handler's deadline.
+
+    A per-read timeout alone would let a client send one byte every few seconds forever.
+    """
+
+    def __init__(self, handler):
+        self._handler = handler
+        self._sock = handler.connection
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        deadline = self._handler.deadline
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request did not arrive within request_timeout")
+            self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
+class _RequestHandler:
+    """One HTTP connection, mixed into http.server.BaseHTTPRequestHandler by _http_classes()."""
+
     protocol_version = "HTTP/1.1"
     server_version = "gaffer/" + __version__
-
     streaming = False
+    deadline = None  # monotonic time by which the request being read must be complete
 
     def setup(self):
         super().setup()
+        self.rfile.close()  # the plain socket file: its reference would keep the socket open
+        self.rfile = io.BufferedReader(_DeadlineReader(self))
         with self.server.app._lock:
             self.server.app._connections.add(self)
 
     def finish(self):
         with self.server.app._lock:
             self.server.app._connections.discard(self)
-        super().finish()
+        try:
+            super().finish()
+        except OSError:  # flushing to a client that left
+            pass
+
+    def handle_one_request(self):
+        # The next request (after an idle keep-alive wait, if any) must arrive within request_timeout.
+        self.deadline = time.monotonic() + self.server.app.request_timeout
+        super().handle_one_request()
 
     def address_string(self):
         return self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
@@ -2666,17 +2807,47 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         _log.info("%s %s", self.address_string(), fmt % args)
 
+    def log_error(self, fmt, *args):  # timeouts and malformed requests: the client's problem
+        _log.debug("%s %s", self.address_string(), fmt % args)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (bad request line, 414, 431, 501...) answer in JSON too."""
+        self.close_connection = True
+        reason = message or self.responses.get(code, ("error",))[0]
+        try:
+            self._send_json(code, {"error": reason, "errno": code})
+        except OSError:
+            pass
+
     def do_GET(self):
         app = self.server.app
         path, _, query = self.path.partition("?")
         self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
         self.body = None
         try:
+            host = self.headers.get("Host")
+            if not app._host_allowed(host):
+                raise ProcessError(403, "Host %r is not this server; to allow it, add it to allowed_hosts "
+                                        "(--allow-host)" % host)
+            origin = self.headers.get("Origin")
+            if origin is not None and not app._origin_allowed(origin, host):
+                raise ProcessError(403, "cross-origin request from %r refused; to allow it, add it to "
+                                        "allowed_origins" % origin)
             if app._auth and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), app._auth):
                 raise ProcessError(401, "missing or wrong bearer token")
-            fn, groups = _find_route(self.command, urllib.parse.unquote(path))
+            fn, groups, content_type = _find_route(self.command, urllib.parse.unquote(path))
+            given = self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+            if content_type is not None and given != content_type:
+                raise ProcessError(415, "%s %s takes a Content-Type: %s body, got %r"
+                                   % (self.command, path, content_type, given or None))
             self.body = self._read_body(app.max_body)
+            self.deadline = None
+            self.connection.settimeout(app.request_timeout)  # for sending the answer to a slow reader
             result = fn(self, app.manager, *groups)
+        except _ClientGone as exc:
+            _log.debug("%s %s: %s", self.address_string(), self.requestline, exc)
+            self.close_connection = True
+            return
         except Exception as exc:
             status, reason = _http_error(exc)
             if status >= 500:
@@ -2691,7 +2862,8 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
         if result is not None:
             self._send_json(*result)
 
-    do_POST = do_PUT = do_DELETE = do_GET
+    # Every method goes through the routes: an unknown one is a JSON 405 (or 404), never a CORS grant.
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
 
     def _read_body(self, limit):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -2701,7 +2873,13 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
             raise ProcessError(400, "bad Content-Length %r" % length)
         if int(length) > limit:
             raise ProcessError(413, "request body of %s bytes is over the limit of %d" % (length, limit))
-        return self.rfile.read(int(length))
+        try:
+            body = self.rfile.read(int(length))
+        except OSError as exc:  # too slow (the deadline) or gone
+            raise _ClientGone("body not received: %s" % exc) from None
+        if len(body) < int(length):
+            raise _ClientGone("the client closed after %d of %s bytes of body" % (len(body), length))
+        return body
 
     def json(self, required=True):
         """The request body as a JSON object ({} when empty and not required)."""
@@ -2711,6 +2889,8 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
             value = json.loads(self.body or b"null")
         except ValueError as exc:
             raise ProcessError(400, "the body is not valid JSON: %s" % exc) from None
+        except RecursionError:
+            raise ProcessError(400, "the body is JSON nested too deep") from None
         if not isinstance(value, dict):
             raise ProcessError(400, "the body must be a JSON object, got %s" % type(value).__name__)
         return value
@@ -2771,6 +2951,22 @@ class _HttpRequestHandler(http.server.BaseHTTPRequestHandler):
                 app._streams.discard(channel)
 
 
+@functools.lru_cache(maxsize=None)
+def _http_classes():
+    """(server class, request handler class), built on first use: embedders who never serve HTTP
+    never import http.server, socketserver and email."""
+    import http.server
+    import socketserver
+
+    class HttpServer(_Server, socketserver.ThreadingMixIn, http.server.HTTPServer):
+        pass
+
+    class HttpRequestHandler(_RequestHandler, http.server.BaseHTTPRequestHandler):
+        pass
+
+    return HttpServer, HttpRequestHandler
+
+
 @_route("GET", "/")
 def _http_index(req, m):
     return 200, {"name": "gaffer", "version": __version__}
@@ -2801,7 +2997,7 @@ def _http_session_jobs(req, m, session):
     return 200, {"sessionid": session, "jobs": m.jobs(session)}
 
 
-@_route("POST", "/jobs/([^/]+)")
+@_route("POST", "/jobs/([^/]+)", _JSON)
 def _http_load(req, m, session):
     body = req.json()
     start = body.pop("start", True)
@@ -2814,7 +3010,7 @@ def _http_info(req, m, job):
     return 200, m.info(job)
 
 
-@_route("PUT", "/jobs/([^/]+/[^/]+)")
+@_route("PUT", "/jobs/([^/]+/[^/]+)", _JSON)
 def _http_update(req, m, job):
     session, name = _split_name(job)
     body = req.json()
@@ -2841,12 +3037,12 @@ def _http_numprocesses(req, m, job):
     return 200, {"numprocesses": m.info(job)["max_processes"]}
 
 
-@_route("POST", "/jobs/([^/]+/[^/]+)/numprocesses")
+@_route("POST", "/jobs/([^/]+/[^/]+)/numprocesses", _JSON)
 def _http_scale(req, m, job):
     return 200, {"numprocesses": m.scale(job, req.field("scale", (int, str)))}
 
 
-@_route("POST", "/jobs/([^/]+/[^/]+)/signal")
+@_route("POST", "/jobs/([^/]+/[^/]+)/signal", _JSON)
 def _http_job_signal(req, m, job):
     m.killall(job, req.field("signal", (int, str)))
     return 202, {"ok": True}
@@ -2857,7 +3053,7 @@ def _http_state(req, m, job):
     return 200, {"active": m.info(job)["active"]}
 
 
-@_route("POST", "/jobs/([^/]+/[^/]+)/state")
+@_route("POST", "/jobs/([^/]+/[^/]+)/state", _JSON)
 def _http_set_state(req, m, job):
     actions = {"start": m.start_job, "stop": m.stop_job, "reload": m.reload}
     state = req.field("state", str)
@@ -2872,7 +3068,7 @@ def _http_job_pids(req, m, job):
     return 200, {"pids": m.pids(job)}
 
 
-@_route("POST", "/jobs/([^/]+/[^/]+)/commit")
+@_route("POST", "/jobs/([^/]+/[^/]+)/commit", _JSON)
 def _http_commit(req, m, job):
     body = req.json(required=False)
     pid = m.commit(job, body.get("graceful_timeout", 0), body.get("env"))
@@ -2895,7 +3091,7 @@ def _http_stop_process(req, m, pid):
     return 200, {"ok": True}
 
 
-@_route("POST", r"/(\d+)/signal")
+@_route("POST", r"/(\d+)/signal", _JSON)
 def _http_signal(req, m, pid):
     m.kill(int(pid), req.field("signal", (int, str)))
     return 202, {"ok": True}
@@ -2906,13 +3102,13 @@ def _http_process_stats(req, m, pid):
     return 200, m.get_process(int(pid)).stats
 
 
-@_route("POST", r"/(\d+)/stdin")
+@_route("POST", r"/(\d+)/stdin", _RAW)
 def _http_stdin(req, m, pid):
     m.send(int(pid), req.body)
     return 202, {"ok": True}
 
 
-@_route("POST", r"/(\d+)/streams/([^/]+)")
+@_route("POST", r"/(\d+)/streams/([^/]+)", _RAW)
 def _http_write_stream(req, m, pid, label):
     m.send(int(pid), req.body, stream=label)
     return 202, {"ok": True}

@@ -1568,6 +1568,9 @@ class HttpTestCase(ManagerTestCase):
         if self.token and token:
             headers.setdefault("Authorization", "Bearer " + self.token)
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        if data is not None:  # what each route takes: raw bytes for stdin and streams, JSON elsewhere
+            raw_route = re.search(r"/(stdin|streams/)", path)
+            headers.setdefault("Content-Type", "application/octet-stream" if raw_route else "application/json")
         conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=TIMEOUT)
         try:
             conn.request(method, path, body=data, headers=headers)
