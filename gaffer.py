@@ -2814,6 +2814,8 @@ class _RequestHandler:
         """http.server's own refusals (bad request line, 414, 431, 501...) answer in JSON too."""
         self.close_connection = True
         reason = message or self.responses.get(code, ("error",))[0]
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # a request too broken to parse: still a status line and headers
         try:
             self._send_json(code, {"error": reason, "errno": code})
         except OSError:

@@ -4,8 +4,10 @@ Run with: python3 -m unittest -v test_gaffer
 """
 
 import base64
+import contextlib
 import hashlib
 import http.client
+import io
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1557,10 +1560,24 @@ class SeedCompatibilityTest(ManagerTestCase):
 
 class HttpTestCase(ManagerTestCase):
     token = None
+    options = {}
 
     def make_apps(self):
-        self.http = gaffer.HttpHandler("127.0.0.1:0", token=self.token, max_body=4096)
+        self.http = gaffer.HttpHandler("127.0.0.1:0", token=self.token, max_body=4096, **self.options)
         return [self.http]
+
+    def raw(self, data, timeout=TIMEOUT):
+        """Send raw bytes on a new connection; return (status, JSON body) of the answer."""
+        with socket.create_connection(("127.0.0.1", self.http.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            body = resp.read()
+            self.assertEqual(resp.getheader("Content-Type"), "application/json", body[:200])
+            return resp.status, json.loads(body)
+
+    def http_threads(self):
+        return [t for t in threading.enumerate() if t.name == "gaffer-http"]
 
     def req(self, method, path, body=None, raw=None, headers=None, token=True):
         """(status, decoded JSON body, headers) of one request."""
@@ -1571,6 +1588,7 @@ class HttpTestCase(ManagerTestCase):
         if data is not None:  # what each route takes: raw bytes for stdin and streams, JSON elsewhere
             raw_route = re.search(r"/(stdin|streams/)", path)
             headers.setdefault("Content-Type", "application/octet-stream" if raw_route else "application/json")
+        headers = {key: value for key, value in headers.items() if value is not None}  # None: leave it out
         conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=TIMEOUT)
         try:
             conn.request(method, path, body=data, headers=headers)
@@ -1746,6 +1764,226 @@ class HttpTest(HttpTestCase):
         self.assertIn("stop", [e for e, _ in seen])
 
 
+class HttpSecurityTest(HttpTestCase):
+    """What a web page in the user's browser, or a hostile client, may try against the loopback API."""
+
+    options = dict(allowed_hosts=["gaffer.test"], allowed_origins=["https://ops.example"], request_timeout=1.0)
+    JOB = {"name": "pwned", "cmd": PY, "args": SLEEP}
+
+    def test_cross_site_requests_are_refused_and_change_nothing(self):
+        self.load("w", redirect_input=True)
+        port = self.http.port
+        cases = [
+            # a form or a fetch() with a "simple" content type: no CORS preflight would stop it
+            ("POST", "/jobs/default", {"Content-Type": "text/plain"}, 415),
+            ("POST", "/jobs/default", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+            ("POST", "/jobs/default", {"Content-Type": "multipart/form-data; boundary=x"}, 415),
+            ("POST", "/jobs/default", {"Content-Type": None}, 415),
+            ("POST", "/jobs/default/w/state", {"Content-Type": "text/plain"}, 415),
+            ("POST", "/1/stdin", {"Content-Type": "text/plain"}, 415),
+            ("POST", "/1/stdin", {"Content-Type": "application/json"}, 415),
+            # a cross-origin request, whatever it sends
+            ("POST", "/jobs/default", {"Origin": "http://evil.example"}, 403),
+            ("POST", "/jobs/default", {"Origin": "null"}, 403),
+            ("GET", "/jobs", {"Origin": "http://localhost:%d.evil.example" % port}, 403),
+            # DNS rebinding: evil.example now resolves to 127.0.0.1
+            ("POST", "/jobs/default", {"Host": "evil.example:%d" % port}, 403),
+            ("GET", "/jobs", {"Host": "evil.example"}, 403),
+            ("GET", "/jobs", {"Host": "127.0.0.1.evil.example:%d" % port}, 403),
+            # a CORS preflight is never granted
+            ("OPTIONS", "/jobs/default", {"Origin": "http://evil.example",
+                                          "Access-Control-Request-Method": "POST"}, 403),
+            ("OPTIONS", "/jobs/default", {}, 405),
+        ]
+        for method, path, headers, status in cases:
+            with self.subTest(method=method, path=path, headers=headers):
+                body = self.JOB if path == "/jobs/default" else {"state": "stop"}
+                data = json.dumps(body).encode()
+                got, payload, answer = self.req(method, path, raw=data, headers=headers)
+                self.assertEqual((got, payload["errno"]), (status, status), payload)
+                self.assertFalse([k for k in answer if k.lower().startswith("access-control")])
+        self.assertEqual(self.m.jobs(), ["default.w"], "nothing was loaded")
+        self.assertTrue(self.m.info("w")["active"], "nothing was stopped")
+        self.assertEqual(self.output[1], b"", "nothing reached stdin")
+
+    def test_the_servers_own_names_and_origins_are_served(self):
+        port = self.http.port
+        for host in ("127.0.0.1:%d" % port, "localhost:%d" % port, "LOCALHOST", "[::1]:%d" % port,
+                     "127.9.9.9", "gaffer.test:%d" % port, "gaffer.test"):
+            with self.subTest(host=host):
+                self.assertEqual(self.ok("GET", "/jobs", headers={"Host": host}), {"jobs": []})
+        for origin in ("http://127.0.0.1:%d" % port, "https://ops.example"):
+            with self.subTest(origin=origin):
+                self.assertEqual(self.ok("GET", "/jobs", headers={"Origin": origin}), {"jobs": []})
+        self.ok("POST", "/jobs/default", self.JOB, status=201, headers={"Origin": "https://ops.example"})
+        self.assertEqual(self.m.jobs(), ["default.pwned"])
+
+    def test_an_error_answer_changes_nothing(self):
+        bad = [
+            ({**self.JOB, "cwd": "/no/such/dir"}, 400, "the job was not loaded"),
+            ({**self.JOB, "name": "a\nb"}, 400, "ASCII"),
+            ({**self.JOB, "graceful_timeout": 1e300}, 400, "graceful_timeout must be <="),
+        ]
+        for body, status, reason in bad:
+            with self.subTest(body=body):
+                got, payload, _ = self.req("POST", "/jobs/default", body)
+                self.assertEqual(got, status, payload)
+                self.assertIn(reason, payload["error"])
+        self.assertEqual(self.m.jobs(), [])
+        self.load("w")
+        got, payload, _ = self.req("GET", "/%D9%A1")  # an Arabic-Indic one is not pid 1
+        self.assertEqual(got, 404, payload)
+        got, payload, _ = self.req("POST", "/jobs/default/w/numprocesses", {"scale": "+\u0661"})
+        self.assertEqual(got, 400, payload)
+        self.assertEqual(self.m.info("w")["max_processes"], 1)
+
+    def test_every_error_is_json(self):
+        deep = b"[" * 100000 + b"]" * 100000
+        cases = [
+            (b"PATCH /jobs HTTP/1.1\r\nHost: localhost\r\n\r\n", 405),
+            (b"BREW /jobs HTTP/1.1\r\nHost: localhost\r\n\r\n", 501),
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"GET /jobs HTTP/9.9\r\n\r\n", 505),
+            (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+            (b"GET /jobs HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+            (b"GET /jobs HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 200 + b"\r\n", 431),
+            (b"POST /jobs/default HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+             % (len(deep), deep), 413),
+        ]
+        for data, status in cases:
+            with self.subTest(request=data[:40]):
+                got, payload = self.raw(data)
+                self.assertEqual((got, payload["errno"]), (status, status), payload)
+        self.http.max_body = 1 << 20
+        got, payload, _ = self.req("POST", "/jobs/default", raw=deep)
+        self.assertEqual(got, 400, payload)
+        self.assertIn("nested too deep", payload["error"])
+
+    def test_half_open_and_slow_clients_are_dropped_while_others_are_served(self):
+        port, threads_before = self.http.port, len(self.http_threads())
+        rude = []
+        for _ in range(10):  # half a request line, then silence
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /ping HTT")
+            rude.append(sock)
+        short = socket.create_connection(("127.0.0.1", port))  # a body shorter than its Content-Length
+        short.sendall(b"POST /jobs/default HTTP/1.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"na")
+        rude.append(short)
+        drip = socket.create_connection(("127.0.0.1", port))  # one byte at a time, never late by much
+        rude.append(drip)
+        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)  # keep-alive, then idle
+        idle.request("GET", "/ping")
+        self.assertEqual(idle.getresponse().read(), b'{"ok": true}\n')
+        rude.append(idle.sock)
+        for sock in rude:
+            self.addCleanup(sock.close)
+        wait_until(lambda: len(self.http_threads()) >= threads_before + 13, what="every client served a thread")
+        started = time.monotonic()
+        self.assertEqual(self.ok("GET", "/ping"), {"ok": True})
+        self.assertLess(time.monotonic() - started, 5, "the others are served meanwhile")
+        dripped = 0
+        try:
+            while time.monotonic() - started < 5:
+                drip.sendall(b"GET /ping HTTP/1.1\r\n"[dripped % 20:dripped % 20 + 1])
+                dripped += 1
+                if wait_readable(drip, 0.2):
+                    break
+        except OSError:
+            pass
+        for sock in rude:
+            with self.subTest(sock=sock):
+                sock.settimeout(TIMEOUT)
+                try:
+                    self.assertEqual(sock.recv(100), b"", "the server closed the connection")
+                except ConnectionResetError:
+                    pass
+        self.assertLess(time.monotonic() - started, 8, "dropped after request_timeout (1 s), not held")
+        wait_until(lambda: len(self.http_threads()) <= threads_before, what="their threads gone")
+        self.assertEqual(self.m.jobs(), [])
+
+    def test_clients_that_leave_print_no_traceback(self):
+        self.load("w", code="import sys; sys.stdout.write('x' * 100000); sys.stdout.flush(); import time; "
+                            "time.sleep(60)", redirect_output=["out"])
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            for path in ("/jobs/default/w/stats", "/watch", "/1/streams/out", "/jobs"):
+                for _ in range(5):
+                    sock = socket.create_connection(("127.0.0.1", self.http.port))
+                    sock.sendall(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path.encode())
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.close()  # a reset, mid-answer
+            self.assertEqual(self.ok("GET", "/ping"), {"ok": True})
+            wait_until(lambda: len(self.http_threads()) == 0, what="every handler thread ended")
+        self.assertNotIn("Traceback", stderr.getvalue())
+
+
+def wait_readable(sock, timeout):
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
+
+
+class HttpLimitsTest(HttpTestCase):
+    options = dict(max_connections=2, request_timeout=1.0)
+
+    def test_past_max_connections_clients_wait_in_the_backlog(self):
+        port = self.http.port
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        for sock in idle:
+            self.addCleanup(sock.close)
+        wait_until(lambda: len(self.http_threads()) == 2, what="the two idle clients served")
+        most = []
+        watching = threading.Event()
+
+        def count_threads():
+            while not watching.is_set():
+                most.append(len(self.http_threads()))
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=count_threads)
+        watcher.start()
+        try:
+            started = time.monotonic()
+            self.assertEqual(self.ok("GET", "/ping"), {"ok": True})  # served once an idle one is dropped
+            waited = time.monotonic() - started
+        finally:
+            watching.set()
+            watcher.join()
+        self.assertGreater(waited, 0.5, "it waited for a free connection")
+        self.assertLessEqual(max(most), 2, "never more threads than max_connections")
+
+    def test_two_hundred_simultaneous_clients_are_all_answered(self):
+        sel = selectors.DefaultSelector()
+        self.addCleanup(sel.close)
+        started = time.monotonic()
+        for _ in range(200):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", self.http.port))
+            sel.register(sock, selectors.EVENT_WRITE, [b""])
+        answered, slowest = 0, 0.0
+        while answered < 200 and time.monotonic() - started < 30:
+            for key, mask in sel.select(1):
+                sock = key.fileobj
+                if mask & selectors.EVENT_WRITE:
+                    sock.send(b"GET /ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    sel.modify(sock, selectors.EVENT_READ, key.data)
+                    continue
+                data = sock.recv(4096)
+                key.data[0] += data
+                if not data:
+                    self.assertIn(b'{"ok": true}', key.data[0])
+                    sel.unregister(sock)
+                    sock.close()
+                    answered += 1
+                    slowest = time.monotonic() - started
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+        self.assertEqual(answered, 200)
+        self.assertLess(slowest, 10, "no client waits on a full backlog (SYN retries)")
+
+
 class HttpTokenTest(HttpTestCase):
     token = "s3cret-token"
 
@@ -1780,8 +2018,13 @@ class HttpUnixSocketTest(LeakCheckedTestCase):
         m = gaffer.Manager()
         m.start([app])
         try:
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, "only its owner may connect")
             client = gaffer._Client("unix:" + path, None)
             self.assertEqual(client.request("GET", "/ping"), {"ok": True})
+            with socket.socket(socket.AF_UNIX) as sock:  # any Host: no browser reaches a unix socket
+                sock.connect(path)
+                sock.sendall(b"GET /ping HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+                self.assertIn(b"200 OK", sock.recv(1000))
         finally:
             m.stop()
             m.run()
