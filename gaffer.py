@@ -293,6 +293,33 @@ def _group_alive(pgid):
     return True
 
 
+def _live_groups(pgids):
+    """The process groups among pgids with a member that is not a zombie.
+
+    kill(0) counts zombies as alive, and an init that reaps slowly (seconds, in
+    some containers) would hold up every stop; /proc tells them apart where it exists.
+    """
+    pgids = {pgid for pgid in pgids if _group_alive(pgid)}
+    if not pgids:
+        return pgids
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pgids
+    live = set()
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if fields[0] != b"Z" and int(fields[2]) in pgids:
+            live.add(int(fields[2]))
+    return live
+
+
 def _send_signal(pid, sig, group):
     """Signal a process, or its whole process group; a process already gone is not an error."""
     try:
@@ -2252,8 +2279,9 @@ class Manager:
         """Forget the groups that emptied, SIGKILL those past their deadline, give up on those SIGKILL left."""
         self._orphan_timer = None
         now = self.loop.time()
+        live = _live_groups(self._orphan_groups)
         for pgid, (deadline, killed) in list(self._orphan_groups.items()):
-            if not _group_alive(pgid):
+            if pgid not in live:
                 del self._orphan_groups[pgid]
             elif now < deadline:
                 continue
