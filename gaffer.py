@@ -3331,7 +3331,7 @@ def _run_foreground(configs, args, keep_alive):
     manager.events.subscribe("stop_process", on_stop_process)
     manager.events.subscribe("spawn_error", lambda e, msg: printer.line("system", "%s cannot start: %s"
                                                                          % (msg["name"], msg["reason"])))
-    _start(manager, args.http and _http_app(args.http, getattr(args, "token", None)))
+    _start(manager, args.http and _http_app(args))
     try:
         for session, config in configs:
             manager.load(config, sessionid=session)
@@ -3343,9 +3343,12 @@ def _run_foreground(configs, args, keep_alive):
     return first_exit[0] if first_exit else 0
 
 
-def _http_app(address, token):
+def _http_app(args, address=None, token=None):
+    """The HTTP app of a serving command: its --http, --token and --allow-host over the config's."""
     try:
-        return HttpHandler(address, token or os.environ.get("GAFFER_TOKEN"))
+        return HttpHandler(args.http or address or "127.0.0.1:5000",
+                           args.token or token or os.environ.get("GAFFER_TOKEN"),
+                           allowed_hosts=args.allow_host or ())
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
 
@@ -3535,7 +3538,7 @@ def _cmd_serve(args):
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configs, http, token = _read_config(args.config)
-    app = _http_app(args.http or http or "127.0.0.1:5000", args.token or token)
+    app = _http_app(args, http, token)
     manager = Manager()
     for event in ("spawn", "exit", "flap", "spawn_error", "stop_process"):
         manager.events.subscribe(event, lambda evtype, msg: _log.info("%s %s", evtype, json.dumps(msg)))
@@ -3842,6 +3845,11 @@ def _parser():
             sub.add_argument("--json", action="store_true", help="print raw JSON")
         return sub
 
+    def allow_host(sub):
+        sub.add_argument("--allow-host", action="append", metavar="NAME",
+                         help="also accept requests for this host name (the Host header); by default only "
+                              "the bound address, localhost and loopback IPs are served (repeatable)")
+
     def procfile_options(sub):
         sub.add_argument("-f", "--procfile", help="the Procfile (default ./Procfile)")
         sub.add_argument("-e", "--env", help="a .env file (default ./.env when present)")
@@ -3855,6 +3863,7 @@ def _parser():
     procfile_options(sub)
     sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
     sub.add_argument("--keep-alive", action="store_true", help="restart processes that exit (default: stop all)")
+    allow_host(sub)
     sub.add_argument("processes", nargs="*", metavar="PROCESS", help="run only these")
 
     sub = command("run", _cmd_run, "supervise one command: kept alive, N copies, prefixed output", client=False)
@@ -3862,6 +3871,7 @@ def _parser():
     sub.add_argument("--name", help="the name shown (default: the program's)")
     sub.add_argument("--http", metavar="ADDR", help="also serve the HTTP controller")
     sub.add_argument("--token", help="require this bearer token (default: $GAFFER_TOKEN)")
+    allow_host(sub)
     sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
     sub.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S")
     sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -3873,6 +3883,7 @@ def _parser():
     sub.add_argument("-c", "--config", required=True, metavar="FILE")
     sub.add_argument("--http", metavar="ADDR", help="address (default: the config's, else 127.0.0.1:5000)")
     sub.add_argument("--token", help="require this bearer token (default: the config's or $GAFFER_TOKEN)")
+    allow_host(sub)
     sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     command("ps", _cmd_ps, "list the running processes", client=True)

@@ -2393,6 +2393,35 @@ class ServeTest(CommandLineTestCase):
         watch.terminate()
         watch.finish()
 
+    def test_tcp_with_allow_host_and_client_commands(self):
+        config = self.json_config([self.job("a")])
+        proc = self.spawn("serve", "-c", config, "--http", "127.0.0.1:0", "--allow-host", "gaffer.test")
+        line = proc.wait_line(r"serving HTTP on http://127.0.0.1:\d+")[0]
+        address = "127.0.0.1:%s" % re.search(r"127.0.0.1:(\d+)", line).group(1)
+        proc.wait_line(r"ready: \d+ jobs")
+
+        def status(host):
+            conn = http.client.HTTPConnection(address, timeout=TIMEOUT)
+            try:
+                conn.request("GET", "/jobs", headers={"Host": host})
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        self.assertEqual(status("gaffer.test"), 200)
+        self.assertEqual(status(address), 200)
+        self.assertEqual(status("rebound.example"), 403)
+        for args in (("scale", "a", "2"), ("stop", "a"), ("start", "a"), ("reload", "a"), ("kill", "a", "HUP")):
+            with self.subTest(args=args):
+                result = self.gaffer(*args, "--http", address)
+                self.assertEqual(result.returncode, 0, result.stderr)
+        pids = gaffer._Client(address, None).request("GET", "/pids")["pids"]
+        for pid in pids:
+            self.session_leaders.add(gaffer._Client(address, None).request("GET", "/%d" % pid)["os_pid"])
+        self.assertEqual(len(pids), 1)
+        proc.terminate()
+        self.assertEqual(proc.finish(), 0)
+
     def test_token(self):
         self.serve(self.json_config([self.job("a")]), "--token", "t0ken")
         result = self.client("ps", check=False)
