@@ -60,24 +60,15 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-import argparse
 import atexit
-import base64
 import collections
-import configparser
 import dataclasses
-import difflib
 import enum
 import fcntl
 import functools
 import heapq
-import hmac
 import io
-import http.client
-import http.server
-import ipaddress
 import itertools
-import json
 import logging
 import os
 import queue
@@ -86,13 +77,11 @@ import selectors
 import shlex
 import signal
 import socket
-import socketserver
 import string
 import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 import weakref
 from concurrent.futures import Future
 
@@ -187,14 +176,14 @@ def _signum(value, setting="signal"):
     raise ValueError("%s must be a signal number or a name such as 'TERM', got %r" % (setting, value))
 
 
-_NAME = re.compile(r"[A-Za-z0-9_@-]{1,128}")
+_NAME = r"[A-Za-z0-9_@-]{1,128}"  # patterns stay strings: re compiles and caches them on first use
 
 
 def _check_name(setting, value):
     """A job or session name: 1 to 128 ASCII letters, digits, '_', '-' or '@' (safe in paths, topics and logs)."""
     if not isinstance(value, str) or not value:
         raise ValueError("%s must be a non-empty str, got %r" % (setting, value))
-    if not _NAME.fullmatch(value):
+    if not re.fullmatch(_NAME, value):
         raise ValueError("%s must be 1 to 128 ASCII letters, digits, '_', '-' or '@', got %r" % (setting, value))
     return value
 
@@ -273,6 +262,7 @@ def _reject_unknown(cls, settings):
     known = [f.name for f in dataclasses.fields(cls)]
     for key in settings:
         if key not in known:
+            import difflib
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = "; did you mean %r?" % close[0] if close else ""
             raise TypeError("%s has no setting %r%s" % (cls.__name__, key, hint))
@@ -1363,7 +1353,7 @@ class _Lifecycle(enum.Enum):
     STOPPED = "stopped"
 
 
-_SCALE = re.compile(r"\s*([=+-]?)\s*([0-9]+)\s*")
+_SCALE = r"\s*([=+-]?)\s*([0-9]+)\s*"
 _managers = weakref.WeakSet()  # started and not yet stopped, for the atexit hook
 
 
@@ -1635,7 +1625,7 @@ class Manager:
         if isinstance(n, int) and not isinstance(n, bool):
             op, amount = ("-" if n < 0 else "+"), abs(n)
         else:
-            match = _SCALE.fullmatch(n) if isinstance(n, str) else None
+            match = re.fullmatch(_SCALE, n) if isinstance(n, str) else None
             if match is None:
                 raise ValueError("scale must be an int or a str like '3', '+3', '-3' or '=3', got %r" % (n,))
             op, amount = match.group(1) or "+", int(match.group(2))
@@ -2508,7 +2498,18 @@ def _parse_address(address):
     return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
 
 
+def _json_text(value, **options):
+    import json  # imported when first needed: a Manager alone never loads it
+    return json.dumps(value, default=str, **options)
+
+
+def _json_value(text):
+    import json
+    return json.loads(text)
+
+
 def _is_loopback(host):
+    import ipaddress
     if host == "localhost":
         return True
     try:
@@ -2658,6 +2659,7 @@ def _strings(setting, values):
 
 
 def _is_ip(text):
+    import ipaddress
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -2727,7 +2729,7 @@ class _Server:
             _log.error("HTTP connection from %s failed", client_address, exc_info=True)
 
 
-_ROUTES = []  # (method, compiled path, body's content type or None, function(request, manager, *groups))
+_ROUTES = []  # (method, path regex, body's content type or None, function(request, manager, *groups))
 _JSON, _RAW = "application/json", "application/octet-stream"
 
 
@@ -2737,7 +2739,7 @@ def _route(method, pattern, body=None):
     Neither is one a web page can send cross-site without a CORS preflight, which is never granted.
     """
     def register(fn):
-        _ROUTES.append((method, re.compile(pattern + "/?", re.ASCII), body, fn))
+        _ROUTES.append((method, pattern + "/?", body, fn))  # compiled on first use, by re's cache
         return fn
     return register
 
@@ -2746,7 +2748,7 @@ def _find_route(method, path):
     """(function, path groups, content type of its body or None) of a request."""
     allowed = []
     for route_method, regex, body, fn in _ROUTES:
-        match = regex.fullmatch(path)
+        match = re.fullmatch(regex, path, re.ASCII)
         if match:
             if route_method == method:
                 return fn, match.groups(), body
@@ -2850,6 +2852,8 @@ class _RequestHandler:
             pass
 
     def do_GET(self):
+        import hmac
+        import urllib.parse
         app = self.server.app
         path, _, query = self.path.partition("?")
         self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
@@ -2916,7 +2920,7 @@ class _RequestHandler:
         if not self.body and not required:
             return {}
         try:
-            value = json.loads(self.body or b"null")
+            value = _json_value(self.body or b"null")
         except ValueError as exc:
             raise ProcessError(400, "the body is not valid JSON: %s" % exc) from None
         except RecursionError:
@@ -2935,7 +2939,7 @@ class _RequestHandler:
         return body[key]
 
     def _send_json(self, status, body, headers=None):
-        data = json.dumps(body, default=str).encode() + b"\n"
+        data = _json_text(body).encode() + b"\n"
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -3147,7 +3151,7 @@ def _http_write_stream(req, m, pid, label):
 @_route("GET", "/watch")
 def _http_watch(req, m):
     channel = m.subscribe("EVENTS:" + req.query.get("pattern", "."))
-    req.stream(channel, lambda evtype, msg: json.dumps(msg, default=str))
+    req.stream(channel, lambda evtype, msg: _json_text(msg))
 
 
 @_route("GET", r"/(\d+)/streams/([^/]+)")
@@ -3158,6 +3162,7 @@ def _http_read_stream(req, m, pid, label):
     process = m.get_process(int(pid))
     if label not in process.config.redirect_output + process.config.custom_streams:
         raise ProcessNotFound("process %s has no output or stream labelled %r" % (pid, label))
+    import base64
     decode = ((lambda data: base64.b64encode(data).decode()) if encoding == "base64"
               else (lambda data: data.decode("utf-8", "replace")))
     req.stream(m.subscribe("STREAM:%s" % pid), lambda evtype, msg: decode(msg["data"]) if evtype == label else None)
@@ -3175,7 +3180,7 @@ class _ClientError(Exception):
     """The server is unreachable or refused a request.  Printed as one line; exit code 1."""
 
 
-_PROCFILE_LINE = re.compile(r"([A-Za-z0-9_-]+)\s*:\s*(.*\S)\s*")
+_PROCFILE_LINE = r"([A-Za-z0-9_-]+)\s*:\s*(.*\S)\s*"
 _COLORS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
 
 
@@ -3193,7 +3198,7 @@ def _parse_procfile(path):
     for lineno, line in enumerate(_read_text(path, "Procfile").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        match = _PROCFILE_LINE.fullmatch(line)
+        match = re.fullmatch(_PROCFILE_LINE, line)
         if match is None:
             raise _UsageError("%s:%d: expected 'name: command' (name of letters, digits, - and _), got %r"
                               % (path, lineno, line))
@@ -3421,6 +3426,7 @@ _CONFIG_TYPES = {f.name: f.type for f in dataclasses.fields(ProcessConfig)}
 
 def _ini_value(key, text):
     """Convert an INI setting to what ProcessConfig takes."""
+    import configparser
     kind = _CONFIG_TYPES.get(key, "str")
     if key in ("redirect_output", "custom_streams"):
         return [label for label in re.split(r"[\s,]+", text) if label]
@@ -3451,7 +3457,7 @@ def _read_config(path):
     text = _read_text(path, "config file")
     if path.endswith(".json") or text.lstrip().startswith("{"):
         try:
-            data = json.loads(text)
+            data = _json_value(text)
         except ValueError as exc:
             raise _UsageError("%s: not valid JSON: %s" % (path, exc)) from None
         if not isinstance(data, dict):
@@ -3467,6 +3473,7 @@ def _read_config(path):
             where = "jobs[%d] (%s)" % (index, job.get("name", "?")) if isinstance(job, dict) else "jobs[%d]" % index
             configs.append(_json_job(job, "%s: %s" % (path, where)))
         return configs, data.get("http"), data.get("token")
+    import configparser
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # environment variables keep their case
     try:
@@ -3541,7 +3548,7 @@ def _cmd_serve(args):
     app = _http_app(args, http, token)
     manager = Manager()
     for event in ("spawn", "exit", "flap", "spawn_error", "stop_process"):
-        manager.events.subscribe(event, lambda evtype, msg: _log.info("%s %s", evtype, json.dumps(msg)))
+        manager.events.subscribe(event, lambda evtype, msg: _log.info("%s %s", evtype, _json_text(msg)))
     _start(manager, app)
 
     def reload_config():
@@ -3570,13 +3577,15 @@ class _Client:
     """A small HTTP client of the controller: JSON requests and Server-Sent Event streams."""
 
     def __init__(self, address, token):
+        import http.client
+        self.http = http.client
         self.text = address
         self.family, self.address = _parse_address(address)
         self.token = token
 
     def _connection(self, timeout):
         if self.family == socket.AF_UNIX:
-            connection = http.client.HTTPConnection("localhost", timeout=timeout)
+            connection = self.http.HTTPConnection("localhost", timeout=timeout)
             sock = socket.socket(socket.AF_UNIX)
             sock.settimeout(timeout)
             try:
@@ -3586,7 +3595,7 @@ class _Client:
                 raise
             connection.sock = sock
             return connection
-        return http.client.HTTPConnection(*self.address, timeout=timeout)
+        return self.http.HTTPConnection(*self.address, timeout=timeout)
 
     def _open(self, method, path, body=None, timeout=30):
         headers = {"Content-Type": "application/json"} if body is not None else {}
@@ -3594,14 +3603,14 @@ class _Client:
             headers["Authorization"] = "Bearer " + self.token
         try:
             connection = self._connection(timeout)
-            connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+            connection.request(method, path, body=None if body is None else _json_text(body), headers=headers)
             response = connection.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, self.http.HTTPException) as exc:
             raise _ClientError("cannot reach gaffer at %s: %s" % (self.text, getattr(exc, "strerror", None) or exc)) \
                 from None
         if response.status >= 400:
             try:
-                reason = json.loads(response.read())["error"]
+                reason = _json_value(response.read())["error"]
             except (ValueError, KeyError, TypeError):
                 reason = response.reason
             connection.close()
@@ -3611,7 +3620,7 @@ class _Client:
     def request(self, method, path, body=None):
         connection, response = self._open(method, path, body)
         try:
-            return json.loads(response.read())
+            return _json_value(response.read())
         finally:
             connection.close()
 
@@ -3633,12 +3642,17 @@ class _Client:
             connection.close()
 
 
+def _quote(text):
+    import urllib.parse
+    return urllib.parse.quote(text, safe="")
+
+
 def _job_path(name):
     try:
         session, job = _split_name(name)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
-    return "/jobs/%s/%s" % (urllib.parse.quote(session, safe=""), urllib.parse.quote(job, safe=""))
+    return "/jobs/%s/%s" % (_quote(session), _quote(job))
 
 
 def _client(args):
@@ -3646,7 +3660,7 @@ def _client(args):
 
 
 def _print_json(value):
-    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+    print(_json_text(value, indent=2, sort_keys=True))
 
 
 def _report(args, result, text):
@@ -3723,7 +3737,7 @@ def _cmd_kill(args):
 def _cmd_load(args):
     """Load the jobs of a daemon config (JSON or INI), or of a JSON file holding one ProcessConfig."""
     try:
-        single = json.loads(_read_text(args.file, "config file"))
+        single = _json_value(_read_text(args.file, "config file"))
     except ValueError:
         single = None
     if isinstance(single, dict) and "jobs" not in single:
@@ -3732,7 +3746,7 @@ def _cmd_load(args):
         configs = _read_config(args.file)[0]
     client = _client(args)
     for session, config in configs:
-        result = client.request("POST", "/jobs/%s" % urllib.parse.quote(session, safe=""), config.to_dict())
+        result = client.request("POST", "/jobs/%s" % _quote(session), config.to_dict())
         _report(args, result, "loaded %s.%s" % (session, config.name))
     return 0
 
@@ -3744,14 +3758,14 @@ def _cmd_unload(args):
 
 
 def _cmd_watch(args):
-    path = "/watch" + ("?" + urllib.parse.urlencode({"pattern": args.pattern}) if args.pattern else "")
+    path = "/watch" + ("?pattern=" + _quote(args.pattern) if args.pattern else "")
     for event, data in _client(args).events(path):
         print(data if args.json else "%s %s" % (event, data), flush=True)
     return 0
 
 
 def _cmd_logs(args):
-    path = "/%d/streams/%s" % (args.pid, urllib.parse.quote(args.label, safe=""))
+    path = "/%d/streams/%s" % (args.pid, _quote(args.label))
     for event, data in _client(args).events(path):
         sys.stdout.write(data)
         sys.stdout.flush()
@@ -3826,12 +3840,13 @@ def _cmd_export(args):
 
 # -- main
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError("%s: %s" % (self.prog, message))
-
-
 def _parser():
+    import argparse  # here, not at the top: embedders of the Manager never pay for the command line
+
+    class _ArgumentParser(argparse.ArgumentParser):
+        def error(self, message):
+            raise _UsageError("%s: %s" % (self.prog, message))
+
     parser = _ArgumentParser(prog="gaffer", description="Run and supervise processes (gaffer.py %s)." % __version__)
     parser.add_argument("--version", action="version", version="gaffer.py %s" % __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)

@@ -1226,6 +1226,10 @@ class PollReaperOutputTest(OutputTest):
     no_pidfd = True
 
 
+HEAVY_MODULES = ("http.server", "http.client", "socketserver", "argparse", "ssl", "email", "configparser",
+                 "json", "hmac", "difflib")
+
+
 class LifecycleTest(LeakCheckedTestCase):
 
     def test_run_before_start_and_calls_before_start(self):
@@ -1234,6 +1238,19 @@ class LifecycleTest(LeakCheckedTestCase):
             m.run()
         with self.assertRaisesRegex(RuntimeError, "manager is not running"):
             m.load(gaffer.ProcessConfig("w", PY))
+
+    def test_import_loads_neither_the_http_nor_the_command_line_parts(self):
+        code = ("import sys, gaffer; m = gaffer.Manager(); m.start(); m.stop(); m.run(); "
+                "print(' '.join(sorted(set(sys.modules) & {%s})))"
+                % ", ".join(repr(name) for name in HEAVY_MODULES))
+        result = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=TIMEOUT,
+                                cwd=os.path.dirname(GAFFER), env={**os.environ, "PYTHONPATH": ""})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        baseline = subprocess.run([PY, "-c", "import sys; print(' '.join(sorted(set(sys.modules) & {%s})))"
+                                   % ", ".join(repr(name) for name in HEAVY_MODULES)],
+                                  capture_output=True, text=True, timeout=TIMEOUT).stdout.split()
+        self.assertEqual(sorted(set(result.stdout.split()) - set(baseline)), [],
+                         "loaded by gaffer beyond what the bare interpreter has")
 
     def test_a_failing_app_leaves_the_manager_stopped(self):
         class App:
