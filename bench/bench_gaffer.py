@@ -2,7 +2,7 @@
 """Benchmark gaffer.Manager against a bare Popen + pidfd loop, in one run, and print a table.
 
     python3 bench/bench_gaffer.py [--rounds 3] [--processes 200] [--idle 10] [--respawns 20]
-                                  [--output-mib 256] [--only manager|output]
+                                  [--output-mib 256] [--imports 21] [--only manager|output|import]
 
 Each trial runs in a fresh interpreter (so RSS and thread counts are its own);
 the variants take turns, round after round, and the table shows medians.
@@ -249,6 +249,45 @@ OUTPUT_VARIANTS = [
 ]
 
 
+# What an embedder pays: each runs in a fresh interpreter, timed from its first line, RSS read at its end.
+IMPORT_VARIANTS = [
+    ("bare", "bare interpreter", "pass"),
+    ("import", "import gaffer", "import gaffer"),
+    ("manager", "import gaffer, Manager started and stopped",
+     "import gaffer; m = gaffer.Manager(); m.start(); m.stop(); m.run()"),
+    ("http", "the same with HttpHandler started",
+     "import gaffer; m = gaffer.Manager(); m.start([gaffer.HttpHandler('127.0.0.1:0')]); m.stop(); m.run()"),
+]
+IMPORT_PROBE = ("import time, sys; t0 = time.perf_counter(); sys.path.insert(0, %r); {code}; "
+                "t1 = time.perf_counter(); print(t1 - t0, open('/proc/self/status').read().split('VmRSS:')[1].split()[0] "
+                "if sys.platform.startswith('linux') else __import__('resource').getrusage(0).ru_maxrss // 1024)")
+
+
+def import_table(args):
+    import py_compile
+    py_compile.compile(os.path.join(os.path.dirname(HERE), "gaffer.py"))  # measured with bytecode cached
+    samples = {variant: ([], []) for variant, _, _ in IMPORT_VARIANTS}
+    for _ in range(args.imports):  # the variants take turns, so noise falls on all alike
+        for variant, _, code in IMPORT_VARIANTS:
+            probe = IMPORT_PROBE.replace("%r", repr(os.path.dirname(HERE))).format(code=code)
+            seconds, kib = subprocess.run([sys.executable, "-c", probe], check=True, stdout=subprocess.PIPE,
+                                          text=True).stdout.split()
+            samples[variant][0].append(float(seconds) * 1000)
+            samples[variant][1].append(int(kib) / 1024)
+    ms = {v: statistics.median(t) for v, (t, _) in samples.items()}
+    mib = {v: statistics.median(r) for v, (_, r) in samples.items()}
+    rows = []
+    for variant, label, _ in IMPORT_VARIANTS:
+        extra_ms, extra_mib = ms[variant] - ms["bare"], mib[variant] - mib["bare"]
+        target = "<= +25 ms, +4 MiB" if variant == "import" else ""
+        mark = ("ok" if extra_ms <= 25 and extra_mib <= 4 else "MISS") if variant == "import" else ""
+        rows.append([label, "%.1f" % ms[variant], "+%.1f" % extra_ms, "%.1f" % mib[variant], "+%.1f" % extra_mib,
+                     target, mark])
+    print()
+    print("import cost: medians of %d fresh interpreters each, bytecode cached" % args.imports)
+    print_table(["variant", "ms", "added", "RSS MiB", "added", "target", ""], rows)
+
+
 def verdict(target, value, base):
     if target is None:
         return ""
@@ -278,7 +317,8 @@ def main():
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measurement")
     parser.add_argument("--respawns", type=int, default=20)
     parser.add_argument("--output-mib", type=int, default=256, help="MiB the writer child writes")
-    parser.add_argument("--only", choices=["manager", "output"])
+    parser.add_argument("--imports", type=int, default=21, help="fresh interpreters per import variant")
+    parser.add_argument("--only", choices=["manager", "output", "import"])
     parser.add_argument("--trial", help=argparse.SUPPRESS)
     parser.add_argument("--output-trial", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -293,10 +333,12 @@ def main():
     print("gaffer.py %s, %s, %s %s, %d cores, Python %s; medians of %d rounds"
           % (gaffer.__version__, time.strftime("%Y-%m-%d"), platform.system(), platform.machine(),
              os.cpu_count(), platform.python_version(), args.rounds))
-    if args.only != "output":
+    if args.only in (None, "manager"):
         manager_table(args)
-    if args.only != "manager":
+    if args.only in (None, "output"):
         output_table(args)
+    if args.only in (None, "import"):
+        import_table(args)
     return 0
 
 
