@@ -2179,6 +2179,20 @@ class RunnerTest(CommandLineTestCase):
         self.assertEqual(proc.finish(timeout=10), 0)
         proc.wait_line(r"killed by signal 9")
 
+    def test_second_ctrl_c_kills_what_a_leader_left_at_once(self):
+        # The leader exits on SIGTERM; its child ignores it: the group outlives its reaped leader.
+        code = ("import os, signal, time\n"
+                "if os.fork() == 0:\n"
+                "    signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60); os._exit(0)\n"
+                "print('ready', flush=True); time.sleep(60)\n")
+        proc = self.spawn("run", "--graceful-timeout", "60", "--", PY, "-c", code)
+        proc.wait_line(r"\| ready")
+        proc.send_signal(signal.SIGINT)
+        proc.wait_line(r"exited with code|killed by signal")  # the leader is gone, its child is not
+        self.assertIsNone(proc.poll(), "run waits for the rest of the group")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.finish(timeout=10), 0)
+
     def test_colour_on_a_terminal(self):
         import pty
         self.write("Procfile", "hello: echo hi\n")
