@@ -2667,6 +2667,8 @@ def _is_ip(text):
     return True
 
 
+# -- server and connections: bounded in number and in time, answered in JSON
+
 class _Server:
     """The listening half of the HTTP app, mixed into http.server.HTTPServer by _http_classes()."""
 
@@ -2718,7 +2720,9 @@ class _Server:
         app = self.app
         with app._lock:
             app._active -= 1
-        app._loop.call_soon_threadsafe(app._on_connection_closed)
+            paused = app._paused
+        if paused:  # only then has the loop anything to do
+            app._loop.call_soon_threadsafe(app._on_connection_closed)
 
     def handle_error(self, request, client_address):
         """A client that went away is a debug line; anything else is logged once, never printed raw."""
@@ -2821,10 +2825,7 @@ class _RequestHandler:
     def finish(self):
         with self.server.app._lock:
             self.server.app._connections.discard(self)
-        try:
-            super().finish()
-        except OSError:  # flushing to a client that left
-            pass
+        super().finish()
 
     def handle_one_request(self):
         # The next request (after an idle keep-alive wait, if any) must arrive within request_timeout.
@@ -3000,6 +3001,8 @@ def _http_classes():
 
     return HttpServer, HttpRequestHandler
 
+
+# -- routes: each calls the public, thread-safe Manager API
 
 @_route("GET", "/")
 def _http_index(req, m):

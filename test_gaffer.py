@@ -47,6 +47,11 @@ def wait_until(predicate, timeout=TIMEOUT, what=None):
         time.sleep(0.002)
 
 
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def open_fds():
     return set(os.listdir("/proc/self/fd")) if HAVE_PROC else set()
 
@@ -598,7 +603,7 @@ class ManagerTest(ManagerTestCase):
                 f.write(str(child.pid))
         """) % pidfile + textwrap.dedent(code_after)
         self.load(name, code=code, **settings)
-        return int(wait_until(lambda: os.path.exists(pidfile) and open(pidfile).read()))
+        return int(wait_until(lambda: os.path.exists(pidfile) and read_text(pidfile)))
 
     def test_stop_reaches_grandchildren(self):
         grandchild = self.grandchild_job("w", "time.sleep(60)")
@@ -2488,17 +2493,17 @@ class ExportTest(CommandLineTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sorted(os.listdir(out)), ["shop-web-1.service", "shop-web-2.service",
                                                    "shop-worker-1.service", "shop.target"])
-        unit = open(os.path.join(out, "shop-web-2.service")).read()
+        unit = read_text(os.path.join(out, "shop-web-2.service"))
         self.assertIn('Environment="PORT=5001"', unit)
         self.assertIn('Environment="TOKEN=abc"', unit)
         self.assertIn("WorkingDirectory=%s" % self.tmp, unit)
         self.assertIn('ExecStart=/bin/sh -c "python3 -m http.server $$PORT"', unit)
-        self.assertIn('"./work --level=100%%"', open(os.path.join(out, "shop-worker-1.service")).read())
+        self.assertIn('"./work --level=100%%"', read_text(os.path.join(out, "shop-worker-1.service")))
         self.assertIn("Wants=shop-web-1.service shop-web-2.service shop-worker-1.service",
-                      open(os.path.join(out, "shop.target")).read())
+                      read_text(os.path.join(out, "shop.target")))
         result = self.gaffer("export", "supervisord", "-c", "web=2", "-o", out, "-a", "shop")
         self.assertEqual(result.returncode, 0, result.stderr)
-        conf = open(os.path.join(out, "shop.conf")).read()
+        conf = read_text(os.path.join(out, "shop.conf"))
         self.assertIn("[program:shop-web-2]", conf)
         self.assertIn('environment=PORT="5001",TOKEN="abc"', conf)
         self.assertIn("programs=shop-web-1,shop-web-2,shop-worker-1", conf)
