@@ -719,8 +719,9 @@ class ManagerTest(ManagerTestCase):
         self.m.events.subscribe("spawn_error", lambda e, msg: stamps.append(time.monotonic()))
         self.rec.wait_for("spawn_error", count=4)
         gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        # Lower bounds only: a timer may fire late on a loaded machine, never early.
         self.assertGreaterEqual(gaps[0], 0.09, "retries wait, never a tight loop: %r" % gaps)
-        self.assertGreater(gaps[1], gaps[0] * 1.5, "the delay doubles: %r" % gaps)
+        self.assertGreaterEqual(gaps[1], 0.19, "the delay doubles: %r" % gaps)
         self.assertIn("No such file", self.rec.matching("spawn_error")[0]["reason"])
         self.assertEqual(self.m.info("w")["running"], 0, "the manager still answers")
         os.symlink(PY, link)
