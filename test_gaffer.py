@@ -2028,9 +2028,19 @@ class HttpTokenTest(HttpTestCase):
         self.assertEqual(gaffer.HttpHandler(":8080").address, ("127.0.0.1", 8080))
         self.assertEqual(gaffer.HttpHandler("[::1]:80").address, ("::1", 80))
         self.assertEqual(gaffer.HttpHandler("unix:/tmp/g.sock").address, "/tmp/g.sock")
-        for bad in ("host:port", "127.0.0.1:70000", "unix:", None):
+        for bad in ("host:port", "127.0.0.1:70000", "unix:", None, "127.0.0.1:\u0665\u0660\u0660\u0660"):
             with self.subTest(address=bad), self.assertRaisesRegex(ValueError, "address"):
                 gaffer.HttpHandler(bad)
+        for settings, message in [
+            (dict(max_connections=0), "max_connections must be >= 1"),
+            (dict(max_connections=10 ** 9), "max_connections must be <= "),
+            (dict(request_timeout=float("inf")), "request_timeout must be <= "),
+            (dict(request_timeout=0), "request_timeout must be >= "),
+            (dict(allowed_hosts="example.com"), "allowed_hosts must be a list"),
+            (dict(allowed_origins=[None]), "allowed_origins must be a list"),
+        ]:
+            with self.subTest(settings=settings), self.assertRaisesRegex(ValueError, message):
+                gaffer.HttpHandler("127.0.0.1:0", **settings)
 
 
 class HttpUnixSocketTest(LeakCheckedTestCase):
