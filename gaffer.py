@@ -106,6 +106,9 @@ _MAX_WAIT = 7 * 86400.0                         # the longest any setting may ma
 _MAX_SELECT = 3600.0                            # the longest one select sleeps, whatever is due
 _MAX_COUNT = 1 << 31                            # the largest count a setting may hold
 _ORPHAN_POLL_MIN, _ORPHAN_POLL_MAX = 0.005, 0.5  # rechecks of a group whose leader was reaped
+_CHECK_DELAY_MIN, _CHECK_DELAY_MAX = 0.005, 0.1  # retries of a tcp, http or callable readiness check
+_CHECK_TIMEOUT = 1.0                            # one try of a tcp or http check
+_CHECK_WORKERS = 4                              # threads that run those checks, made on first use
 _ORPHAN_GIVE_UP = 10.0                          # seconds after SIGKILL a group may linger before it is forgotten
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 
@@ -397,6 +400,11 @@ class ProcessConfig:
     stop_signal: int = int(signal.SIGTERM)
     #: stop signal and SIGKILL go to the whole process group
     stop_children: bool = True
+    #: when a process counts as ready: None (at once), "tcp:[HOST:]PORT", "http(s)://...",
+    #: "output:REGEX", "notify", "delay:SECONDS", or a callable check(process) -> bool
+    ready: object = None
+    #: seconds a process has to become ready before it is stopped and respawned
+    ready_timeout: float = 60.0
 
     def __init__(self, name, cmd, **settings):
         _reject_unknown(type(self), settings)
@@ -456,6 +464,8 @@ class ProcessConfig:
                 raise ValueError("custom_streams: label %r is used twice" % (label,))
         self.graceful_timeout = _float_setting("graceful_timeout", self.graceful_timeout, 0)
         self.stop_signal = _signum(self.stop_signal, "stop_signal")
+        self.ready = _ready_check("ready", self.ready, self.redirect_output)
+        self.ready_timeout = _float_setting("ready_timeout", self.ready_timeout, 0.001)
 
     def to_dict(self):
         """Return the settings as a dict of plain values (JSON-ready)."""
@@ -495,6 +505,42 @@ class ProcessConfig:
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ProcessConfig))
+
+
+def _ready_check(setting, value, redirect_output):
+    """Validate a readiness check (see ProcessConfig.ready); return it as given."""
+    if value is None or callable(value):
+        return value
+    forms = "'tcp:[HOST:]PORT', 'http://...', 'output:REGEX', 'notify', 'delay:SECONDS' or a callable"
+    if not isinstance(value, str):
+        raise ValueError("%s must be %s, got %r" % (setting, forms, value))
+    scheme, _, rest = value.partition(":")
+    if value == "notify":
+        return value
+    if scheme == "tcp":
+        port = rest.rpartition(":")[2]
+        if not rest or not ("$" in port or (_is_number(port) and 0 < int(port) < 65536)):
+            raise ValueError("%s %r: give tcp:PORT or tcp:HOST:PORT (a port from 1 to 65535 or a $VAR)"
+                             % (setting, value))
+    elif scheme in ("http", "https"):
+        if not rest.startswith("//") or not rest[2:].split("/")[0]:
+            raise ValueError("%s %r: an URL such as 'http://127.0.0.1:$PORT/health'" % (setting, value))
+    elif scheme == "output":
+        try:
+            re.compile(rest)
+        except re.error as exc:
+            raise ValueError("%s %r: bad regex: %s" % (setting, value, exc)) from None
+        if not redirect_output:
+            raise ValueError("%s %r reads the process's output: set redirect_output too" % (setting, value))
+    elif scheme == "delay":
+        try:
+            seconds = float(rest)
+        except ValueError:
+            raise ValueError("%s %r: give delay:SECONDS" % (setting, value)) from None
+        _float_setting("%s delay" % setting, seconds, 0)
+    else:
+        raise ValueError("%s: unknown check %r; use %s" % (setting, value, forms))
+    return value
 
 
 def _env_setting(setting, env):
@@ -935,16 +981,36 @@ class _PidfdReaper(_PollReaper):
 # read its fixed attributes or go through the manager.
 
 class _State(enum.Enum):
-    RUNNING = "running"
+    STARTING = "starting"   # spawned; its readiness check has not passed yet
+    READY = "ready"
     STOPPING = "stopping"
     EXITED = "exited"
 
 
 _TRANSITIONS = {
-    _State.RUNNING: {_State.STOPPING, _State.EXITED},
+    _State.STARTING: {_State.READY, _State.STOPPING, _State.EXITED},
+    _State.READY: {_State.STOPPING, _State.EXITED},
     _State.STOPPING: {_State.EXITED},
     _State.EXITED: set(),
 }
+_ALIVE = frozenset({_State.STARTING, _State.READY})  # counted, signalled, listed
+
+
+class _LineSplitter:
+    """Cuts a byte stream into complete lines (without their newline); a line longer than
+    `limit` is cut there, so a child that never writes a newline costs bounded memory."""
+
+    def __init__(self, limit=1 << 16):
+        self.limit = limit
+        self._partial = b""
+
+    def feed(self, data):
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        while len(self._partial) > self.limit:
+            lines.append(self._partial[:self.limit])
+            self._partial = self._partial[self.limit:]
+        return lines
 
 
 class _Pipe:
@@ -1081,7 +1147,14 @@ class Process:
         self.streams = {label: Stream(self, label) for label in config.custom_streams}
         self._manager = manager
         self._job = job
-        self._state = _State.RUNNING
+        self._state = _State.STARTING
+        self.notify_status = None  # the last STATUS= a notify check received
+        self._spawned_at = None    # loop time of the spawn
+        self._ready_timer = None   # ready_timeout, or the delay: check
+        self._check_timer = None   # the next try of a tcp, http or callable check
+        self._check_delay = 0.0
+        self._ready_lines = None   # _LineSplitter of an output: check, until ready
+        self._notify = None        # the datagram socket of a notify check
         self._popen = None
         self._pipes = []
         self._stdin = None
@@ -1102,6 +1175,13 @@ class Process:
             stderr = subprocess.STDOUT if labels[0] == labels[1] else subprocess.PIPE
         env = dict(self.env)
         ours, theirs = {}, []
+        if config.ready == "notify":  # a datagram socket of its own: whatever arrives there is from it
+            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            ours[None] = self._notify
+            self._notify.bind(self._manager._notify_path(self.pid))
+            env["NOTIFY_SOCKET"] = self._notify.getsockname()
+        elif isinstance(config.ready, str) and config.ready.startswith("output:"):
+            self._ready_lines = _LineSplitter()
         try:
             for label in config.custom_streams:
                 parent_end, child_end = socket.socketpair()
@@ -1116,14 +1196,18 @@ class Process:
         except BaseException:
             for sock in ours.values():
                 sock.close()
+            self._unlink_notify()
             raise
         finally:
             for sock in theirs:
                 sock.close()
         self.os_pid = self._popen.pid
         self.create_time = time.time()
-        publish = self._io.publish
-        on_read = lambda label, data: publish(label, {"name": self.name, "pid": self.pid, "data": data})
+        self._spawned_at = loop.time()
+        if ours.pop(None, None) is not None:
+            self._notify.setblocking(False)
+            loop.set_events(self._notify, selectors.EVENT_READ, self._on_notify)
+        on_read = self._on_output
         popen = self._popen
         if popen.stdout is not None:
             self._pipes.append(_Pipe(loop, popen.stdout, labels[0], on_read))
@@ -1141,9 +1225,50 @@ class Process:
             raise RuntimeError("%r cannot go from %s to %s" % (self, self._state.name, new.name))
         self._state = new
 
+    def _on_output(self, label, data):
+        self._io.publish(label, {"name": self.name, "pid": self.pid, "data": data})
+        if self._ready_lines is not None and self._state is _State.STARTING:
+            pattern = self.config.ready[7:]
+            for line in self._ready_lines.feed(data):
+                if re.search(pattern, line.decode("utf-8", "replace")):
+                    self._ready_lines = None
+                    self._manager._mark_ready(self)
+                    return
+
+    def _on_notify(self, mask):
+        """sd_notify datagrams: READY=1 marks the process ready, STATUS=... is kept."""
+        while self._notify is not None:
+            try:
+                data = self._notify.recv(4096)
+            except OSError:  # BlockingIOError: all read
+                return
+            for line in data.decode("utf-8", "replace").split("\n"):
+                key, _, value = line.partition("=")
+                if key == "STATUS":
+                    self.notify_status = value
+                elif key == "READY" and value == "1" and self._state is _State.STARTING:
+                    self._manager._mark_ready(self)
+
+    def _unlink_notify(self):
+        if self._notify is not None:
+            path = self._notify.getsockname()
+            self._notify.close()
+            self._notify = None
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
     def _finish(self):
-        """The child was reaped: deliver its last output, close its descriptors, forget its timer."""
-        self._set_state(_State.EXITED)  # RUNNING|STOPPING -> EXITED
+        """The child was reaped: deliver its last output, close its descriptors, forget its timers."""
+        self._set_state(_State.EXITED)  # STARTING|READY|STOPPING -> EXITED
+        for timer in (self._ready_timer, self._check_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._notify is not None:
+            self._on_notify(selectors.EVENT_READ)  # a STATUS= sent just before exiting
+            self._manager.loop.set_events(self._notify, 0)
+            self._unlink_notify()
         for pipe in self._pipes:
             pipe.drain()
         dropped = 0
@@ -1181,7 +1306,7 @@ class Process:
             "commited": self.once, "redirect_output": list(self.config.redirect_output),
             "redirect_input": self.config.redirect_input,
             "custom_streams": list(self.config.custom_streams), "active": self.active,
-            "status": self.status,
+            "status": self.status, "ready": self.ready, "notify_status": self.notify_status,
         }
 
     # -- any thread
@@ -1193,8 +1318,13 @@ class Process:
 
     @property
     def status(self):
-        """"running", "stopping" or "exited"."""
+        """"starting" (its readiness check has not passed yet), "ready", "stopping" or "exited"."""
         return self._state.value
+
+    @property
+    def ready(self):
+        """True once the readiness check (ProcessConfig.ready) passed, until the process stops."""
+        return self._state is _State.READY
 
     @property
     def info(self):
@@ -1342,6 +1472,42 @@ class _Job:
                                              len(self.running), self.numprocesses)
 
 
+def _check_once(process):
+    """One try of a process's tcp, http or callable readiness check (a worker thread): True if ready."""
+    check = process.config.ready
+    if callable(check):
+        return bool(check(process))
+    target = _expand(check, process.env)
+    if target.startswith("tcp:"):
+        host, _, port = target[4:].rpartition(":")
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=_CHECK_TIMEOUT):
+            return True
+    import http.client
+    import urllib.parse
+    url = urllib.parse.urlsplit(target)
+    if url.scheme == "https":  # as Kubernetes probes do: the certificate is not checked
+        import ssl
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=_CHECK_TIMEOUT, context=context)
+    else:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=_CHECK_TIMEOUT)
+    try:
+        conn.request("GET", (url.path or "/") + ("?" + url.query if url.query else ""))
+        return conn.getresponse().status < 400
+    finally:
+        conn.close()
+
+
+class _ReadyWaiter:
+    """A wait_ready() caller: the loop sets `error` (or not), then `done`."""
+
+    def __init__(self):
+        self.job = None
+        self.error = None
+        self.done = threading.Event()
+
+
 # -- Manager -------------------------------------------------------------------
 # The public API first (any thread), then the _do_* bodies and the _on_*
 # handlers, which run on the loop thread and own all the state.
@@ -1394,6 +1560,9 @@ class Manager:
         self._channels = {}       # _Job, Process or None (the manager) -> pub/sub channels fed by it
         self._stopped = threading.Event()
         self._run_wakeups = []    # sockets that run() sleeps on, written to when the loop ends
+        self._ready_waiters = []  # _ReadyWaiter of wait_ready() callers
+        self._checker = None      # the worker threads of tcp, http and callable checks
+        self._notify_dir = None   # where notify sockets are bound
 
     def __repr__(self):
         # Any thread: each list() copies a loop-owned dict in one step, never iterating it live.
@@ -1549,7 +1718,7 @@ class Manager:
         for name in self.jobs(sessionid):
             callback(self, name)
 
-    def load(self, config, sessionid=None, env=None, start=True):
+    def load(self, config, sessionid=None, env=None, start=True, wait=False):
         """Add a job and (by default) start its processes.
 
         Args:
@@ -1557,6 +1726,7 @@ class Manager:
             sessionid: the session (default "default").
             env: variables laid over the config's env.
             start: spawn the processes now.
+            wait: then wait_ready() for them: True, or the seconds to wait at most.
 
         Raises:
             ProcessConflict: a job of that name exists in the session.
@@ -1564,7 +1734,40 @@ class Manager:
                 processes spawned before the failure are stopped).
         """
         config = self._config(config, env)
-        return self._call(self._do_load, config, _check_name("sessionid", sessionid or _DEFAULT_SESSION), start)
+        session = _check_name("sessionid", sessionid or _DEFAULT_SESSION)
+        self._call(self._do_load, config, session, start)
+        if wait is not False and start:
+            self.wait_ready("%s.%s" % (session, config.name), None if wait is True else wait)
+
+    def wait_ready(self, name, timeout=None):
+        """Return once every one of the job's counted processes is ready (see ProcessConfig.ready).
+
+        Raises:
+            TimeoutError: not ready within `timeout` seconds; the message says how far it got.
+            ProcessNotFound: the job is unknown, or was unloaded meanwhile.
+            ProcessError: the job is stopped, or was stopped meanwhile (409).
+            RuntimeError: called on the loop thread (it would wait for itself), or the manager stopped.
+        """
+        if self.loop.in_loop_thread():
+            raise RuntimeError("wait_ready() on the loop thread (in a listener or callback) would wait for itself")
+        if timeout is not None:
+            timeout = _float_setting("timeout", timeout, 0)
+        waiter = _ReadyWaiter()
+        self._call(self._do_wait_ready, name, waiter)
+        if not waiter.done.wait(timeout):
+            try:
+                progress = self._call(self._forget_waiter, waiter)
+            except RuntimeError:
+                progress = "the manager stopped"
+            if not waiter.done.is_set():
+                raise TimeoutError("job %r is not ready after %gs: %s" % (waiter.job.name, timeout, progress))
+        if waiter.error is not None:
+            raise waiter.error
+
+    def not_ready(self):
+        """Return the active jobs (``"session.name"``) whose counted processes are not all ready."""
+        return self._call(lambda: [job.name for job in self._all_jobs()
+                                   if job.active and self._ready_count(job) < job.numprocesses])
 
     def unload(self, name_or_config, sessionid=None):
         """Remove a job, stopping its processes.
@@ -1786,6 +1989,20 @@ class Manager:
     def _loaded(self, job):
         return self._sessions.get(job.session, {}).get(job.config.name) is job
 
+    def _do_wait_ready(self, name, waiter):
+        waiter.job = self._job(name)
+        if not waiter.job.active:
+            raise ProcessError(409, "job %r is stopped" % waiter.job.name)
+        self._ready_waiters.append(waiter)
+        self._check_ready_waiters()
+
+    def _forget_waiter(self, waiter):
+        """A wait_ready() timed out: stop waking it; return how far the job got."""
+        if waiter in self._ready_waiters:
+            self._ready_waiters.remove(waiter)
+        job = waiter.job
+        return "%d of %d processes ready" % (self._ready_count(job), job.numprocesses)
+
     def _do_jobs(self, sessionid):
         if sessionid is None:
             return [job.name for job in self._all_jobs()]
@@ -1819,6 +2036,7 @@ class Manager:
             del self._sessions[job.session]
         self._publish({"name": job.name}, "unload")
         self._forget(job)
+        self._check_ready_waiters()
 
     def _do_reload(self, name):
         job = self._job(name)
@@ -1850,6 +2068,7 @@ class Manager:
     def _do_stop_job(self, name):
         job = self._job(name)
         self._stop_job(job)
+        self._check_ready_waiters()
 
     def _do_commit(self, name, graceful_timeout, env):
         job = self._job(name)
@@ -1875,6 +2094,7 @@ class Manager:
                 job.numprocesses = before
                 raise
         self._publish({"name": job.name}, "update")
+        self._check_ready_waiters()
         return job.numprocesses
 
     def _do_info(self, name):
@@ -1884,6 +2104,7 @@ class Manager:
             "running": len(job.running) + len(job.running_out),
             "running_out": len(job.running_out), "max_processes": job.numprocesses,
             "processes": [p.pid for p in job.processes()], "config": job.config.to_dict(),
+            "ready": sum(1 for p in job.processes() if p._state is _State.READY),
         }
 
     def _do_stop_process(self, pid):
@@ -1928,7 +2149,7 @@ class Manager:
 
     def _do_list(self, name):
         if name is None:
-            return [p for p in self._procs.values() if p._state is _State.RUNNING]
+            return [p for p in self._procs.values() if p._state in _ALIVE]
         return self._job(name).processes()
 
     def _do_stats(self, name):
@@ -2014,7 +2235,7 @@ class Manager:
 
     def _running_process(self, pid):
         proc = self._process(pid)
-        if proc._state is not _State.RUNNING:
+        if proc._state not in _ALIVE:
             raise ProcessNotFound("process %r is stopping" % (pid,))
         return proc
 
@@ -2076,7 +2297,94 @@ class Manager:
         (job.running_out if once else job.running)[proc.pid] = proc
         self._reaper.watch(proc._popen, functools.partial(self._on_exit, proc))
         self._publish_proc(proc, "spawn")
+        self._start_check(proc)
         return proc
+
+    # -- readiness (loop thread): STARTING -> READY, or a stop at ready_timeout
+
+    def _start_check(self, proc):
+        """Arm what will move a new process to READY, and the ready_timeout that bounds the wait."""
+        check = proc.config.ready
+        if check is None:
+            self._mark_ready(proc)
+            return
+        proc._ready_timer = self.loop.call_later(proc.config.ready_timeout, self._on_ready_timeout, proc)
+        if isinstance(check, str) and check.startswith("delay:"):
+            proc._check_timer = self.loop.call_later(float(check[6:]), self._mark_ready, proc)
+        elif callable(check) or check.startswith(("tcp:", "http")):
+            proc._check_delay = _CHECK_DELAY_MIN
+            self._run_check(proc)
+        # output: and notify: the process's own reads move it (Process._on_output, _on_notify)
+
+    def _mark_ready(self, proc):
+        if proc._state is not _State.STARTING:
+            return
+        proc._set_state(_State.READY)  # STARTING -> READY
+        for timer in (proc._ready_timer, proc._check_timer):
+            if timer is not None:
+                timer.cancel()
+        proc._ready_timer = proc._check_timer = None
+        self._publish_proc(proc, "ready", elapsed=round(self.loop.time() - proc._spawned_at, 6))
+        self._check_ready_waiters()
+
+    def _run_check(self, proc):
+        """One try of a tcp, http or callable check, on a worker thread: none may block the loop."""
+        proc._check_timer = None
+        if proc._state is not _State.STARTING:
+            return
+        if self._checker is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._checker = ThreadPoolExecutor(_CHECK_WORKERS, thread_name_prefix="gaffer-check")
+        future = self._checker.submit(_check_once, proc)
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._on_check_done, proc, f))
+
+    def _on_check_done(self, proc, future):
+        if proc._state is not _State.STARTING:
+            return
+        try:
+            passed = future.result()
+        except Exception as exc:  # refused, unreachable, or the callable raised: not ready yet
+            _log.debug("readiness check of %r: %s", proc, exc)
+            passed = False
+        if passed:
+            self._mark_ready(proc)
+        else:  # quickly at first, then about every _CHECK_DELAY_MAX
+            proc._check_delay = min(proc._check_delay * 2, _CHECK_DELAY_MAX)
+            proc._check_timer = self.loop.call_later(proc._check_delay, self._run_check, proc)
+
+    def _on_ready_timeout(self, proc):
+        proc._ready_timer = None
+        if proc._state is not _State.STARTING:
+            return
+        _log.warning("%r was not ready within %gs: replaced", proc, proc.config.ready_timeout)
+        self._publish({"name": proc.name, "pid": proc.pid}, "ready_timeout", "job.%s.ready_timeout" % proc.name)
+        self._stop(proc, "stop_process")
+        self._manage(proc._job)
+
+    def _ready_count(self, job):
+        return sum(1 for proc in job.running.values() if proc._state is _State.READY)
+
+    def _check_ready_waiters(self):
+        """Wake the wait_ready() callers whose job is ready, gone, stopped, or whose manager stopped."""
+        for waiter in list(self._ready_waiters):
+            job = waiter.job
+            if self._state is not _Lifecycle.RUNNING:
+                waiter.error = RuntimeError("manager is not running")
+            elif not self._loaded(job):
+                waiter.error = ProcessNotFound("job %r was unloaded" % job.name)
+            elif not job.active:
+                waiter.error = ProcessError(409, "job %r is stopped" % job.name)
+            elif self._ready_count(job) < job.numprocesses:
+                continue
+            self._ready_waiters.remove(waiter)
+            waiter.done.set()
+
+    def _notify_path(self, pid):
+        """Where a notify process's socket is bound: a directory of the manager's own, made on first use."""
+        if self._notify_dir is None:
+            import tempfile
+            self._notify_dir = tempfile.mkdtemp(prefix="gaffer-notify-")
+        return os.path.join(self._notify_dir, "%d.sock" % pid)
 
     def _activate(self, job):
         """Mark a job started by hand: flapping history and pending retries are forgotten."""
@@ -2122,6 +2430,7 @@ class Manager:
                               "spawn_error", "job.%s.spawn_error" % job.name)
                 if strict:
                     self._stop_job(job)
+                    self._check_ready_waiters()
                     raise
                 _log.error("%s", exc.reason)
                 if not self._flapped(job):
@@ -2150,8 +2459,8 @@ class Manager:
             self._stop(proc, "stop_process")
 
     def _stop(self, proc, event):
-        """Ask a process to stop (RUNNING -> STOPPING) and arm its SIGKILL; event is stop_process or reap."""
-        if proc._state is not _State.RUNNING:
+        """Ask a process to stop (STARTING|READY -> STOPPING) and arm its SIGKILL; event is stop_process or reap."""
+        if proc._state not in _ALIVE:
             return
         job = proc._job
         job.running.pop(proc.pid, None) or job.running_out.pop(proc.pid, None)
@@ -2182,6 +2491,7 @@ class Manager:
         job.exits.clear()
         self._publish({"name": job.name}, "flap", "job.%s.flap" % job.name)
         self._stop_job(job)
+        self._check_ready_waiters()
         if job.flap_retries < flapping.max_retry:
             job.flap_retries += 1
             job.restart_timer = self.loop.call_later(flapping.retry_in, self._on_restart_due, job, True)
@@ -2199,6 +2509,7 @@ class Manager:
     def _check_stopped(self):
         if self._state is _Lifecycle.STOPPING and not self._procs and not self._orphan_groups:
             self._state = _Lifecycle.STOPPED  # what the apps and callbacks see: no longer started
+            self._check_ready_waiters()
             for app in reversed(self._apps):
                 try:
                     app.stop()
@@ -2322,6 +2633,12 @@ class Manager:
                 pass
         for pgid in list(self._orphan_groups):
             _send_signal(pgid, signal.SIGKILL, group=True)
+        if self._checker is not None:
+            self._checker.shutdown(wait=False)  # a check in progress ends within _CHECK_TIMEOUT
+        if self._notify_dir is not None:
+            for entry in os.listdir(self._notify_dir):  # left by processes killed after a crash
+                os.unlink(os.path.join(self._notify_dir, entry))
+            os.rmdir(self._notify_dir)
         self._stopped.set()
         for wake in list(self._run_wakeups):
             try:
@@ -3019,6 +3336,15 @@ def _http_ping(req, m):
     return 200, {"ok": True}
 
 
+@_route("GET", "/ready")
+def _http_ready(req, m):
+    """For Kubernetes and load-balancer probes: 200 when every active job is ready, else 503."""
+    waiting = m.not_ready()
+    if not waiting:
+        return 200, {"ready": True}
+    return 503, {"ready": False, "waiting": waiting, "error": "not ready: %s" % ", ".join(waiting), "errno": 503}
+
+
 @_route("GET", "/sessions")
 def _http_sessions(req, m):
     return 200, {"sessions": m.sessions}
@@ -3702,10 +4028,38 @@ def _cmd_ps(args):
 
 def _cmd_status(args):
     info = _client(args).request("GET", _job_path(args.job))
-    _report(args, info, "%s: %s, %d running (%d committed), target %d, pids %s" % (
+    _report(args, info, "%s: %s, %d running (%d committed, %d ready), target %d, pids %s" % (
         info["name"], "active" if info["active"] else "stopped", info["running"], info["running_out"],
-        info["max_processes"], " ".join(map(str, info["processes"])) or "-"))
+        info["ready"], info["max_processes"], " ".join(map(str, info["processes"])) or "-"))
     return 0
+
+
+def _cmd_wait(args):
+    """Exit 0 once every counted process of the job is ready; 1 on timeout, or if the job stops or goes."""
+    client, path = _client(args), _job_path(args.job)
+    deadline = time.monotonic() + args.timeout
+    delay = 0.01
+    while True:
+        info = client.request("GET", path)
+        if not info["active"]:
+            raise _ClientError("%s is stopped" % info["name"])
+        ready = sum(1 for pid in info["processes"] if _process_ready(client, pid))
+        if ready >= info["max_processes"]:
+            _report(args, info, "%s: ready (%d processes)" % (info["name"], ready))
+            return 0
+        if time.monotonic() >= deadline:
+            raise _ClientError("%s is not ready after %gs: %d of %d processes ready"
+                               % (info["name"], args.timeout, ready, info["max_processes"]))
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.2)
+
+
+def _process_ready(client, pid):
+    try:
+        info = client.request("GET", "/%d" % pid)
+    except _ClientError:  # it exited meanwhile
+        return False
+    return info["ready"] and not info["commited"]
 
 
 def _cmd_scale(args):
@@ -3920,6 +4274,10 @@ def _parser():
     sub.add_argument("file")
     sub = command("unload", _cmd_unload, "unload a job", client=True)
     sub.add_argument("job")
+    sub = command("wait", _cmd_wait, "wait until every process of a job is ready (exit 1 on timeout)",
+                  client=True)
+    sub.add_argument("job")
+    sub.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds (default 60)")
     sub = command("watch", _cmd_watch, "follow the events (optionally those under PATTERN)", client=True)
     sub.add_argument("pattern", nargs="?")
     sub = command("logs", _cmd_logs, "follow a process's output", client=True)

@@ -373,7 +373,7 @@ class ManagerTest(ManagerTestCase):
         self.assertEqual((proc.name, proc.cmd, proc.args, proc.once, proc.active), ("default.web", PY, SLEEP,
                                                                                    False, True))
         self.assertEqual(proc.info["os_pid"], proc.os_pid)
-        self.assertRegex(repr(proc), r"<Process 'default.web' pid=1 os_pid=\d+ RUNNING>")
+        self.assertRegex(repr(proc), r"<Process 'default.web' pid=1 os_pid=\d+ READY>")
         self.assertEqual(self.rec.names()[:6], ["load", "start", "job.default.web.start", "spawn",
                                                 "job.default.web.spawn", "proc.1.spawn"])
         spawn = self.rec.matching("spawn", pid=1)[0]
@@ -1157,7 +1157,7 @@ class PubSubTest(ManagerTestCase):
         evtype, msg = job.get(TIMEOUT)
         self.assertEqual((evtype, msg["event"], msg["pid"]), ("spawn", "spawn", 2))
         self.m.unload("w")
-        self.assertEqual([e for e, _ in job], ["stop"], "closed by unload")
+        self.assertEqual([e for e, _ in job], ["ready", "stop"], "closed by unload")
 
     def test_stats_topics(self):
         self.m.stats_interval = 0.05
@@ -1335,6 +1335,170 @@ class LifecycleTest(LeakCheckedTestCase):
         for os_pid in os_pids:
             wait_until(lambda: not alive(os_pid), what="children of an exited host")
 
+
+
+
+# -- Readiness ------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+LISTEN_LATE = """
+    import os, socket, time
+    time.sleep(0.3)
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", int(os.environ["PORT"])))
+    server.listen(16)
+    while True:
+        conn, _ = server.accept()
+        conn.recv(1000)
+        conn.sendall(b"HTTP/1.0 %s OK\\r\\nContent-Length: 0\\r\\n\\r\\n" % os.environ.get("STATUS", "200").encode())
+        conn.close()
+"""
+
+
+class ReadinessTest(ManagerTestCase):
+
+    def assert_ready_after(self, name, seconds):
+        self.m.wait_ready(name, timeout=TIMEOUT)
+        msg = self.rec.wait_for("ready", name="default." + name)[0]
+        self.assertGreaterEqual(msg["elapsed"], seconds * 0.9, msg)
+        self.assertEqual(self.rec.matching("job.default.%s.ready" % name)[0]["pid"], msg["pid"])
+        self.assertEqual(self.rec.matching("proc.%d.ready" % msg["pid"])[0]["os_pid"], msg["os_pid"])
+        process = self.m.get_process(msg["pid"])
+        self.assertEqual((process.ready, process.status, process.info["ready"]), (True, "ready", True))
+        self.assertEqual(self.m.info(name)["ready"], 1)
+        return msg
+
+    def test_without_a_check_a_process_is_ready_at_once(self):
+        self.load("w", 2)
+        self.assertEqual(self.m.info("w")["ready"], 2)
+        self.assertEqual([m["pid"] for m in self.rec.matching("ready")], [1, 2])
+        names = self.rec.names()
+        self.assertLess(names.index("proc.1.spawn"), names.index("proc.1.ready"))
+
+    def test_tcp_and_http_checks_wait_for_the_port(self):
+        cases = [("tcp", "tcp:$PORT", {}), ("tcp-host", "tcp:127.0.0.1:$PORT", {}),
+                 ("http", "http://127.0.0.1:${PORT}/health", {})]
+        for name, check, env in cases:
+            with self.subTest(check=check):
+                port = free_port()
+                self.load(name, code=LISTEN_LATE, ready=check, env={"PORT": str(port), **env})
+                pid = self.m.pids(name)[0]
+                self.assertEqual(self.m.get_process(pid).status, "starting")
+                self.assertEqual(self.m.info(name)["ready"], 0)
+                self.assert_ready_after(name, 0.3)
+                socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()  # open when ready
+        port = free_port()
+        self.load("failing", code=LISTEN_LATE, ready="http://127.0.0.1:$PORT/", env={"PORT": str(port),
+                                                                                    "STATUS": "503"})
+        with self.assertRaisesRegex(TimeoutError, r"'default.failing' is not ready after 1s: 0 of 1"):
+            self.m.wait_ready("failing", timeout=1)
+
+    def test_output_check_reads_lines_of_the_redirected_output(self):
+        code = """
+            import os, time
+            os.write(1, b"booting\\nlisten")
+            time.sleep(0.3)
+            os.write(1, b"ing on 8080\\n")
+            time.sleep(60)
+        """
+        self.load("w", code=code, ready=r"output:listening on \d+", redirect_output=["out"])
+        self.assert_ready_after("w", 0.3)
+        self.assertEqual(self.output[1], b"booting\nlistening on 8080\n", "listeners still get every byte")
+
+    def test_notify_check_speaks_sd_notify(self):
+        code = """
+            import os, socket, time
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.sendto(b"STATUS=warming up", os.environ["NOTIFY_SOCKET"])
+            time.sleep(0.3)
+            sock.sendto(b"READY=1\\nSTATUS=serving", os.environ["NOTIFY_SOCKET"])
+            time.sleep(60)
+        """
+        self.load("w", code=code, ready="notify")
+        path = self.m.get_process(1).env.get("NOTIFY_SOCKET")  # set at spawn, not in the job's env
+        self.assertIsNone(path)
+        self.assert_ready_after("w", 0.3)
+        info = self.m.get_process(1).info
+        self.assertEqual(info["notify_status"], "serving")
+        notify_dir = self.m._notify_dir
+        self.assertEqual(len(os.listdir(notify_dir)), 1)
+        self.m.stop_job("w")
+        self.rec.wait_for("exit", pid=1)
+        self.assertEqual(os.listdir(notify_dir), [], "the socket goes with its process")
+
+    def test_delay_check(self):
+        self.load("w", ready="delay:0.3")
+        self.assert_ready_after("w", 0.3)
+
+    def test_callable_check_runs_off_the_loop_thread(self):
+        calls = []
+
+        def check(process):
+            calls.append((threading.current_thread().name, process.pid))
+            return len(calls) >= 3
+
+        self.load("w", ready=check)
+        self.m.wait_ready("w", timeout=TIMEOUT)
+        self.assertEqual(len(calls), 3)
+        self.assertTrue(all(name.startswith("gaffer-check") and pid == 1 for name, pid in calls), calls)
+
+    def test_a_process_not_ready_in_time_is_replaced(self):
+        self.load("w", code="import time; print('up', flush=True); time.sleep(60)", ready="output:never",
+                  redirect_output=["out"], ready_timeout=0.3)
+        msg = self.rec.wait_for("ready_timeout")[0]
+        self.assertEqual((msg["name"], msg["pid"]), ("default.w", 1))
+        self.rec.wait_for("exit", pid=1)
+        self.rec.wait_for("spawn", pid=2)
+        self.assertEqual(self.m.info("w")["ready"], 0)
+
+    def test_wait_ready_and_its_errors(self):
+        self.m.load(gaffer.ProcessConfig("w", PY, args=SLEEP, ready="delay:0.3", graceful_timeout=2), wait=True)
+        self.assertEqual(self.m.info("w")["ready"], 1, "load(wait=True) returns once ready")
+        self.load("never", code="import time; time.sleep(60)", ready="output:x", redirect_output=["out"])
+        with self.assertRaisesRegex(TimeoutError, r"'default.never' is not ready after 0.2s: 0 of 1 processes"):
+            self.m.wait_ready("never", timeout=0.2)
+        with self.assertRaises(gaffer.ProcessNotFound):
+            self.m.wait_ready("nope")
+        for action, error, message in ((self.m.stop_job, gaffer.ProcessError, "is stopped"),
+                                       (self.m.unload, gaffer.ProcessNotFound, "was unloaded")):
+            with self.subTest(action=action.__name__):
+                if action == self.m.unload:
+                    self.m.start_job("never")
+                threading.Timer(0.1, action, ("never",)).start()
+                with self.assertRaisesRegex(error, message):
+                    self.m.wait_ready("never", timeout=TIMEOUT)
+        seen = []
+
+        def on_load(evtype, msg):
+            try:
+                self.m.wait_ready("w")
+            except RuntimeError as exc:
+                seen.append(str(exc))
+
+        self.m.events.subscribe("load", on_load)
+        self.load("other")
+        self.assertIn("would wait for itself", seen[0])
+
+    def test_bad_checks_are_refused_and_nothing_is_loaded(self):
+        cases = [
+            (dict(ready="ftp://x"), "ready: unknown check 'ftp://x'"),
+            (dict(ready="output:(", redirect_output=["out"]), "bad regex"),
+            (dict(ready="output:ok"), "set redirect_output"),
+            (dict(ready="tcp:http"), "tcp:PORT"),
+            (dict(ready="delay:soon"), "delay:SECONDS"),
+            (dict(ready=42), "ready must be"),
+            (dict(ready="delay:1", ready_timeout=-1), "ready_timeout must be >= "),
+        ]
+        for settings, message in cases:
+            with self.subTest(settings=settings), self.assertRaisesRegex(ValueError, message):
+                self.m.load(gaffer.ProcessConfig("w", PY, **settings))
+        self.assertEqual(self.m.jobs(), [])
 
 
 # -- Loop survival: what a hostile caller, listener or child does to the loop ----------
@@ -1745,6 +1909,19 @@ class HttpTest(HttpTestCase):
         self.assertEqual((got, headers.get("Allow")), (405, "GET"))
         self.assertEqual(self.m.jobs(), ["default.w"], "no bad request reached the manager")
         self.assertEqual(self.m.pids(), [1])
+
+    def test_ready_probe(self):
+        self.assertEqual(self.ok("GET", "/ready"), {"ready": True}, "no job: nothing to wait for")
+        self.load("w")
+        self.load("slow", code="import time; time.sleep(60)", ready="output:never", redirect_output=["out"])
+        self.m.load(gaffer.ProcessConfig("idle", PY, ready="output:never", redirect_output=["out"]), start=False)
+        status, payload, _ = self.req("GET", "/ready")
+        self.assertEqual((status, payload["ready"], payload["waiting"], payload["errno"]),
+                         (503, False, ["default.slow"], 503), "a stopped job is not waited for")
+        self.assertEqual(self.ok("GET", "/1")["status"], "ready")
+        self.assertEqual(self.ok("GET", "/jobs/default/slow")["ready"], 0)
+        self.m.stop_job("slow")
+        self.assertEqual(self.ok("GET", "/ready"), {"ready": True})
 
     def test_watch_events(self):
         conn, events = self.sse("/watch?pattern=job.default.w")
@@ -2439,6 +2616,25 @@ class ServeTest(CommandLineTestCase):
         self.assertNotIn("s2.b", self.jobs())
         watch.terminate()
         watch.finish()
+
+    def test_wait_command(self):
+        code = "import time; time.sleep(0.3); print('up', flush=True); time.sleep(60)"
+        self.serve(self.json_config([self.job("a", ready="delay:0.3"),
+                                     self.job("b", args=["-c", code], ready="output:up", redirect_output=["out"]),
+                                     self.job("never", ready="output:x", redirect_output=["out"])]))
+        self.record_leaders()
+        for job in ("a", "b"):
+            with self.subTest(job=job):
+                result = self.client("wait", job, "--timeout", "10")
+                self.assertIn("default.%s: ready (1 processes)" % job, result.stdout)
+        result = self.client("wait", "never", "--timeout", "0.3", check=False)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("default.never is not ready after 0.3s: 0 of 1 processes ready", result.stderr)
+        self.client("stop", "never")
+        result = self.client("wait", "never", check=False)
+        self.assertEqual((result.returncode, result.stderr.strip()), (1, "gaffer: default.never is stopped"))
+        result = self.client("status", "a")
+        self.assertIn("1 running (0 committed, 1 ready)", result.stdout)
 
     def test_tcp_with_allow_host_and_client_commands(self):
         config = self.json_config([self.job("a")])
