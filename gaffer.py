@@ -30,6 +30,8 @@ below it; ``msg["event"]`` is the event name):
 ``load``, ``unload``, ``update``                name
 ``start``, ``stop`` (and ``job.<job>.*``)       name
 ``spawn`` (and ``job.<job>.*``, ``proc.<pid>.*``) name, pid, os_pid
+``ready`` (same forms: its ``ready`` check passed) name, pid, os_pid, elapsed
+``ready_timeout``, ``job.<job>.ready_timeout``  name, pid (stopped and respawned)
 ``reap`` (same forms; stopped by a scale-down)  name, pid, os_pid
 ``stop_process``, ``proc.<pid>.stop``           name, pid
 ``exit`` (same forms as spawn)                  name, pid, os_pid, exit_status, term_signal, once,

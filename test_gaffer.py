@@ -1396,8 +1396,8 @@ class ReadinessTest(ManagerTestCase):
         port = free_port()
         self.load("failing", code=LISTEN_LATE, ready="http://127.0.0.1:$PORT/", env={"PORT": str(port),
                                                                                     "STATUS": "503"})
-        with self.assertRaisesRegex(TimeoutError, r"'default.failing' is not ready after 1s: 0 of 1"):
-            self.m.wait_ready("failing", timeout=1)
+        with self.assertRaisesRegex(TimeoutError, r"'default.failing' is not ready after 0.5s: 0 of 1"):
+            self.m.wait_ready("failing", timeout=0.5)
 
     def test_output_check_reads_lines_of_the_redirected_output(self):
         code = """
@@ -1664,9 +1664,9 @@ class LoopSurvivalTest(ManagerTestCase):
         spinner = threading.Thread(target=spin)
         spinner.start()
         try:
-            for i in range(100):
+            for i in range(40):
                 self.m.load(gaffer.ProcessConfig("j%d" % i, PY, args=SLEEP, numprocesses=0), sessionid="s%d" % i)
-            for i in range(100):
+            for i in range(40):
                 self.m.unload("s%d.j%d" % (i, i))
         finally:
             stop.set()
