@@ -62,14 +62,24 @@ for line in sys.stdin:
     sys.stdout.flush()
 """,
     "crasher": "import sys; sys.exit(3)",
+    "notifier": """
+import os, socket, time
+time.sleep(0.05)
+socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1\\nSTATUS=up", os.environ["NOTIFY_SOCKET"])
+time.sleep(3600)
+""",
+}
+READY = {  # the readiness check of each kind: every form that needs no port
+    "sleeper": lambda process: True, "stubborn": "delay:0.1", "flooder": "output:x", "echo": "delay:0",
+    "notifier": "notify", "crasher": "delay:0.5",
 }
 MAX_JOBS, MAX_PER_JOB, MAX_COMMITS = 10, 3, 10
-EXPECTED = (gaffer.ProcessError, ValueError)  # what a random call may fairly be refused with
+EXPECTED = (gaffer.ProcessError, ValueError, TimeoutError)  # what a random call may fairly be refused with
 
 
 def config(kind, name, **extra):
     settings = dict(args=["-c", CHILDREN[kind]], numprocesses=random.randint(0, MAX_PER_JOB),
-                    graceful_timeout=GRACEFUL)
+                    graceful_timeout=GRACEFUL, ready=READY.get(kind), ready_timeout=2.0)
     if kind in ("flooder", "echo"):
         settings["redirect_output"] = ["out"]
     if kind == "echo":
@@ -184,6 +194,8 @@ class Chaos:
             ("monitor", lambda: self.monitor(rng)),
             ("restart", lambda: m.restart() if rng.random() < 0.05 else None),
             ("jobs", lambda: m.jobs()),
+            ("wait_ready", lambda: m.wait_ready(self.pick(rng), timeout=rng.uniform(0, 0.5))),
+            ("not_ready", lambda: m.not_ready()),
         ]
         while not self.done.is_set():
             what, call = rng.choice(calls)
@@ -273,7 +285,7 @@ class Chaos:
         json_type = {"Content-Type": "application/json"}
         choice = rng.randrange(5)
         if choice == 0:
-            self.request("GET", rng.choice(["/", "/ping", "/jobs", "/pids", "/sessions"]))
+            self.request("GET", rng.choice(["/", "/ping", "/jobs", "/pids", "/sessions", "/ready"]), expect=(200, 503))
         elif choice == 1:
             self.request("GET", job, expect=(200, 404))
         elif choice == 2:
@@ -358,7 +370,8 @@ class Chaos:
             if fds > self.fds_before + 6 * processes + 2 * self.http.max_connections + 50:
                 self.violation("%d fds open with %d processes listed (%d at the start)"
                                % (fds, len(listed), self.fds_before))
-            if threads > self.threads_before + 12 + self.http.max_connections + 2:
+            # ours (12 callers, killer and HTTP clients), the server's, the loop, and the check workers
+            if threads > self.threads_before + 12 + self.http.max_connections + 1 + gaffer._CHECK_WORKERS:
                 self.violation("%d threads (%d at the start)" % (threads, self.threads_before))
             with self.lock:
                 self.counts["max fds"] = max(self.counts["max fds"], fds)
