@@ -2,7 +2,8 @@
 """Benchmark gaffer.Manager against a bare Popen + pidfd loop, in one run, and print a table.
 
     python3 bench/bench_gaffer.py [--rounds 3] [--processes 200] [--idle 10] [--respawns 20]
-                                  [--output-mib 256] [--imports 21] [--only manager|output|import]
+                                  [--output-mib 256] [--imports 21] [--readies 15]
+                                  [--only manager|output|import|ready]
 
 Each trial runs in a fresh interpreter (so RSS and thread counts are its own);
 the variants take turns, round after round, and the table shows medians.
@@ -288,6 +289,64 @@ def import_table(args):
     print_table(["variant", "ms", "added", "RSS MiB", "added", "target", ""], rows)
 
 
+# A child that becomes ready after a moment: it writes the monotonic time (one clock for the whole
+# machine) at which it opened its port or sent READY=1, and the bench takes the ready event's time.
+READY_CHILD = """
+import os, socket, sys, time
+time.sleep(0.2)
+if sys.argv[1] == "tcp":
+    server = socket.socket()
+    server.bind(("127.0.0.1", int(os.environ["PORT"])))
+    server.listen(16)
+    opened = time.monotonic()
+else:
+    opened = time.monotonic()
+    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(repr(opened))
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+time.sleep(60)
+"""
+
+
+def ready_table(args):
+    import tempfile
+    import gaffer
+    targets = {"notify": 20.0, "tcp": 120.0}
+    rows = []
+    with gaffer.Manager() as manager, tempfile.TemporaryDirectory() as tmp:
+        ready_at = {}
+        manager.events.subscribe("ready", lambda evtype, msg: ready_at.setdefault(msg["name"], time.monotonic()))
+        for kind in ("notify", "tcp"):
+            latencies = []
+            for n in range(args.readies):
+                with socket.socket() as probe:  # a free port for the child
+                    probe.bind(("127.0.0.1", 0))
+                    port = probe.getsockname()[1]
+                stamp, name = os.path.join(tmp, "%s-%d" % (kind, n)), "%s%d" % (kind, n)
+                manager.load(gaffer.ProcessConfig(name, sys.executable, args=["-c", READY_CHILD, kind, stamp],
+                                                  env={"PORT": str(port)}, graceful_timeout=1,
+                                                  ready="notify" if kind == "notify" else "tcp:$PORT"), wait=30)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # the child may write its stamp after the event
+                    with open(stamp, "a+") as f:
+                        f.seek(0)
+                        text = f.read()
+                    if text:
+                        break
+                    time.sleep(0.001)
+                latencies.append((ready_at["default." + name] - float(text)) * 1000)
+                manager.unload(name)
+            latencies.sort()
+            p50, p90 = statistics.median(latencies), latencies[int(0.9 * (len(latencies) - 1))]
+            what = "notify: READY=1 sent" if kind == "notify" else "tcp: port opened"
+            rows.append(["%s -> ready event" % what, "%.1f" % p50, "%.1f" % p90,
+                         "< %.0f ms" % targets[kind], "ok" if p50 < targets[kind] else "MISS"])
+    print()
+    print("readiness latency: %d children of each kind, ready 0.2 s after their spawn" % args.readies)
+    print_table(["check", "p50 ms", "p90 ms", "target", ""], rows)
+
+
 def verdict(target, value, base):
     if target is None:
         return ""
@@ -318,7 +377,8 @@ def main():
     parser.add_argument("--respawns", type=int, default=20)
     parser.add_argument("--output-mib", type=int, default=256, help="MiB the writer child writes")
     parser.add_argument("--imports", type=int, default=21, help="fresh interpreters per import variant")
-    parser.add_argument("--only", choices=["manager", "output", "import"])
+    parser.add_argument("--readies", type=int, default=15, help="children per readiness check")
+    parser.add_argument("--only", choices=["manager", "output", "import", "ready"])
     parser.add_argument("--trial", help=argparse.SUPPRESS)
     parser.add_argument("--output-trial", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,6 +399,8 @@ def main():
         output_table(args)
     if args.only in (None, "import"):
         import_table(args)
+    if args.only in (None, "ready"):
+        ready_table(args)
     return 0
 
 
