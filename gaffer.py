@@ -407,6 +407,8 @@ class ProcessConfig:
     ready: object = None
     #: seconds a process has to become ready before it is stopped and respawned
     ready_timeout: float = 60.0
+    #: jobs ("name" in the same session, or "session.name") that must be ready before this one spawns
+    depends_on: list = dataclasses.field(default_factory=list)
 
     def __init__(self, name, cmd, **settings):
         _reject_unknown(type(self), settings)
@@ -468,6 +470,7 @@ class ProcessConfig:
         self.stop_signal = _signum(self.stop_signal, "stop_signal")
         self.ready = _ready_check("ready", self.ready, self.redirect_output)
         self.ready_timeout = _float_setting("ready_timeout", self.ready_timeout, 0.001)
+        self.depends_on = _depends_on(self.depends_on, self.name)
 
     def to_dict(self):
         """Return the settings as a dict of plain values (JSON-ready)."""
@@ -507,6 +510,24 @@ class ProcessConfig:
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ProcessConfig))
+
+
+def _depends_on(value, name):
+    """Validate depends_on: a list of "job" or "session.job" (a str of them, comma-separated, works too)."""
+    if isinstance(value, str):
+        value = [item for item in re.split(r"[\s,]+", value) if item]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("depends_on must be a list of job names, got %r" % (value,))
+    for dep in value:
+        if not isinstance(dep, str):
+            raise ValueError("depends_on must hold job names, got %r" % (dep,))
+        session, _, job = dep.rpartition(".")
+        _check_name("depends_on", job)
+        if session:
+            _check_name("depends_on", session)
+        if dep == name:
+            raise ValueError("depends_on: job %r cannot depend on itself" % name)
+    return list(value)
 
 
 def _ready_check(setting, value, redirect_output):
@@ -1501,6 +1522,29 @@ def _check_once(process):
         conn.close()
 
 
+def _dep_names(session, config):
+    """"session.job" of each job that config depends on: a bare name is in its own session."""
+    return ["%s.%s" % _split_name(dep, session) for dep in config.depends_on]
+
+
+def _refuse_cycle(graph, session, config):
+    """ValueError ("depends_on makes a cycle: a -> b -> a") if adding config to graph {name: [deps]} closes one."""
+    start = "%s.%s" % (session, config.name)
+    graph = dict(graph, **{start: _dep_names(session, config)})
+    path, todo, seen = [start], [iter(graph[start])], set()
+    while todo:  # depth first, without recursion: a chain of any length is fine
+        dep = next(todo[-1], None)
+        if dep is None:
+            todo.pop()
+            path.pop()
+        elif dep == start:
+            raise ValueError("depends_on makes a cycle: %s" % " -> ".join(path + [start]))
+        elif dep not in seen:  # each job is walked once: linear in the graph
+            seen.add(dep)
+            path.append(dep)
+            todo.append(iter(graph.get(dep, ())))
+
+
 class _ReadyWaiter:
     """A wait_ready() caller: the loop sets `error` (or not), then `done`."""
 
@@ -1550,6 +1594,7 @@ class Manager:
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
+        self._stop_pending = []   # jobs a manager stop has yet to stop, after their dependents
         self._orphan_groups = {}  # pgid -> (deadline, killed) of a group whose leader was reaped first
         self._orphan_timer = None
         self._orphan_delay = _ORPHAN_POLL_MIN
@@ -2016,6 +2061,7 @@ class Manager:
         jobs = self._sessions.get(session, {})
         if config.name in jobs:
             raise ProcessConflict("job %r is already loaded" % ("%s.%s" % (session, config.name)))
+        self._check_cycle(session, config)
         job = _Job(session, config, config.numprocesses)
         self._sessions.setdefault(session, jobs)[config.name] = job
         self._publish({"name": job.name}, "load")
@@ -2048,6 +2094,7 @@ class Manager:
 
     def _do_update(self, config, name, start):
         job = self._job(name)
+        self._check_cycle(job.session, config)
         old = (job.config, job.numprocesses, job.active)
         job.config = config
         job.numprocesses = max(config.numprocesses, job.numprocesses)
@@ -2097,6 +2144,7 @@ class Manager:
                 raise
         self._publish({"name": job.name}, "update")
         self._check_ready_waiters()
+        self._release_dependents()
         return job.numprocesses
 
     def _do_info(self, name):
@@ -2107,6 +2155,7 @@ class Manager:
             "running_out": len(job.running_out), "max_processes": job.numprocesses,
             "processes": [p.pid for p in job.processes()], "config": job.config.to_dict(),
             "ready": sum(1 for p in job.processes() if p._state is _State.READY),
+            "waiting_for": self._waiting_for(job) if job.active else [],
         }
 
     def _do_stop_process(self, pid):
@@ -2251,10 +2300,24 @@ class Manager:
         if self._state is not _Lifecycle.RUNNING:
             return
         self._state = _Lifecycle.STOPPING
-        for job in self._all_jobs():
-            if job.active or job.processes():
-                self._stop_job(job)
+        self._stop_pending = [job for job in self._all_jobs() if job.active or job.processes()]
+        self._stop_next()
         self._check_stopped()
+
+    def _stop_next(self):
+        """Manager stop: stop each job once no job that depends on it has a process left (dependents first)."""
+        pending = self._stop_pending
+        if not any(job.config.depends_on for job in pending):
+            self._stop_pending = []
+            for job in pending:
+                self._stop_job(job)
+            return
+        live = {proc._job for proc in self._procs.values()}
+        for job in list(pending):
+            key = (job.session, job.config.name)
+            if not any(key in self._dep_jobs(other) for other in pending + list(live) if other is not job):
+                pending.remove(job)
+                self._stop_job(job)
 
     def _do_kill_all(self):
         """SIGKILL every process and every leftover group now (a second Ctrl-C)."""
@@ -2328,6 +2391,7 @@ class Manager:
         proc._ready_timer = proc._check_timer = None
         self._publish_proc(proc, "ready", elapsed=round(self.loop.time() - proc._spawned_at, 6))
         self._check_ready_waiters()
+        self._release_dependents()
 
     def _run_check(self, proc):
         """One try of a tcp, http or callable check, on a worker thread: none may block the loop."""
@@ -2362,6 +2426,30 @@ class Manager:
         self._publish({"name": proc.name, "pid": proc.pid}, "ready_timeout", "job.%s.ready_timeout" % proc.name)
         self._stop(proc, "stop_process")
         self._manage(proc._job)
+
+    def _dep_jobs(self, job):
+        """[(session, name)] of what the job depends on: a bare name is in the job's own session."""
+        return [_split_name(dep, job.session) for dep in job.config.depends_on]
+
+    def _waiting_for(self, job):
+        """Names of the jobs this one depends on that are not loaded, active and ready."""
+        waiting = []
+        for session, name in self._dep_jobs(job):
+            dep = self._sessions.get(session, {}).get(name)
+            if dep is None or not dep.active or self._ready_count(dep) < dep.numprocesses:
+                waiting.append("%s.%s" % (session, name))
+        return waiting
+
+    def _release_dependents(self):
+        """A job became ready, started or changed its count: spawn what waited for it."""
+        for job in self._all_jobs():
+            if job.config.depends_on and job.active and len(job.running) < job.numprocesses:
+                self._manage(job)
+
+    def _check_cycle(self, session, config):
+        """ValueError naming the cycle if loading `config` in `session` would close one."""
+        graph = {job.name: _dep_names(job.session, job.config) for job in self._all_jobs()}
+        _refuse_cycle(graph, session, config)
 
     def _ready_count(self, job):
         return sum(1 for proc in job.running.values() if proc._state is _State.READY)
@@ -2403,6 +2491,7 @@ class Manager:
     def _start_job(self, job):
         self._activate(job)
         self._manage(job, strict=True)
+        self._release_dependents()  # a job of 0 processes is ready at once
 
     def _stop_job(self, job):
         if job.restart_timer is not None:
@@ -2424,6 +2513,8 @@ class Manager:
             return
         while len(job.running) > job.numprocesses:
             self._stop(next(iter(job.running.values())), "reap")
+        if self._waiting_for(job):
+            return  # spawned once every job it depends on is ready (_release_dependents)
         while job.active and len(job.running) < job.numprocesses and not job.restart_timer:
             try:
                 self._spawn(job)
@@ -2509,7 +2600,8 @@ class Manager:
             self._run_callback(callback)
 
     def _check_stopped(self):
-        if self._state is _Lifecycle.STOPPING and not self._procs and not self._orphan_groups:
+        if (self._state is _Lifecycle.STOPPING and not self._procs and not self._orphan_groups
+                and not self._stop_pending):
             self._state = _Lifecycle.STOPPED  # what the apps and callbacks see: no longer started
             self._check_ready_waiters()
             for app in reversed(self._apps):
@@ -2562,6 +2654,8 @@ class Manager:
                 self._run_callback(waiter[1])
         if not asked and not proc.once and job.active and not self._flapped(job):
             self._manage(job)
+        if self._stop_pending:
+            self._stop_next()
         self._check_stopped()
 
     def _on_graceful_timeout(self, proc):
@@ -3743,6 +3837,13 @@ def _cmd_run(args):
 
 
 def _cmd_check(args):
+    if args.config:
+        configs = _read_config(args.config)[0]
+        print("valid config %s: %d job%s" % (args.config, len(configs), "s" if len(configs) != 1 else ""))
+        for session, config in configs:
+            after = " (after %s)" % ", ".join(config.depends_on) if config.depends_on else ""
+            print("  %s.%s: %s%s" % (session, config.name, config.cmd, after))
+        return 0
     entries = _parse_procfile(args.procfile)
     print("valid Procfile %s: %d process type%s" % (args.procfile, len(entries), "s" if len(entries) > 1 else ""))
     for name, command in entries:
@@ -3759,7 +3860,7 @@ def _ini_value(key, text):
     """Convert an INI setting to what ProcessConfig takes."""
     import configparser
     kind = _CONFIG_TYPES.get(key, "str")
-    if key in ("redirect_output", "custom_streams"):
+    if key in ("redirect_output", "custom_streams", "depends_on"):
         return [label for label in re.split(r"[\s,]+", text) if label]
     if key == "env":
         return dict(item.split("=", 1) if "=" in item else (item, "") for item in shlex.split(text.replace(",", " ")))
@@ -3803,7 +3904,7 @@ def _read_config(path):
         for index, job in enumerate(jobs):
             where = "jobs[%d] (%s)" % (index, job.get("name", "?")) if isinstance(job, dict) else "jobs[%d]" % index
             configs.append(_json_job(job, "%s: %s" % (path, where)))
-        return configs, data.get("http"), data.get("token")
+        return _check_dependencies(path, configs), data.get("http"), data.get("token")
     import configparser
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # environment variables keep their case
@@ -3838,7 +3939,22 @@ def _read_config(path):
             configs.append((session, ProcessConfig(job, settings.pop("cmd", None), **settings)))
         except (TypeError, ValueError) as exc:
             raise _UsageError("%s: %s: %s" % (path, name, exc)) from None
-    return configs, http, token
+    return _check_dependencies(path, configs), http, token
+
+
+def _check_dependencies(path, configs):
+    """A config file names all its jobs: each depends_on must name one of them, with no cycle."""
+    graph = {"%s.%s" % (session, config.name): _dep_names(session, config) for session, config in configs}
+    for session, config in configs:
+        for dep, name in zip(config.depends_on, _dep_names(session, config)):
+            if name not in graph:
+                raise _UsageError("%s: %s.%s: depends_on names %r, which the file does not define"
+                                  % (path, session, config.name, dep))
+        try:
+            _refuse_cycle(graph, session, config)
+        except ValueError as exc:
+            raise _UsageError("%s: %s" % (path, exc)) from None
+    return configs
 
 
 def _json_job(job, where):
@@ -4250,8 +4366,9 @@ def _parser():
     sub.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S")
     sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
-    sub = command("check", _cmd_check, "validate a Procfile and list its processes")
+    sub = command("check", _cmd_check, "validate a Procfile (or, with -c, a daemon config) and list its jobs")
     sub.add_argument("-f", "--procfile", default="Procfile")
+    sub.add_argument("-c", "--config", metavar="FILE", help="a JSON or INI config, as serve takes")
 
     sub = command("serve", _cmd_serve, "run a daemon from a JSON or INI config, with the HTTP controller on")
     sub.add_argument("-c", "--config", required=True, metavar="FILE")

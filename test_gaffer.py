@@ -1485,6 +1485,47 @@ class ReadinessTest(ManagerTestCase):
         self.load("other")
         self.assertIn("would wait for itself", seen[0])
 
+    def test_a_dependency_chain_loaded_in_reverse_starts_in_order_and_stops_in_reverse(self):
+        def job(name, *deps):
+            return gaffer.ProcessConfig(name, PY, args=SLEEP, ready="delay:0.1", depends_on=list(deps),
+                                        graceful_timeout=2)
+
+        self.m.load(job("web", "app"))
+        self.assertEqual((self.m.pids("web"), self.m.info("web")["waiting_for"]), ([], ["default.app"]))
+        self.m.load(job("app", "default.db"))
+        self.assertEqual(self.m.info("app")["waiting_for"], ["default.db"])
+        self.m.load(job("db"), wait=True)
+        self.m.wait_ready("web", timeout=TIMEOUT)
+        self.assertEqual(self.m.info("web")["waiting_for"], [])
+        names = self.rec.names()
+        for first, then in (("job.default.db.ready", "job.default.app.spawn"),
+                            ("job.default.app.ready", "job.default.web.spawn")):
+            self.assertLess(names.index(first), names.index(then))
+        started = time.monotonic()
+        self.m.stop()
+        runner = threading.Thread(target=self.m.run)
+        runner.start()
+        runner.join(TIMEOUT)
+        self.assertLess(time.monotonic() - started, 10)
+        names = self.rec.names()
+        for first, then in (("job.default.web.exit", "job.default.app.stop"),
+                            ("job.default.app.exit", "job.default.db.stop")):
+            self.assertLess(names.index(first), names.index(then), "dependents are gone first")
+
+    def test_dependency_cycles_and_self_dependencies_are_refused(self):
+        self.m.load(gaffer.ProcessConfig("a", PY, args=SLEEP, depends_on=["b"]))
+        self.m.load(gaffer.ProcessConfig("b", PY, args=SLEEP, depends_on=["s.c"]), start=False)
+        with self.assertRaisesRegex(ValueError, r"cycle: s.c -> default.a -> default.b -> s.c"):
+            self.m.load(gaffer.ProcessConfig("c", PY, args=SLEEP, depends_on=["default.a"]), sessionid="s")
+        with self.assertRaisesRegex(ValueError, r"cycle: default.b -> default.a -> default.b"):
+            self.m.update(gaffer.ProcessConfig("b", PY, args=SLEEP, depends_on=["a"]))
+        self.assertEqual(self.m.get("b").depends_on, ["s.c"], "a refused update changes nothing")
+        self.assertEqual(self.m.jobs(), ["default.a", "default.b"])
+        with self.assertRaisesRegex(ValueError, "job 'a' cannot depend on itself"):
+            gaffer.ProcessConfig("a", PY, depends_on="a")
+        self.assertEqual(gaffer.ProcessConfig("a", PY, depends_on="db, s.cache").depends_on, ["db", "s.cache"])
+        self.assertEqual(self.m.pids(), [], "a waits for b, which is stopped")
+
     def test_bad_checks_are_refused_and_nothing_is_loaded(self):
         cases = [
             (dict(ready="ftp://x"), "ready: unknown check 'ftp://x'"),
@@ -2616,6 +2657,33 @@ class ServeTest(CommandLineTestCase):
         self.assertNotIn("s2.b", self.jobs())
         watch.terminate()
         watch.finish()
+
+    def test_check_validates_dependencies_in_config_files(self):
+        good = self.write("good.ini", """
+            [job:db]
+            cmd = sleep 60
+            [job:web]
+            cmd = sleep 60
+            depends_on = db, batch.worker
+            [job:batch.worker]
+            cmd = sleep 60
+        """)
+        result = self.gaffer("check", "-c", good)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("default.web: sleep 60 (after db, batch.worker)", result.stdout)
+        cases = [
+            ({"jobs": [{"name": "a", "cmd": "x", "depends_on": ["b"]}]}, "depends_on names 'b', which the file"),
+            ({"jobs": [{"name": "a", "cmd": "x", "depends_on": ["b"]}, {"name": "b", "cmd": "x", "depends_on": "a"}]},
+             "cycle: default.a -> default.b -> default.a"),
+            ({"jobs": [{"name": "a", "cmd": "x", "depends_on": ["a"]}]}, "cannot depend on itself"),
+        ]
+        for config, message in cases:
+            with self.subTest(config=config):
+                path = self.write("bad.json", json.dumps(config))
+                for command in (["check", "-c", path], ["serve", "-c", path, "--http", "unix:x.sock"]):
+                    result = self.gaffer(*command)
+                    self.assertEqual(result.returncode, 2, result.stderr)
+                    self.assertIn(message, result.stderr)
 
     def test_wait_command(self):
         code = "import time; time.sleep(0.3); print('up', flush=True); time.sleep(60)"
