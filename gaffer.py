@@ -510,6 +510,9 @@ class ProcessConfig:
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ProcessConfig))
+# What a process is spawned with: a change of any replaces the processes; the other settings apply in place.
+_SPAWN_SETTINGS = ("cmd", "args", "env", "os_env", "uid", "gid", "cwd", "shell", "redirect_output",
+                   "redirect_input", "custom_streams", "ready")
 
 
 def _depends_on(value, name):
@@ -1482,6 +1485,8 @@ class _Job:
     restart_timer: _Timer | None = None
     #: delay before the next respawn after a failed spawn
     spawn_delay: float = _SPAWN_DELAY_MIN
+    #: a rolling replacement under way: pids of the old processes, and the new one awaited
+    rollout: "_Rollout | None" = None
 
     @property
     def name(self):
@@ -1543,6 +1548,15 @@ def _refuse_cycle(graph, session, config):
             seen.add(dep)
             path.append(dep)
             todo.append(iter(graph.get(dep, ())))
+
+
+class _Rollout:
+    """A job's processes replaced one at a time: a new one, ready, then an old one stopped."""
+
+    def __init__(self, old, previous):
+        self.old = old            # pids of the processes to replace, oldest first
+        self.previous = previous  # the config they run: the job's again if the rollout fails
+        self.surge = None         # the new process awaited, counted beyond numprocesses until ready
 
 
 class _ReadyWaiter:
@@ -2096,13 +2110,19 @@ class Manager:
         job = self._job(name)
         self._check_cycle(job.session, config)
         old = (job.config, job.numprocesses, job.active)
+        respawn = any(getattr(job.config, key) != getattr(config, key) for key in _SPAWN_SETTINGS)
         job.config = config
         job.numprocesses = max(config.numprocesses, job.numprocesses)
         if start and not job.active:
             self._activate(job)
         if job.active:
             try:
-                self._replace(job)
+                if respawn:
+                    self._replace(job, previous=old[0])
+                else:  # read after spawn only (timeouts, signals, flapping...): applied in place
+                    for proc in job.running.values():
+                        proc.config, proc.graceful_timeout = config, config.graceful_timeout
+                    self._manage(job, strict=True)
             except ProcessError:
                 job.config, job.numprocesses, job.active = old
                 raise
@@ -2134,13 +2154,16 @@ class Manager:
         before = job.numprocesses
         target = amount if op == "=" else before + amount if op == "+" else before - amount
         job.numprocesses = max(0, target)
+        was_active = job.active
         if not job.active and job.numprocesses > before:
             self._activate(job)  # scaling up asks for processes: a stopped job starts, as in the seed
         if job.active:
             try:
                 self._manage(job, strict=True)
-            except ProcessError:
+            except ProcessError:  # as it was: the old count, the old processes, stopped if it was
                 job.numprocesses = before
+                if not was_active:
+                    self._stop_job(job)
                 raise
         self._publish({"name": job.name}, "update")
         self._check_ready_waiters()
@@ -2390,6 +2413,16 @@ class Manager:
                 timer.cancel()
         proc._ready_timer = proc._check_timer = None
         self._publish_proc(proc, "ready", elapsed=round(self.loop.time() - proc._spawned_at, 6))
+        job = proc._job
+        if job.rollout is not None and job.rollout.surge == proc.pid:
+            job.rollout.surge = None
+            old = [pid for pid in job.rollout.old if pid in job.running]
+            if old:
+                self._stop(job.running[old[0]], "stop_process")
+            try:
+                self._roll(job)
+            except ProcessError:
+                pass  # published as rollout_failed
         self._check_ready_waiters()
         self._release_dependents()
 
@@ -2424,6 +2457,10 @@ class Manager:
             return
         _log.warning("%r was not ready within %gs: replaced", proc, proc.config.ready_timeout)
         self._publish({"name": proc.name, "pid": proc.pid}, "ready_timeout", "job.%s.ready_timeout" % proc.name)
+        job = proc._job
+        if job.rollout is not None and job.rollout.surge == proc.pid:
+            self._rollout_failed(job, "new process %d was not ready within %gs" % (proc.pid, proc.config.ready_timeout))
+            return
         self._stop(proc, "stop_process")
         self._manage(proc._job)
 
@@ -2490,10 +2527,16 @@ class Manager:
 
     def _start_job(self, job):
         self._activate(job)
-        self._manage(job, strict=True)
+        try:
+            self._manage(job, strict=True)
+        except ProcessError:
+            self._stop_job(job)
+            self._check_ready_waiters()
+            raise
         self._release_dependents()  # a job of 0 processes is ready at once
 
     def _stop_job(self, job):
+        job.rollout = None
         if job.restart_timer is not None:
             job.restart_timer.cancel()
             job.restart_timer = None
@@ -2506,24 +2549,27 @@ class Manager:
     def _manage(self, job, strict=False):
         """Bring the job's running count to its target.
 
-        strict (a caller waits): a spawn failure stops the job and raises.
-        Otherwise it publishes spawn_error, counts toward flapping and retries later.
+        strict (a caller waits): a spawn failure stops what this call spawned and raises,
+        so the job is left as it was.  Otherwise it publishes spawn_error, counts
+        toward flapping and retries later.
         """
         if not job.active or self._state is not _Lifecycle.RUNNING:
             return
-        while len(job.running) > job.numprocesses:
+        surge = job.rollout is not None and job.rollout.surge in job.running
+        while len(job.running) > job.numprocesses + surge:
             self._stop(next(iter(job.running.values())), "reap")
         if self._waiting_for(job):
             return  # spawned once every job it depends on is ready (_release_dependents)
+        spawned = []
         while job.active and len(job.running) < job.numprocesses and not job.restart_timer:
             try:
-                self._spawn(job)
+                spawned.append(self._spawn(job))
             except ProcessError as exc:
                 self._publish({"name": job.name, "reason": exc.reason},
                               "spawn_error", "job.%s.spawn_error" % job.name)
                 if strict:
-                    self._stop_job(job)
-                    self._check_ready_waiters()
+                    for proc in spawned:
+                        self._stop(proc, "stop_process")
                     raise
                 _log.error("%s", exc.reason)
                 if not self._flapped(job):
@@ -2532,11 +2578,19 @@ class Manager:
                 return
         job.spawn_delay = _SPAWN_DELAY_MIN
 
-    def _replace(self, job):
+    def _replace(self, job, previous=None):
         """Replace every counted process: spawn the new ones first, then stop the old.
 
-        If a new one cannot be spawned, the new ones are stopped, the old kept, and ProcessError raised.
+        With a readiness check, one at a time (_roll): each old process is stopped only
+        once a new one is ready.  If a new one cannot be spawned, the new ones are
+        stopped, the old kept, and ProcessError raised.
         """
+        if job.rollout is not None:
+            self._rollout_failed(job, "replaced by a newer rollout")
+        if job.config.ready is not None and job.running:
+            job.rollout = _Rollout(list(job.running), previous or job.config)
+            self._roll(job)
+            return
         old = list(job.running.values())
         new = []
         try:
@@ -2550,6 +2604,38 @@ class Manager:
             raise
         for proc in old:
             self._stop(proc, "stop_process")
+
+    def _roll(self, job):
+        """The next step of a rollout: spawn one new process, or, with enough ready, stop the last old ones."""
+        rollout = job.rollout
+        old = [pid for pid in rollout.old if pid in job.running]
+        if len(job.running) - len(old) >= job.numprocesses:
+            for pid in old:
+                self._stop(job.running[pid], "stop_process")
+            job.rollout = None
+            self._publish({"name": job.name}, "rollout", "job.%s.rollout" % job.name)
+            return
+        try:
+            rollout.surge = self._spawn(job).pid
+        except ProcessError as exc:
+            self._publish({"name": job.name, "reason": exc.reason}, "spawn_error", "job.%s.spawn_error" % job.name)
+            self._rollout_failed(job, exc.reason)
+            raise
+
+    def _rollout_failed(self, job, reason):
+        """The new process did not become ready: it goes, the old ones keep serving."""
+        rollout, job.rollout = job.rollout, None
+        job.config = rollout.previous  # what the old processes run, and what replaces them if they exit
+        surge = job.running.get(rollout.surge)
+        if surge is not None:
+            self._stop(surge, "stop_process")
+        _log.error("rollout of %s stopped: %s", job.name, reason)
+        self._publish({"name": job.name, "reason": reason}, "rollout_failed", "job.%s.rollout_failed" % job.name)
+        for pids, callback in list(self._reap_waiters):  # a restart() waits for these no longer
+            pids.difference_update(rollout.old)
+            if not pids:
+                self._reap_waiters.remove((pids, callback))
+                self._run_callback(callback)
 
     def _stop(self, proc, event):
         """Ask a process to stop (STARTING|READY -> STOPPING) and arm its SIGKILL; event is stop_process or reap."""
@@ -2643,6 +2729,8 @@ class Manager:
         del self._procs[proc.pid]
         job = proc._job
         job.running.pop(proc.pid, None) or job.running_out.pop(proc.pid, None)
+        if job.rollout is not None and job.rollout.surge == proc.pid:
+            self._rollout_failed(job, "new process %d exited before it was ready" % proc.pid)
         exit_status, term_signal = _exit_status(proc._popen.returncode)
         self._publish_proc(proc, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
                            dropped_input=dropped)

@@ -700,6 +700,7 @@ class ManagerTest(ManagerTestCase):
         with self.assertRaisesRegex(gaffer.ProcessError, "No such file"):
             self.m.scale("w", 2)
         self.assertEqual(self.m.info("w")["max_processes"], 1)
+        self.assertEqual((self.m.pids("w"), self.m.info("w")["active"]), ([1], True), "the running one is kept")
 
     def test_a_failed_update_keeps_the_old_config_and_processes(self):
         self.load("w", 2)
