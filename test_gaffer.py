@@ -1527,6 +1527,90 @@ class ReadinessTest(ManagerTestCase):
         self.assertEqual(gaffer.ProcessConfig("a", PY, depends_on="db, s.cache").depends_on, ["db", "s.cache"])
         self.assertEqual(self.m.pids(), [], "a waits for b, which is stopped")
 
+    SHARED_PORT = """
+        import os, socket, time
+        time.sleep(0.3)  # a slow start: a replacement that is not ready yet must not take over
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        server.bind(("127.0.0.1", int(os.environ["PORT"])))
+        server.listen(64)
+        print("listening", flush=True)
+        while True:
+            server.accept()[0].close()
+    """
+
+    def test_a_rolling_reload_never_closes_the_port(self):
+        port = free_port()
+        self.load("web", 2, code=self.SHARED_PORT, env={"PORT": str(port)}, ready="output:listening",
+                  redirect_output=["out"])
+        self.m.wait_ready("web", timeout=TIMEOUT)
+        refused, stop = [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+                except OSError as exc:
+                    refused.append(exc)
+
+        clients = threading.Thread(target=client)
+        clients.start()
+        try:
+            for _ in range(2):
+                done = len(self.rec.matching("rollout"))
+                self.m.reload("web")
+                self.rec.wait_for("rollout", count=done + 1)
+        finally:
+            stop.set()
+            clients.join()
+        self.assertEqual(refused, [], "a client always found the port open")
+        self.assertEqual(self.m.pids("web"), [5, 6])
+        names = self.rec.names()
+        self.assertLess(names.index("proc.3.ready"), names.index("proc.1.stop"), "an old one goes once a new one is ready")
+        self.assertLess(names.index("proc.1.stop"), names.index("proc.4.spawn"), "one at a time")
+
+    def test_a_failed_rollout_keeps_the_old_processes_and_config(self):
+        self.load("w", 2, code="import time; print('up', flush=True); time.sleep(60)", ready="output:up",
+                  redirect_output=["out"])
+        self.m.wait_ready("w", timeout=TIMEOUT)
+        broken = gaffer.ProcessConfig("w", PY, args=["-c", "import time; time.sleep(60)"], numprocesses=2,
+                                      ready="output:up", redirect_output=["out"], ready_timeout=0.3,
+                                      graceful_timeout=2)
+        self.m.update(broken)
+        msg = self.rec.wait_for("rollout_failed")[0]
+        self.assertIn("was not ready within 0.3s", msg["reason"])
+        self.rec.wait_for("exit", pid=3)
+        self.assertEqual(self.m.pids("w"), [1, 2], "the old ones keep serving")
+        self.assertEqual(self.m.get("w").args, ["-c", "import time; print('up', flush=True); time.sleep(60)"])
+        crashing = gaffer.ProcessConfig("w", PY, args=["-c", "import sys; sys.exit(1)"], numprocesses=2,
+                                        ready="output:up", redirect_output=["out"], graceful_timeout=2)
+        self.m.update(crashing)
+        self.assertIn("exited before it was ready", self.rec.wait_for("rollout_failed", count=2)[1]["reason"])
+        self.assertEqual(self.m.pids("w"), [1, 2])
+        restarted = threading.Event()
+        self.m.restart(lambda manager: restarted.set())
+        self.assertTrue(restarted.wait(TIMEOUT), "a rolling restart calls back once the old are reaped")
+        self.assertEqual(len(self.m.pids("w")), 2)
+        self.assertNotIn(1, self.m.pids("w"))
+
+    def test_update_restarts_only_for_what_changed(self):
+        def config(**settings):
+            return gaffer.ProcessConfig("w", PY, **{"args": SLEEP, "numprocesses": 2, "graceful_timeout": 2,
+                                                    **settings})
+
+        self.m.load(config())
+        self.m.update(config())
+        self.assertEqual(self.m.pids("w"), [1, 2], "nothing differs: nothing restarted")
+        self.m.update(config(numprocesses=3))
+        self.assertEqual(self.m.pids("w"), [1, 2, 3], "only the count: it scales")
+        self.m.update(config(numprocesses=3, graceful_timeout=5, stop_signal="INT", flapping={"attempts": 3}))
+        self.assertEqual(self.m.pids("w"), [1, 2, 3], "read after spawn: applied in place")
+        self.assertEqual(self.m.get_process(1).graceful_timeout, 5.0)
+        self.assertEqual(self.m.get_process(1).config.stop_signal, signal.SIGINT)
+        self.m.update(config(numprocesses=3, graceful_timeout=5, env={"NEW": "1"}))
+        self.assertEqual(self.m.pids("w"), [4, 5, 6], "used to spawn: replaced")
+        self.assertEqual(self.m.get_process(4).env["NEW"], "1")
+
     def test_bad_checks_are_refused_and_nothing_is_loaded(self):
         cases = [
             (dict(ready="ftp://x"), "ready: unknown check 'ftp://x'"),
