@@ -1263,7 +1263,9 @@ class Process:
 
     def _on_notify(self, mask):
         """sd_notify datagrams: READY=1 marks the process ready, STATUS=... is kept."""
-        while self._notify is not None:
+        for _ in range(64):  # a child that sends without pause must not hold the loop: the rest waits
+            if self._notify is None:
+                return
             try:
                 data = self._notify.recv(4096)
             except OSError:  # BlockingIOError: all read

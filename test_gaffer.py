@@ -1433,6 +1433,28 @@ class ReadinessTest(ManagerTestCase):
         self.rec.wait_for("exit", pid=1)
         self.assertEqual(os.listdir(notify_dir), [], "the socket goes with its process")
 
+    def test_a_notify_flood_does_not_hold_the_loop(self):
+        code = """
+            import os, socket
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+            for _ in range(3):  # four senders: faster than one reader
+                if os.fork() == 0:
+                    break
+            while True:
+                try:
+                    sock.sendto(b"STATUS=" + b"x" * 1000, os.environ["NOTIFY_SOCKET"])
+                except OSError:
+                    pass
+        """
+        self.load("flood", code=code, ready="notify")
+        self.m.wait_ready("flood", timeout=TIMEOUT)
+        started = time.monotonic()
+        self.load("other")
+        self.assertEqual(self.m.pids("other"), [2])
+        self.assertLess(time.monotonic() - started, 5, "the loop still serves calls")
+        self.assertEqual(self.m.get_process(1).info["notify_status"], "x" * 1000)
+
     def test_delay_check(self):
         self.load("w", ready="delay:0.3")
         self.assert_ready_after("w", 0.3)
