@@ -1038,6 +1038,11 @@ class _LineSplitter:
             self._partial = self._partial[self.limit:]
         return lines
 
+    def rest(self):
+        """The unfinished last line (the stream ended), and forget it."""
+        rest, self._partial = self._partial, b""
+        return rest
+
 
 class _Pipe:
     """One non-blocking descriptor of a process in the selector: a pipe, or a socketpair end.
@@ -3782,7 +3787,7 @@ class _Printer:
         self.on_broken = on_broken  # called once if the reader of the stream goes away
         self.width = max(len(n) for n in list(names) + ["system"])
         self.colors = {name: _COLORS[i % len(_COLORS)] for i, name in enumerate(names)}
-        self.partial = {}  # pid -> bytes of an unfinished line
+        self.lines = {}  # pid -> _LineSplitter
 
     def line(self, name, text):
         prefix = "%s %s |" % (time.strftime("%H:%M:%S"), name.ljust(self.width))
@@ -3799,15 +3804,14 @@ class _Printer:
             on_broken()
 
     def output(self, name, pid, data):
-        lines = (self.partial.pop(pid, b"") + data).split(b"\n")
-        if lines[-1]:
-            self.partial[pid] = lines[-1]
-        for line in lines[:-1]:
+        for line in self.lines.setdefault(pid, _LineSplitter()).feed(data):
             self.line(name, line.decode("utf-8", "replace"))
 
     def flush(self, name, pid):
-        if pid in self.partial:
-            self.line(name, self.partial.pop(pid).decode("utf-8", "replace"))
+        splitter = self.lines.pop(pid, None)
+        rest = splitter.rest() if splitter is not None else b""
+        if rest:
+            self.line(name, rest.decode("utf-8", "replace"))
 
 
 def _run_foreground(configs, args, keep_alive):
