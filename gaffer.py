@@ -1804,7 +1804,7 @@ class Manager:
         config = self._config(config, env)
         session = _check_name("sessionid", sessionid or _DEFAULT_SESSION)
         self._call(self._do_load, config, session, start)
-        if wait is not False and start:
+        if start and wait is not False and wait is not None:
             self.wait_ready("%s.%s" % (session, config.name), None if wait is True else wait)
 
     def wait_ready(self, name, timeout=None):
