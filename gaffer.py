@@ -2069,7 +2069,9 @@ class Manager:
         if waiter in self._ready_waiters:
             self._ready_waiters.remove(waiter)
         job = waiter.job
-        return "%d of %d processes ready" % (self._ready_count(job), job.numprocesses)
+        waiting = self._waiting_for(job)
+        return "%d of %d processes ready%s" % (self._ready_count(job), job.numprocesses,
+                                               "; waiting for %s" % ", ".join(waiting) if waiting else "")
 
     def _do_jobs(self, sessionid):
         if sessionid is None:

@@ -1615,6 +1615,51 @@ class ReadinessTest(ManagerTestCase):
         self.assertEqual(len(self.m.pids("w")), 2)
         self.assertNotIn(1, self.m.pids("w"))
 
+    def test_rollouts_interrupted_by_a_reload_a_scale_a_listener_and_a_stop(self):
+        slow = "import time; time.sleep(0.3); print('up', flush=True); time.sleep(60)"
+        self.load("w", 2, code=slow, ready="output:up", redirect_output=["out"])
+        self.m.wait_ready("w", timeout=TIMEOUT)
+        self.m.reload("w")
+        self.m.reload("w")  # the first rollout gives way to the second
+        self.assertIn("replaced by a newer rollout", self.rec.wait_for("rollout_failed")[0]["reason"])
+        self.m.scale("w", "-1")  # mid-rollout: one old one goes now
+        self.rec.wait_for("rollout")
+        self.m.wait_ready("w", timeout=TIMEOUT)
+        self.assertEqual(len(self.m.pids("w")), 1)
+        self.assertEqual(len(self.rec.matching("rollout")), 1)
+
+        def meddle(evtype, msg):  # a listener reloads on every ready: each rollout replaces the last
+            if len(self.rec.matching("ready", name="default.w")) < 6:
+                self.m.reload("w")
+
+        self.m.events.subscribe("job.default.w.ready", meddle)
+        self.m.reload("w")
+        wait_until(lambda: len(self.rec.matching("ready", name="default.w")) >= 6)
+        self.m.events.unsubscribe("job.default.w.ready", meddle)
+        self.m.wait_ready("w", timeout=TIMEOUT)
+        self.m.reload("w")
+        stopped = time.monotonic()
+        self.m.stop()  # mid-rollout
+        runner = threading.Thread(target=self.m.run)
+        runner.start()
+        runner.join(TIMEOUT)
+        self.assertFalse(runner.is_alive())
+        self.assertLess(time.monotonic() - stopped, 10)
+
+    def test_wait_ready_says_what_a_job_waits_for(self):
+        self.m.load(gaffer.ProcessConfig("web", PY, args=SLEEP, depends_on=["db"]))
+        with self.assertRaisesRegex(TimeoutError, r"0 of 1 processes ready; waiting for default.db"):
+            self.m.wait_ready("web", timeout=0.1)
+        self.assertEqual(self.m.not_ready(), ["default.web"])
+        self.m.load(gaffer.ProcessConfig("db", PY, args=SLEEP, graceful_timeout=2))
+        self.m.wait_ready("web", timeout=TIMEOUT)
+        self.m.unload("db")
+        self.assertEqual(len(self.m.pids("web")), 1, "running dependents are not stopped")
+        self.m.kill(self.m.pids("web")[0], "KILL")
+        self.rec.wait_for("exit", name="default.web")
+        self.assertEqual((self.m.pids("web"), self.m.info("web")["waiting_for"]), ([], ["default.db"]),
+                         "a respawn waits for the dependency again")
+
     def test_update_restarts_only_for_what_changed(self):
         def config(**settings):
             return gaffer.ProcessConfig("w", PY, **{"args": SLEEP, "numprocesses": 2, "graceful_timeout": 2,
