@@ -100,7 +100,7 @@ _log = logging.getLogger("gaffer")
 # Fixed numbers of the machinery, and what this platform can do, probed once.
 
 _DEFAULT_SESSION = "default"
-_SPAWN_DELAY_MIN, _SPAWN_DELAY_MAX = 0.1, 10.0   # backoff after a failed respawn
+_BACKOFF_FIRST, _BACKOFF_JITTER = 0.1, 0.2      # a crash loop's second respawn waits 0.1 s, then twice as long..., +-20 %
 _POLL_MIN, _POLL_MAX = 0.001, 0.05              # child polling where pidfds are missing
 _READ_MIN, _READ_MAX = 1 << 16, 1 << 20        # a channel's reads start small, grow when it is busy
 _DRAIN_LIMIT = 1 << 26                          # bytes read from a process's pipes once it exited
@@ -409,6 +409,15 @@ class ProcessConfig:
     ready_timeout: float = 60.0
     #: jobs ("name" in the same session, or "session.name") that must be ready before this one spawns
     depends_on: list = dataclasses.field(default_factory=list)
+    #: which exits are respawned: "always", "on-failure" (an exit status not in success_codes,
+    #: or a signal the manager did not send) or "never"
+    restart: str = "always"
+    #: exit statuses that are not failures
+    success_codes: list = dataclasses.field(default_factory=lambda: [0])
+    #: a process that exits sooner after its spawn is a quick exit: its slot's respawns back off
+    min_uptime: float = 1.0
+    #: the longest a respawn waits after consecutive quick exits
+    backoff_max: float = 30.0
 
     def __init__(self, name, cmd, **settings):
         _reject_unknown(type(self), settings)
@@ -471,6 +480,13 @@ class ProcessConfig:
         self.ready = _ready_check("ready", self.ready, self.redirect_output)
         self.ready_timeout = _float_setting("ready_timeout", self.ready_timeout, 0.001)
         self.depends_on = _depends_on(self.depends_on, self.name)
+        if self.restart not in ("always", "on-failure", "never"):
+            raise ValueError("restart must be 'always', 'on-failure' or 'never', got %r" % (self.restart,))
+        if isinstance(self.success_codes, (str, bytes)) or not isinstance(self.success_codes, (list, tuple)):
+            raise ValueError("success_codes must be a list of exit statuses, got %r" % (self.success_codes,))
+        self.success_codes = [_int_setting("success_codes", code, 0, 255) for code in self.success_codes]
+        self.min_uptime = _float_setting("min_uptime", self.min_uptime, 0)
+        self.backoff_max = _float_setting("backoff_max", self.backoff_max, 0)
 
     def to_dict(self):
         """Return the settings as a dict of plain values (JSON-ready)."""
@@ -1186,6 +1202,8 @@ class Process:
         self._check_delay = 0.0
         self._ready_lines = None   # _LineSplitter of an output: check, until ready
         self._notify = None        # the datagram socket of a notify check
+        self._streak = 0           # quick exits of its slot before it, in a row
+        self._signalled = False    # the manager sent it a signal (kill, killall): not a failure
         self._popen = None
         self._pipes = []
         self._stdin = None
@@ -1488,10 +1506,14 @@ class _Job:
     exits: collections.deque = dataclasses.field(default_factory=collections.deque)
     #: flapping retries used since the job was last started by hand
     flap_retries: int = 0
-    #: a pending respawn (spawn backoff) or restart (flapping retry)
+    #: the restart after a flap
     restart_timer: _Timer | None = None
-    #: delay before the next respawn after a failed spawn
-    spawn_delay: float = _SPAWN_DELAY_MIN
+    #: respawns waiting out their backoff: each holds a slot (_Backoff)
+    backoff: list = dataclasses.field(default_factory=list)
+    #: slots left empty by the restart policy, until start_job, reload or scale
+    retired: int = 0
+    #: respawns after an exit nobody asked for
+    restarts: int = 0
     #: a rolling replacement under way: pids of the old processes, and the new one awaited
     rollout: "_Rollout | None" = None
 
@@ -1555,6 +1577,24 @@ def _refuse_cycle(graph, session, config):
             seen.add(dep)
             path.append(dep)
             todo.append(iter(graph.get(dep, ())))
+
+
+class _Backoff:
+    """A slot whose process exited quickly: its respawn waits `delay` (the timer), then carries the streak on."""
+
+    def __init__(self, streak, delay):
+        self.streak = streak
+        self.delay = delay
+        self.timer = None
+
+
+def _backoff_delay(streak, backoff_max):
+    """Nothing after one quick exit; then 0.1 s, doubling up to backoff_max, each +-20 % at random."""
+    if streak <= 1:
+        return 0.0
+    import random  # only a crash loop needs it
+    delay = min(_BACKOFF_FIRST * 2.0 ** min(streak - 2, 64), backoff_max)
+    return delay * random.uniform(1 - _BACKOFF_JITTER, 1 + _BACKOFF_JITTER)
 
 
 class _Rollout:
@@ -2142,6 +2182,9 @@ class Manager:
         if not job.active:
             job.numprocesses = job.config.numprocesses
             self._start_job(job)
+        elif job.retired:  # running: fill what the restart policy left empty
+            job.retired = 0
+            self._manage(job, strict=True)
 
     def _do_stop_job(self, name):
         job = self._job(name)
@@ -2163,6 +2206,7 @@ class Manager:
         before = job.numprocesses
         target = amount if op == "=" else before + amount if op == "+" else before - amount
         job.numprocesses = max(0, target)
+        job.retired = 0  # scale fills the slots the restart policy left empty
         was_active = job.active
         if not job.active and job.numprocesses > before:
             self._activate(job)  # scaling up asks for processes: a stopped job starts, as in the seed
@@ -2188,6 +2232,8 @@ class Manager:
             "processes": [p.pid for p in job.processes()], "config": job.config.to_dict(),
             "ready": sum(1 for p in job.processes() if p._state is _State.READY),
             "waiting_for": self._waiting_for(job) if job.active else [],
+            "restarts": job.restarts,
+            "backoff": sorted(round(max(0.0, b.timer.when - self.loop.time()), 3) for b in job.backoff),
         }
 
     def _do_stop_process(self, pid):
@@ -2203,6 +2249,7 @@ class Manager:
 
     def _do_kill(self, pid, signum):
         proc = self._running_process(pid)
+        proc._signalled = True
         self._signal(proc, signum, group=False)
         msg = {"name": proc.name, "pid": proc.pid, "signum": signum}
         self._publish(msg, "job.%s.kill" % proc.name, "proc.%d.kill" % proc.pid)
@@ -2210,6 +2257,7 @@ class Manager:
     def _do_killall(self, name, signum):
         job = self._job(name)
         for proc in job.processes():
+            proc._signalled = True
             self._signal(proc, signum, group=False)
             self._publish({"name": proc.name, "pid": proc.pid, "signum": signum}, "proc.%d.kill" % proc.pid)
         self._publish({"name": job.name, "signum": signum}, "job.%s.kill" % job.name)
@@ -2523,13 +2571,10 @@ class Manager:
         return os.path.join(self._notify_dir, "%d.sock" % pid)
 
     def _activate(self, job):
-        """Mark a job started by hand: flapping history and pending retries are forgotten."""
-        if job.restart_timer is not None:
-            job.restart_timer.cancel()
-            job.restart_timer = None
+        """Mark a job started by hand: flapping history, backoffs and retired slots are forgotten."""
+        self._forget_slots(job)
         job.exits.clear()
         job.flap_retries = 0
-        job.spawn_delay = _SPAWN_DELAY_MIN
         if not job.active:
             job.active = True
             self._publish_job(job, "start")
@@ -2544,11 +2589,19 @@ class Manager:
             raise
         self._release_dependents()  # a job of 0 processes is ready at once
 
-    def _stop_job(self, job):
-        job.rollout = None
+    def _forget_slots(self, job):
+        """Cancel the pending restart and respawns, and empty the retired slots."""
         if job.restart_timer is not None:
             job.restart_timer.cancel()
             job.restart_timer = None
+        for backoff in job.backoff:
+            backoff.timer.cancel()
+        job.backoff.clear()
+        job.retired = 0
+
+    def _stop_job(self, job):
+        job.rollout = None
+        self._forget_slots(job)
         was_active, job.active = job.active, False
         for proc in job.processes():
             self._stop(proc, "stop_process")
@@ -2565,27 +2618,62 @@ class Manager:
         if not job.active or self._state is not _Lifecycle.RUNNING:
             return
         surge = job.rollout is not None and job.rollout.surge in job.running
+        while job.retired and self._slots_taken(job) > job.numprocesses:
+            job.retired -= 1
+        while job.backoff and self._slots_taken(job) > job.numprocesses:
+            job.backoff.pop().timer.cancel()
         while len(job.running) > job.numprocesses + surge:
             self._stop(next(iter(job.running.values())), "reap")
         if self._waiting_for(job):
             return  # spawned once every job it depends on is ready (_release_dependents)
         spawned = []
-        while job.active and len(job.running) < job.numprocesses and not job.restart_timer:
+        while job.active and self._slots_taken(job) < job.numprocesses and not job.restart_timer:
             try:
                 spawned.append(self._spawn(job))
             except ProcessError as exc:
-                self._publish({"name": job.name, "reason": exc.reason},
-                              "spawn_error", "job.%s.spawn_error" % job.name)
                 if strict:
+                    self._publish({"name": job.name, "reason": exc.reason},
+                                  "spawn_error", "job.%s.spawn_error" % job.name)
                     for proc in spawned:
                         self._stop(proc, "stop_process")
                     raise
-                _log.error("%s", exc.reason)
-                if not self._flapped(job):
-                    job.restart_timer = self.loop.call_later(job.spawn_delay, self._on_restart_due, job, False)
-                    job.spawn_delay = min(job.spawn_delay * 2, _SPAWN_DELAY_MAX)
+                self._spawn_failed(job, exc, streak=0)
                 return
-        job.spawn_delay = _SPAWN_DELAY_MIN
+
+    def _slots_taken(self, job):
+        """Counted processes, respawns waiting out a backoff, and slots the restart policy left empty."""
+        return len(job.running) + len(job.backoff) + job.retired
+
+    def _respawn(self, job, streak):
+        """Fill one slot whose process exited, now: the new process carries the slot's quick-exit streak."""
+        if (not job.active or self._state is not _Lifecycle.RUNNING or job.restart_timer
+                or self._slots_taken(job) >= job.numprocesses or self._waiting_for(job)):
+            return
+        try:
+            self._spawn(job)._streak = streak
+        except ProcessError as exc:
+            self._spawn_failed(job, exc, streak)
+
+    def _spawn_failed(self, job, exc, streak):
+        """A spawn the OS refused (a binary gone, say) is a quick exit of its slot, on the same schedule;
+        never retried at once, so it waits 0.1 s at least."""
+        self._publish({"name": job.name, "reason": exc.reason}, "spawn_error", "job.%s.spawn_error" % job.name)
+        _log.error("%s", exc.reason)
+        if job.active and not self._flapped(job):
+            self._back_off(job, max(streak + 1, 2))
+
+    def _back_off(self, job, streak):
+        """Hold a slot for a respawn after its backoff delay, and publish backoff (name, delay)."""
+        backoff = _Backoff(streak, _backoff_delay(streak, job.config.backoff_max))
+        backoff.timer = self.loop.call_later(backoff.delay, self._on_backoff_due, job, backoff)
+        job.backoff.append(backoff)
+        self._publish({"name": job.name, "delay": round(backoff.delay, 3)}, "backoff", "job.%s.backoff" % job.name)
+
+    def _on_backoff_due(self, job, backoff):
+        if backoff in job.backoff:
+            job.backoff.remove(backoff)
+            if self._loaded(job):
+                self._respawn(job, backoff.streak)
 
     def _replace(self, job, previous=None):
         """Replace every counted process: spawn the new ones first, then stop the old.
@@ -2682,7 +2770,7 @@ class Manager:
         self._check_ready_waiters()
         if job.flap_retries < flapping.max_retry:
             job.flap_retries += 1
-            job.restart_timer = self.loop.call_later(flapping.retry_in, self._on_restart_due, job, True)
+            job.restart_timer = self.loop.call_later(flapping.retry_in, self._on_flap_retry, job)
         else:
             _log.error("%s is flapping; stopped after %d retries", job.name, job.flap_retries)
         return True
@@ -2741,19 +2829,39 @@ class Manager:
         if job.rollout is not None and job.rollout.surge == proc.pid:
             self._rollout_failed(job, "new process %d exited before it was ready" % proc.pid)
         exit_status, term_signal = _exit_status(proc._popen.returncode)
+        unasked = not asked and not proc.once and job.active
+        respawn = unasked and self._wants_respawn(proc, exit_status, term_signal)
         self._publish_proc(proc, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
-                           dropped_input=dropped)
+                           dropped_input=dropped, respawn=respawn)
         self._forget(proc)
         for waiter in list(self._reap_waiters):
             waiter[0].discard(proc.pid)
             if not waiter[0]:
                 self._reap_waiters.remove(waiter)
                 self._run_callback(waiter[1])
-        if not asked and not proc.once and job.active and not self._flapped(job):
-            self._manage(job)
+        if unasked and not respawn:
+            job.retired += 1  # the restart policy leaves this slot empty until start_job, reload or scale
+        elif respawn and job.active and not self._flapped(job):
+            job.restarts += 1
+            quick = self.loop.time() - proc._spawned_at < proc.config.min_uptime
+            streak = proc._streak + 1 if quick else 0
+            if streak <= 1:
+                self._respawn(job, streak)
+            else:
+                self._back_off(job, streak)
         if self._stop_pending:
             self._stop_next()
         self._check_stopped()
+
+    @staticmethod
+    def _wants_respawn(proc, exit_status, term_signal):
+        """The restart policy: always, never, or on a failure (a bad status, or a signal not ours)."""
+        restart = proc.config.restart
+        if restart != "on-failure":
+            return restart == "always"
+        if term_signal:
+            return not proc._signalled
+        return exit_status not in proc.config.success_codes
 
     def _on_graceful_timeout(self, proc):
         """A stopping process outlived graceful_timeout: SIGKILL (its group too, with stop_children)."""
@@ -2805,13 +2913,12 @@ class Manager:
         if self._monitors:
             self._sample_timer = self.loop.call_later(self.stats_interval, self._on_sample)
 
-    def _on_restart_due(self, job, flapped):
+    def _on_flap_retry(self, job):
         job.restart_timer = None
         if self._state is not _Lifecycle.RUNNING or not self._loaded(job):
             return
-        if flapped:
-            job.active = True
-            self._publish_job(job, "start")
+        job.active = True
+        self._publish_job(job, "start")
         self._manage(job)
 
     def _on_loop_closed(self):
@@ -3956,6 +4063,8 @@ def _ini_value(key, text):
     """Convert an INI setting to what ProcessConfig takes."""
     import configparser
     kind = _CONFIG_TYPES.get(key, "str")
+    if key == "success_codes":
+        return [int(code) for code in re.split(r"[\s,]+", text) if code]
     if key in ("redirect_output", "custom_streams", "depends_on"):
         return [label for label in re.split(r"[\s,]+", text) if label]
     if key == "env":

@@ -84,8 +84,8 @@ def config(kind, name, **extra):
         settings["redirect_output"] = ["out"]
     if kind == "echo":
         settings["redirect_input"] = True
-    if kind == "crasher":  # until restart backoff exists, flapping keeps a crash loop off the CPU
-        settings["flapping"] = {"attempts": 5, "window": 1.0, "retry_in": 0.5, "max_retry": 10 ** 6}
+    if kind == "crasher":  # the default backoff keeps the crash loop off the CPU; the policy varies
+        settings["restart"] = random.choice(["always", "on-failure", "never"])
     settings.update(extra)
     return gaffer.ProcessConfig(name, PY, **settings)
 
