@@ -2,8 +2,8 @@
 """Benchmark gaffer.Manager against a bare Popen + pidfd loop, in one run, and print a table.
 
     python3 bench/bench_gaffer.py [--rounds 3] [--processes 200] [--idle 10] [--respawns 20]
-                                  [--output-mib 256] [--imports 21] [--readies 15]
-                                  [--only manager|output|import|ready]
+                                  [--output-mib 256] [--imports 21] [--readies 15] [--crash-seconds 10]
+                                  [--only manager|output|import|ready|crash]
 
 Each trial runs in a fresh interpreter (so RSS and thread counts are its own);
 the variants take turns, round after round, and the table shows medians.
@@ -347,6 +347,26 @@ def ready_table(args):
     print_table(["check", "p50 ms", "p90 ms", "target", ""], rows)
 
 
+def crash_table(args):
+    """The manager's own CPU while 10 jobs crash-loop with the default settings (their backoff)."""
+    import gaffer
+    false = shutil.which("false") or "/bin/false"
+    with gaffer.Manager() as manager:
+        spawns = []
+        manager.events.subscribe("spawn", lambda evtype, msg: spawns.append(1))
+        before, started = cpu_seconds(), time.monotonic()
+        for n in range(10):
+            manager.load(gaffer.ProcessConfig("crash%d" % n, false))
+        time.sleep(args.crash_seconds)
+        cpu = (cpu_seconds() - before) / (time.monotonic() - started) * 100
+        count = len(spawns)
+    print()
+    print("crash loop: 10 jobs running /bin/false with the default settings for %g s" % args.crash_seconds)
+    print_table(["metric", "value", "target", ""],
+                [["manager CPU (% of a core)", "%.2f" % cpu, "< 2", "ok" if cpu < 2 else "MISS"],
+                 ["spawns, all jobs", str(count), "", ""]])
+
+
 def verdict(target, value, base):
     if target is None:
         return ""
@@ -378,7 +398,8 @@ def main():
     parser.add_argument("--output-mib", type=int, default=256, help="MiB the writer child writes")
     parser.add_argument("--imports", type=int, default=21, help="fresh interpreters per import variant")
     parser.add_argument("--readies", type=int, default=15, help="children per readiness check")
-    parser.add_argument("--only", choices=["manager", "output", "import", "ready"])
+    parser.add_argument("--crash-seconds", type=float, default=10.0, help="seconds of the crash loop")
+    parser.add_argument("--only", choices=["manager", "output", "import", "ready", "crash"])
     parser.add_argument("--trial", help=argparse.SUPPRESS)
     parser.add_argument("--output-trial", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -401,6 +422,8 @@ def main():
         import_table(args)
     if args.only in (None, "ready"):
         ready_table(args)
+    if args.only in (None, "crash"):
+        crash_table(args)
     return 0
 
 
