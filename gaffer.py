@@ -35,7 +35,10 @@ below it; ``msg["event"]`` is the event name):
 ``reap`` (same forms; stopped by a scale-down)  name, pid, os_pid
 ``stop_process``, ``proc.<pid>.stop``           name, pid
 ``exit`` (same forms as spawn)                  name, pid, os_pid, exit_status, term_signal, once,
-                                                dropped_input (bytes queued for stdin, thrown away)
+                                                dropped_input (bytes queued for stdin, thrown away),
+                                                respawn (the restart policy respawns it)
+``backoff``, ``job.<job>.backoff``              name, delay (a respawn after quick exits waits)
+``rollout``, ``rollout_failed`` (and job forms) name; reason (a rolling replacement ended)
 ``job.<job>.kill``, ``proc.<pid>.kill``         name, pid (kill) or not (killall), signum
 ``flap``, ``job.<job>.flap``                    name
 ``spawn_error``, ``job.<job>.spawn_error``      name, reason
