@@ -1517,6 +1517,8 @@ class _Job:
     retired: int = 0
     #: respawns after an exit nobody asked for
     restarts: int = 0
+    #: how its last process ended: "exit 3", "signal 9", or None
+    last_exit: str | None = None
     #: a rolling replacement under way: pids of the old processes, and the new one awaited
     rollout: "_Rollout | None" = None
 
@@ -2235,7 +2237,7 @@ class Manager:
             "processes": [p.pid for p in job.processes()], "config": job.config.to_dict(),
             "ready": sum(1 for p in job.processes() if p._state is _State.READY),
             "waiting_for": self._waiting_for(job) if job.active else [],
-            "restarts": job.restarts,
+            "restarts": job.restarts, "last_exit": job.last_exit,
             "backoff": sorted(round(max(0.0, b.timer.when - self.loop.time()), 3) for b in job.backoff),
         }
 
@@ -2289,7 +2291,7 @@ class Manager:
     def _do_stats(self, name):
         job = self._job(name)
         stats = [proc._sample() for proc in job.processes()]
-        result = {"name": job.name, "stats": stats}
+        result = {"name": job.name, "stats": stats, "restarts": job.restarts}
         for key in ("cpu", "mem"):
             values = [s[key] for s in stats if s[key] != "N/A"]
             result[key] = round(sum(values), 2) if values else "N/A"
@@ -2834,6 +2836,7 @@ class Manager:
         exit_status, term_signal = _exit_status(proc._popen.returncode)
         unasked = not asked and not proc.once and job.active
         respawn = unasked and self._wants_respawn(proc, exit_status, term_signal)
+        job.last_exit = "signal %d" % term_signal if term_signal else "exit %d" % exit_status
         self._publish_proc(proc, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
                            dropped_input=dropped, respawn=respawn)
         self._forget(proc)
@@ -4343,9 +4346,17 @@ def _cmd_ps(args):
     if args.json:
         _print_json(rows)
         return 0
-    table = [("JOB", "PID", "OS_PID", "STATE", "UPTIME", "CPU%", "MEM%")]
+    jobs = {}  # a job's restarts and last exit, asked once per job
+    for row in rows:
+        if row["name"] not in jobs:
+            try:
+                jobs[row["name"]] = client.request("GET", _job_path(row["name"]))
+            except _ClientError:  # unloaded meanwhile
+                jobs[row["name"]] = {}
+    table = [("JOB", "PID", "OS_PID", "STATE", "UPTIME", "CPU%", "MEM%", "RESTARTS", "LAST EXIT")]
     table += [(r["name"], str(r["pid"]), str(r["os_pid"]), r["status"], _uptime(r["create_time"]),
-               str(r["stats"]["cpu"]), str(r["stats"]["mem"])) for r in rows]
+               str(r["stats"]["cpu"]), str(r["stats"]["mem"]), str(jobs[r["name"]].get("restarts", "-")),
+               jobs[r["name"]].get("last_exit") or "-") for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

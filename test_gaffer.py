@@ -1710,6 +1710,8 @@ class RestartPolicyTest(ManagerTestCase):
         info = self.m.info("crash")
         self.assertEqual(len(info["backoff"]), 1, "info shows the pending respawn")
         self.assertGreaterEqual(info["restarts"], 4)
+        self.assertEqual(info["last_exit"], "exit 1")
+        self.assertGreaterEqual(self.m.stats("crash")["restarts"], 4)
         self.assertTrue(all(m["respawn"] for m in self.rec.matching("exit")))
 
     def test_a_stable_run_resets_the_backoff(self):
@@ -2863,8 +2865,10 @@ class ServeTest(CommandLineTestCase):
         self.serve(self.json_config([self.job("a", args=["-c", code], redirect_output=["out"])]))
         self.record_leaders()
         ps = self.client("ps").stdout.splitlines()
-        self.assertEqual(ps[0].split(), ["JOB", "PID", "OS_PID", "STATE", "UPTIME", "CPU%", "MEM%"])
+        self.assertEqual(ps[0].split(), ["JOB", "PID", "OS_PID", "STATE", "UPTIME", "CPU%", "MEM%", "RESTARTS",
+                                         "LAST", "EXIT"])
         self.assertEqual(ps[1].split()[:2], ["default.a", "1"])
+        self.assertEqual(ps[1].split()[-2:], ["0", "-"], "no restart, no exit yet")
         self.assertEqual(json.loads(self.client("ps", "--json").stdout)[0]["pid"], 1)
         self.assertIn("default.a: active, 1 running", self.client("status", "a").stdout)
         self.assertEqual(self.client("scale", "a", "3").stdout.strip(), "a: 3", "N sets the count")
