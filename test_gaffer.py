@@ -1572,8 +1572,10 @@ class ReadinessTest(ManagerTestCase):
             while not stop.is_set():
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
-                except OSError as exc:
+                except ConnectionRefusedError as exc:  # the port was closed
                     refused.append(exc)
+                except ConnectionResetError:  # queued at an old process as it exited: SO_REUSEPORT does that
+                    pass
 
         clients = threading.Thread(target=client)
         clients.start()
