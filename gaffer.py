@@ -421,6 +421,11 @@ class ProcessConfig:
     min_uptime: float = 1.0
     #: the longest a respawn waits after consecutive quick exits
     backoff_max: float = 30.0
+    #: a process whose resident memory passes this is replaced: bytes, or a size such as "200M" or "1.5G"
+    max_rss: int | None = None
+    #: a process older than this (seconds), plus a random 0..max_age_variance of its own, is replaced
+    max_age: float | None = None
+    max_age_variance: float = 0.0
 
     def __init__(self, name, cmd, **settings):
         _reject_unknown(type(self), settings)
@@ -490,6 +495,9 @@ class ProcessConfig:
         self.success_codes = [_int_setting("success_codes", code, 0, 255) for code in self.success_codes]
         self.min_uptime = _float_setting("min_uptime", self.min_uptime, 0)
         self.backoff_max = _float_setting("backoff_max", self.backoff_max, 0)
+        self.max_rss = None if self.max_rss is None else _size_setting("max_rss", self.max_rss)
+        self.max_age = None if self.max_age is None else _float_setting("max_age", self.max_age, 0.001)
+        self.max_age_variance = _float_setting("max_age_variance", self.max_age_variance, 0)
 
     def to_dict(self):
         """Return the settings as a dict of plain values (JSON-ready)."""
@@ -532,6 +540,16 @@ _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ProcessConfig))
 # What a process is spawned with: a change of any replaces the processes; the other settings apply in place.
 _SPAWN_SETTINGS = ("cmd", "args", "env", "os_env", "uid", "gid", "cwd", "shell", "redirect_output",
                    "redirect_input", "custom_streams", "ready")
+
+
+def _size_setting(setting, value):
+    """Bytes from 1048576, "200M", "1.5G", "512KiB"... (binary units, as ps and top show sizes)."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+        if match is None:
+            raise ValueError("%s must be bytes or a size such as '200M' or '1.5G', got %r" % (setting, value))
+        value = int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+    return _int_setting(setting, value, 1, 1 << 60)
 
 
 def _depends_on(value, name):
@@ -1206,6 +1224,7 @@ class Process:
         self._ready_lines = None   # _LineSplitter of an output: check, until ready
         self._notify = None        # the datagram socket of a notify check
         self._streak = 0           # quick exits of its slot before it, in a row
+        self._max_age = None       # config.max_age plus this process's share of max_age_variance
         self._signalled = False    # the manager sent it a signal (kill, killall): not a failure
         self._popen = None
         self._pipes = []
@@ -2315,9 +2334,16 @@ class Manager:
             self._idle_sampler()
 
     def _idle_sampler(self):
-        if not self._monitors and self._sample_timer is not None:
+        if self._sample_timer is not None and not self._sampling_needed():
             self._sample_timer.cancel()
             self._sample_timer = None
+
+    def _limited_jobs(self):
+        """Jobs with a max_rss or max_age and processes to hold to it."""
+        return [job for job in self._all_jobs() if (job.config.max_rss or job.config.max_age) and job.running]
+
+    def _sampling_needed(self):
+        return bool(self._monitors) or bool(self._limited_jobs())
 
     def _do_subscribe(self, topic, max_bytes):
         if not isinstance(topic, str):
@@ -2446,6 +2472,12 @@ class Manager:
         self._procs[proc.pid] = proc
         (job.running_out if once else job.running)[proc.pid] = proc
         self._reaper.watch(proc._popen, functools.partial(self._on_exit, proc))
+        config = job.config
+        if config.max_age is not None:
+            import random
+            proc._max_age = config.max_age + random.uniform(0, config.max_age_variance)
+        if (config.max_rss or config.max_age) and self._sample_timer is None:
+            self._sample_timer = self.loop.call_later(self.stats_interval, self._on_sample)
         self._publish_proc(proc, "spawn")
         self._start_check(proc)
         return proc
@@ -2477,14 +2509,7 @@ class Manager:
         self._publish_proc(proc, "ready", elapsed=round(self.loop.time() - proc._spawned_at, 6))
         job = proc._job
         if job.rollout is not None and job.rollout.surge == proc.pid:
-            job.rollout.surge = None
-            old = [pid for pid in job.rollout.old if pid in job.running]
-            if old:
-                self._stop(job.running[old[0]], "stop_process")
-            try:
-                self._roll(job)
-            except ProcessError:
-                pass  # published as rollout_failed
+            self._surge_ready(job, proc)
         self._check_ready_waiters()
         self._release_dependents()
 
@@ -2718,11 +2743,25 @@ class Manager:
             self._publish({"name": job.name}, "rollout", "job.%s.rollout" % job.name)
             return
         try:
-            rollout.surge = self._spawn(job).pid
+            surge = self._spawn(job)
         except ProcessError as exc:
             self._publish({"name": job.name, "reason": exc.reason}, "spawn_error", "job.%s.spawn_error" % job.name)
             self._rollout_failed(job, exc.reason)
             raise
+        rollout.surge = surge.pid
+        if surge._state is _State.READY:  # no readiness check: ready as it spawned
+            self._surge_ready(job, surge)
+
+    def _surge_ready(self, job, proc):
+        """A rollout's new process is ready: one old one goes, then the next step."""
+        job.rollout.surge = None
+        old = [pid for pid in job.rollout.old if pid in job.running]
+        if old:
+            self._stop(job.running[old[0]], "stop_process")
+        try:
+            self._roll(job)
+        except ProcessError:
+            pass  # published as rollout_failed
 
     def _rollout_failed(self, job, reason):
         """The new process did not become ready: it goes, the old ones keep serving."""
@@ -2907,7 +2946,10 @@ class Manager:
         self._check_stopped()
 
     def _on_sample(self):
+        """One timer for monitors, STATS channels and the recycling limits; it runs only while one needs it."""
         self._sample_timer = None
+        for job in self._limited_jobs():
+            self._recycle(job)
         for target, listeners in list(self._monitors.items()):
             for proc in (target.processes() if isinstance(target, _Job) else [target]):
                 msg = dict(proc._sample(), name=proc.name)
@@ -2916,8 +2958,33 @@ class Manager:
                         listener("stat", msg)
                     except Exception:
                         _log.exception("stats listener %r failed", listener)
-        if self._monitors:
+        if self._sampling_needed() and self._sample_timer is None:
             self._sample_timer = self.loop.call_later(self.stats_interval, self._on_sample)
+
+    def _recycle(self, job):
+        """Replace a ready process over its max_rss or max_age: a new one first, then it (one per job at a time)."""
+        if job.rollout is not None or not job.active or self._state is not _Lifecycle.RUNNING:
+            return
+        now = self.loop.time()
+        for proc in list(job.running.values()):
+            if proc._state is not _State.READY:
+                continue
+            reason = None
+            if proc._max_age is not None and now - proc._spawned_at > proc._max_age:
+                reason = "age %.1fs > %gs" % (now - proc._spawned_at, proc._max_age)
+            elif proc.config.max_rss:
+                raw = _proc_stat(proc.os_pid)
+                if raw is not None and raw[3] > proc.config.max_rss:
+                    reason = "rss %s > %s" % (_human(raw[3]), _human(proc.config.max_rss))
+            if reason is not None:
+                self._publish({"name": job.name, "pid": proc.pid, "reason": reason}, "recycle",
+                              "job.%s.recycle" % job.name)
+                job.rollout = _Rollout([proc.pid], job.config)
+                try:
+                    self._roll(job)
+                except ProcessError:
+                    pass  # published as spawn_error and rollout_failed; the next sample tries again
+                return
 
     def _on_flap_retry(self, job):
         job.restart_timer = None
@@ -4069,6 +4136,8 @@ def _ini_value(key, text):
     """Convert an INI setting to what ProcessConfig takes."""
     import configparser
     kind = _CONFIG_TYPES.get(key, "str")
+    if key in ("max_rss", "max_age"):
+        return text if key == "max_rss" and not _is_number(text) else float(text) if key == "max_age" else int(text)
     if key == "success_codes":
         return [int(code) for code in re.split(r"[\s,]+", text) if code]
     if key in ("redirect_output", "custom_streams", "depends_on"):

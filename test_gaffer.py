@@ -164,6 +164,7 @@ class ManagerTestCase(LeakCheckedTestCase):
     """A running manager per test (self.m) with events recorded (self.rec); stopped and checked at teardown."""
 
     no_pidfd = False
+    stats_interval = 1.0
 
     def setUp(self):
         if self.no_pidfd:
@@ -173,7 +174,7 @@ class ManagerTestCase(LeakCheckedTestCase):
                             else os.environ.__setitem__("GAFFER_NO_PIDFD", previous))
         super().setUp()
         self.clock = FakeClock()
-        self.m = gaffer.Manager(clock=self.clock)
+        self.m = gaffer.Manager(clock=self.clock, stats_interval=self.stats_interval)
         self.rec = Recorder(self.m.events)
         self.m.events.subscribe("spawn", self._on_spawn)
         self.output = {}  # pid -> bytes read under any label
@@ -1773,11 +1774,58 @@ class RestartPolicyTest(ManagerTestCase):
             (dict(success_codes=[256]), "success_codes must be <= 255"),
             (dict(min_uptime=-1), "min_uptime must be >= 0"),
             (dict(backoff_max=float("inf")), "backoff_max must be <= "),
+            (dict(max_rss="12 parsecs"), "max_rss must be bytes or a size such as '200M'"),
+            (dict(max_age=-1), "max_age must be >= "),
         ]:
             with self.subTest(settings=settings), self.assertRaisesRegex(ValueError, message):
                 gaffer.ProcessConfig("w", PY, **settings)
 
 # The policies decide on an exit, whichever reaper saw it: they do not run again under the poll reaper.
+
+
+class RecycleTest(ManagerTestCase):
+    stats_interval = 0.05
+
+    def test_a_process_over_max_rss_is_replaced_new_one_first(self):
+        marker = os.path.join(self.tmp, "grown")
+        code = """
+            import os, sys, time
+            if not os.path.exists(sys.argv[1]):
+                open(sys.argv[1], "w").close()
+                hog = bytearray(100 << 20)  # touched: resident
+                for i in range(0, len(hog), 4096):
+                    hog[i] = 1
+            print("up", flush=True)
+            time.sleep(60)
+        """
+        self.m.load(gaffer.ProcessConfig("w", PY, args=["-c", textwrap.dedent(code), marker], max_rss="50M",
+                                         graceful_timeout=2))
+        msg = self.rec.wait_for("recycle")[0]
+        self.assertEqual(msg["pid"], 1)
+        self.assertRegex(msg["reason"], r"^rss \d+\.\dM > 50\.0M$")
+        self.rec.wait_for("exit", pid=1)
+        names = self.rec.names()
+        self.assertLess(names.index("proc.2.ready"), names.index("proc.1.stop"), "the new one first")
+        time.sleep(0.3)  # several samples: the new, small process stays
+        self.assertEqual(self.m.pids("w"), [2])
+        self.assertEqual(len(self.rec.matching("recycle")), 1)
+
+    def test_max_age_with_variance(self):
+        self.m.load(gaffer.ProcessConfig("w", PY, args=SLEEP, numprocesses=2, max_age=0.2, max_age_variance=1.0,
+                                         graceful_timeout=2))
+        recycled = self.rec.wait_for("recycle", count=2, timeout=TIMEOUT)
+        limits = [float(m["reason"].rpartition("> ")[2].rstrip("s")) for m in recycled]
+        self.assertTrue(all(0.2 <= limit <= 1.2 for limit in limits), limits)
+        self.assertNotEqual(limits[0], limits[1], "each process has its own share of the variance")
+        self.assertEqual(len(self.m.pids("w")), 2)
+
+    def test_no_limit_no_sampling(self):
+        self.load("w")
+        self.assertIsNone(self.m._sample_timer, "nothing samples /proc when nothing needs it")
+        self.m.load(gaffer.ProcessConfig("r", PY, args=SLEEP, max_rss="1G", graceful_timeout=2))
+        self.assertIsNotNone(self.m._sample_timer)
+        self.m.unload("r")
+        wait_until(lambda: self.m._sample_timer is None, what="the sampler stops with the last limited job")
 
 
 # -- Loop survival: what a hostile caller, listener or child does to the loop ----------
