@@ -84,6 +84,8 @@ def config(kind, name, **extra):
         settings["redirect_output"] = ["out"]
     if kind == "echo":
         settings["redirect_input"] = True
+    if kind == "sleeper":  # recycled by age now and then, on the shared sampler
+        settings.update(max_age=random.uniform(1.0, 3.0), max_age_variance=1.0)
     if kind == "crasher":  # the default backoff keeps the crash loop off the CPU; the policy varies
         settings["restart"] = random.choice(["always", "on-failure", "never"])
     settings.update(extra)
@@ -99,7 +101,7 @@ class Chaos:
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.sessions = set()  # os pids of spawned processes: each leads a session of its own
-        self.manager = gaffer.Manager()
+        self.manager = gaffer.Manager(stats_interval=0.2)
         self.http = gaffer.HttpHandler("127.0.0.1:0", request_timeout=2.0, max_connections=16)
         self.names = collections.deque()  # of loaded jobs, as the callers believe them
         self.half_open = collections.deque()  # (time sent, socket) of requests left unfinished
@@ -131,6 +133,8 @@ class Chaos:
         self.threads_before = threading.active_count()
         self.manager.events.subscribe("spawn", self.on_spawn)
         self.manager.events.subscribe("exit", lambda e, m: self.count("exits"))
+        for event in ("recycle", "backoff", "rollout", "rollout_failed", "ready_timeout"):
+            self.manager.events.subscribe(event, lambda e, m: self.count("event " + e))
         self.manager.start([self.http])
         for kind in CHILDREN:
             self.load(self.random, kind)
