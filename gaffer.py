@@ -38,6 +38,7 @@ below it; ``msg["event"]`` is the event name):
                                                 dropped_input (bytes queued for stdin, thrown away),
                                                 respawn (the restart policy respawns it)
 ``backoff``, ``job.<job>.backoff``              name, delay (a respawn after quick exits waits)
+``recycle``, ``job.<job>.recycle``              name, pid, reason (over max_rss or max_age: replaced)
 ``rollout``, ``rollout_failed`` (and job forms) name; reason (a rolling replacement ended)
 ``job.<job>.kill``, ``proc.<pid>.kill``         name, pid (kill) or not (killall), signum
 ``flap``, ``job.<job>.flap``                    name
