@@ -2954,6 +2954,39 @@ class ServeTest(CommandLineTestCase):
         watch.terminate()
         watch.finish()
 
+    def test_the_new_settings_in_ini_and_json(self):
+        ini = self.write("new.ini", """
+            [job:web]
+            cmd = sleep 60
+            restart = on-failure
+            success_codes = 0, 3
+            min_uptime = 0.5
+            max_rss = 200M
+            max_age = 3600
+            max_age_variance = 60
+            ready = tcp:5000
+            ready_timeout = 30
+            depends_on = db
+            [job:db]
+            cmd = sleep 60
+        """)
+        as_json = self.write("new.json", json.dumps({"jobs": [
+            {"name": "web", "cmd": "sleep 60", "restart": "on-failure", "success_codes": [0, 3], "min_uptime": 0.5,
+             "max_rss": "200M", "max_age": 3600, "max_age_variance": 60, "ready": "tcp:5000", "ready_timeout": 30,
+             "depends_on": ["db"]},
+            {"name": "db", "cmd": "sleep 60"}]}))
+        for path in (ini, as_json):
+            with self.subTest(path=os.path.basename(path)):
+                web = gaffer._read_config(path)[0][0][1]
+                self.assertEqual((web.restart, web.success_codes, web.min_uptime, web.max_rss, web.max_age,
+                                  web.max_age_variance, web.ready, web.ready_timeout, web.depends_on),
+                                 ("on-failure", [0, 3], 0.5, 200 << 20, 3600.0, 60.0, "tcp:5000", 30.0, ["db"]))
+                self.assertEqual(self.gaffer("check", "-c", path).returncode, 0)
+        bad = self.write("bad.ini", "[job:web]\ncmd = sleep 60\nmax_rss = 12 parsecs\n")
+        result = self.gaffer("check", "-c", bad)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("max_rss must be bytes or a size", result.stderr)
+
     def test_check_validates_dependencies_in_config_files(self):
         good = self.write("good.ini", """
             [job:db]
