@@ -874,18 +874,20 @@ class OutputTest(ManagerTestCase):
             os.write(1, b"to stdout")
             os.write(2, b"to stderr")
         """
-        self.load("two", code=code, redirect_output=["out", "err"])
-        self.load("merged", code=code, redirect_output=["log", "log"])
-        self.load("outonly", code=code, redirect_output=["out"])
         chunks = {}
 
         def on_io(label, msg):
             chunks.setdefault((msg["name"], label), bytearray()).extend(msg["data"])
             self.assertEqual(msg["event"], label)
 
+        # Subscribed before the loads: the first processes are read too (they exit at once, and their
+        # respawns back off, so a listener that came later could miss everything).
         self.m.events.subscribe("spawn", lambda e, msg: self.m.get_process(msg["pid"]).monitor_io(".", on_io))
+        self.load("two", code=code, redirect_output=["out", "err"])
+        self.load("merged", code=code, redirect_output=["log", "log"])
+        self.load("outonly", code=code, redirect_output=["out"])
         for name in ("two", "merged", "outonly"):
-            self.rec.wait_for("exit", name="default." + name, count=2)
+            self.rec.wait_for("exit", name="default." + name)
         self.assertEqual(chunks[("default.two", "out")][:9], b"to stdout")
         self.assertEqual(chunks[("default.two", "err")][:9], b"to stderr")
         self.assertEqual(chunks[("default.merged", "log")][:18], b"to stdoutto stderr", "one pipe, in order")
