@@ -2596,7 +2596,7 @@ class Manager:
 
     def _notify_path(self, pid):
         """Where a notify process's socket is bound: a directory of the manager's own, made on first use."""
-        if self._notify_dir is None:
+        if self._notify_dir is None or not os.path.isdir(self._notify_dir):  # a /tmp cleaner may take it
             import tempfile
             self._notify_dir = tempfile.mkdtemp(prefix="gaffer-notify-")
         return os.path.join(self._notify_dir, "%d.sock" % pid)
@@ -3010,9 +3010,12 @@ class Manager:
         if self._checker is not None:
             self._checker.shutdown(wait=False)  # a check in progress ends within _CHECK_TIMEOUT
         if self._notify_dir is not None:
-            for entry in os.listdir(self._notify_dir):  # left by processes killed after a crash
-                os.unlink(os.path.join(self._notify_dir, entry))
-            os.rmdir(self._notify_dir)
+            try:
+                for entry in os.listdir(self._notify_dir):  # left by processes killed after a crash
+                    os.unlink(os.path.join(self._notify_dir, entry))
+                os.rmdir(self._notify_dir)
+            except OSError as exc:  # removed by a /tmp cleaner, say: run() must still return
+                _log.warning("cannot remove %s: %s", self._notify_dir, exc)
         self._stopped.set()
         for wake in list(self._run_wakeups):
             try:
