@@ -32,6 +32,7 @@ below it; ``msg["event"]`` is the event name):
 ``spawn`` (and ``job.<job>.*``, ``proc.<pid>.*``) name, pid, os_pid
 ``ready`` (same forms: its ``ready`` check passed) name, pid, os_pid, elapsed
 ``ready_timeout``, ``job.<job>.ready_timeout``  name, pid (stopped and respawned)
+``unhealthy``, ``job.<job>.unhealthy``          name, pid, reason (failed health_retries checks: replaced)
 ``reap`` (same forms; stopped by a scale-down)  name, pid, os_pid
 ``stop_process``, ``proc.<pid>.stop``           name, pid
 ``exit`` (same forms as spawn)                  name, pid, os_pid, exit_status, term_signal, once,
@@ -114,7 +115,7 @@ _MAX_COUNT = 1 << 31                            # the largest count a setting ma
 _ORPHAN_POLL_MIN, _ORPHAN_POLL_MAX = 0.005, 0.5  # rechecks of a group whose leader was reaped
 _CHECK_DELAY_MIN, _CHECK_DELAY_MAX = 0.005, 0.1  # retries of a tcp, http or callable readiness check
 _CHECK_TIMEOUT = 1.0                            # one try of a tcp or http check
-_CHECK_WORKERS = 4                              # threads that run those checks, made on first use
+_CHECK_WORKERS = 64                             # threads that run tcp, http and callable checks, made as needed
 _ORPHAN_GIVE_UP = 10.0                          # seconds after SIGKILL a group may linger before it is forgotten
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 
@@ -427,6 +428,14 @@ class ProcessConfig:
     #: a process older than this (seconds), plus a random 0..max_age_variance of its own, is replaced
     max_age: float | None = None
     max_age_variance: float = 0.0
+    #: liveness once ready: "tcp:[HOST:]PORT", "http(s)://...", a callable check(process) -> bool,
+    #: or "notify" (a WATCHDOG=1 datagram every health_interval); None checks nothing
+    health: object = None
+    #: seconds between two health checks, and how long each may take
+    health_interval: float = 10.0
+    health_timeout: float = 5.0
+    #: failed health checks in a row that replace the process
+    health_retries: int = 3
 
     def __init__(self, name, cmd, **settings):
         _reject_unknown(type(self), settings)
@@ -499,6 +508,12 @@ class ProcessConfig:
         self.max_rss = None if self.max_rss is None else _size_setting("max_rss", self.max_rss)
         self.max_age = None if self.max_age is None else _float_setting("max_age", self.max_age, 0.001)
         self.max_age_variance = _float_setting("max_age_variance", self.max_age_variance, 0)
+        if isinstance(self.health, str) and self.health.startswith(("output:", "delay:")):
+            raise ValueError("health %r: a health check is tcp:, http(s)://, notify or a callable" % self.health)
+        self.health = _ready_check("health", self.health, self.redirect_output)
+        self.health_interval = _float_setting("health_interval", self.health_interval, 0.001)
+        self.health_timeout = _float_setting("health_timeout", self.health_timeout, 0.001)
+        self.health_retries = _int_setting("health_retries", self.health_retries, 1)
 
     def to_dict(self):
         """Return the settings as a dict of plain values (JSON-ready)."""
@@ -540,7 +555,7 @@ class ProcessConfig:
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ProcessConfig))
 # What a process is spawned with: a change of any replaces the processes; the other settings apply in place.
 _SPAWN_SETTINGS = ("cmd", "args", "env", "os_env", "uid", "gid", "cwd", "shell", "redirect_output",
-                   "redirect_input", "custom_streams", "ready")
+                   "redirect_input", "custom_streams", "ready", "health")
 
 
 def _size_setting(setting, value):
@@ -1220,8 +1235,13 @@ class Process:
         self.notify_status = None  # the last STATUS= a notify check received
         self._spawned_at = None    # loop time of the spawn
         self._ready_timer = None   # ready_timeout, or the delay: check
-        self._check_timer = None   # the next try of a tcp, http or callable check
-        self._check_delay = 0.0
+        self._check_timer = None   # the next check, the timeout of the one running, or the watchdog's
+        self._check_delay = 0.0    # between readiness tries: short at first, then longer
+        self._check_try = 0        # counts the checks sent to a worker: a late answer is not the current one
+        self._check_pending = False  # the current check has neither answered nor timed out
+        self._check_busy = False   # a worker still runs this process's last check
+        self._health_passed = 0    # health checks passed (WATCHDOG=1 pings in notify mode)
+        self._health_failures = 0  # failed health checks in a row
         self._ready_lines = None   # _LineSplitter of an output: check, until ready
         self._notify = None        # the datagram socket of a notify check
         self._streak = 0           # quick exits of its slot before it, in a row
@@ -1247,12 +1267,14 @@ class Process:
             stderr = subprocess.STDOUT if labels[0] == labels[1] else subprocess.PIPE
         env = dict(self.env)
         ours, theirs = {}, []
-        if config.ready == "notify":  # a datagram socket of its own: whatever arrives there is from it
+        if "notify" in (config.ready, config.health):  # a socket of its own: what arrives there is from it
             self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             ours[None] = self._notify
             self._notify.bind(self._manager._notify_path(self.pid))
             env["NOTIFY_SOCKET"] = self._notify.getsockname()
-        elif isinstance(config.ready, str) and config.ready.startswith("output:"):
+            if config.health == "notify":  # as systemd sets it: sd_watchdog_enabled() reads it
+                env["WATCHDOG_USEC"] = str(int(config.health_interval * 1e6))
+        if isinstance(config.ready, str) and config.ready.startswith("output:"):
             self._ready_lines = _LineSplitter()
         try:
             for label in config.custom_streams:
@@ -1308,7 +1330,7 @@ class Process:
                     return
 
     def _on_notify(self, mask):
-        """sd_notify datagrams: READY=1 marks the process ready, STATUS=... is kept."""
+        """sd_notify datagrams: READY=1 marks the process ready, WATCHDOG=1 says it is alive, STATUS=... is kept."""
         for _ in range(64):  # a child that sends without pause must not hold the loop: the rest waits
             if self._notify is None:
                 return
@@ -1320,8 +1342,10 @@ class Process:
                 key, _, value = line.partition("=")
                 if key == "STATUS":
                     self.notify_status = value
-                elif key == "READY" and value == "1" and self._state is _State.STARTING:
+                elif line == "READY=1" and self._state is _State.STARTING and self.config.ready == "notify":
                     self._manager._mark_ready(self)
+                elif line == "WATCHDOG=1" and self._state is _State.READY and self.config.health == "notify":
+                    self._manager._on_health(self, True, None)
 
     def _unlink_notify(self):
         if self._notify is not None:
@@ -1381,6 +1405,7 @@ class Process:
             "redirect_input": self.config.redirect_input,
             "custom_streams": list(self.config.custom_streams), "active": self.active,
             "status": self.status, "ready": self.ready, "notify_status": self.notify_status,
+            "health_passed": self._health_passed, "health_failures": self._health_failures,
         }
 
     # -- any thread
@@ -1554,31 +1579,55 @@ class _Job:
                                              len(self.running), self.numprocesses)
 
 
-def _check_once(process):
-    """One try of a process's tcp, http or callable readiness check (a worker thread): True if ready."""
-    check = process.config.ready
+def _check_once(check, process, timeout):
+    """One try of a tcp, http or callable check (on a worker thread): True if it passed.
+
+    A tcp or http try ends within `timeout`, whatever the server does: accepting and
+    never answering, or answering a byte at a time.
+    """
     if callable(check):
         return bool(check(process))
+    deadline = time.monotonic() + timeout
+
+    def left():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no answer within %gs" % timeout)
+        return remaining
+
     target = _expand(check, process.env)
     if target.startswith("tcp:"):
         host, _, port = target[4:].rpartition(":")
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=_CHECK_TIMEOUT):
-            return True
-    import http.client
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+        return True
     import urllib.parse
     url = urllib.parse.urlsplit(target)
-    if url.scheme == "https":  # as Kubernetes probes do: the certificate is not checked
-        import ssl
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=_CHECK_TIMEOUT, context=context)
-    else:
-        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=_CHECK_TIMEOUT)
+    sock = socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), left())
     try:
-        conn.request("GET", (url.path or "/") + ("?" + url.query if url.query else ""))
-        return conn.getresponse().status < 400
+        if url.scheme == "https":  # as Kubernetes probes do: the certificate is not checked
+            import ssl
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            sock.settimeout(left())
+            sock = context.wrap_socket(sock, server_hostname=url.hostname)
+        path = (url.path or "/") + ("?" + url.query if url.query else "")
+        sock.settimeout(left())
+        sock.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\nConnection: close\r\n\r\n" % (path, url.netloc)).encode())
+        head = b""
+        while b"\n" not in head and len(head) < 4096:  # the status line is all a check needs
+            sock.settimeout(left())
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        status = head.split(b"\n", 1)[0].split()
+        if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
+            raise ValueError("not an HTTP answer: %r" % head[:80])
+        if int(status[1]) >= 400:
+            raise ValueError("HTTP %s" % status[1].decode())
+        return True
     finally:
-        conn.close()
+        sock.close()
 
 
 def _dep_names(session, config):
@@ -2507,6 +2556,9 @@ class Manager:
             if timer is not None:
                 timer.cancel()
         proc._ready_timer = proc._check_timer = None
+        proc._check_pending = False
+        if proc.config.health is not None:
+            self._arm_health(proc)
         self._publish_proc(proc, "ready", elapsed=round(self.loop.time() - proc._spawned_at, 6))
         job = proc._job
         if job.rollout is not None and job.rollout.surge == proc.pid:
@@ -2515,29 +2567,90 @@ class Manager:
         self._release_dependents()
 
     def _run_check(self, proc):
-        """One try of a tcp, http or callable check, on a worker thread: none may block the loop."""
+        """One try of a tcp, http or callable check, readiness or health, on a worker thread:
+        none may block the loop.  Its answer, or its timeout first, comes back to _on_check."""
         proc._check_timer = None
-        if proc._state is not _State.STARTING:
+        if proc._state is _State.STARTING:
+            check, timeout = proc.config.ready, _CHECK_TIMEOUT
+        elif proc._state is _State.READY:
+            check, timeout = proc.config.health, proc.config.health_timeout
+        else:
+            return
+        proc._check_try += 1
+        proc._check_pending = True
+        attempt = proc._check_try
+        if proc._check_busy:  # a callable that has not returned yet: it gets no second thread
+            self._on_check(proc, attempt, False, "the previous check is still running")
             return
         if self._checker is None:
             from concurrent.futures import ThreadPoolExecutor
             self._checker = ThreadPoolExecutor(_CHECK_WORKERS, thread_name_prefix="gaffer-check")
-        future = self._checker.submit(_check_once, proc)
-        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._on_check_done, proc, f))
+        proc._check_busy = True
+        future = self._checker.submit(_check_once, check, proc, timeout)
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._on_check_done, proc, attempt, f))
+        if proc._state is _State.READY:  # a readiness check has ready_timeout for a bound
+            proc._check_timer = self.loop.call_later(timeout, self._on_check, proc, attempt, False,
+                                                     "no answer within %gs" % timeout)
 
-    def _on_check_done(self, proc, future):
-        if proc._state is not _State.STARTING:
-            return
+    def _on_check_done(self, proc, attempt, future):
+        proc._check_busy = False
         try:
-            passed = future.result()
-        except Exception as exc:  # refused, unreachable, or the callable raised: not ready yet
-            _log.debug("readiness check of %r: %s", proc, exc)
-            passed = False
-        if passed:
+            passed, reason = future.result(), "the check returned False"
+        except Exception as exc:  # refused, unreachable, an error status, or the callable raised
+            passed, reason = False, str(exc) or type(exc).__name__
+        self._on_check(proc, attempt, bool(passed), reason)
+
+    def _on_check(self, proc, attempt, passed, reason):
+        """The current check answered or timed out: a ready process is ready, a ready one healthy or not."""
+        if attempt != proc._check_try or not proc._check_pending:
+            return  # it answered after its timeout, or the process moved on
+        proc._check_pending = False
+        if proc._check_timer is not None:
+            proc._check_timer.cancel()
+            proc._check_timer = None
+        if proc._state is _State.READY:
+            self._on_health(proc, passed, reason)
+        elif proc._state is not _State.STARTING:
+            return
+        elif passed:
             self._mark_ready(proc)
-        else:  # quickly at first, then about every _CHECK_DELAY_MAX
+        else:  # not ready yet: try again quickly at first, then about every _CHECK_DELAY_MAX
+            _log.debug("readiness check of %r: %s", proc, reason)
             proc._check_delay = min(proc._check_delay * 2, _CHECK_DELAY_MAX)
             proc._check_timer = self.loop.call_later(proc._check_delay, self._run_check, proc)
+
+    # -- health (loop thread): a ready process checked every health_interval, replaced when it fails
+
+    def _arm_health(self, proc):
+        """The next health check in health_interval; in notify mode, the deadline of the next WATCHDOG=1."""
+        interval = proc.config.health_interval
+        if proc.config.health == "notify":
+            proc._check_timer = self.loop.call_later(interval, self._on_health, proc, False,
+                                                     "no WATCHDOG=1 within %gs" % interval)
+        else:
+            proc._check_timer = self.loop.call_later(interval, self._run_check, proc)
+
+    def _on_health(self, proc, passed, reason):
+        """A health check passed or failed: health_retries failures in a row replace the process."""
+        if proc._state is not _State.READY:
+            return
+        if proc._check_timer is not None:
+            proc._check_timer.cancel()
+            proc._check_timer = None
+        proc._health_passed += passed
+        proc._health_failures = 0 if passed else proc._health_failures + 1
+        if proc._health_failures < proc.config.health_retries:
+            self._arm_health(proc)
+            return
+        job = proc._job
+        _log.warning("%r failed %d health checks in a row (%s): replaced", proc, proc._health_failures, reason)
+        self._publish({"name": proc.name, "pid": proc.pid, "reason": reason}, "unhealthy",
+                      "job.%s.unhealthy" % proc.name)
+        counted = proc.pid in job.running
+        self._stop(proc, "stop_process")
+        if counted and job.active:
+            job.restarts += 1
+            self._manage(job)
 
     def _on_ready_timeout(self, proc):
         proc._ready_timer = None
@@ -3008,7 +3121,7 @@ class Manager:
         for pgid in list(self._orphan_groups):
             _send_signal(pgid, signal.SIGKILL, group=True)
         if self._checker is not None:
-            self._checker.shutdown(wait=False)  # a check in progress ends within _CHECK_TIMEOUT
+            self._checker.shutdown(wait=False)  # a tcp or http check in progress ends within its timeout
         if self._notify_dir is not None:
             try:
                 for entry in os.listdir(self._notify_dir):  # left by processes killed after a crash

@@ -1832,6 +1832,119 @@ class RecycleTest(ManagerTestCase):
         wait_until(lambda: self.m._sample_timer is None, what="the sampler stops with the last limited job")
 
 
+# -- Health checks: a ready process checked every health_interval, replaced when it fails ----
+
+SERVE_A_SECOND_ONCE = """
+    import os, socket, sys, time
+    first = not os.path.exists(sys.argv[1])
+    open(sys.argv[1], "a").close()
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    deadline = time.monotonic() + 10
+    while True:  # the process it replaces may hold the port a moment longer
+        try:
+            server.bind(("127.0.0.1", int(os.environ["PORT"])))
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    server.listen(64)
+    server.settimeout(0.05)
+    until = time.monotonic() + (1.0 if first else 3600)
+    while time.monotonic() < until:
+        try:
+            conn, _ = server.accept()
+        except socket.timeout:
+            continue
+        conn.recv(1000)
+        conn.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\n")
+        conn.close()
+    time.sleep(60)  # still listening, never accepting: a check connects, asks, and hears nothing
+"""
+
+
+class HealthTest(ManagerTestCase):
+
+    def test_a_server_that_stops_answering_is_replaced_and_the_new_one_is_healthy(self):
+        marker = os.path.join(self.tmp, "served")
+        self.m.load(gaffer.ProcessConfig(
+            "web", PY, args=["-c", textwrap.dedent(SERVE_A_SECOND_ONCE), marker], env={"PORT": str(free_port())},
+            ready="http://127.0.0.1:$PORT/", health="http://127.0.0.1:$PORT/health", health_interval=0.05,
+            health_timeout=0.2, health_retries=3, graceful_timeout=2))
+        msg = self.rec.wait_for("unhealthy")[0]
+        self.assertEqual((msg["name"], msg["pid"], msg["reason"]), ("default.web", 1, "no answer within 0.2s"))
+        self.assertEqual(self.rec.matching("job.default.web.unhealthy")[0]["pid"], 1)
+        self.rec.wait_for("exit", pid=1)
+        names = self.rec.names()
+        self.assertLess(names.index("proc.1.ready"), names.index("unhealthy"))
+        self.assertLess(names.index("unhealthy"), names.index("proc.2.spawn"))
+        wait_until(lambda: self.m.get_process(2).info["health_passed"] >= 5, what="the new one answers its checks")
+        info = self.m.get_process(2).info
+        self.assertEqual((info["health_failures"], info["status"]), (0, "ready"))
+        self.assertEqual(len(self.rec.matching("unhealthy")), 1)
+        self.assertEqual(self.m.info("web")["restarts"], 1)
+
+    def test_hanging_checks_hold_one_thread_each_and_delay_nothing_else(self):
+        hang = socket.socket()  # listens, never accepts: connections wait in its backlog, unanswered
+        hang.bind(("127.0.0.1", 0))
+        hang.listen(1000)
+        self.addCleanup(hang.close)  # resets what waits there: the checks end
+        release = threading.Event()
+        self.addCleanup(release.set)
+        url = "http://127.0.0.1:%d/" % hang.getsockname()[1]
+        self.load("hung", 3, health=url, health_interval=0.01, health_timeout=30)
+        self.load("stuck", health=lambda process: release.wait(), health_interval=0.05, health_timeout=0.2)
+        port = hang.getsockname()[1]
+        self.load("other", ready="tcp:%d" % port)  # a connect is all a tcp check needs
+        wait_until(lambda: len(self.rec.matching("unhealthy", name="default.stuck")) >= 2,
+                   what="the stuck callable's processes replaced")
+        reasons = {m["reason"] for m in self.rec.matching("unhealthy")}
+        self.assertEqual(reasons, {"the previous check is still running"}, "a stuck check gets no second thread")
+        hung = self.m.pids("hung")
+        started = time.monotonic()
+        os.kill(self.os_pid(self.m.pids("other")[0]), signal.SIGKILL)
+        spawned = self.rec.wait_for("spawn", count=2, name="default.other")[1]
+        self.m.wait_ready("other", timeout=TIMEOUT)
+        self.assertLess(time.monotonic() - started, 5, "respawned and ready while 3 checks hang")
+        self.assertEqual(self.m.pids("other"), [spawned["pid"]])
+        self.assertEqual(self.m.pids("hung"), hung, "a 30 s timeout is not over yet")
+        checkers = [t for t in threading.enumerate() if t.name.startswith("gaffer-check")]
+        stuck = len(self.rec.matching("spawn", name="default.stuck"))
+        self.assertLessEqual(len(checkers), 3 + stuck + 1, "one thread per hanging process at most")
+
+    def test_notify_watchdog(self):
+        code = """
+            import os, socket, sys, time
+            print(os.environ["WATCHDOG_USEC"], flush=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            for _ in range(10):
+                sock.sendto(b"WATCHDOG=1", os.environ["NOTIFY_SOCKET"])
+                time.sleep(0.05)
+            time.sleep(60)  # alive, silent
+        """
+        self.load("w", code=code, health="notify", health_interval=0.2, health_retries=2, redirect_output=["out"])
+        self.wait_output(1, b"200000\n")
+        msg = self.rec.wait_for("unhealthy")[0]
+        self.assertEqual((msg["pid"], msg["reason"]), (1, "no WATCHDOG=1 within 0.2s"))
+        self.rec.wait_for("exit", pid=1)
+        self.assertGreaterEqual(self.rec.matching("exit", pid=1)[0]["term_signal"], 1)
+        self.rec.wait_for("spawn", pid=2)
+
+    def test_bad_health_settings_are_refused(self):
+        for settings, message in [
+            (dict(health="output:up", redirect_output=["out"]), "health 'output:up': a health check is tcp:"),
+            (dict(health="delay:1"), "health 'delay:1': a health check is"),
+            (dict(health="ftp://x"), "health: unknown check 'ftp://x'"),
+            (dict(health=42), "health must be"),
+            (dict(health_retries=0), "health_retries must be >= 1"),
+            (dict(health_interval=0), "health_interval must be >= "),
+            (dict(health_timeout=float("inf")), "health_timeout must be <= "),
+        ]:
+            with self.subTest(settings=settings), self.assertRaisesRegex(ValueError, message):
+                gaffer.ProcessConfig("w", PY, **settings)
+
+
 # -- Loop survival: what a hostile caller, listener or child does to the loop ----------
 
 IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
@@ -2581,6 +2694,19 @@ class HttpUnixSocketTest(LeakCheckedTestCase):
 # -- Command line ------------------------------------------------------------------
 
 GAFFER = os.path.abspath(gaffer.__file__)
+# The command line runs as "python3 -m gaffer" with its bytecode cached in a directory of the
+# suite's own: a script is compiled at every start (80 ms here), and this machine's environment
+# sets PYTHONDONTWRITEBYTECODE.  test_version_help_and_python_m runs "python3 gaffer.py" itself.
+CLI = [PY, "-m", "gaffer"]
+CLI_ENV = {"PYTHONPATH": os.path.dirname(GAFFER), "PYTHONDONTWRITEBYTECODE": ""}
+
+
+def setUpModule():
+    CLI_ENV["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="gaffer-test-pycache-")
+
+
+def tearDownModule():
+    shutil.rmtree(CLI_ENV.pop("PYTHONPYCACHEPREFIX"), True)
 
 
 class CommandLineTestCase(LeakCheckedTestCase):
@@ -2593,13 +2719,13 @@ class CommandLineTestCase(LeakCheckedTestCase):
         return path
 
     def gaffer(self, *args, timeout=60, env=None):
-        return subprocess.run([PY, GAFFER, *args], cwd=self.tmp, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
+        return subprocess.run([*CLI, *args], cwd=self.tmp, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **CLI_ENV, **(env or {})})
 
     def spawn(self, *args, env=None):
         """Start gaffer.py in the background; lines it prints are collected for wait_line()."""
-        proc = subprocess.Popen([PY, GAFFER, *args], cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen([*CLI, *args], cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env={**os.environ, **CLI_ENV, **(env or {})})
         lines, cond = [], threading.Condition()
 
         def read():
@@ -2801,9 +2927,10 @@ class RunnerTest(CommandLineTestCase):
                 self.assertEqual(len(result.stderr.strip().splitlines()), 1, "one clear line")
 
     def test_version_help_and_python_m(self):
-        result = subprocess.run([PY, "-m", "gaffer", "--version"], cwd=os.path.dirname(GAFFER), capture_output=True,
-                                text=True, timeout=30)
-        self.assertEqual(result.stdout.strip(), "gaffer.py %s" % gaffer.__version__)
+        for form in ([PY, GAFFER], [PY, "-m", "gaffer"]):  # the script, and the module the other tests run
+            result = subprocess.run([*form, "--version"], cwd=os.path.dirname(GAFFER), capture_output=True,
+                                    text=True, timeout=30)
+            self.assertEqual(result.stdout.strip(), "gaffer.py %s" % gaffer.__version__)
         for command in ("start", "run", "check", "serve", "ps", "scale", "kill", "watch", "logs", "export"):
             with self.subTest(command=command):
                 result = self.gaffer(command, "--help")
@@ -2969,25 +3096,34 @@ class ServeTest(CommandLineTestCase):
             ready = tcp:5000
             ready_timeout = 30
             depends_on = db
+            health = http://127.0.0.1:5000/health
+            health_interval = 5
+            health_timeout = 2.5
+            health_retries = 4
             [job:db]
             cmd = sleep 60
         """)
         as_json = self.write("new.json", json.dumps({"jobs": [
             {"name": "web", "cmd": "sleep 60", "restart": "on-failure", "success_codes": [0, 3], "min_uptime": 0.5,
              "max_rss": "200M", "max_age": 3600, "max_age_variance": 60, "ready": "tcp:5000", "ready_timeout": 30,
-             "depends_on": ["db"]},
+             "depends_on": ["db"], "health": "http://127.0.0.1:5000/health", "health_interval": 5,
+             "health_timeout": 2.5, "health_retries": 4},
             {"name": "db", "cmd": "sleep 60"}]}))
         for path in (ini, as_json):
             with self.subTest(path=os.path.basename(path)):
                 web = gaffer._read_config(path)[0][0][1]
                 self.assertEqual((web.restart, web.success_codes, web.min_uptime, web.max_rss, web.max_age,
-                                  web.max_age_variance, web.ready, web.ready_timeout, web.depends_on),
-                                 ("on-failure", [0, 3], 0.5, 200 << 20, 3600.0, 60.0, "tcp:5000", 30.0, ["db"]))
+                                  web.max_age_variance, web.ready, web.ready_timeout, web.depends_on, web.health,
+                                  web.health_interval, web.health_timeout, web.health_retries),
+                                 ("on-failure", [0, 3], 0.5, 200 << 20, 3600.0, 60.0, "tcp:5000", 30.0, ["db"],
+                                  "http://127.0.0.1:5000/health", 5.0, 2.5, 4))
                 self.assertEqual(self.gaffer("check", "-c", path).returncode, 0)
-        bad = self.write("bad.ini", "[job:web]\ncmd = sleep 60\nmax_rss = 12 parsecs\n")
-        result = self.gaffer("check", "-c", bad)
-        self.assertEqual(result.returncode, 2)
-        self.assertIn("max_rss must be bytes or a size", result.stderr)
+        for setting, message in (("max_rss = 12 parsecs", "max_rss must be bytes or a size"),
+                                 ("health = output:up", "a health check is tcp:")):
+            bad = self.write("bad.ini", "[job:web]\ncmd = sleep 60\n%s\n" % setting)
+            result = self.gaffer("check", "-c", bad)
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(message, result.stderr)
 
     def test_check_validates_dependencies_in_config_files(self):
         good = self.write("good.ini", """

@@ -65,7 +65,11 @@ for line in sys.stdin:
     "notifier": """
 import os, socket, time
 time.sleep(0.05)
-socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1\\nSTATUS=up", os.environ["NOTIFY_SOCKET"])
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.sendto(b"READY=1\\nSTATUS=up", os.environ["NOTIFY_SOCKET"])
+for _ in range(int.from_bytes(os.urandom(1), "big")):  # a watchdog that falls silent after a while
+    sock.sendto(b"WATCHDOG=1", os.environ["NOTIFY_SOCKET"])
+    time.sleep(0.02)
 time.sleep(3600)
 """,
 }
@@ -86,10 +90,21 @@ def config(kind, name, **extra):
         settings["redirect_input"] = True
     if kind == "sleeper":  # recycled by age now and then, on the shared sampler
         settings.update(max_age=random.uniform(1.0, 3.0), max_age_variance=1.0)
+    if kind == "notifier":  # its watchdog pings stop at random: replaced as unhealthy
+        settings.update(health="notify", health_interval=0.1, health_retries=2)
+    if kind == "sleeper":  # a health check that fails now and then, or hangs past its timeout
+        settings.update(health=_random_health, health_interval=0.05, health_timeout=0.1, health_retries=2)
     if kind == "crasher":  # the default backoff keeps the crash loop off the CPU; the policy varies
         settings["restart"] = random.choice(["always", "on-failure", "never"])
     settings.update(extra)
     return gaffer.ProcessConfig(name, PY, **settings)
+
+
+def _random_health(process):
+    roll = random.random()
+    if roll < 0.05:
+        time.sleep(0.3)  # past health_timeout: counted as a failure, its thread held a while
+    return roll > 0.2
 
 
 class Chaos:
@@ -133,7 +148,7 @@ class Chaos:
         self.threads_before = threading.active_count()
         self.manager.events.subscribe("spawn", self.on_spawn)
         self.manager.events.subscribe("exit", lambda e, m: self.count("exits"))
-        for event in ("recycle", "backoff", "rollout", "rollout_failed", "ready_timeout"):
+        for event in ("recycle", "backoff", "rollout", "rollout_failed", "ready_timeout", "unhealthy"):
             self.manager.events.subscribe(event, lambda e, m: self.count("event " + e))
         self.manager.start([self.http])
         for kind in CHILDREN:
