@@ -1689,6 +1689,43 @@ class _ReadyWaiter:
         self.done = threading.Event()
 
 
+# -- Guardian --------------------------------------------------------------------
+# A small process of its own session that outlives a killed manager: it learns of each
+# process group on its stdin, and when that pipe ends without "bye" (the manager died,
+# even by SIGKILL), it stops every group it knows, then kills what is left and exits.
+
+_GUARDIAN = r"""
+import os, signal, sys, time
+targets = {}  # -pgid (a process group) or pid -> (stop signal, graceful timeout)
+for line in sys.stdin:  # until the manager's end of the pipe closes, however the manager ended
+    words = line.split()
+    if words == ["bye"]:  # the manager stopped its jobs itself
+        sys.exit()
+    if len(words) == 4 and words[0] == "+":
+        targets[int(words[1])] = (int(words[2]), float(words[3]))
+    elif len(words) == 2 and words[0] == "-":
+        targets.pop(int(words[1]), None)
+
+def send(target, sig):
+    try:
+        os.kill(target, sig)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+started = time.monotonic()
+targets = {target: timeout for target, (sig, timeout) in targets.items() if send(target, sig)}
+while targets:  # the manager is gone: there is nothing to wait on but the groups emptying
+    time.sleep(0.01)
+    elapsed = time.monotonic() - started
+    for target, timeout in list(targets.items()):
+        if not send(target, signal.SIGKILL if elapsed >= timeout else 0) or elapsed >= timeout + 5:
+            del targets[target]  # gone, or zombies that nobody reaps after SIGKILL
+"""
+
+
 # -- Manager -------------------------------------------------------------------
 # The public API first (any thread), then the _do_* bodies and the _on_*
 # handlers, which run on the loop thread and own all the state.
@@ -1718,10 +1755,11 @@ class Manager:
     running raise RuntimeError("manager is not running").
     """
 
-    def __init__(self, loop=None, clock=None, stats_interval=1.0):
+    def __init__(self, loop=None, clock=None, stats_interval=1.0, guardian=True):
         if loop is not None and clock is not None:
             raise ValueError("give a loop or a clock, not both")
         self.stats_interval = _float_setting("stats_interval", stats_interval, 0.001)
+        self.guardian = _bool_setting("guardian", guardian)
         self.loop = loop or Loop(clock)
         self.events = EventEmitter()
         self.use_pidfd = _HAVE_PIDFD and os.environ.get("GAFFER_NO_PIDFD", "") in ("", "0")
@@ -1745,6 +1783,7 @@ class Manager:
         self._ready_waiters = []  # _ReadyWaiter of wait_ready() callers
         self._checker = None      # the worker threads of tcp, http and callable checks
         self._notify_dir = None   # where notify sockets are bound
+        self._guardian = None     # (Popen, _Pipe to its stdin) of the guardian, started with the first spawn
 
     def __repr__(self):
         # Any thread: each list() copies a loop-owned dict in one step, never iterating it live.
@@ -2528,9 +2567,62 @@ class Manager:
             proc._max_age = config.max_age + random.uniform(0, config.max_age_variance)
         if (config.max_rss or config.max_age) and self._sample_timer is None:
             self._sample_timer = self.loop.call_later(self.stats_interval, self._on_sample)
+        self._guard(proc)
         self._publish_proc(proc, "spawn")
         self._start_check(proc)
         return proc
+
+    # -- the guardian (loop thread): told of each process, so that it can stop them if the manager dies
+
+    @staticmethod
+    def _target(proc):
+        """What the stop signal goes to: the process group (-pgid), or the process alone."""
+        return -proc.os_pid if proc.config.stop_children else proc.os_pid
+
+    def _guard(self, proc):
+        if not self.guardian:
+            return
+        if self._guardian is not None and self._guardian[1].closed:  # EPIPE: it died (OOM, kill -9)
+            _log.warning("the guardian exited; another is started")
+            self._dismiss_guardian()
+        if self._guardian is None:
+            try:
+                popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN], stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)  # out of reach of a kill of the host's group
+            except (OSError, subprocess.SubprocessError) as exc:
+                _log.warning("cannot start the guardian (%s); processes are not guarded", exc)
+                return
+            self._guardian = (popen, _Pipe(self.loop, popen.stdin))
+            for other in self._procs.values():  # those spawned before it, when it is a replacement
+                if other is not proc and other._state is not _State.EXITED:
+                    self._tell_guardian(b"+ %d %d %r\n" % (self._target(other), other.config.stop_signal,
+                                                             other.graceful_timeout))
+        self._tell_guardian(b"+ %d %d %r\n" % (self._target(proc), proc.config.stop_signal, proc.graceful_timeout))
+
+    def _tell_guardian(self, line):
+        if self._guardian is not None:
+            self._guardian[1].write(line)
+
+    def _dismiss_guardian(self, loop_closed=False):
+        """The manager stopped its jobs itself: the guardian exits without a signal sent."""
+        guardian, self._guardian = self._guardian, None
+        if guardian is not None:
+            popen, pipe = guardian
+            try:
+                os.set_blocking(pipe.fd, True)  # after what is queued, if anything is: it reads on
+                os.write(pipe.fd, b"".join(pipe._pending) + b"bye\n")
+            except OSError:  # it is gone: the reaper saw it or will
+                pass
+            if loop_closed:  # after a crash: the selector is gone
+                pipe.file.close()
+            else:
+                pipe.close()
+            try:
+                popen.wait(5)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
 
     # -- readiness (loop thread): STARTING -> READY, or a stop at ready_timeout
 
@@ -2955,6 +3047,7 @@ class Manager:
                 self._run_callback(lambda: callback(self))
             for owner in list(self._channels):
                 self._forget(owner)
+            self._dismiss_guardian()
             self.loop.stop()
 
     @staticmethod
@@ -2980,6 +3073,8 @@ class Manager:
             deadline = kill_timer.when if kill_timer is not None else self.loop.time() + proc.graceful_timeout
             self._orphan_groups[proc.os_pid] = (deadline, False)
             self._watch_orphans()
+        else:
+            self._tell_guardian(b"- %d\n" % self._target(proc))
         dropped = proc._finish()
         del self._procs[proc.pid]
         job = proc._job
@@ -3044,6 +3139,7 @@ class Manager:
         for pgid, (deadline, killed) in list(self._orphan_groups.items()):
             if pgid not in live:
                 del self._orphan_groups[pgid]
+                self._tell_guardian(b"- %d\n" % -pgid)
             elif now < deadline:
                 continue
             elif not killed:
@@ -3053,6 +3149,7 @@ class Manager:
                 _log.warning("process group %d is still there %gs after SIGKILL; no longer waiting for it",
                              pgid, _ORPHAN_GIVE_UP)
                 del self._orphan_groups[pgid]
+                self._tell_guardian(b"- %d\n" % -pgid)
         if self._orphan_groups:
             self._orphan_delay = min(self._orphan_delay * 2, _ORPHAN_POLL_MAX)
             due = min(deadline for deadline, _ in self._orphan_groups.values())
@@ -3120,6 +3217,8 @@ class Manager:
                 pass
         for pgid in list(self._orphan_groups):
             _send_signal(pgid, signal.SIGKILL, group=True)
+        if self._guardian is not None:
+            self._dismiss_guardian(loop_closed=True)
         if self._checker is not None:
             self._checker.shutdown(wait=False)  # a tcp or http check in progress ends within its timeout
         if self._notify_dir is not None:

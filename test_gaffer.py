@@ -793,6 +793,7 @@ class ManagerTest(ManagerTestCase):
     def test_no_fd_grows_over_many_spawn_exit_cycles(self):
         # Measured once the manager has settled, not mid-churn: on a loaded machine more than two
         # processes may be between exit and reaping at any instant, each with its pipes still open.
+        self.load("guarded")  # the guardian's pipe opens with the first spawn, and stays
         before = open_fds()
         true = shutil.which("true")
         self.m.load(gaffer.ProcessConfig("w", true, numprocesses=2, redirect_output=["out", "err"],
