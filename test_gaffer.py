@@ -1345,6 +1345,83 @@ class LifecycleTest(LeakCheckedTestCase):
 
 
 
+# -- Containment: nothing a job starts outlives it ------------------------------------
+
+STUBBORN_FAMILY = """
+    import os, signal, subprocess, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+    with open(os.path.join(os.environ["FAMILY"], str(os.getpid())), "w") as f:
+        f.write("%d %d" % (os.getpid(), child.pid))
+    time.sleep(60)
+"""
+
+
+class ContainmentTest(LeakCheckedTestCase):
+
+    def family(self, count):
+        """The os pids that `count` STUBBORN_FAMILY processes wrote: theirs and their children's."""
+        def written():
+            return [read_text(os.path.join(self.tmp, "family", n)) for n in os.listdir(os.path.join(self.tmp, "family"))]
+        wait_until(lambda: len([text for text in written() if " " in text]) >= count, what="%d families" % count)
+        pids = [int(pid) for text in written() for pid in text.split()]
+        self.session_leaders.update(pids)
+        return pids
+
+    def setUp(self):
+        super().setUp()
+        os.mkdir(os.path.join(self.tmp, "family"))
+        self.env = {**os.environ, "FAMILY": os.path.join(self.tmp, "family")}
+
+    def assert_gone_by(self, pids, seconds, what):
+        started = time.monotonic()
+        wait_until(lambda: not any(alive(pid) for pid in pids), seconds, what)
+        return time.monotonic() - started
+
+    def test_a_host_killed_while_its_children_ignore_sigterm_leaves_nothing(self):
+        host_code = textwrap.dedent("""
+            import sys, time
+            sys.path.insert(0, %r)
+            import gaffer
+            m = gaffer.Manager()
+            m.start()
+            m.load(gaffer.ProcessConfig("w", sys.executable, args=["-c", %r], numprocesses=3, graceful_timeout=0.5))
+            time.sleep(60)
+        """) % (os.path.dirname(GAFFER), textwrap.dedent(STUBBORN_FAMILY))
+        for signum in (signal.SIGKILL, signal.SIGTERM):  # SIGTERM: Python's default, no atexit
+            with self.subTest(signal=signum.name):
+                host = subprocess.Popen([PY, "-c", host_code], env=self.env)
+                self.addCleanup(host.wait)
+                self.addCleanup(host.kill)
+                pids = self.family(3)
+                host.send_signal(signum)
+                self.assertEqual(host.wait(TIMEOUT), -signum)
+                took = self.assert_gone_by(pids, 0.5 + 3, "every process and child gone after the guardian's SIGKILL")
+                self.assertGreater(took, 0.3, "they ignored SIGTERM: only the SIGKILL after graceful_timeout ended them")
+                for name in os.listdir(os.path.join(self.tmp, "family")):
+                    os.unlink(os.path.join(self.tmp, "family", name))
+
+    def test_a_run_command_killed_with_sigkill_leaves_nothing(self):
+        proc = subprocess.Popen([*CLI, "run", "-n", "2", "--graceful-timeout", "0.5", "--", PY, "-c",
+                                 textwrap.dedent(STUBBORN_FAMILY)], cwd=self.tmp, stdout=subprocess.DEVNULL,
+                                env={**self.env, **CLI_ENV})
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        pids = self.family(2)
+        proc.kill()
+        proc.wait(TIMEOUT)
+        self.assert_gone_by(pids, 0.5 + 3, "the runner's processes and their children gone")
+
+    def test_without_a_guardian_nothing_more_runs(self):
+        with gaffer.Manager(guardian=False) as m:
+            m.load(gaffer.ProcessConfig("w", PY, args=SLEEP, graceful_timeout=2))
+            self.session_leaders.add(m.list()[0].os_pid)
+            self.assertEqual(my_children(), [m.list()[0].os_pid], "no guardian next to the process")
+        with self.assertRaisesRegex(ValueError, "guardian must be True or False"):
+            gaffer.Manager(guardian="yes")
+
+
+
 # -- Readiness ------------------------------------------------------------------------
 
 def free_port():
