@@ -436,6 +436,11 @@ class ProcessConfig:
     health_timeout: float = 5.0
     #: failed health checks in a row that replace the process
     health_retries: int = 3
+    #: limits of the job's cgroup, where the manager has cgroups and the controllers are enabled:
+    #: memory in bytes or a size ("512M"), CPUs (0.5: half of one), and processes
+    memory_max: int | None = None
+    cpu_max: float | None = None
+    pids_max: int | None = None
 
     def __init__(self, name, cmd, **settings):
         _reject_unknown(type(self), settings)
@@ -514,6 +519,9 @@ class ProcessConfig:
         self.health_interval = _float_setting("health_interval", self.health_interval, 0.001)
         self.health_timeout = _float_setting("health_timeout", self.health_timeout, 0.001)
         self.health_retries = _int_setting("health_retries", self.health_retries, 1)
+        self.memory_max = None if self.memory_max is None else _size_setting("memory_max", self.memory_max)
+        self.cpu_max = None if self.cpu_max is None else _float_setting("cpu_max", self.cpu_max, 0.01, 10000)
+        self.pids_max = None if self.pids_max is None else _int_setting("pids_max", self.pids_max, 1)
 
     def to_dict(self):
         """Return the settings as a dict of plain values (JSON-ready)."""
@@ -1055,6 +1063,206 @@ class _PidfdReaper(_PollReaper):
         self._loop.set_events(pidfd, selectors.EVENT_READ, exited)
 
 
+# -- Containment: a cgroup per process where the system lets us ------------------
+# Everything a process starts stays in its cgroup, setsid() or not, so a stop can end with
+# cgroup.kill.  Where no cgroup can be made, the process group and /proc do the work.
+
+def _cgroup2_dir():
+    """This process's cgroup v2 directory (a hybrid layout's "unified" mount too), or None."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    for fields in mounts:
+        if path is not None and "-" in fields and fields[fields.index("-") + 1] == "cgroup2":
+            root, mount = fields[3], fields[4].replace("\\040", " ")
+            relative = path[len(root):] if root != "/" and path.startswith(root) else path
+            return os.path.join(mount, relative.lstrip("/"))
+    return None
+
+
+def _write_file(path, text):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _cgroup_members(path):
+    """The pids in a cgroup (zombies are not): [] once it is empty or gone."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(pid) for pid in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _cgroup_kill(path):
+    """SIGKILL everything in a cgroup: cgroup.kill (Linux 5.14+), else freeze, kill each and thaw."""
+    try:
+        _write_file(os.path.join(path, "cgroup.kill"), "1")
+        return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    freeze = os.path.join(path, "cgroup.freeze")
+    try:
+        _write_file(freeze, "1")  # none of them can fork while they are killed
+    except OSError:
+        pass
+    for pid in _cgroup_members(path):
+        _send_signal(pid, signal.SIGKILL, group=False)
+    try:
+        _write_file(freeze, "0")
+    except OSError:
+        pass
+
+
+_LIMIT_FILES = {"memory_max": ("memory", "memory.max"), "cpu_max": ("cpu", "cpu.max"), "pids_max": ("pids", "pids.max")}
+
+
+class _Cgroups:
+    """The manager's cgroup, made under the host's: a directory per job, in it one per process."""
+
+    def __init__(self, base):
+        self.base = base
+
+    @classmethod
+    def create(cls, setting, token):
+        """The manager's cgroup, or None (with setting "auto", when none can be made; the reason is logged)."""
+        if setting is False or (setting == "auto" and os.environ.get("GAFFER_NO_CGROUP", "") not in ("", "0")):
+            return None
+        parent = _cgroup2_dir()
+        base = os.path.join(parent or "/sys/fs/cgroup", "gaffer-" + token)
+        try:
+            if parent is None:
+                raise FileNotFoundError("no cgroup2 mount in /proc/self/mountinfo")
+            os.mkdir(base)
+        except OSError as exc:
+            if setting is True:
+                raise RuntimeError("cgroups=True, but the cgroup %s cannot be made: %s" % (base, exc)) from None
+            _log.debug("no cgroup containment (%s: %s); process groups instead", base, exc)
+            return None
+        return cls(base)
+
+    def job_dir(self, job):
+        return os.path.join(self.base, job.name)
+
+    def set_limits(self, job, config):
+        """Make the job's cgroup and write its limits; ValueError naming the limit the system cannot enforce."""
+        path = self.job_dir(job)
+        if all(getattr(config, setting) is None for setting in _LIMIT_FILES) and not os.path.isdir(path):
+            return  # made by its first process
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(self.base, "cgroup.controllers")) as f:
+            offered = f.read().split()
+        for setting, (controller, filename) in _LIMIT_FILES.items():
+            value = getattr(config, setting)
+            if value is None:
+                if os.path.exists(os.path.join(path, filename)):  # a limit that an update removed
+                    _write_file(os.path.join(path, filename), "max")
+                continue
+            if controller not in offered:
+                raise ValueError("%s needs the cgroup %s controller, which %s does not offer (it has: %s)"
+                                 % (setting, controller, self.base, " ".join(offered) or "none"))
+            try:
+                _write_file(os.path.join(self.base, "cgroup.subtree_control"), "+" + controller)
+                text = "%d 100000" % (value * 100000) if setting == "cpu_max" else str(value)
+                _write_file(os.path.join(path, filename), text)
+            except OSError as exc:
+                raise ValueError("%s cannot be set in %s: %s" % (setting, path, exc)) from None
+
+    def contain(self, job, proc):
+        """Move a new process into a cgroup of its own, with what it forked before the move; return its path."""
+        leaf = os.path.join(self.job_dir(job), str(proc.pid))
+        try:
+            os.makedirs(leaf)
+            procs = os.path.join(leaf, "cgroup.procs")
+            todo = [proc.os_pid]
+            while todo:  # its children, forked before the move, and theirs: after it, they are born inside
+                pid = todo.pop()
+                _write_file(procs, str(pid))
+                try:
+                    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+                        todo.extend(int(child) for child in f.read().split())
+                except OSError:
+                    pass
+        except ProcessLookupError:  # it exited already
+            pass
+        except OSError as exc:
+            _log.warning("%r stays out of a cgroup (%s): its process group contains it", proc, exc)
+            self.release(leaf)
+            return None
+        return leaf
+
+    @staticmethod
+    def release(path):
+        """Remove an empty cgroup; False if it is not (yet) empty."""
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        return True
+
+    def remove(self):
+        """At the manager's end: every cgroup left, deepest first, killing what they still hold."""
+        for parent, dirs, _ in sorted(os.walk(self.base), key=lambda entry: -entry[0].count("/")):
+            if _cgroup_members(parent):
+                _cgroup_kill(parent)
+            if not self.release(parent):
+                _log.warning("cannot remove the cgroup %s: it still holds %s", parent, _cgroup_members(parent))
+
+
+_serials = itertools.count(1)  # of the managers of this process: "<os pid>-<serial>" names one on the machine
+
+
+def _escaped(leaders, marks):
+    """The process groups of the descendants of `leaders` (os pids, each its own group) that left
+    their group: {pgid: leader}.  Found through /proc: the children of each leader and theirs, and
+    among the processes that init (or this process, a subreaper) adopted, those whose environment
+    carries one of `marks` ({b"GAFFER_PROCESS=...": leader}) with their own descendants.
+    """
+    table, children = {}, collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()
+            except OSError:  # gone meanwhile
+                continue
+            table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
+            children[int(fields[1])].append(int(entry))
+    roots = {leader: leader for leader in leaders}
+    me = os.getpid()
+    for pid, (ppid, pgid, state) in table.items():
+        if ppid in (1, me) and pgid not in leaders and state != b"Z":
+            try:
+                with open("/proc/%d/environ" % pid, "rb") as f:
+                    environ = f.read()
+            except OSError:
+                continue
+            leader = next((marks[mark] for mark in marks if mark in environ), None)
+            if leader is not None:
+                roots[pid] = leader
+    found = {}
+    for root, leader in roots.items():
+        todo = [root]
+        while todo:
+            pid = todo.pop()
+            ppid, pgid, state = table.get(pid, (0, leader, b"Z"))
+            if pgid != leader and state != b"Z":
+                found.setdefault(pgid, leader)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
 # -- Process -----------------------------------------------------------------
 # One OS child and its descriptors.  The loop thread changes it; other threads
 # read its fixed attributes or go through the manager.
@@ -1253,6 +1461,7 @@ class Process:
         self._kill_timer = None
         self._io = EventEmitter()
         self._streams = {}        # label -> _Pipe of each custom stream
+        self._cgroup = None       # the cgroup directory of its own, where the manager has cgroups
         self._last_sample = None  # (cpu seconds, monotonic time) of the previous stats sample
 
     def __repr__(self):
@@ -1266,6 +1475,8 @@ class Process:
         if len(labels) == 2:
             stderr = subprocess.STDOUT if labels[0] == labels[1] else subprocess.PIPE
         env = dict(self.env)
+        # Inherited by its descendants, so that they can be found even once they left its group.
+        env.update(GAFFER_JOB=self.name, GAFFER_PROCESS="%s/%d" % (self._manager._token, self.pid))
         ours, theirs = {}, []
         if "notify" in (config.ready, config.health):  # a socket of its own: what arrives there is from it
             self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -1696,33 +1907,59 @@ class _ReadyWaiter:
 
 _GUARDIAN = r"""
 import os, signal, sys, time
-targets = {}  # -pgid (a process group) or pid -> (stop signal, graceful timeout)
+targets = {}  # -pgid (a process group) or pid -> (stop signal, graceful timeout, its cgroup or "-")
 for line in sys.stdin:  # until the manager's end of the pipe closes, however the manager ended
-    words = line.split()
-    if words == ["bye"]:  # the manager stopped its jobs itself
+    words = line.split(" ")
+    if words == ["bye\n"]:  # the manager stopped its jobs itself
         sys.exit()
-    if len(words) == 4 and words[0] == "+":
-        targets[int(words[1])] = (int(words[2]), float(words[3]))
+    if len(words) == 5 and words[0] == "+":
+        targets[int(words[1])] = (int(words[2]), float(words[3]), words[4].rstrip("\n"))
     elif len(words) == 2 and words[0] == "-":
         targets.pop(int(words[1]), None)
 
-def send(target, sig):
+def members(cgroup):
     try:
-        os.kill(target, sig)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True
+        with open(cgroup + "/cgroup.procs") as f:
+            return [int(pid) for pid in f.read().split()]
+    except (OSError, ValueError):
+        return []
 
+def send(target, sig, cgroup):
+    alive = False
+    for pid in [target] + members(cgroup):
+        try:
+            os.kill(pid, sig)
+            alive = True
+        except ProcessLookupError:
+            pass
+        except OSError:
+            alive = True
+    return alive
+
+mark = ("GAFFER_PROCESS=%s/" % sys.argv[1]).encode()  # what left its group and its cgroup, if any
+longest = max([timeout for _, timeout, _ in targets.values()] + [0])
+for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+    try:
+        with open("/proc/%s/environ" % entry, "rb") as f:
+            pgid = os.getpgid(int(entry)) if mark in f.read() else None
+    except (OSError, ValueError):
+        continue
+    if pgid is not None and -pgid not in targets:
+        targets[-pgid] = (signal.SIGTERM, longest, "-")
 started = time.monotonic()
-targets = {target: timeout for target, (sig, timeout) in targets.items() if send(target, sig)}
+targets = {target: (timeout, cgroup) for target, (sig, timeout, cgroup) in targets.items() if send(target, sig, cgroup)}
 while targets:  # the manager is gone: there is nothing to wait on but the groups emptying
     time.sleep(0.01)
     elapsed = time.monotonic() - started
-    for target, timeout in list(targets.items()):
-        if not send(target, signal.SIGKILL if elapsed >= timeout else 0) or elapsed >= timeout + 5:
+    for target, (timeout, cgroup) in list(targets.items()):
+        if not send(target, signal.SIGKILL if elapsed >= timeout else 0, cgroup) or elapsed >= timeout + 5:
             del targets[target]  # gone, or zombies that nobody reaps after SIGKILL
+for base in sys.argv[2:]:  # the manager's cgroups, deepest first
+    for path, _, _ in sorted(os.walk(base), key=lambda entry: -entry[0].count("/")):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
 """
 
 
@@ -1755,9 +1992,12 @@ class Manager:
     running raise RuntimeError("manager is not running").
     """
 
-    def __init__(self, loop=None, clock=None, stats_interval=1.0, guardian=True):
+    def __init__(self, loop=None, clock=None, stats_interval=1.0, guardian=True, cgroups="auto"):
         if loop is not None and clock is not None:
             raise ValueError("give a loop or a clock, not both")
+        if cgroups not in ("auto", True, False):
+            raise ValueError("cgroups must be 'auto', True or False, got %r" % (cgroups,))
+        self.cgroups = cgroups
         self.stats_interval = _float_setting("stats_interval", stats_interval, 0.001)
         self.guardian = _bool_setting("guardian", guardian)
         self.loop = loop or Loop(clock)
@@ -1784,6 +2024,10 @@ class Manager:
         self._checker = None      # the worker threads of tcp, http and callable checks
         self._notify_dir = None   # where notify sockets are bound
         self._guardian = None     # (Popen, _Pipe to its stdin) of the guardian, started with the first spawn
+        self._cgroups = None      # _Cgroups, made at start where the system allows
+        self._orphan_cgroups = {}  # pgid of an orphan group -> the cgroup of its reaped leader
+        self._token = "%d-%d" % (os.getpid(), next(_serials))  # in GAFFER_PROCESS of its processes
+        self._sweeps = []         # processes stopped in this loop turn, whose escaped descendants are sought
 
     def __repr__(self):
         # Any thread: each list() copies a loop-owned dict in one step, never iterating it live.
@@ -1811,6 +2055,7 @@ class Manager:
             raise RuntimeError("manager was already started")
         if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
             _log.warning("SIGCHLD is ignored: the kernel reaps children itself and exit codes will read 0")
+        self._cgroups = _Cgroups.create(self.cgroups, self._token)
         self._state = _Lifecycle.RUNNING
         _managers.add(self)
         self.loop.start(self._on_loop_closed)
@@ -2239,6 +2484,7 @@ class Manager:
             raise ProcessConflict("job %r is already loaded" % ("%s.%s" % (session, config.name)))
         self._check_cycle(session, config)
         job = _Job(session, config, config.numprocesses)
+        self._set_limits(job, config)
         self._sessions.setdefault(session, jobs)[config.name] = job
         self._publish({"name": job.name}, "load")
         if start:
@@ -2249,6 +2495,16 @@ class Manager:
                     self._unload(job)
                 raise ProcessError(exc.errno, "%s; the job was not loaded" % exc.reason) from exc
 
+    def _set_limits(self, job, config):
+        """Write the job's cgroup limits; ValueError (nothing changed) if this system cannot enforce them."""
+        limits = [name for name in _LIMIT_FILES if getattr(config, name) is not None]
+        if self._cgroups is not None:
+            self._cgroups.set_limits(job, config)
+        elif limits:
+            raise ValueError("%s needs cgroup containment, which this manager does not have (cgroups=%r%s)"
+                             % (limits[0], self.cgroups, ", GAFFER_NO_CGROUP is set"
+                                if os.environ.get("GAFFER_NO_CGROUP", "") not in ("", "0") else ""))
+
     def _do_unload(self, name):
         self._unload(self._job(name))
 
@@ -2258,6 +2514,8 @@ class Manager:
         del jobs[job.config.name]
         if not jobs:
             del self._sessions[job.session]
+        if self._cgroups is not None and not any(p._cgroup for p in self._procs.values() if p._job is job):
+            self._cgroups.release(self._cgroups.job_dir(job))  # else the last of its processes removes it
         self._publish({"name": job.name}, "unload")
         self._forget(job)
         self._check_ready_waiters()
@@ -2271,6 +2529,7 @@ class Manager:
     def _do_update(self, config, name, start):
         job = self._job(name)
         self._check_cycle(job.session, config)
+        self._set_limits(job, config)
         old = (job.config, job.numprocesses, job.active)
         respawn = any(getattr(job.config, key) != getattr(config, key) for key in _SPAWN_SETTINGS)
         job.config = config
@@ -2346,6 +2605,7 @@ class Manager:
             "ready": sum(1 for p in job.processes() if p._state is _State.READY),
             "waiting_for": self._waiting_for(job) if job.active else [],
             "restarts": job.restarts, "last_exit": job.last_exit,
+            "containment": "group" if self._cgroups is None else "cgroup",
             "backoff": sorted(round(max(0.0, b.timer.when - self.loop.time()), 3) for b in job.backoff),
         }
 
@@ -2560,6 +2820,8 @@ class Manager:
             raise ProcessError(400, "job %r cannot start %r: %s" % (job.name, job.config.cmd, exc)) from exc
         self._procs[proc.pid] = proc
         (job.running_out if once else job.running)[proc.pid] = proc
+        if self._cgroups is not None:
+            proc._cgroup = self._cgroups.contain(job, proc)
         self._reaper.watch(proc._popen, functools.partial(self._on_exit, proc))
         config = job.config
         if config.max_age is not None:
@@ -2587,7 +2849,9 @@ class Manager:
             self._dismiss_guardian()
         if self._guardian is None:
             try:
-                popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN], stdin=subprocess.PIPE,
+                bases = [self._cgroups.base] if self._cgroups is not None else []
+                popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN, self._token, *bases],
+                                         stdin=subprocess.PIPE,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                          start_new_session=True)  # out of reach of a kill of the host's group
             except (OSError, subprocess.SubprocessError) as exc:
@@ -2596,9 +2860,12 @@ class Manager:
             self._guardian = (popen, _Pipe(self.loop, popen.stdin))
             for other in self._procs.values():  # those spawned before it, when it is a replacement
                 if other is not proc and other._state is not _State.EXITED:
-                    self._tell_guardian(b"+ %d %d %r\n" % (self._target(other), other.config.stop_signal,
-                                                             other.graceful_timeout))
-        self._tell_guardian(b"+ %d %d %r\n" % (self._target(proc), proc.config.stop_signal, proc.graceful_timeout))
+                    self._tell_guardian(self._guardian_line(other))
+        self._tell_guardian(self._guardian_line(proc))
+
+    def _guardian_line(self, proc):
+        return ("+ %d %d %r %s\n" % (self._target(proc), proc.config.stop_signal, proc.graceful_timeout,
+                                     proc._cgroup or "-")).encode()
 
     def _tell_guardian(self, line):
         if self._guardian is not None:
@@ -2993,6 +3260,10 @@ class Manager:
         proc._set_state(_State.STOPPING)
         self._signal(proc, proc.config.stop_signal, proc.config.stop_children)
         proc._kill_timer = self.loop.call_later(proc.graceful_timeout, self._on_graceful_timeout, proc)
+        if proc.config.stop_children and proc._cgroup is None and sys.platform.startswith("linux"):
+            self._sweeps.append(proc)
+            if len(self._sweeps) == 1:  # one look through /proc for all the stops of this turn
+                self.loop.call_later(0, self._sweep)
         if event == "reap":
             self._publish_proc(proc, "reap")
         else:
@@ -3001,7 +3272,19 @@ class Manager:
     def _signal(self, proc, signum, group):
         if proc._state is not _State.EXITED:  # only then is the pid surely still ours
             _send_signal(proc.os_pid, signum, group)
+            if group and proc._cgroup is not None:
+                self._signal_escaped(proc._cgroup, proc.os_pid, signum)
             self._reaper.expect_exit()
+
+    @staticmethod
+    def _signal_escaped(cgroup, pgid, signum):
+        """Signal what left the process group (setsid) but not the cgroup; the group had it already."""
+        for pid in _cgroup_members(cgroup):
+            try:
+                if os.getpgid(pid) != pgid:
+                    os.kill(pid, signum)
+            except OSError:  # exited meanwhile
+                pass
 
     def _flapped(self, job):
         """Record an unasked-for exit; if the job is flapping, stop it, publish flap, maybe schedule a retry."""
@@ -3065,16 +3348,21 @@ class Manager:
         kill_timer, proc._kill_timer = proc._kill_timer, None
         if kill_timer is not None:
             kill_timer.cancel()
-        if proc.config.stop_children and _group_alive(proc.os_pid):
-            # The leader is gone but some of its group is not: ask them too (unless they were asked
-            # with it), and kill them at the same deadline as the leader.
+        cgroup = proc._cgroup
+        if proc.config.stop_children and (_group_alive(proc.os_pid) or _cgroup_members(cgroup or "")):
+            # The leader is gone but some of its group (or its cgroup) is not: ask them too (unless
+            # they were asked with it), and kill them at the same deadline as the leader.
             if kill_timer is None:
                 _send_signal(proc.os_pid, proc.config.stop_signal, group=True)
+                if cgroup is not None:
+                    self._signal_escaped(cgroup, proc.os_pid, proc.config.stop_signal)
             deadline = kill_timer.when if kill_timer is not None else self.loop.time() + proc.graceful_timeout
             self._orphan_groups[proc.os_pid] = (deadline, False)
+            if cgroup is not None:
+                self._orphan_cgroups[proc.os_pid] = cgroup
             self._watch_orphans()
         else:
-            self._tell_guardian(b"- %d\n" % self._target(proc))
+            self._forget_group(proc.os_pid, self._target(proc), cgroup)
         dropped = proc._finish()
         del self._procs[proc.pid]
         job = proc._job
@@ -3118,11 +3406,43 @@ class Manager:
         return exit_status not in proc.config.success_codes
 
     def _on_graceful_timeout(self, proc):
-        """A stopping process outlived graceful_timeout: SIGKILL (its group too, with stop_children)."""
+        """A stopping process outlived graceful_timeout: SIGKILL (its group and cgroup too, with stop_children)."""
         proc._kill_timer = None
         if proc._state is not _State.EXITED:
             _send_signal(proc.os_pid, signal.SIGKILL, proc.config.stop_children)
+            if proc.config.stop_children and proc._cgroup is not None:
+                _cgroup_kill(proc._cgroup)
             self._reaper.expect_exit()
+
+    def _sweep(self):
+        """Without a cgroup: stop what left the stopped processes' groups (setsid), found through /proc."""
+        procs, self._sweeps = {p.os_pid: p for p in self._sweeps}, []
+        marks = {("GAFFER_PROCESS=%s/%d\0" % (self._token, p.pid)).encode(): p.os_pid for p in procs.values()}
+        try:
+            escaped = _escaped(procs, marks)
+        except OSError as exc:  # no /proc
+            _log.debug("cannot look for escaped descendants: %s", exc)
+            return
+        for pgid, leader in escaped.items():
+            proc = procs[leader]
+            if pgid in self._orphan_groups:
+                continue
+            _send_signal(pgid, proc.config.stop_signal, group=True)
+            deadline = proc._kill_timer.when if proc._kill_timer else self.loop.time() + proc.graceful_timeout
+            self._orphan_groups[pgid] = (deadline, False)  # killed at the same deadline as their leader
+            self._tell_guardian(b"+ %d %d %r -\n" % (-pgid, proc.config.stop_signal, proc.graceful_timeout))
+        if escaped:
+            self._watch_orphans()
+
+    def _forget_group(self, pgid, target, cgroup):
+        """A process's group and cgroup are empty (or given up on): the guardian forgets them, the cgroup goes."""
+        self._tell_guardian(b"- %d\n" % target)
+        if cgroup is not None:
+            self._orphan_cgroups.pop(pgid, None)
+            self._cgroups.release(cgroup)
+            job_dir = os.path.dirname(cgroup)
+            if not any(job_dir == self._cgroups.job_dir(job) for job in self._all_jobs()):
+                self._cgroups.release(job_dir)  # its job was unloaded: the last one out removes it
 
     def _watch_orphans(self):
         """Recheck the orphaned groups soon, then less and less often: no descriptor tells when a group empties."""
@@ -3136,20 +3456,24 @@ class Manager:
         self._orphan_timer = None
         now = self.loop.time()
         live = _live_groups(self._orphan_groups)
+        live.update(pgid for pgid, cgroup in self._orphan_cgroups.items() if _cgroup_members(cgroup))
         for pgid, (deadline, killed) in list(self._orphan_groups.items()):
+            cgroup = self._orphan_cgroups.get(pgid)
             if pgid not in live:
                 del self._orphan_groups[pgid]
-                self._tell_guardian(b"- %d\n" % -pgid)
+                self._forget_group(pgid, -pgid, cgroup)
             elif now < deadline:
                 continue
             elif not killed:
                 _send_signal(pgid, signal.SIGKILL, group=True)
+                if cgroup is not None:
+                    _cgroup_kill(cgroup)
                 self._orphan_groups[pgid] = (now + _ORPHAN_GIVE_UP, True)
             else:  # zombies that no one reaps (a PID namespace without init, say): a stop must still finish
                 _log.warning("process group %d is still there %gs after SIGKILL; no longer waiting for it",
                              pgid, _ORPHAN_GIVE_UP)
                 del self._orphan_groups[pgid]
-                self._tell_guardian(b"- %d\n" % -pgid)
+                self._forget_group(pgid, -pgid, cgroup)
         if self._orphan_groups:
             self._orphan_delay = min(self._orphan_delay * 2, _ORPHAN_POLL_MAX)
             due = min(deadline for deadline, _ in self._orphan_groups.values())
@@ -3217,6 +3541,8 @@ class Manager:
                 pass
         for pgid in list(self._orphan_groups):
             _send_signal(pgid, signal.SIGKILL, group=True)
+        if self._cgroups is not None:
+            self._cgroups.remove()  # what is still in one (after a crash) is killed
         if self._guardian is not None:
             self._dismiss_guardian(loop_closed=True)
         if self._checker is not None:

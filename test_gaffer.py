@@ -30,7 +30,8 @@ import unittest
 import gaffer
 
 PY = sys.executable
-SLEEP = ["-c", "import time; time.sleep(60)"]
+# Children run without site-packages (-S): none needs them, and each starts faster.
+SLEEP = ["-S", "-c", "import time; time.sleep(60)"]
 HAVE_PROC = os.path.isdir("/proc/self/fd")
 TIMEOUT = 15.0
 
@@ -89,7 +90,7 @@ def alive(pid):
 
 def python(code):
     """A ProcessConfig cmd/args pair that runs a Python snippet."""
-    return dict(cmd=PY, args=["-c", textwrap.dedent(code)])
+    return dict(cmd=PY, args=["-S", "-c", textwrap.dedent(code)])
 
 
 class FakeClock:
@@ -163,15 +164,14 @@ class LeakCheckedTestCase(unittest.TestCase):
 class ManagerTestCase(LeakCheckedTestCase):
     """A running manager per test (self.m) with events recorded (self.rec); stopped and checked at teardown."""
 
-    no_pidfd = False
+    no_pidfd = False   # the poll reaper (GAFFER_NO_PIDFD=1)
+    no_cgroup = False  # process groups only (GAFFER_NO_CGROUP=1)
     stats_interval = 1.0
 
     def setUp(self):
-        if self.no_pidfd:
-            previous = os.environ.get("GAFFER_NO_PIDFD")
-            os.environ["GAFFER_NO_PIDFD"] = "1"
-            self.addCleanup(lambda: os.environ.pop("GAFFER_NO_PIDFD") if previous is None
-                            else os.environ.__setitem__("GAFFER_NO_PIDFD", previous))
+        for wanted, variable in ((self.no_pidfd, "GAFFER_NO_PIDFD"), (self.no_cgroup, "GAFFER_NO_CGROUP")):
+            if wanted:
+                self.setenv(variable, "1")
         super().setUp()
         self.clock = FakeClock()
         self.m = gaffer.Manager(clock=self.clock, stats_interval=self.stats_interval)
@@ -182,9 +182,17 @@ class ManagerTestCase(LeakCheckedTestCase):
         self.addCleanup(self._stop_manager)
         if self.no_pidfd:
             self.assertFalse(self.m.use_pidfd)
+        if self.no_cgroup:
+            self.assertIsNone(self.m._cgroups)
 
     def make_apps(self):
         return []
+
+    def setenv(self, variable, value):
+        previous = os.environ.get(variable)
+        os.environ[variable] = value
+        self.addCleanup(lambda: os.environ.pop(variable) if previous is None
+                        else os.environ.__setitem__(variable, previous))
 
     def _on_spawn(self, evtype, msg):
         # On the loop thread, before the first read: no output can be missed.
@@ -503,7 +511,7 @@ class ManagerTest(ManagerTestCase):
         self.load("w", 2)
         marker = os.path.join(self.tmp, "updated")
         config = gaffer.ProcessConfig("w", PY, numprocesses=1, env={"MARK": marker}, graceful_timeout=2,
-                                      args=["-c", "import os, time; open(os.environ['MARK'], 'w').close(); "
+                                      args=["-S", "-c", "import os, time; open(os.environ['MARK'], 'w').close(); "
                                                   "time.sleep(60)"])
         self.m.update(config)
         self.assertEqual(self.m.pids("w"), [3, 4], "count is max(new, current), processes replaced")
@@ -839,10 +847,20 @@ class ManagerTest(ManagerTestCase):
         self.assertEqual(sorted(exited), [1, 2, 3], "the callback came after the old were reaped")
 
 
-class PollReaperManagerTest(ManagerTest):
-    """The whole manager suite again with the waitpid(pid, WNOHANG) fallback of platforms without pidfd."""
+class FallbackManagerTest(ManagerTestCase):
+    """How exits are seen and how far stops reach, with the fallbacks of a system without pidfd and
+    cgroups: waitpid(pid, WNOHANG) polling, process groups.  .ci/run runs the whole suite that way
+    too (GAFFER_NO_PIDFD=1 GAFFER_NO_CGROUP=1)."""
 
-    no_pidfd = True
+    no_pidfd = no_cgroup = True
+    wait_ready, grandchild_job = ManagerTest.wait_ready, ManagerTest.grandchild_job
+    for _name in ("an_exited_process_is_replaced_at_once", "exit_code_is_reported", "kill_and_killall",
+                  "graceful_timeout_escalates_to_sigkill", "stop_reaches_grandchildren",
+                  "leftovers_of_an_exited_process_are_stopped", "without_stop_children_only_the_leader_is_signalled",
+                  "host_children_are_not_stolen", "no_fd_grows_over_many_spawn_exit_cycles",
+                  "stop_run_and_callbacks", "respawn_failures_back_off_and_recover"):
+        locals()["test_" + _name] = getattr(ManagerTest, "test_" + _name)
+    del _name
 
 
 def rss_bytes():
@@ -911,10 +929,9 @@ class OutputTest(ManagerTestCase):
 
         self.m.events.subscribe("spawn", on_spawn)
         self.m.events.subscribe("exit", lambda e, msg: at_exit.append((count[0], b"".join(err))))
-        self.m.load(gaffer.ProcessConfig("hose", PY, args=["-c", textwrap.dedent(FIREHOSE), str(size)],
-                                         numprocesses=1, redirect_output=["out", "err"]))
+        self.m.load(gaffer.ProcessConfig("hose", PY, args=["-S", "-c", textwrap.dedent(FIREHOSE), str(size)],
+                                         numprocesses=1, redirect_output=["out", "err"], restart="never"))
         self.assertEqual(self.rec.wait_for("exit", pid=1, timeout=60)[0]["exit_status"], 0)
-        self.m.stop_job("hose")  # it would run again; the first exit is the one checked
         self.assertEqual(at_exit[0][0], size, "every byte before the exit event")
         self.assertEqual(at_exit[0][1].decode(), received.hexdigest(), "byte for byte, in order")
 
@@ -922,7 +939,7 @@ class OutputTest(ManagerTestCase):
         self.m.events.unsubscribe("spawn", self._on_spawn)  # nobody listens
         self.m.events.subscribe("spawn", lambda e, msg: self.session_leaders.add(msg["os_pid"]))
         before = rss_bytes()
-        self.m.load(gaffer.ProcessConfig("hose", PY, args=["-c", textwrap.dedent(FIREHOSE), str(128 << 20)],
+        self.m.load(gaffer.ProcessConfig("hose", PY, args=["-S", "-c", textwrap.dedent(FIREHOSE), str(128 << 20)],
                                          redirect_output=["out"]))
         self.assertEqual(self.rec.wait_for("exit", pid=1, timeout=60)[0]["exit_status"], 0)
         self.m.stop_job("hose")
@@ -971,7 +988,7 @@ class InputTest(ManagerTestCase):
             print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
         """
         payload = os.urandom(5 << 20)
-        self.m.load(gaffer.ProcessConfig("late", PY, args=["-c", textwrap.dedent(code), str(len(payload))],
+        self.m.load(gaffer.ProcessConfig("late", PY, args=["-S", "-c", textwrap.dedent(code), str(len(payload))],
                                          redirect_input=True, redirect_output=["out"], graceful_timeout=2))
         self.wait_ready(1)
         started = time.monotonic()
@@ -1235,8 +1252,10 @@ class PubSubTest(ManagerTestCase):
         self.assertIn("stop", [evtype for evtype, _ in channels[1]])
 
 
-class PollReaperOutputTest(OutputTest):
+class PollReaperOutputTest(ManagerTestCase):
     no_pidfd = True
+    test_two_labels_and_a_merged_label = OutputTest.test_two_labels_and_a_merged_label
+    test_a_20_mib_firehose_arrives_whole_and_before_exit = OutputTest.test_a_20_mib_firehose_arrives_whole_and_before_exit
 
 
 HEAVY_MODULES = ("http.server", "http.client", "socketserver", "argparse", "ssl", "email", "configparser",
@@ -1309,7 +1328,7 @@ class LifecycleTest(LeakCheckedTestCase):
         import sys, gaffer
         m = gaffer.Manager()
         m.start()
-        m.load(gaffer.ProcessConfig("w", sys.executable, args=["-c", "import time; time.sleep(60)"],
+        m.load(gaffer.ProcessConfig("w", sys.executable, args=["-S", "-c", "import time; time.sleep(60)"],
                                     numprocesses=2, graceful_timeout=3))
         pids = [p.os_pid for p in m.list()]
     """)
@@ -1357,13 +1376,32 @@ STUBBORN_FAMILY = """
 """
 
 
+SETSID_DAEMON = """
+    import os, signal, sys, time
+    if os.fork() == 0:  # a daemon, the classic way: fork, setsid, fork; it ignores SIGTERM
+        os.setsid()
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            with open(sys.argv[1] + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+            time.sleep(60)
+        os._exit(0)
+    os.wait()
+    time.sleep(60)
+"""
+
+
 class ContainmentTest(LeakCheckedTestCase):
 
     def family(self, count):
-        """The os pids that `count` STUBBORN_FAMILY processes wrote: theirs and their children's."""
+        """The os pids that `count` processes wrote in the family directory (a STUBBORN_FAMILY writes
+        its own and its child's, a SETSID_DAEMON the daemon's)."""
+        folder = os.path.join(self.tmp, "family")
+
         def written():
-            return [read_text(os.path.join(self.tmp, "family", n)) for n in os.listdir(os.path.join(self.tmp, "family"))]
-        wait_until(lambda: len([text for text in written() if " " in text]) >= count, what="%d families" % count)
+            return [read_text(os.path.join(folder, name)) for name in os.listdir(folder) if "tmp" not in name]
+        wait_until(lambda: len(written()) >= count, what="%d families" % count)
         pids = [int(pid) for text in written() for pid in text.split()]
         self.session_leaders.update(pids)
         return pids
@@ -1380,20 +1418,23 @@ class ContainmentTest(LeakCheckedTestCase):
 
     def test_a_host_killed_while_its_children_ignore_sigterm_leaves_nothing(self):
         host_code = textwrap.dedent("""
-            import sys, time
+            import os, sys, time
             sys.path.insert(0, %r)
             import gaffer
             m = gaffer.Manager()
             m.start()
-            m.load(gaffer.ProcessConfig("w", sys.executable, args=["-c", %r], numprocesses=3, graceful_timeout=0.5))
+            m.load(gaffer.ProcessConfig("w", sys.executable, args=["-S", "-c", %r], numprocesses=3, graceful_timeout=0.5))
+            m.load(gaffer.ProcessConfig("d", sys.executable, args=["-S", "-c", %r, os.environ["FAMILY"] + "/daemon"],
+                                        graceful_timeout=0.5))
             time.sleep(60)
-        """) % (os.path.dirname(GAFFER), textwrap.dedent(STUBBORN_FAMILY))
-        for signum in (signal.SIGKILL, signal.SIGTERM):  # SIGTERM: Python's default, no atexit
-            with self.subTest(signal=signum.name):
-                host = subprocess.Popen([PY, "-c", host_code], env=self.env)
+        """) % (os.path.dirname(GAFFER), textwrap.dedent(STUBBORN_FAMILY), textwrap.dedent(SETSID_DAEMON))
+        # SIGTERM: Python's default handler, so no atexit runs; the cgroups' or /proc's way to the daemon
+        for signum, no_cgroup in ((signal.SIGKILL, ""), (signal.SIGKILL, "1"), (signal.SIGTERM, "1")):
+            with self.subTest(signal=signum.name, no_cgroup=no_cgroup):
+                host = subprocess.Popen([PY, "-c", host_code], env=dict(self.env, GAFFER_NO_CGROUP=no_cgroup))
                 self.addCleanup(host.wait)
                 self.addCleanup(host.kill)
-                pids = self.family(3)
+                pids = self.family(4)
                 host.send_signal(signum)
                 self.assertEqual(host.wait(TIMEOUT), -signum)
                 took = self.assert_gone_by(pids, 0.5 + 3, "every process and child gone after the guardian's SIGKILL")
@@ -1419,6 +1460,85 @@ class ContainmentTest(LeakCheckedTestCase):
             self.assertEqual(my_children(), [m.list()[0].os_pid], "no guardian next to the process")
         with self.assertRaisesRegex(ValueError, "guardian must be True or False"):
             gaffer.Manager(guardian="yes")
+
+
+
+class EscapeTest(ManagerTestCase):
+    """What leaves the process group: found in the job's cgroup, or through /proc without one."""
+
+    def start_daemon(self, name="w"):
+        path = os.path.join(self.tmp, name + ".daemon")
+        self.m.load(gaffer.ProcessConfig(name, PY, args=["-S", "-c", textwrap.dedent(SETSID_DAEMON), path],
+                                         graceful_timeout=0.5))
+        daemon = int(wait_until(lambda: os.path.exists(path) and read_text(path), what="the daemon's pid"))
+        self.session_leaders.add(daemon)
+        self.assertTrue(alive(daemon))
+        return daemon
+
+    def test_a_setsid_daemon_that_ignores_sigterm_is_stopped_with_its_job(self):
+        daemon = self.start_daemon()
+        expected = "cgroup" if self.m._cgroups is not None else "group"
+        self.assertEqual(self.m.info("w")["containment"], expected)
+        self.m.stop_job("w")
+        self.rec.wait_for("exit", pid=1)
+        wait_until(lambda: not alive(daemon), 0.5 + 5, "the setsid daemon killed after graceful_timeout")
+
+    def test_stop_process_reaches_the_daemon_of_that_process_only(self):
+        self.m.load(gaffer.ProcessConfig("other", PY, args=SLEEP, graceful_timeout=2))
+        daemon = self.start_daemon()
+        other = self.os_pid(self.m.pids("other")[0])
+        self.m.stop_process(self.m.pids("w")[0])
+        wait_until(lambda: not alive(daemon), 0.5 + 5, "the daemon of the stopped process")
+        self.assertTrue(alive(other), "another job's process is left alone")
+
+    def test_cgroups_are_removed_with_the_job_and_limits_are_refused_with_a_reason(self):
+        cgroups = self.m._cgroups
+        if cgroups is None:
+            with self.assertRaisesRegex(ValueError, "memory_max needs cgroup containment, which this manager"):
+                self.m.load(gaffer.ProcessConfig("limited", PY, args=SLEEP, memory_max="64M"))
+            self.skipTest("no writable cgroup v2 hierarchy here (or GAFFER_NO_CGROUP is set)")
+        self.start_daemon()
+        leaf = os.path.join(cgroups.base, "default.w", "1")
+        self.assertEqual(sorted(map(int, read_text(os.path.join(leaf, "cgroup.procs")).split()))[0],
+                         self.os_pid(1), "the process is in a cgroup of its own, with its daemon")
+        self.assertEqual(len(read_text(os.path.join(leaf, "cgroup.procs")).split()), 2)
+        self.m.unload("w")
+        wait_until(lambda: not os.path.exists(os.path.join(cgroups.base, "default.w")), what="the job's cgroup gone")
+        with open(os.path.join(cgroups.base, "cgroup.controllers")) as f:
+            offered = f.read().split()
+        if "memory" in offered:
+            self.skipTest("the memory controller is enabled here: a limit is not refused")
+        with self.assertRaisesRegex(ValueError, r"memory_max needs the cgroup memory controller, which \S+ does "
+                                                r"not offer \(it has: "):
+            self.m.load(gaffer.ProcessConfig("limited", PY, args=SLEEP, memory_max="64M"))
+        self.assertEqual(self.m.jobs(), [], "nothing loaded")
+
+    def test_cgroups_true_where_none_can_be_made_is_a_clear_error(self):
+        code = textwrap.dedent("""
+            import os, sys
+            sys.path.insert(0, %r)
+            import gaffer
+            if os.getuid() == 0:
+                os.setuid(65534)  # nobody: the cgroup hierarchy is root's
+            try:
+                gaffer.Manager(cgroups=True, guardian=False).start()
+            except RuntimeError as exc:
+                print(exc)
+            else:
+                print("made")
+            os._exit(0)
+        """) % os.path.dirname(GAFFER)
+        result = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+        if result.stdout.strip() == "made":
+            self.skipTest("this user has a delegated cgroup: cgroups=True works")
+        self.assertRegex(result.stdout, r"^cgroups=True, but the cgroup /\S*gaffer-\d+-1 cannot be made: "
+                                        r"(\[Errno \d+\] .+|no cgroup2 mount in /proc/self/mountinfo)$")
+        with self.assertRaisesRegex(ValueError, "cgroups must be 'auto', True or False, got 'yes'"):
+            gaffer.Manager(cgroups="yes")
+
+
+class FallbackEscapeTest(EscapeTest):
+    no_cgroup = True
 
 
 
@@ -1678,7 +1798,7 @@ class ReadinessTest(ManagerTestCase):
         self.load("w", 2, code="import time; print('up', flush=True); time.sleep(60)", ready="output:up",
                   redirect_output=["out"])
         self.m.wait_ready("w", timeout=TIMEOUT)
-        broken = gaffer.ProcessConfig("w", PY, args=["-c", "import time; time.sleep(60)"], numprocesses=2,
+        broken = gaffer.ProcessConfig("w", PY, args=["-S", "-c", "import time; time.sleep(60)"], numprocesses=2,
                                       ready="output:up", redirect_output=["out"], ready_timeout=0.3,
                                       graceful_timeout=2)
         self.m.update(broken)
@@ -1686,8 +1806,8 @@ class ReadinessTest(ManagerTestCase):
         self.assertIn("was not ready within 0.3s", msg["reason"])
         self.rec.wait_for("exit", pid=3)
         self.assertEqual(self.m.pids("w"), [1, 2], "the old ones keep serving")
-        self.assertEqual(self.m.get("w").args, ["-c", "import time; print('up', flush=True); time.sleep(60)"])
-        crashing = gaffer.ProcessConfig("w", PY, args=["-c", "import sys; sys.exit(1)"], numprocesses=2,
+        self.assertEqual(self.m.get("w").args, ["-S", "-c", "import time; print('up', flush=True); time.sleep(60)"])
+        crashing = gaffer.ProcessConfig("w", PY, args=["-S", "-c", "import sys; sys.exit(1)"], numprocesses=2,
                                         ready="output:up", redirect_output=["out"], graceful_timeout=2)
         self.m.update(crashing)
         self.assertIn("exited before it was ready", self.rec.wait_for("rollout_failed", count=2)[1]["reason"])
@@ -1811,7 +1931,7 @@ class RestartPolicyTest(ManagerTestCase):
             if runs >= 6:
                 time.sleep(60)
         """
-        self.m.load(gaffer.ProcessConfig("w", PY, args=["-c", textwrap.dedent(code), counter], min_uptime=0.3,
+        self.m.load(gaffer.ProcessConfig("w", PY, args=["-S", "-c", textwrap.dedent(code), counter], min_uptime=0.3,
                                          graceful_timeout=2))
         self.rec.wait_for("spawn", pid=7)
         kinds = [e for e in self.rec.names() if e in ("spawn", "backoff", "exit")]
@@ -1822,7 +1942,7 @@ class RestartPolicyTest(ManagerTestCase):
     def test_on_failure(self):
         script = "import sys, time; code = int(sys.argv[1]); time.sleep(0.1 if code >= 0 else 60); sys.exit(code)"
         for name, code in (("ok", 0), ("bad", 3), ("killed", -1), ("asked", -1)):
-            self.m.load(gaffer.ProcessConfig(name, PY, args=["-c", script, str(code)], restart="on-failure",
+            self.m.load(gaffer.ProcessConfig(name, PY, args=["-S", "-c", script, str(code)], restart="on-failure",
                                              success_codes=[0, 1], graceful_timeout=2))
         self.m.kill(self.m.pids("asked")[0], "KILL")
         os.kill(self.os_pid(self.m.pids("killed")[0]), signal.SIGKILL)
@@ -1839,7 +1959,7 @@ class RestartPolicyTest(ManagerTestCase):
         self.assertEqual(len(self.m.pids("ok")), 1, "start_job fills it again")
 
     def test_never(self):
-        self.m.load(gaffer.ProcessConfig("batch", PY, args=["-c", "pass"], numprocesses=2, restart="never"))
+        self.m.load(gaffer.ProcessConfig("batch", PY, args=["-S", "-c", "pass"], numprocesses=2, restart="never"))
         self.rec.wait_for("exit", count=2, name="default.batch")
         self.assertEqual(self.m.info("batch")["running"], 0)
         self.assertEqual(self.m.scale("batch", 1), 3)
@@ -1880,7 +2000,7 @@ class RecycleTest(ManagerTestCase):
             print("up", flush=True)
             time.sleep(60)
         """
-        self.m.load(gaffer.ProcessConfig("w", PY, args=["-c", textwrap.dedent(code), marker], max_rss="50M",
+        self.m.load(gaffer.ProcessConfig("w", PY, args=["-S", "-c", textwrap.dedent(code), marker], max_rss="50M",
                                          graceful_timeout=2))
         msg = self.rec.wait_for("recycle")[0]
         self.assertEqual(msg["pid"], 1)
@@ -1947,7 +2067,7 @@ class HealthTest(ManagerTestCase):
     def test_a_server_that_stops_answering_is_replaced_and_the_new_one_is_healthy(self):
         marker = os.path.join(self.tmp, "served")
         self.m.load(gaffer.ProcessConfig(
-            "web", PY, args=["-c", textwrap.dedent(SERVE_A_SECOND_ONCE), marker], env={"PORT": str(free_port())},
+            "web", PY, args=["-S", "-c", textwrap.dedent(SERVE_A_SECOND_ONCE), marker], env={"PORT": str(free_port())},
             ready="http://127.0.0.1:$PORT/", health="http://127.0.0.1:$PORT/health", health_interval=0.05,
             health_timeout=0.2, health_retries=3, graceful_timeout=2))
         msg = self.rec.wait_for("unhealthy")[0]
@@ -2775,7 +2895,7 @@ GAFFER = os.path.abspath(gaffer.__file__)
 # The command line runs as "python3 -m gaffer" with its bytecode cached in a directory of the
 # suite's own: a script is compiled at every start (80 ms here), and this machine's environment
 # sets PYTHONDONTWRITEBYTECODE.  test_version_help_and_python_m runs "python3 gaffer.py" itself.
-CLI = [PY, "-m", "gaffer"]
+CLI = [PY, "-S", "-m", "gaffer"]  # -S: without site-packages, which gaffer never needs (and a slow .pth here)
 CLI_ENV = {"PYTHONPATH": os.path.dirname(GAFFER), "PYTHONDONTWRITEBYTECODE": ""}
 
 
@@ -3121,7 +3241,7 @@ class ServeTest(CommandLineTestCase):
 
     def test_client_commands(self):
         code = "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.2)\n"
-        self.serve(self.json_config([self.job("a", args=["-c", code], redirect_output=["out"])]))
+        self.serve(self.json_config([self.job("a", args=["-S", "-c", code], redirect_output=["out"])]))
         self.record_leaders()
         ps = self.client("ps").stdout.splitlines()
         self.assertEqual(ps[0].split(), ["JOB", "PID", "OS_PID", "STATE", "UPTIME", "CPU%", "MEM%", "RESTARTS",
@@ -3233,7 +3353,7 @@ class ServeTest(CommandLineTestCase):
     def test_wait_command(self):
         code = "import time; time.sleep(0.3); print('up', flush=True); time.sleep(60)"
         self.serve(self.json_config([self.job("a", ready="delay:0.3"),
-                                     self.job("b", args=["-c", code], ready="output:up", redirect_output=["out"]),
+                                     self.job("b", args=["-S", "-c", code], ready="output:up", redirect_output=["out"]),
                                      self.job("never", ready="output:x", redirect_output=["out"])]))
         self.record_leaders()
         for job in ("a", "b"):
