@@ -1220,6 +1220,32 @@ class _Cgroups:
                 _log.warning("cannot remove the cgroup %s: it still holds %s", parent, _cgroup_members(parent))
 
 
+def _set_subreaper():
+    """Make orphaned descendants reparent to this process (Linux prctl PR_SET_CHILD_SUBREAPER); raise OSError."""
+    if not sys.platform.startswith("linux"):
+        raise OSError("PR_SET_CHILD_SUBREAPER is Linux only")
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError) as exc:
+        raise OSError("no ctypes to call prctl: %s" % exc) from None
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        errno = ctypes.get_errno()
+        raise OSError(errno, "prctl(PR_SET_CHILD_SUBREAPER): %s" % os.strerror(errno))
+
+
+def _own_children():
+    """The pids of this process's children (any thread's), zombies included, from /proc."""
+    children = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/children" % tid) as f:
+                children.update(int(pid) for pid in f.read().split())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return children
+
+
 _serials = itertools.count(1)  # of the managers of this process: "<os pid>-<serial>" names one on the machine
 
 
@@ -1992,12 +2018,15 @@ class Manager:
     running raise RuntimeError("manager is not running").
     """
 
-    def __init__(self, loop=None, clock=None, stats_interval=1.0, guardian=True, cgroups="auto"):
+    def __init__(self, loop=None, clock=None, stats_interval=1.0, guardian=True, cgroups="auto", subreaper=False):
         if loop is not None and clock is not None:
             raise ValueError("give a loop or a clock, not both")
         if cgroups not in ("auto", True, False):
             raise ValueError("cgroups must be 'auto', True or False, got %r" % (cgroups,))
+        if subreaper not in (False, True, "init"):
+            raise ValueError("subreaper must be False, True or 'init', got %r" % (subreaper,))
         self.cgroups = cgroups
+        self.subreaper = subreaper
         self.stats_interval = _float_setting("stats_interval", stats_interval, 0.001)
         self.guardian = _bool_setting("guardian", guardian)
         self.loop = loop or Loop(clock)
@@ -2026,8 +2055,10 @@ class Manager:
         self._guardian = None     # (Popen, _Pipe to its stdin) of the guardian, started with the first spawn
         self._cgroups = None      # _Cgroups, made at start where the system allows
         self._orphan_cgroups = {}  # pgid of an orphan group -> the cgroup of its reaped leader
-        self._token = "%d-%d" % (os.getpid(), next(_serials))  # in GAFFER_PROCESS of its processes
+        # Names it on the machine (in GAFFER_PROCESS of its processes, and its cgroup): PID 1 is in every container.
+        self._token = "%d-%d-%s" % (os.getpid(), next(_serials), os.urandom(3).hex())
         self._sweeps = []         # processes stopped in this loop turn, whose escaped descendants are sought
+        self._adopted = {}        # os pid -> pidfd of an adopted descendant, reaped when it exits (subreaper)
 
     def __repr__(self):
         # Any thread: each list() copies a loop-owned dict in one step, never iterating it live.
@@ -2055,6 +2086,12 @@ class Manager:
             raise RuntimeError("manager was already started")
         if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
             _log.warning("SIGCHLD is ignored: the kernel reaps children itself and exit codes will read 0")
+        if self.subreaper:
+            try:
+                _set_subreaper()
+            except OSError as exc:
+                if os.getpid() != 1:  # PID 1 adopts orphans anyway
+                    raise RuntimeError("subreaper=%r: %s" % (self.subreaper, exc)) from None
         self._cgroups = _Cgroups.create(self.cgroups, self._token)
         self._state = _Lifecycle.RUNNING
         _managers.add(self)
@@ -2139,6 +2176,9 @@ class Manager:
         self._run_wakeups.append(wake_w)
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, on_signal)
+        if self.subreaper:  # an orphan that exits is a child of ours: reap it now
+            previous[signal.SIGCHLD] = signal.signal(
+                signal.SIGCHLD, lambda signum, frame: self.loop.call_soon_threadsafe(self._reap_adopted))
         try:
             while not self._stopped.is_set():
                 wake_r.recv(512)
@@ -3260,7 +3300,7 @@ class Manager:
         proc._set_state(_State.STOPPING)
         self._signal(proc, proc.config.stop_signal, proc.config.stop_children)
         proc._kill_timer = self.loop.call_later(proc.graceful_timeout, self._on_graceful_timeout, proc)
-        if proc.config.stop_children and proc._cgroup is None and sys.platform.startswith("linux"):
+        if proc.config.stop_children and sys.platform.startswith("linux"):
             self._sweeps.append(proc)
             if len(self._sweeps) == 1:  # one look through /proc for all the stops of this turn
                 self.loop.call_later(0, self._sweep)
@@ -3391,6 +3431,8 @@ class Manager:
                 self._respawn(job, streak)
             else:
                 self._back_off(job, streak)
+        if self.subreaper:
+            self._reap_adopted()  # its orphans are ours now
         if self._stop_pending:
             self._stop_next()
         self._check_stopped()
@@ -3414,8 +3456,65 @@ class Manager:
                 _cgroup_kill(proc._cgroup)
             self._reaper.expect_exit()
 
+    def _reap_adopted(self):
+        """As a subreaper: reap the orphans that reparented to this process.
+
+        With subreaper="init" (PID 1, the command line's --init), every child the manager did
+        not spawn.  Otherwise only the descendants of its processes, known by the GAFFER_PROCESS
+        mark they inherit: a pid that the host program's own subprocess calls own is never touched.
+        An adopted process still running is watched (a pidfd) and reaped when it exits.
+        """
+        try:
+            children = _own_children()
+        except OSError:
+            return
+        ours = {proc.os_pid for proc in self._procs.values()} | set(self._adopted)
+        if self._guardian is not None:
+            ours.add(self._guardian[0].pid)
+        mark = ("GAFFER_PROCESS=%s/" % self._token).encode()
+        for pid in children - ours:
+            if self.subreaper != "init":
+                try:
+                    with open("/proc/%d/environ" % pid, "rb") as f:
+                        if mark not in f.read():  # a zombie's reads empty: it was not seen alive
+                            continue
+                except OSError:
+                    continue
+            try:
+                reaped, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by its owner meanwhile
+                continue
+            if reaped == 0:
+                self._watch_adopted(pid)
+
+    def _watch_adopted(self, pid):
+        if not self.use_pidfd:
+            return  # reaped the next time the manager looks (an exit of its own, or SIGCHLD in run())
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+        self._adopted[pid] = pidfd
+
+        def exited(mask):
+            self.loop.set_events(pidfd, 0)
+            os.close(self._adopted.pop(pid))
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+        self.loop.set_events(pidfd, selectors.EVENT_READ, exited)
+
+    def _forward(self, signum):
+        """Init mode: a signal sent to gaffer goes on to every process it runs, where its stop signal goes
+        (its group, with stop_children: a Procfile's shell and the program it runs)."""
+        for proc in list(self._procs.values()):
+            self._signal(proc, signum, proc.config.stop_children)
+
     def _sweep(self):
-        """Without a cgroup: stop what left the stopped processes' groups (setsid), found through /proc."""
+        """Stop what left the stopped processes' groups (setsid), found through /proc: all of it without
+        a cgroup, and with one what forked and left before the process was moved into it."""
         procs, self._sweeps = {p.os_pid: p for p in self._sweeps}, []
         marks = {("GAFFER_PROCESS=%s/%d\0" % (self._token, p.pid)).encode(): p.os_pid for p in procs.values()}
         try:
@@ -3425,7 +3524,7 @@ class Manager:
             return
         for pgid, leader in escaped.items():
             proc = procs[leader]
-            if pgid in self._orphan_groups:
+            if pgid in self._orphan_groups or pgid in self._cgroup_groups(proc):
                 continue
             _send_signal(pgid, proc.config.stop_signal, group=True)
             deadline = proc._kill_timer.when if proc._kill_timer else self.loop.time() + proc.graceful_timeout
@@ -3433,6 +3532,17 @@ class Manager:
             self._tell_guardian(b"+ %d %d %r -\n" % (-pgid, proc.config.stop_signal, proc.graceful_timeout))
         if escaped:
             self._watch_orphans()
+
+    @staticmethod
+    def _cgroup_groups(proc):
+        """The process groups in a process's cgroup: signalled with it already."""
+        groups = set()
+        for pid in _cgroup_members(proc._cgroup or ""):
+            try:
+                groups.add(os.getpgid(pid))
+            except OSError:
+                pass
+        return groups
 
     def _forget_group(self, pgid, target, cgroup):
         """A process's group and cgroup are empty (or given up on): the guardian forgets them, the cgroup goes."""
@@ -3543,6 +3653,8 @@ class Manager:
             _send_signal(pgid, signal.SIGKILL, group=True)
         if self._cgroups is not None:
             self._cgroups.remove()  # what is still in one (after a crash) is killed
+        for pidfd in self._adopted.values():  # the selector that watched them is closed
+            os.close(pidfd)
         if self._guardian is not None:
             self._dismiss_guardian(loop_closed=True)
         if self._checker is not None:
@@ -4545,7 +4657,7 @@ def _run_foreground(configs, args, keep_alive):
     Returns the exit code: 0 when stopped on request, else the first process's that exited on its own.
     """
     names = ["%s.%s" % (session, config.name) for session, config in configs]
-    manager = Manager()
+    manager = _cli_manager(args)
     asked, first_exit = set(), []
 
     def stop_all(code):
@@ -4580,6 +4692,7 @@ def _run_foreground(configs, args, keep_alive):
     manager.events.subscribe("spawn_error", lambda e, msg: printer.line("system", "%s cannot start: %s"
                                                                          % (msg["name"], msg["reason"])))
     _start(manager, args.http and _http_app(args))
+    _forward_signals(manager, (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))
     try:
         for session, config in configs:
             manager.load(config, sessionid=session)
@@ -4599,6 +4712,18 @@ def _http_app(args, address=None, token=None):
                            allowed_hosts=args.allow_host or ())
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
+
+
+def _cli_manager(args):
+    """The commands' manager: guarded, and in init mode (--init, or as PID 1) a subreaper of everything."""
+    return Manager(subreaper="init" if args.init or os.getpid() == 1 else False)
+
+
+def _forward_signals(manager, signals):
+    """Init mode: these signals, sent to gaffer, go on to every process it runs."""
+    if manager.subreaper == "init":
+        for signum in signals:
+            signal.signal(signum, lambda signum, frame: manager.loop.call_soon_threadsafe(manager._forward, signum))
 
 
 def _start(manager, app):
@@ -4627,6 +4752,9 @@ def _procfile_configs(args):
     for index, (name, command) in enumerate(entries):
         if args.processes and name not in args.processes:
             continue
+        first = command.split()[0]
+        if re.fullmatch(r"[^;&|<>()`\n]*", command) and "=" not in first and first != "exec":
+            command = "exec " + command  # a simple command replaces its shell: signals reach the program itself
         for number in range(1, counts.get(name, 1) + 1):
             port = args.port + 100 * index + number - 1
             configs.append((name, ProcessConfig(
@@ -4815,7 +4943,7 @@ def _cmd_serve(args):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configs, http, token = _read_config(args.config)
     app = _http_app(args, http, token)
-    manager = Manager()
+    manager = _cli_manager(args)
     for event in ("spawn", "exit", "flap", "spawn_error", "stop_process"):
         manager.events.subscribe(event, lambda evtype, msg: _log.info("%s %s", evtype, _json_text(msg)))
     _start(manager, app)
@@ -4826,6 +4954,7 @@ def _cmd_serve(args):
         except (_UsageError, ProcessError) as exc:
             _log.error("reload of %s failed: %s", args.config, exc)
 
+    _forward_signals(manager, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))  # SIGHUP reloads the config
     previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
     try:
         for session, config in configs:
@@ -5170,6 +5299,11 @@ def _parser():
                          help="also accept requests for this host name (the Host header); by default only "
                               "the bound address, localhost and loopback IPs are served (repeatable)")
 
+    def init_option(sub):
+        sub.add_argument("--init", action="store_true",
+                         help="act as a container's init (the default as PID 1): adopt and reap orphans, "
+                              "forward SIGHUP (not to serve), SIGUSR1, SIGUSR2 and SIGQUIT to every process")
+
     def procfile_options(sub):
         sub.add_argument("-f", "--procfile", help="the Procfile (default ./Procfile)")
         sub.add_argument("-e", "--env", help="a .env file (default ./.env when present)")
@@ -5184,6 +5318,7 @@ def _parser():
     sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
     sub.add_argument("--keep-alive", action="store_true", help="restart processes that exit (default: stop all)")
     allow_host(sub)
+    init_option(sub)
     sub.add_argument("processes", nargs="*", metavar="PROCESS", help="run only these")
 
     sub = command("run", _cmd_run, "supervise one command: kept alive, N copies, prefixed output", client=False)
@@ -5194,6 +5329,7 @@ def _parser():
     allow_host(sub)
     sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
     sub.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S")
+    init_option(sub)
     sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     sub = command("check", _cmd_check, "validate a Procfile (or, with -c, a daemon config) and list its jobs")
@@ -5205,6 +5341,7 @@ def _parser():
     sub.add_argument("--http", metavar="ADDR", help="address (default: the config's, else 127.0.0.1:5000)")
     sub.add_argument("--token", help="require this bearer token (default: the config's or $GAFFER_TOKEN)")
     allow_host(sub)
+    init_option(sub)
     sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     command("ps", _cmd_ps, "list the running processes", client=True)

@@ -1378,6 +1378,10 @@ STUBBORN_FAMILY = """
 
 SETSID_DAEMON = """
     import os, signal, sys, time
+    cgroup = open("/proc/self/cgroup").read() if os.path.exists("/proc/self/cgroup") else ""
+    deadline = time.monotonic() + 0.5
+    while os.environ.get("IN_CGROUP") and open("/proc/self/cgroup").read() == cgroup and time.monotonic() < deadline:
+        time.sleep(0.001)  # a fork before the manager moved it into its cgroup would leave it behind
     if os.fork() == 0:  # a daemon, the classic way: fork, setsid, fork; it ignores SIGTERM
         os.setsid()
         if os.fork() == 0:
@@ -1466,10 +1470,10 @@ class ContainmentTest(LeakCheckedTestCase):
 class EscapeTest(ManagerTestCase):
     """What leaves the process group: found in the job's cgroup, or through /proc without one."""
 
-    def start_daemon(self, name="w"):
+    def start_daemon(self, name="w", in_cgroup=False):
         path = os.path.join(self.tmp, name + ".daemon")
         self.m.load(gaffer.ProcessConfig(name, PY, args=["-S", "-c", textwrap.dedent(SETSID_DAEMON), path],
-                                         graceful_timeout=0.5))
+                                         graceful_timeout=0.5, env={"IN_CGROUP": "1"} if in_cgroup else {}))
         daemon = int(wait_until(lambda: os.path.exists(path) and read_text(path), what="the daemon's pid"))
         self.session_leaders.add(daemon)
         self.assertTrue(alive(daemon))
@@ -1497,7 +1501,7 @@ class EscapeTest(ManagerTestCase):
             with self.assertRaisesRegex(ValueError, "memory_max needs cgroup containment, which this manager"):
                 self.m.load(gaffer.ProcessConfig("limited", PY, args=SLEEP, memory_max="64M"))
             self.skipTest("no writable cgroup v2 hierarchy here (or GAFFER_NO_CGROUP is set)")
-        self.start_daemon()
+        self.start_daemon(in_cgroup=True)
         leaf = os.path.join(cgroups.base, "default.w", "1")
         self.assertEqual(sorted(map(int, read_text(os.path.join(leaf, "cgroup.procs")).split()))[0],
                          self.os_pid(1), "the process is in a cgroup of its own, with its daemon")
@@ -1531,7 +1535,7 @@ class EscapeTest(ManagerTestCase):
         result = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
         if result.stdout.strip() == "made":
             self.skipTest("this user has a delegated cgroup: cgroups=True works")
-        self.assertRegex(result.stdout, r"^cgroups=True, but the cgroup /\S*gaffer-\d+-1 cannot be made: "
+        self.assertRegex(result.stdout, r"^cgroups=True, but the cgroup /\S*gaffer-\d+-1-[0-9a-f]{6} cannot be made: "
                                         r"(\[Errno \d+\] .+|no cgroup2 mount in /proc/self/mountinfo)$")
         with self.assertRaisesRegex(ValueError, "cgroups must be 'auto', True or False, got 'yes'"):
             gaffer.Manager(cgroups="yes")
@@ -3448,6 +3452,101 @@ class ExportTest(CommandLineTestCase):
         self.assertIn('environment=PORT="5001",TOKEN="abc"', conf)
         self.assertIn("programs=shop-web-1,shop-web-2,shop-worker-1", conf)
         self.assertIn("stopasgroup=true", conf)
+
+
+# -- Init mode: gaffer as a container's PID 1 --------------------------------------
+
+INIT_APP = """
+    import os, signal, sys, time
+    signal.signal(signal.SIGUSR1, lambda *a: open("usr1", "w").close())
+    if sys.argv[1] == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for _ in range(20):  # grandchildren that outlive their parent a moment: orphans, then zombies
+        if os.fork() == 0:
+            if os.fork() == 0:
+                time.sleep(0.05)
+                os._exit(0)
+            os._exit(0)
+        os.wait()
+    time.sleep(0.2)  # every grandchild has exited: a zombie now, unless something reaped it
+    open("forked", "w").close()
+    while not os.path.exists("quit"):
+        time.sleep(0.01)
+    sys.exit(3)
+"""
+
+
+def unshare_works():
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True,
+                              timeout=TIMEOUT).returncode == 0
+    except OSError:
+        return False
+
+
+class InitModeTest(CommandLineTestCase):
+
+    def descendants(self, pid):
+        table, found, todo = proc_table(), {}, [pid]
+        while todo:
+            parent = todo.pop()
+            for child, (ppid, _, state) in table.items():
+                if ppid == parent:
+                    found[child] = state
+                    todo.append(child)
+        return found
+
+    def start_in_a_pid_namespace(self, mode):
+        if not unshare_works():
+            self.skipTest("unshare --pid --fork --mount-proc needs root and Linux")
+        self.write("app.py", INIT_APP)
+        self.write("Procfile", "app: %s -S app.py %s\n" % (PY, mode))
+        unshare = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", *CLI, "start",
+                                    "--graceful-timeout", "0.5"], cwd=self.tmp, stdout=subprocess.DEVNULL,
+                                   env={**os.environ, **CLI_ENV})
+        self.addCleanup(unshare.wait)
+        self.addCleanup(unshare.kill)
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp, "forked")), what="the app forked its orphans")
+        init = [pid for pid, (ppid, _, _) in proc_table().items() if ppid == unshare.pid][0]  # PID 1 inside
+        self.addCleanup(lambda: alive(init) and os.kill(init, signal.SIGKILL))  # the namespace dies with it
+        self.session_leaders.update(self.descendants(init))
+        return unshare, init
+
+    def test_as_pid_1_orphans_are_reaped_signals_forwarded_and_the_exit_code_kept(self):
+        unshare, init = self.start_in_a_pid_namespace("normal")
+        wait_until(lambda: "Z" not in self.descendants(init).values(), what="no zombie left in the namespace")
+        os.kill(init, signal.SIGUSR1)
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp, "usr1")), what="SIGUSR1 forwarded to the app")
+        self.write("quit", "")
+        self.assertEqual(unshare.wait(TIMEOUT), 3, "the exit code of the process that ended the run")
+
+    def test_sigterm_to_pid_1_stops_everything_within_the_grace_period(self):
+        unshare, init = self.start_in_a_pid_namespace("stubborn")
+        started = time.monotonic()
+        os.kill(init, signal.SIGTERM)
+        self.assertEqual(unshare.wait(TIMEOUT), 0, "stopped on request")
+        self.assertLess(time.monotonic() - started, 0.5 + 3, "SIGKILL after --graceful-timeout 0.5")
+
+    def test_a_subreaper_leaves_the_hosts_own_children_alone(self):
+        code = textwrap.dedent("""
+            import os, subprocess, sys, time
+            sys.path.insert(0, %r)
+            import gaffer
+            m = gaffer.Manager(subreaper=True)
+            m.start()
+            m.load(gaffer.ProcessConfig("w", sys.executable, args=["-S", "-c", %r, "normal"], cwd=%r))
+            codes = [subprocess.run([sys.executable, "-S", "-c", "raise SystemExit(%%d)" %% n]).returncode
+                     for n in range(5)]  # while orphans of the job exit and are reaped
+            own = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(0.3); raise SystemExit(7)"])
+            while not os.path.exists(%r):
+                time.sleep(0.01)
+            codes.append(own.wait())
+            print(codes, flush=True)
+            m.stop()
+            m.run()
+        """) % (os.path.dirname(GAFFER), textwrap.dedent(INIT_APP), self.tmp, os.path.join(self.tmp, "forked"))
+        result = subprocess.run([PY, "-S", "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.stdout.strip(), "[0, 1, 2, 3, 4, 7]", result.stderr)
 
 
 if __name__ == "__main__":
