@@ -1093,7 +1093,9 @@ def _write_file(path, text):
 
 
 def _cgroup_members(path):
-    """The pids in a cgroup (zombies are not): [] once it is empty or gone."""
+    """The pids in a cgroup (zombies are not): [] once it is empty or gone, or for no cgroup (None)."""
+    if not path:
+        return []
     try:
         with open(os.path.join(path, "cgroup.procs")) as f:
             return [int(pid) for pid in f.read().split()]
@@ -1123,7 +1125,9 @@ def _cgroup_kill(path):
         pass
 
 
-_LIMIT_FILES = {"memory_max": ("memory", "memory.max"), "cpu_max": ("cpu", "cpu.max"), "pids_max": ("pids", "pids.max")}
+_LIMIT_FILES = {  # setting -> (controller, file)
+    "memory_max": ("memory", "memory.max"), "cpu_max": ("cpu", "cpu.max"), "pids_max": ("pids", "pids.max"),
+}
 
 
 class _Cgroups:
@@ -1181,7 +1185,10 @@ class _Cgroups:
         """Move a new process into a cgroup of its own, with what it forked before the move; return its path."""
         leaf = os.path.join(self.job_dir(job), str(proc.pid))
         try:
-            os.makedirs(leaf)
+            try:
+                os.mkdir(leaf)
+            except FileNotFoundError:  # the job's first process
+                os.makedirs(leaf)
             procs = os.path.join(leaf, "cgroup.procs")
             todo = [proc.os_pid]
             while todo:  # its children, forked before the move, and theirs: after it, they are born inside
@@ -1973,7 +1980,8 @@ for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
     if pgid is not None and -pgid not in targets:
         targets[-pgid] = (signal.SIGTERM, longest, "-")
 started = time.monotonic()
-targets = {target: (timeout, cgroup) for target, (sig, timeout, cgroup) in targets.items() if send(target, sig, cgroup)}
+targets = {target: (timeout, cgroup) for target, (sig, timeout, cgroup) in targets.items()
+           if send(target, sig, cgroup)}
 while targets:  # the manager is gone: there is nothing to wait on but the groups emptying
     time.sleep(0.01)
     elapsed = time.monotonic() - started
@@ -2011,6 +2019,11 @@ class Manager:
         loop: a Loop to run on (default: a new one).
         clock: the monotonic clock of a new loop (tests); not with `loop`.
         stats_interval: seconds between two samples for monitor() and STATS channels.
+        guardian: start a guardian process that stops every process if this program dies (SIGKILL too).
+        cgroups: "auto" puts each process in a cgroup of its own where the system allows; True
+            requires it (RuntimeError at start() otherwise); False uses process groups only.
+        subreaper: True adopts and reaps the orphaned descendants of its processes (Linux);
+            "init" reaps every child it did not spawn (a container's PID 1).
 
     All calls but stop() and restart() are synchronous: when load() returns, its
     processes are spawned; when stop_job() returns, its processes are signalled
@@ -3389,7 +3402,7 @@ class Manager:
         if kill_timer is not None:
             kill_timer.cancel()
         cgroup = proc._cgroup
-        if proc.config.stop_children and (_group_alive(proc.os_pid) or _cgroup_members(cgroup or "")):
+        if proc.config.stop_children and (_group_alive(proc.os_pid) or _cgroup_members(cgroup)):
             # The leader is gone but some of its group (or its cgroup) is not: ask them too (unless
             # they were asked with it), and kill them at the same deadline as the leader.
             if kill_timer is None:
@@ -3537,7 +3550,7 @@ class Manager:
     def _cgroup_groups(proc):
         """The process groups in a process's cgroup: signalled with it already."""
         groups = set()
-        for pid in _cgroup_members(proc._cgroup or ""):
+        for pid in _cgroup_members(proc._cgroup):
             try:
                 groups.add(os.getpgid(pid))
             except OSError:

@@ -141,7 +141,8 @@ def trial(variant, n, idle, respawns):
         if variant == "gaffer-poll":
             os.environ["GAFFER_NO_PIDFD"] = "1"
         import gaffer
-        manager = gaffer.Manager()
+        plain = variant == "gaffer-plain"
+        manager = gaffer.Manager(guardian=not plain, cgroups=False if plain else "auto")
         manager.start()
         config = gaffer.ProcessConfig("sleep", SLEEP[0], args=SLEEP[1:], numprocesses=n, graceful_timeout=5)
         t0 = time.perf_counter()
@@ -165,6 +166,10 @@ def trial(variant, n, idle, respawns):
     time.sleep(idle)
     idle_cpu = (cpu_seconds() - cpu0) / (time.monotonic() - wall0) * 100
     rss = rss_mib()
+    guardian_rss = 0.0
+    if variant != "bare" and manager._guardian is not None:
+        with open("/proc/%d/status" % manager._guardian[0].pid) as f:
+            guardian_rss = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
     t0 = time.perf_counter()
     if variant == "bare":
@@ -178,7 +183,7 @@ def trial(variant, n, idle, respawns):
     return {
         "start": start, "respawn_median": statistics.median(latencies) * 1000,
         "respawn_p90": latencies[int(0.9 * (len(latencies) - 1))] * 1000,
-        "idle_cpu": idle_cpu, "stop": stop, "rss": rss, "threads": threads,
+        "idle_cpu": idle_cpu, "stop": stop, "rss": rss, "threads": threads, "guardian_rss": guardian_rss,
     }
 
 
@@ -242,8 +247,11 @@ METRICS = [
     ("stop", "stop {n} processes (s)", "%.3f", ("ratio", 2.0)),
     ("rss", "RSS with {n} children (MiB)", "%.1f", None),
     ("threads", "threads added", "%d", ("extra", 2)),
+    ("guardian_rss", "the guardian process's RSS (MiB)", "%.1f", None),
 ]
-VARIANTS = [("bare", "bare loop"), ("gaffer", "gaffer"), ("gaffer-poll", "gaffer (poll)")]
+# gaffer as it comes (a guardian, a cgroup per process where the system allows), without either, and polling
+VARIANTS = [("bare", "bare loop"), ("gaffer", "gaffer"), ("gaffer-plain", "no guardian/cgroup"),
+            ("gaffer-poll", "gaffer (poll)")]
 OUTPUT_VARIANTS = [
     ("bare-1m", "bare loop, 1 MiB pipe and reads"), ("bare-64k", "bare loop, 64 KiB pipe and reads"),
     ("gaffer", "gaffer, a listener counting"), ("cat", "writer | cat > /dev/null"),
@@ -414,6 +422,11 @@ def main():
     print("gaffer.py %s, %s, %s %s, %d cores, Python %s; medians of %d rounds"
           % (gaffer.__version__, time.strftime("%Y-%m-%d"), platform.system(), platform.machine(),
              os.cpu_count(), platform.python_version(), args.rounds))
+    probe = gaffer.Manager(guardian=False)
+    probe.start()
+    print("containment here: %s" % ("a cgroup per process" if probe._cgroups else "process groups and /proc"))
+    probe.stop()
+    probe.run()
     if args.only in (None, "manager"):
         manager_table(args)
     if args.only in (None, "output"):
@@ -468,17 +481,20 @@ def output_table(args):
 
 
 def manager_table(args):
+    """The targets are for the manager's own work (no guardian, no cgroup: what the bare loop does too);
+    the last ratio is what containment (the guardian, a cgroup per process) adds on top."""
     medians = run_rounds(args, VARIANTS, "--trial", ["--processes", str(args.processes), "--idle", str(args.idle),
                                                      "--respawns", str(args.respawns)])
-    header = ["metric"] + [label for _, label in VARIANTS] + ["gaffer/bare", "target", ""]
+    header = (["metric"] + [label for _, label in VARIANTS]
+              + ["no guardian/cgroup vs bare", "target", "", "gaffer vs no guardian/cgroup"])
     rows = []
     for key, label, fmt, target in METRICS:
-        base, value = medians["bare"][key], medians["gaffer"][key]
-        ratio = "%.2fx" % (value / base) if base and key not in ("threads", "idle_cpu") else ""
+        base, plain, full = medians["bare"][key], medians["gaffer-plain"][key], medians["gaffer"][key]
+        ratios = ["%.2fx" % (a / b) if b and key not in ("threads", "idle_cpu", "guardian_rss") else ""
+                  for a, b in ((plain, base), (full, plain))]
         rows.append([label.format(n=args.processes)] + [fmt % medians[v][key] for v, _ in VARIANTS]
-                    + [ratio, target_text(target), verdict(target, value, base)])
+                    + [ratios[0], target_text(target), verdict(target, plain, base), ratios[1]])
     print_table(header, rows)
-
 
 if __name__ == "__main__":
     sys.exit(main())
