@@ -1464,6 +1464,7 @@ class Process:
         self.once = once
         self.graceful_timeout = config.graceful_timeout if graceful_timeout is None else graceful_timeout
         self.env = _child_env(config, env)
+        self._own_env = {**config.env, **(env or {})}  # what info shows: never the inherited environment
         self.argv = _command_line(config, self.env)
         self.cmd = config.cmd
         self.args = self.argv[1:] if not config.shell else list(config.args)
@@ -1644,8 +1645,9 @@ class Process:
     def _info(self):
         return {
             "pid": self.pid, "name": self.name, "cmd": self.cmd, "args": list(self.args),
-            "env": dict(self.env), "os_pid": self.os_pid, "create_time": self.create_time,
-            "commited": self.once, "redirect_output": list(self.config.redirect_output),
+            "env": dict(self._own_env), "os_pid": self.os_pid, "create_time": self.create_time,
+            "committed": self.once, "commited": self.once,  # the original gaffer's spelling, kept for its readers
+            "redirect_output": list(self.config.redirect_output),
             "redirect_input": self.config.redirect_input,
             "custom_streams": list(self.config.custom_streams), "active": self.active,
             "status": self.status, "ready": self.ready, "notify_status": self.notify_status,
@@ -5149,7 +5151,7 @@ def _process_ready(client, pid):
         info = client.request("GET", "/%d" % pid)
     except _ClientError:  # it exited meanwhile
         return False
-    return info["ready"] and not info["commited"]
+    return info["ready"] and not info["committed"]
 
 
 def _cmd_scale(args):

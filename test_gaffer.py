@@ -388,6 +388,16 @@ class ManagerTest(ManagerTestCase):
         spawn = self.rec.matching("spawn", pid=1)[0]
         self.assertEqual(spawn, {"name": "default.web", "pid": 1, "os_pid": proc.os_pid, "event": "spawn"})
 
+    def test_process_info_shows_the_jobs_own_environment_only(self):
+        self.setenv("GAFFER_TEST_SECRET", "hunter2")  # inherited by the child (os_env), never shown
+        self.load("web", env={"MODE": "prod"})
+        pid = self.m.commit("web", env={"TASK": "1"})
+        self.assertEqual(self.m.get_process(1).info["env"], {"MODE": "prod"})
+        info = self.m.get_process(pid).info
+        self.assertEqual(info["env"], {"MODE": "prod", "TASK": "1"})
+        self.assertEqual((info["committed"], info["commited"]), (True, True), "the old spelling kept as an alias")
+        self.assertEqual(self.m.get_process(1).env["GAFFER_TEST_SECRET"], "hunter2", "the child still gets it")
+
     def test_sessions_and_names(self):
         self.load("a")
         self.m.load(gaffer.ProcessConfig("b", PY, args=SLEEP), sessionid="s1")
