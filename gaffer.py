@@ -436,6 +436,8 @@ class ProcessConfig:
     health_timeout: float = 5.0
     #: failed health checks in a row that replace the process
     health_retries: int = 3
+    #: the most processes scale() may ask of this job
+    max_processes: int = 1000
     #: limits of the job's cgroup, where the manager has cgroups and the controllers are enabled:
     #: memory in bytes or a size ("512M"), CPUs (0.5: half of one), and processes
     memory_max: int | None = None
@@ -483,6 +485,10 @@ class ProcessConfig:
                 raise ValueError("cwd must be a path, got %r" % (self.cwd,))
             self.cwd = os.fspath(self.cwd)
         self.numprocesses = _int_setting("numprocesses", self.numprocesses, 0)
+        self.max_processes = _int_setting("max_processes", self.max_processes, 1)
+        if self.numprocesses > self.max_processes:
+            raise ValueError("numprocesses must be <= max_processes (%d), got %d"
+                             % (self.max_processes, self.numprocesses))
         if isinstance(self.flapping, dict):
             _reject_unknown(FlappingInfo, self.flapping)
             self.flapping = FlappingInfo(**self.flapping)
@@ -2632,6 +2638,9 @@ class Manager:
         job = self._job(name)
         before = job.numprocesses
         target = amount if op == "=" else before + amount if op == "+" else before - amount
+        if target > job.config.max_processes:
+            raise ProcessError(400, "job %r may run at most %d processes (max_processes), asked for %d"
+                               % (job.name, job.config.max_processes, target))
         job.numprocesses = max(0, target)
         job.retired = 0  # scale fills the slots the restart policy left empty
         was_active = job.active

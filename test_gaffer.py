@@ -479,6 +479,22 @@ class ManagerTest(ManagerTestCase):
         self.assertEqual(self.m.info("w")["max_processes"], 0)
         self.assertGreaterEqual(len(self.rec.matching("update", name="default.w")), 7)
 
+    def test_scale_is_bounded_by_max_processes(self):
+        self.load("w", 1, max_processes=3)
+        for ask in (99999999, "+3", "=4"):
+            with self.subTest(ask=ask), self.assertRaises(gaffer.ProcessError) as caught:
+                self.m.scale("w", ask)
+            self.assertEqual(caught.exception.errno, 400)
+            self.assertRegex(caught.exception.reason, r"'default.w' may run at most 3 processes \(max_processes\), "
+                                                      r"asked for \d+")
+        self.assertEqual((self.m.info("w")["max_processes"], len(self.m.pids("w"))), (1, 1), "nothing changed")
+        self.assertEqual(self.m.scale("w", "+2"), 3)
+        self.assertEqual(gaffer.ProcessConfig("w", PY).max_processes, 1000)
+        for settings, message in ((dict(numprocesses=1001), r"numprocesses must be <= max_processes \(1000\)"),
+                                  (dict(max_processes=0), "max_processes must be >= 1")):
+            with self.assertRaisesRegex(ValueError, message):
+                gaffer.ProcessConfig("w", PY, **settings)
+
     def test_stop_job_and_start_job(self):
         self.load("w", 2)
         self.m.scale("w", 1)
