@@ -3847,7 +3847,10 @@ _SSE_KEEPALIVE = 15.0  # seconds between comments on an idle event stream (they 
 
 
 def _parse_address(address):
-    """(family, address) for "host:port", ":port", 5000, "[::1]:5000" or "unix:/path"; the host defaults to loopback."""
+    """(family, address) for "host:port", ":port", 5000, "[::1]:5000", "unix:/path", or an http:// URL of
+    one (as serve prints it); the host defaults to loopback."""
+    if isinstance(address, str) and address.startswith("http://"):
+        address = address[7:].rstrip("/")
     if isinstance(address, str) and address.startswith("unix:"):
         if not address[5:]:
             raise ValueError("address %r names no socket path" % address)
@@ -5313,7 +5316,8 @@ def _parser():
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(fn=fn)
         if client:
-            sub.add_argument("--http", metavar="ADDR", help="the server (default 127.0.0.1:5000; unix:/path works)")
+            sub.add_argument("--http", metavar="ADDR",
+                             help="the server (default 127.0.0.1:5000; unix:/path and http://HOST:PORT work)")
             sub.add_argument("--token", help="bearer token (default: $GAFFER_TOKEN)")
             sub.add_argument("--json", action="store_true", help="print raw JSON")
         return sub

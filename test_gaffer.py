@@ -2883,6 +2883,7 @@ class HttpTokenTest(HttpTestCase):
         self.assertEqual(gaffer.HttpHandler(":8080").address, ("127.0.0.1", 8080))
         self.assertEqual(gaffer.HttpHandler("[::1]:80").address, ("::1", 80))
         self.assertEqual(gaffer.HttpHandler("unix:/tmp/g.sock").address, "/tmp/g.sock")
+        self.assertEqual(gaffer.HttpHandler("http://127.0.0.1:8080/").address, ("127.0.0.1", 8080), "a URL")
         for bad in ("host:port", "127.0.0.1:70000", "unix:", None, "127.0.0.1:\u0665\u0660\u0660\u0660"):
             with self.subTest(address=bad), self.assertRaisesRegex(ValueError, "address"):
                 gaffer.HttpHandler(bad)
@@ -3433,9 +3434,10 @@ class ServeTest(CommandLineTestCase):
         self.assertEqual(status("gaffer.test"), 200)
         self.assertEqual(status(address), 200)
         self.assertEqual(status("rebound.example"), 403)
+        url = re.search(r"http://127.0.0.1:\d+", line).group(0)  # as serve prints it
         for args in (("scale", "a", "2"), ("stop", "a"), ("start", "a"), ("reload", "a"), ("kill", "a", "HUP")):
             with self.subTest(args=args):
-                result = self.gaffer(*args, "--http", address)
+                result = self.gaffer(*args, "--http", url if args[0] == "scale" else address)
                 self.assertEqual(result.returncode, 0, result.stderr)
         pids = gaffer._Client(address, None).request("GET", "/pids")["pids"]
         for pid in pids:
