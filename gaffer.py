@@ -116,6 +116,7 @@ _ORPHAN_POLL_MIN, _ORPHAN_POLL_MAX = 0.005, 0.5  # rechecks of a group whose lea
 _CHECK_DELAY_MIN, _CHECK_DELAY_MAX = 0.005, 0.1  # retries of a tcp, http or callable readiness check
 _CHECK_TIMEOUT = 1.0                            # one try of a tcp or http check
 _CHECK_WORKERS = 64                             # threads that run tcp, http and callable checks, made as needed
+_SPAWN_BATCH = 32                               # spawns a loop turn: reaping and commands go between batches
 _ORPHAN_GIVE_UP = 10.0                          # seconds after SIGKILL a group may linger before it is forgotten
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 
@@ -779,6 +780,14 @@ class EventEmitter:
 # The selector, the timer heap and the command queue.  Only the loop thread
 # runs callbacks and timers; submit() and call() may come from any thread.
 
+def _pass_on(target, source):
+    """Give target the outcome of source (two concurrent.futures.Future)."""
+    if source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
+
+
 class _Timer:
     """A callback due at a time of the loop's clock; cancel() flags it, the heap keeps it until due."""
 
@@ -987,7 +996,10 @@ class Loop:
                 except BaseException as exc:
                     future.set_exception(exc)
                 else:
-                    future.set_result(result)
+                    if isinstance(result, Future):  # finished on a later turn: the caller waits till then
+                        result.add_done_callback(functools.partial(_pass_on, future))
+                    else:
+                        future.set_result(result)
 
     def _run_timers(self):
         timers, now = self._timers, self.time()
@@ -1808,6 +1820,8 @@ class _Job:
     flap_retries: int = 0
     #: the restart after a flap
     restart_timer: _Timer | None = None
+    #: the next batch of a large spawn, on the next loop turn
+    spawn_timer: _Timer | None = None
     #: respawns waiting out their backoff: each holds a slot (_Backoff)
     backoff: list = dataclasses.field(default_factory=list)
     #: slots left empty by the restart policy, until start_job, reload or scale
@@ -2079,6 +2093,7 @@ class Manager:
         # Names it on the machine (in GAFFER_PROCESS of its processes, and its cgroup): PID 1 is in every container.
         self._token = "%d-%d-%s" % (os.getpid(), next(_serials), os.urandom(3).hex())
         self._sweeps = []         # processes stopped in this loop turn, whose escaped descendants are sought
+        self._spawn_waiters = []  # (job, Future, result) of calls that return once a large spawn is done
         self._adopted = {}        # os pid -> pidfd of an adopted descendant, reaped when it exits (subreaper)
 
     def __repr__(self):
@@ -2467,9 +2482,16 @@ class Manager:
 
     def _call(self, fn, *args):
         """Run a change on the loop thread; only while running, except from the loop itself."""
-        if self._state is not _Lifecycle.RUNNING and not self.loop.in_loop_thread():
-            raise RuntimeError("manager is not running")
-        return self.loop.call(fn, *args)
+        if not self.loop.in_loop_thread():
+            if self._state is not _Lifecycle.RUNNING:
+                raise RuntimeError("manager is not running")
+            return self.loop.call(fn, *args)
+        result = fn(*args)
+        if isinstance(result, Future):  # a large spawn, from a listener: finished now, the loop is ours anyway
+            while self._spawn_waiters:
+                self._on_spawn_batch(self._spawn_waiters[0][0])
+            return result.result()
+        return result
 
     @staticmethod
     def _config(config, env):
@@ -2555,6 +2577,7 @@ class Manager:
                 if self._loaded(job):  # a listener may have unloaded it already
                     self._unload(job)
                 raise ProcessError(exc.errno, "%s; the job was not loaded" % exc.reason) from exc
+            return self._once_spawned(job, None)
 
     def _set_limits(self, job, config):
         """Write the job's cgroup limits; ValueError (nothing changed) if this system cannot enforce them."""
@@ -2618,6 +2641,7 @@ class Manager:
         elif job.retired:  # running: fill what the restart policy left empty
             job.retired = 0
             self._manage(job, strict=True)
+        return self._once_spawned(job, None)
 
     def _do_stop_job(self, name):
         job = self._job(name)
@@ -2657,7 +2681,7 @@ class Manager:
         self._publish({"name": job.name}, "update")
         self._check_ready_waiters()
         self._release_dependents()
-        return job.numprocesses
+        return self._once_spawned(job, job.numprocesses)
 
     def _do_info(self, name):
         job = self._job(name)
@@ -3195,6 +3219,10 @@ class Manager:
             return  # spawned once every job it depends on is ready (_release_dependents)
         spawned = []
         while job.active and self._slots_taken(job) < job.numprocesses and not job.restart_timer:
+            if len(spawned) == _SPAWN_BATCH:  # the rest on the next turns: reaping and commands go between
+                if job.spawn_timer is None:
+                    job.spawn_timer = self.loop.call_later(0, self._on_spawn_batch, job)
+                return
             try:
                 spawned.append(self._spawn(job))
             except ProcessError as exc:
@@ -3206,6 +3234,27 @@ class Manager:
                     raise
                 self._spawn_failed(job, exc, streak=0)
                 return
+
+    def _on_spawn_batch(self, job):
+        """The next batch of a large spawn (a failure now backs off, as a respawn's does)."""
+        if job.spawn_timer is not None:
+            job.spawn_timer.cancel()
+            job.spawn_timer = None
+        if self._loaded(job):
+            self._manage(job)
+        if job.spawn_timer is None:
+            for waiter in [w for w in self._spawn_waiters if w[0] is job]:
+                self._spawn_waiters.remove(waiter)
+                waiter[1].set_result(waiter[2])
+
+    def _once_spawned(self, job, result):
+        """`result` now, or, while the job's spawn goes on in batches, a Future of it for when it is done."""
+        if job.spawn_timer is None:
+            return result
+        future = Future()
+        future.set_running_or_notify_cancel()
+        self._spawn_waiters.append((job, future, result))
+        return future
 
     def _slots_taken(self, job):
         """Counted processes, respawns waiting out a backoff, and slots the restart policy left empty."""
@@ -3679,6 +3728,8 @@ class Manager:
             self._cgroups.remove()  # what is still in one (after a crash) is killed
         for pidfd in self._adopted.values():  # the selector that watched them is closed
             os.close(pidfd)
+        for _, future, result in self._spawn_waiters:  # their spawns ended with the manager
+            future.set_result(result)
         if self._guardian is not None:
             self._dismiss_guardian(loop_closed=True)
         if self._checker is not None:

@@ -495,6 +495,34 @@ class ManagerTest(ManagerTestCase):
             with self.assertRaisesRegex(ValueError, message):
                 gaffer.ProcessConfig("w", PY, **settings)
 
+    def test_a_large_scale_spawns_in_batches_and_the_loop_keeps_answering(self):
+        self.load("other")
+        self.load("big", 0, max_processes=300)
+        answers, done = [], threading.Event()
+
+        def ask():  # another thread's calls, meanwhile: each must be answered between two batches
+            while not done.is_set():
+                started = time.monotonic()
+                self.m.pids("other")
+                answers.append(time.monotonic() - started)
+                time.sleep(0.005)  # a client polling, not a second spawner of load
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        try:
+            self.assertEqual(self.m.scale("big", 300), 300)
+        finally:
+            done.set()
+            asker.join()
+        self.assertEqual(len(self.m.pids("big")), 300, "scale returns once all are spawned")
+        self.assertGreater(len(answers), 5, "calls were answered while it spawned")
+        self.assertLess(max(answers), 0.5, "no call waited for the whole spawn")
+        self.m.stop_job("big")
+        self.load("inline", 0)
+        # From the loop thread (a listener), a call cannot wait for later turns: all batches run at once.
+        self.assertEqual(self.m.loop.call(lambda: self.m.scale("inline", 40)), 40)
+        self.assertEqual(len(self.m.pids("inline")), 40)
+
     def test_stop_job_and_start_job(self):
         self.load("w", 2)
         self.m.scale("w", 1)
