@@ -116,7 +116,7 @@ _ORPHAN_POLL_MIN, _ORPHAN_POLL_MAX = 0.005, 0.5  # rechecks of a group whose lea
 _CHECK_DELAY_MIN, _CHECK_DELAY_MAX = 0.005, 0.1  # retries of a tcp, http or callable readiness check
 _CHECK_TIMEOUT = 1.0                            # one try of a tcp or http check
 _CHECK_WORKERS = 64                             # threads that run tcp, http and callable checks, made as needed
-_SPAWN_BATCH = 32                               # spawns a loop turn: reaping and commands go between batches
+_SPAWN_SLICE = 0.02                             # seconds of spawning a loop turn: reaping and commands go between
 _ORPHAN_GIVE_UP = 10.0                          # seconds after SIGKILL a group may linger before it is forgotten
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 
@@ -2338,7 +2338,7 @@ class Manager:
         return self._call(lambda: ProcessConfig.from_dict(self._job(name).config.to_dict()))
 
     def start_job(self, name):
-        """Run the job at its configured count (no-op if it runs).
+        """Run the job again at its count: the config's, or the last scale's (no-op if it runs).
 
         Raises:
             ProcessError: a process could not be spawned; the job is left stopped.
@@ -2635,8 +2635,7 @@ class Manager:
 
     def _do_start_job(self, name):
         job = self._job(name)
-        if not job.active:
-            job.numprocesses = job.config.numprocesses
+        if not job.active:  # at the count it had: a scale is not undone by a stop and a start
             self._start_job(job)
         elif job.retired:  # running: fill what the restart policy left empty
             job.retired = 0
@@ -3217,9 +3216,9 @@ class Manager:
             self._stop(next(iter(job.running.values())), "reap")
         if self._waiting_for(job):
             return  # spawned once every job it depends on is ready (_release_dependents)
-        spawned = []
+        spawned, started = [], time.monotonic()
         while job.active and self._slots_taken(job) < job.numprocesses and not job.restart_timer:
-            if len(spawned) == _SPAWN_BATCH:  # the rest on the next turns: reaping and commands go between
+            if spawned and time.monotonic() - started > _SPAWN_SLICE:  # the rest on the next turns
                 if job.spawn_timer is None:
                     job.spawn_timer = self.loop.call_later(0, self._on_spawn_batch, job)
                 return
@@ -4441,6 +4440,14 @@ def _http_ping(req, m):
     return 200, {"ok": True}
 
 
+@_route("POST", "/shutdown")
+def _http_shutdown(req, m):
+    req.close_connection = True
+    req._send_json(202, {"ok": True, "stopping": True})
+    req.wfile.flush()  # answered before the stop closes the server and its connections
+    m.stop()
+
+
 @_route("GET", "/ready")
 def _http_ready(req, m):
     """For Kubernetes and load-balancer probes: 200 when every active job is ready, else 503."""
@@ -4847,13 +4854,31 @@ def _cmd_start(args):
     return _run_foreground(_procfile_configs(args), args, args.keep_alive)
 
 
+def _run_name(command):
+    """What run calls its processes: the program, or what an interpreter runs (python3 worker.py: worker,
+    python3 -m http.server: http_server), never "python3", which reads like a version once numbered."""
+    name = os.path.basename(command[0])
+    if re.fullmatch(r"(python|pypy|node|ruby|perl|php|bash|sh|zsh)[\d.]*", name):
+        words = iter(command[1:])
+        for word in words:
+            if word == "-m":
+                name = next(words, name)
+                break
+            if word == "-c":
+                break
+            if not word.startswith("-"):
+                name = os.path.splitext(os.path.basename(word))[0]
+                break
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:128] or "run"
+
+
 def _cmd_run(args):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise _UsageError("run: give the command after --, e.g. run -- python3 -m http.server")
     if args.n < 1:
         raise _UsageError("run: -n must be at least 1, got %d" % args.n)
-    name = args.name or re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(command[0]))
+    name = args.name or _run_name(command)
     configs = [(name, ProcessConfig(str(n), shlex.quote(command[0]), args=command[1:], redirect_output=["out", "out"],
                                     graceful_timeout=args.graceful_timeout, env={"PYTHONUNBUFFERED": "1"}))
                for n in range(1, args.n + 1)]
@@ -5235,6 +5260,12 @@ def _client_state(args, state):
     return 0
 
 
+def _cmd_shutdown(args):
+    result = _client(args).request("POST", "/shutdown")
+    _report(args, result, "stopping: every process, then the server")
+    return 0
+
+
 def _cmd_kill(args):
     path = "/%s" % args.target if _is_number(args.target) else _job_path(args.target)
     try:
@@ -5424,6 +5455,7 @@ def _parser():
     sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     command("ps", _cmd_ps, "list the running processes", client=True)
+    command("shutdown", _cmd_shutdown, "stop a running serve (or start --http) gracefully", client=True)
     sub = command("status", _cmd_status, "show a job", client=True)
     sub.add_argument("job")
     sub = command("scale", _cmd_scale, "set (N) or change (+N, -N) a job's number of processes", client=True)
