@@ -1820,6 +1820,8 @@ class _Job:
     flap_retries: int = 0
     #: the restart after a flap
     restart_timer: _Timer | None = None
+    #: flapping stopped it for good (its retries used up), until it is started by hand
+    fatal: bool = False
     #: the next batch of a large spawn, on the next loop turn
     spawn_timer: _Timer | None = None
     #: respawns waiting out their backoff: each holds a slot (_Backoff)
@@ -2376,6 +2378,17 @@ class Manager:
             op, amount = match.group(1) or "+", int(match.group(2))
         return self._call(self._do_scale, name, op, amount)
 
+    def status(self):
+        """Every job with its state and processes, in one call (what ``gaffer ps`` shows).
+
+        Returns ``[{name, state, cmd, running, ready, target, restarts, last_exit,
+        processes: [{pid, os_pid, status, create_time, cpu, mem}]}]``; the state is
+        "running", "starting" (processes not ready yet, or waiting for a dependency),
+        "backoff" (a respawn waits out its delay, or a flapping job its retry),
+        "stopped" or "fatal" (flapping stopped it for good).
+        """
+        return self._call(self._do_status)
+
     def info(self, name):
         """Return ``{name, active, running, running_out, max_processes, processes, config}``."""
         return self._call(self._do_info, name)
@@ -2681,6 +2694,28 @@ class Manager:
         self._check_ready_waiters()
         self._release_dependents()
         return self._once_spawned(job, job.numprocesses)
+
+    def _do_status(self):
+        jobs = []
+        for job in self._all_jobs():
+            procs = job.processes()
+            if not job.active:
+                state = "backoff" if job.restart_timer else "fatal" if job.fatal else "stopped"
+            elif job.backoff:
+                state = "backoff"
+            elif len(job.running) < job.numprocesses or any(p._state is _State.STARTING for p in procs):
+                state = "starting"
+            else:
+                state = "running"
+            rows = []
+            for proc in procs:
+                stats = proc._sample()
+                rows.append({"pid": proc.pid, "os_pid": proc.os_pid, "status": proc.status,
+                             "create_time": proc.create_time, "cpu": stats["cpu"], "mem": stats["mem"]})
+            jobs.append({"name": job.name, "state": state, "cmd": " ".join([job.config.cmd] + job.config.args),
+                         "running": len(procs), "ready": self._ready_count(job), "target": job.numprocesses,
+                         "restarts": job.restarts, "last_exit": job.last_exit, "processes": rows})
+        return jobs
 
     def _do_info(self, name):
         job = self._job(name)
@@ -3165,6 +3200,7 @@ class Manager:
         self._forget_slots(job)
         job.exits.clear()
         job.flap_retries = 0
+        job.fatal = False
         if not job.active:
             job.active = True
             self._publish_job(job, "start")
@@ -3417,6 +3453,7 @@ class Manager:
             job.flap_retries += 1
             job.restart_timer = self.loop.call_later(flapping.retry_in, self._on_flap_retry, job)
         else:
+            job.fatal = True
             _log.error("%s is flapping; stopped after %d retries", job.name, job.flap_retries)
         return True
 
@@ -4467,6 +4504,11 @@ def _http_jobs(req, m):
     return 200, {"jobs": m.jobs()}
 
 
+@_route("GET", "/status")
+def _http_status(req, m):
+    return 200, {"jobs": m.status()}
+
+
 @_route("GET", "/jobs/([^/]+)")
 def _http_session_jobs(req, m, session):
     return 200, {"sessionid": session, "jobs": m.jobs(session)}
@@ -5148,8 +5190,26 @@ def _quote(text):
     return urllib.parse.quote(text, safe="")
 
 
-def _job_path(name):
+def _resolve_job(name, names):
+    """The "session.job" that a user means by `name`: as given with a session; without one, the default
+    session's job, else the one job of that name in any session (ambiguous: an error naming each)."""
+    if "." in name or "/" in name:
+        return name.replace("/", ".", 1)
+    if "%s.%s" % (_DEFAULT_SESSION, name) in names:
+        return "%s.%s" % (_DEFAULT_SESSION, name)
+    matches = [full for full in names if full.partition(".")[2] == name]
+    if len(matches) > 1:
+        raise _UsageError("job %r is in %d sessions (%s); say which, as session.job"
+                          % (name, len(matches), ", ".join(matches)))
+    return matches[0] if matches else "%s.%s" % (_DEFAULT_SESSION, name)  # unknown: the server says so
+
+
+def _job_path(name, args):
+    """/jobs/SESSION/JOB of the job a user named (a bare name asks the server which session has it)."""
     try:
+        _split_name(name)
+        if "." not in name and "/" not in name:
+            name = _resolve_job(name, _client(args).request("GET", "/jobs")["jobs"])
         session, job = _split_name(name)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
@@ -5178,28 +5238,23 @@ def _uptime(create_time):
 
 
 def _cmd_ps(args):
-    client = _client(args)
-    rows = []
-    for pid in client.request("GET", "/pids")["pids"]:
-        try:
-            info, stats = client.request("GET", "/%d" % pid), client.request("GET", "/%d/stats" % pid)
-        except _ClientError:
-            continue  # it exited between the two requests
-        rows.append({**info, "stats": stats})
+    rows = []  # one per process, and one per job that has none (stopped, fatal, scaled to 0)
+    for job in _client(args).request("GET", "/status")["jobs"]:
+        fields = {key: job[key] for key in ("state", "restarts", "last_exit", "cmd")}
+        rows += [dict(fields, job=job["name"], **proc) for proc in job["processes"]]
+        if not job["processes"]:
+            rows.append(dict(fields, job=job["name"], pid=None, os_pid=None, status=None, create_time=None,
+                             cpu=None, mem=None))
     if args.json:
         _print_json(rows)
         return 0
-    jobs = {}  # a job's restarts and last exit, asked once per job
-    for row in rows:
-        if row["name"] not in jobs:
-            try:
-                jobs[row["name"]] = client.request("GET", _job_path(row["name"]))
-            except _ClientError:  # unloaded meanwhile
-                jobs[row["name"]] = {}
-    table = [("JOB", "PID", "OS_PID", "STATE", "UPTIME", "CPU%", "MEM%", "RESTARTS", "LAST EXIT")]
-    table += [(r["name"], str(r["pid"]), str(r["os_pid"]), r["status"], _uptime(r["create_time"]),
-               str(r["stats"]["cpu"]), str(r["stats"]["mem"]), str(jobs[r["name"]].get("restarts", "-")),
-               jobs[r["name"]].get("last_exit") or "-") for r in rows]
+    table = [("JOB", "STATE", "PID", "OS_PID", "UPTIME", "CPU%", "MEM%", "RESTARTS", "LAST EXIT", "COMMAND")]
+    for r in rows:
+        running = r["pid"] is not None
+        table.append((r["job"], r["state"] if not running or r["status"] == "ready" else r["status"],
+                      str(r["pid"]) if running else "-", str(r["os_pid"]) if running else "-",
+                      _uptime(r["create_time"]) if running else "-", str(r["cpu"]) if running else "-",
+                      str(r["mem"]) if running else "-", str(r["restarts"]), r["last_exit"] or "-", r["cmd"]))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -5207,16 +5262,25 @@ def _cmd_ps(args):
 
 
 def _cmd_status(args):
-    info = _client(args).request("GET", _job_path(args.job))
-    _report(args, info, "%s: %s, %d running (%d committed, %d ready), target %d, pids %s" % (
-        info["name"], "active" if info["active"] else "stopped", info["running"], info["running_out"],
-        info["ready"], info["max_processes"], " ".join(map(str, info["processes"])) or "-"))
+    jobs = _client(args).request("GET", "/status")["jobs"]
+    if args.job:
+        name = _resolve_job(args.job, [job["name"] for job in jobs])
+        jobs = [job for job in jobs if job["name"] == name]
+        if not jobs:
+            raise _ClientError("job %r not found (404)" % name)
+    if args.json:
+        _print_json(jobs)
+        return 0
+    for job in jobs:
+        print("%s: %s, %d of %d running, %d ready, %d restarts, last exit %s, pids %s: %s" % (
+            job["name"], job["state"], job["running"], job["target"], job["ready"], job["restarts"],
+            job["last_exit"] or "-", " ".join(str(p["pid"]) for p in job["processes"]) or "-", job["cmd"]))
     return 0
 
 
 def _cmd_wait(args):
     """Exit 0 once every counted process of the job is ready; 1 on timeout, or if the job stops or goes."""
-    client, path = _client(args), _job_path(args.job)
+    client, path = _client(args), _job_path(args.job, args)
     deadline = time.monotonic() + args.timeout
     delay = 0.01
     while True:
@@ -5246,7 +5310,7 @@ def _cmd_scale(args):
     count = args.count.strip()
     if not re.fullmatch(r"[+-]?[0-9]+", count):
         raise _UsageError("scale: N, +N or -N expected, got %r" % args.count)
-    result = _client(args).request("POST", _job_path(args.job) + "/numprocesses",
+    result = _client(args).request("POST", _job_path(args.job, args) + "/numprocesses",
                                    {"scale": count if count[0] in "+-" else "=" + count})
     _report(args, result, "%s: %d" % (args.job, result["numprocesses"]))
     return 0
@@ -5255,7 +5319,7 @@ def _cmd_scale(args):
 def _client_state(args, state):
     jobs = getattr(args, "processes", None) or [args.job]
     for job in jobs:
-        result = _client(args).request("POST", _job_path(job) + "/state", {"state": state})
+        result = _client(args).request("POST", _job_path(job, args) + "/state", {"state": state})
         _report(args, result, "%s: %s" % (job, state))
     return 0
 
@@ -5267,7 +5331,7 @@ def _cmd_shutdown(args):
 
 
 def _cmd_kill(args):
-    path = "/%s" % args.target if _is_number(args.target) else _job_path(args.target)
+    path = "/%s" % args.target if _is_number(args.target) else _job_path(args.target, args)
     try:
         _signum(args.signal)
     except ValueError as exc:
@@ -5295,7 +5359,7 @@ def _cmd_load(args):
 
 
 def _cmd_unload(args):
-    result = _client(args).request("DELETE", _job_path(args.job))
+    result = _client(args).request("DELETE", _job_path(args.job, args))
     _report(args, result, "unloaded %s" % args.job)
     return 0
 
@@ -5456,8 +5520,8 @@ def _parser():
 
     command("ps", _cmd_ps, "list the running processes", client=True)
     command("shutdown", _cmd_shutdown, "stop a running serve (or start --http) gracefully", client=True)
-    sub = command("status", _cmd_status, "show a job", client=True)
-    sub.add_argument("job")
+    sub = command("status", _cmd_status, "show every job, or one, with its state", client=True)
+    sub.add_argument("job", nargs="?", help="a job: web (in any session, when only one has it) or batch.web")
     sub = command("scale", _cmd_scale, "set (N) or change (+N, -N) a job's number of processes", client=True)
     sub.add_argument("job")
     sub.add_argument("count", metavar="N|+N|-N")

@@ -523,6 +523,25 @@ class ManagerTest(ManagerTestCase):
         self.assertEqual(self.m.loop.call(lambda: self.m.scale("inline", 40)), 40)
         self.assertEqual(len(self.m.pids("inline")), 40)
 
+    def test_status_lists_every_job_with_its_state(self):
+        false = shutil.which("false")
+        self.load("up")
+        self.load("idle", 0)
+        self.load("off")
+        self.m.stop_job("off")
+        self.m.load(gaffer.ProcessConfig("fatal", false, flapping=dict(attempts=2, window=30, max_retry=0)))
+        self.m.load(gaffer.ProcessConfig("crash", false))
+        states = lambda: {job["name"]: job["state"] for job in self.m.status()}
+        wait_until(lambda: states()["default.fatal"] == "fatal" and states()["default.crash"] == "backoff",
+                   what="a flapping job given up, a crash loop backing off")
+        self.assertEqual(states(), {"default.up": "running", "default.idle": "running", "default.off": "stopped",
+                                    "default.fatal": "fatal", "default.crash": "backoff"})
+        up = [job for job in self.m.status() if job["name"] == "default.up"][0]
+        self.assertEqual((up["running"], up["target"], up["ready"], up["cmd"]), (1, 1, 1, " ".join([PY] + SLEEP)))
+        self.assertEqual([p["pid"] for p in up["processes"]], self.m.pids("up"))
+        self.m.start_job("fatal")
+        self.assertNotEqual(states()["default.fatal"], "fatal", "started by hand: no longer given up")
+
     def test_stop_job_and_start_job(self):
         self.load("w", 2)
         self.m.scale("w", 1)
@@ -1645,19 +1664,19 @@ class ReadinessTest(ManagerTestCase):
 
     def test_tcp_and_http_checks_wait_for_the_port(self):
         cases = [("tcp", "tcp:$PORT", {}), ("tcp-host", "tcp:127.0.0.1:$PORT", {}),
-                 ("http", "http://127.0.0.1:${PORT}/health", {})]
-        for name, check, env in cases:
+                 ("http", "http://127.0.0.1:${PORT}/health", {}), ("failing", "http://127.0.0.1:$PORT/",
+                                                                  {"STATUS": "503"})]
+        ports = {}
+        for name, check, env in cases:  # all at once: each listens 0.3 s after its spawn
+            ports[name] = free_port()
+            self.load(name, code=LISTEN_LATE, ready=check, env={"PORT": str(ports[name]), **env})
+            pid = self.m.pids(name)[0]
+            self.assertEqual(self.m.get_process(pid).status, "starting")
+            self.assertEqual(self.m.info(name)["ready"], 0)
+        for name, check, env in cases[:3]:
             with self.subTest(check=check):
-                port = free_port()
-                self.load(name, code=LISTEN_LATE, ready=check, env={"PORT": str(port), **env})
-                pid = self.m.pids(name)[0]
-                self.assertEqual(self.m.get_process(pid).status, "starting")
-                self.assertEqual(self.m.info(name)["ready"], 0)
                 self.assert_ready_after(name, 0.3)
-                socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()  # open when ready
-        port = free_port()
-        self.load("failing", code=LISTEN_LATE, ready="http://127.0.0.1:$PORT/", env={"PORT": str(port),
-                                                                                    "STATUS": "503"})
+                socket.create_connection(("127.0.0.1", ports[name]), timeout=TIMEOUT).close()  # open when ready
         with self.assertRaisesRegex(TimeoutError, r"'default.failing' is not ready after 0.5s: 0 of 1"):
             self.m.wait_ready("failing", timeout=0.5)
 
@@ -3234,7 +3253,7 @@ class ServeTest(CommandLineTestCase):
         return gaffer._Client("unix:" + self.sock, None).request("GET", "/jobs")["jobs"]
 
     def pids(self, job="default.a"):
-        return gaffer._Client("unix:" + self.sock, None).request("GET", gaffer._job_path(job) + "/pids")["pids"]
+        return gaffer._Client("unix:" + self.sock, None).request("GET", "/jobs/%s/pids" % job.replace(".", "/"))["pids"]
 
     def json_config(self, jobs):
         return self.write("gaffer.json", json.dumps({"jobs": jobs}))
@@ -3322,12 +3341,14 @@ class ServeTest(CommandLineTestCase):
         self.server = self.serve(self.json_config([self.job("a", args=["-S", "-c", code], redirect_output=["out"])]))
         self.record_leaders()
         ps = self.client("ps").stdout.splitlines()
-        self.assertEqual(ps[0].split(), ["JOB", "PID", "OS_PID", "STATE", "UPTIME", "CPU%", "MEM%", "RESTARTS",
-                                         "LAST", "EXIT"])
-        self.assertEqual(ps[1].split()[:2], ["default.a", "1"])
-        self.assertEqual(ps[1].split()[-2:], ["0", "-"], "no restart, no exit yet")
-        self.assertEqual(json.loads(self.client("ps", "--json").stdout)[0]["pid"], 1)
-        self.assertIn("default.a: active, 1 running", self.client("status", "a").stdout)
+        self.assertEqual(ps[0].split(), ["JOB", "STATE", "PID", "OS_PID", "UPTIME", "CPU%", "MEM%", "RESTARTS",
+                                         "LAST", "EXIT", "COMMAND"])
+        self.assertEqual(ps[1].split()[:3], ["default.a", "running", "1"])
+        self.assertEqual(ps[1].split()[7:10], ["0", "-", PY], "no restart, no exit yet, then the command")
+        row = json.loads(self.client("ps", "--json").stdout)[0]
+        self.assertEqual((row["pid"], row["job"], row["state"]), (1, "default.a", "running"))
+        self.assertNotIn("env", row, "never the environment")
+        self.assertIn("default.a: running, 1 of 1 running, 1 ready, 0 restarts", self.client("status", "a").stdout)
         self.assertEqual(self.client("scale", "a", "3").stdout.strip(), "a: 3", "N sets the count")
         self.assertEqual(self.client("scale", "a", "+1").stdout.strip(), "a: 4")
         self.assertEqual(self.client("scale", "a", "-2").stdout.strip(), "a: 2")
@@ -3448,7 +3469,7 @@ class ServeTest(CommandLineTestCase):
         result = self.client("wait", "never", check=False)
         self.assertEqual((result.returncode, result.stderr.strip()), (1, "gaffer: default.never is stopped"))
         result = self.client("status", "a")
-        self.assertIn("1 running (0 committed, 1 ready)", result.stdout)
+        self.assertIn("default.a: running, 1 of 1 running, 1 ready", result.stdout)
 
     def test_tcp_with_allow_host_and_client_commands(self):
         config = self.json_config([self.job("a")])
@@ -3487,9 +3508,25 @@ class ServeTest(CommandLineTestCase):
         self.assertIn("missing or wrong bearer token (401)", result.stderr)
         result = self.gaffer("status", "a", "--http", "unix:" + self.sock, env={"GAFFER_TOKEN": "t0ken"})
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("default.a: active", result.stdout)
+        self.assertIn("default.a: running", result.stdout)
         os_pid = gaffer._Client("unix:" + self.sock, "t0ken").request("GET", "/1")["os_pid"]
         self.session_leaders.add(os_pid)
+
+    def test_names_resolve_in_any_session_when_unique(self):
+        self.write("gaffer.json", json.dumps({"jobs": [
+            self.job("a"), self.job("u", session="batch"), self.job("w", session="batch"),
+            self.job("w", session="other")]}))
+        self.serve(os.path.join(self.tmp, "gaffer.json"))
+        self.record_leaders()
+        self.assertIn("batch.u: running", self.client("status", "u").stdout)
+        self.assertEqual(self.client("stop", "u").returncode, 0)
+        self.assertIn("batch.u: stopped", self.client("status", "batch.u").stdout)
+        result = self.client("status", "w", check=False)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.strip(), "gaffer: job 'w' is in 2 sessions (batch.w, other.w); "
+                                                "say which, as session.job")
+        ps = self.client("ps").stdout
+        self.assertRegex(ps, r"batch\.u +stopped +- +- ", "a stopped job has its row")
 
     def test_client_errors(self):
         self.serve(self.json_config([self.job("a")]))
