@@ -105,6 +105,7 @@ _log = logging.getLogger("gaffer")
 # Fixed numbers of the machinery, and what this platform can do, probed once.
 
 _DEFAULT_SESSION = "default"
+_DEFAULT_HTTP = "127.0.0.1:4999"                # the control address: below the Procfile ports (5000 up)
 _BACKOFF_FIRST, _BACKOFF_JITTER = 0.1, 0.2      # a crash loop's second respawn waits 0.1 s, then twice as long..., +-20 %
 _POLL_MIN, _POLL_MAX = 0.001, 0.05              # child polling where pidfds are missing
 _READ_MIN, _READ_MAX = 1 << 16, 1 << 20        # a channel's reads start small, grow when it is busy
@@ -3994,10 +3995,10 @@ class HttpHandler:
         request_timeout: seconds a client has to send a request (line, headers and
             body), and the longest a keep-alive connection may stay idle.
 
-    Use: ``manager.start(apps=[HttpHandler("127.0.0.1:5000")])``.
+    Use: ``manager.start(apps=[HttpHandler("127.0.0.1:4999")])``.
     """
 
-    def __init__(self, address="127.0.0.1:5000", token=None, max_body=1 << 20, allowed_hosts=(),
+    def __init__(self, address=_DEFAULT_HTTP, token=None, max_body=1 << 20, allowed_hosts=(),
                  allowed_origins=(), max_connections=64, request_timeout=10.0):
         self.family, self.address = _parse_address(address)
         if self.family != socket.AF_UNIX and not _is_loopback(self.address[0]) and not token:
@@ -4834,7 +4835,7 @@ def _run_foreground(configs, args, keep_alive):
 def _http_app(args, address=None, token=None):
     """The HTTP app of a serving command: its --http, --token and --allow-host over the config's."""
     try:
-        return HttpHandler(args.http or address or "127.0.0.1:5000",
+        return HttpHandler(args.http or address or _DEFAULT_HTTP,
                            args.token or token or os.environ.get("GAFFER_TOKEN"),
                            allowed_hosts=args.allow_host or ())
     except ValueError as exc:
@@ -5151,6 +5152,11 @@ class _Client:
         except (OSError, self.http.HTTPException) as exc:
             raise _ClientError("cannot reach gaffer at %s: %s" % (self.text, getattr(exc, "strerror", None) or exc)) \
                 from None
+        server = response.getheader("Server") or ""
+        if not server.startswith("gaffer/"):  # another program on that port: say so, not what it answered
+            connection.close()
+            raise _ClientError("%s is not a gaffer server (it answered HTTP %d, Server: %s)"
+                               % (self.text, response.status, server or "not given"))
         if response.status >= 400:
             try:
                 reason = _json_value(response.read())["error"]
@@ -5217,7 +5223,7 @@ def _job_path(name, args):
 
 
 def _client(args):
-    return _Client(args.http or "127.0.0.1:5000", args.token or os.environ.get("GAFFER_TOKEN"))
+    return _Client(args.http or _DEFAULT_HTTP, args.token or os.environ.get("GAFFER_TOKEN"))
 
 
 def _print_json(value):
@@ -5463,7 +5469,7 @@ def _parser():
         sub.set_defaults(fn=fn)
         if client:
             sub.add_argument("--http", metavar="ADDR",
-                             help="the server (default 127.0.0.1:5000; unix:/path and http://HOST:PORT work)")
+                             help="the server (default %s; unix:/path and http://HOST:PORT work)" % _DEFAULT_HTTP)
             sub.add_argument("--token", help="bearer token (default: $GAFFER_TOKEN)")
             sub.add_argument("--json", action="store_true", help="print raw JSON")
         return sub
@@ -5512,7 +5518,7 @@ def _parser():
 
     sub = command("serve", _cmd_serve, "run a daemon from a JSON or INI config, with the HTTP controller on")
     sub.add_argument("-c", "--config", required=True, metavar="FILE")
-    sub.add_argument("--http", metavar="ADDR", help="address (default: the config's, else 127.0.0.1:5000)")
+    sub.add_argument("--http", metavar="ADDR", help="address (default: the config's, else %s)" % _DEFAULT_HTTP)
     sub.add_argument("--token", help="require this bearer token (default: the config's or $GAFFER_TOKEN)")
     allow_host(sub)
     init_option(sub)

@@ -3540,6 +3540,20 @@ class ServeTest(CommandLineTestCase):
         result = self.gaffer("ps", "--http", "127.0.0.1:1")
         self.assertEqual(result.returncode, 1)
         self.assertRegex(result.stderr, r"^gaffer: cannot reach gaffer at 127.0.0.1:1: .*refused")
+        import http.server
+        other = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+        server = threading.Thread(target=other.serve_forever)
+        server.start()
+        try:
+            address = "127.0.0.1:%d" % other.server_address[1]
+            result = self.gaffer("ps", "--http", address)
+        finally:
+            other.shutdown()
+            server.join()
+            other.server_close()
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr.strip(), r"^gaffer: %s is not a gaffer server \(it answered HTTP 404, "
+                                                r"Server: SimpleHTTP/[\d.]+ Python/[\d.]+\)$" % address)
 
 
 class ExportTest(CommandLineTestCase):
