@@ -5387,12 +5387,25 @@ def _cmd_logs(args):
 
 # -- export: unit files for a system manager
 
-def _systemd_quote(text):
-    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+def _systemd_quote(text, command=False):
+    """A systemd.syntax(7) quoted word: % specifiers everywhere, and $ expansion in Exec lines only."""
+    text = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return '"%s"' % (text.replace("$", "$$") if command else text)
 
 
 def _supervisor_quote(text):
+    """A word of a supervisord command= (split as a POSIX shell does), with % doubled for its config parser."""
     return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+
+
+def _supervisor_env(key, value):
+    """KEY="value" for supervisord's environment=, whose parser (shlex, not POSIX) has no escapes: the
+    value goes in the quotes it does not contain, and one it cannot carry is a one-line error."""
+    for quote in ('"', "'"):
+        if quote not in value and not value.endswith(("'", '"')) and not value.startswith(("'", '"')):
+            return "%s=%s%s%s" % (key, quote, value.replace("%", "%%"), quote)
+    raise _UsageError("export supervisord: the value of %s cannot be written for supervisord (it has both "
+                      "quote kinds, or starts or ends with one): %r" % (key, value))
 
 
 def _cmd_export(args):
@@ -5402,13 +5415,19 @@ def _cmd_export(args):
     counts = _parse_concurrency(args.concurrency, [name for name, _ in entries])
     app = args.app or re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(os.path.dirname(procfile))) or "app"
     cwd = os.path.dirname(procfile)
+    # The exporting shell's PATH goes along, so that "python3" in the Procfile is the same program there.
+    env = {"PATH": os.environ.get("PATH", os.defpath), **env}
     instances = [(name, number, command, {**env, "PORT": str(args.port + 100 * index + number - 1)})
                  for index, (name, command) in enumerate(entries) for number in range(1, counts.get(name, 1) + 1)]
-    os.makedirs(args.output, exist_ok=True)
+    output = os.path.abspath(args.output)
     written = []
 
     def write(filename, text):
-        path = os.path.join(args.output, filename)
+        path = os.path.join(output, filename)
+        if args.dry_run:
+            print("==> %s <==\n%s" % (path, text))
+            return
+        os.makedirs(output, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         written.append(path)
@@ -5421,7 +5440,7 @@ def _cmd_export(args):
             lines = ["[Unit]", "Description=%s %s.%d" % (app, name, number), "PartOf=%s.target" % app, "",
                      "[Service]", "WorkingDirectory=%s" % cwd]
             lines += ["Environment=%s" % _systemd_quote("%s=%s" % item) for item in sorted(variables.items())]
-            lines += ["ExecStart=/bin/sh -c %s" % _systemd_quote(command), "Restart=always",
+            lines += ["ExecStart=/bin/sh -c %s" % _systemd_quote(command, command=True), "Restart=always",
                       "KillMode=control-group", "TimeoutStopSec=%g" % args.graceful_timeout]
             if args.user:
                 lines.append("User=%s" % args.user)
@@ -5436,15 +5455,21 @@ def _cmd_export(args):
             program = "%s-%s-%d" % (app, name, number)
             programs.append(program)
             lines += ["[program:%s]" % program, "command=/bin/sh -c %s" % _supervisor_quote(command),
-                      "directory=%s" % cwd,
-                      "environment=%s" % ",".join("%s=%s" % (k, _supervisor_quote(v)) for k, v in
-                                                  sorted(variables.items())),
+                      "directory=%s" % cwd.replace("%", "%%"),
+                      "environment=%s" % ",".join(_supervisor_env(k, v) for k, v in sorted(variables.items())),
                       "autostart=true", "autorestart=true", "stopasgroup=true", "killasgroup=true",
                       "stopwaitsecs=%g" % args.graceful_timeout, "redirect_stderr=true"]
             if args.user:
                 lines.append("user=%s" % args.user)
             lines.append("")
         lines += ["[group:%s]" % app, "programs=%s" % ",".join(programs), ""]
+        if not args.fragment:  # a whole config that "supervisord -c FILE" starts as it is
+            here = output.replace("%", "%%")
+            lines = ["[supervisord]", "logfile=%s/supervisord.log" % here, "pidfile=%s/supervisord.pid" % here,
+                     "childlogdir=%s" % here, "", "[unix_http_server]", "file=%s/supervisor.sock" % here, "",
+                     "[rpcinterface:supervisor]",
+                     "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
+                     "[supervisorctl]", "serverurl=unix://%s/supervisor.sock" % here, ""] + lines
         write("%s.conf" % app, "\n".join(lines))
     for path in written:
         print("wrote %s" % path)
@@ -5557,6 +5582,9 @@ def _parser():
     sub.add_argument("-o", "--output", required=True, metavar="DIR")
     sub.add_argument("-a", "--app", help="application name (default: the Procfile's directory)")
     sub.add_argument("-u", "--user", help="run the processes as this user")
+    sub.add_argument("--fragment", action="store_true",
+                     help="supervisord: only the programs and their group, for an [include] (default: a whole config)")
+    sub.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
     return parser
 
 

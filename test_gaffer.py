@@ -3561,27 +3561,39 @@ class ExportTest(CommandLineTestCase):
 
     def test_systemd_and_supervisord(self):
         self.write("Procfile", "web: python3 -m http.server $PORT\nworker: ./work --level=100%\n")
-        self.write(".env", "TOKEN=abc\n")
+        self.write(".env", "TOKEN=abc\nWEIRD='a\"b\\c%d$e,f=g'\n")
         out = os.path.join(self.tmp, "out")
-        result = self.gaffer("export", "systemd", "-c", "web=2", "-o", out, "-a", "shop")
+        result = self.cli("export", "systemd", "-c", "web=2", "-o", out, "-a", "shop")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sorted(os.listdir(out)), ["shop-web-1.service", "shop-web-2.service",
                                                    "shop-worker-1.service", "shop.target"])
         unit = read_text(os.path.join(out, "shop-web-2.service"))
         self.assertIn('Environment="PORT=5001"', unit)
         self.assertIn('Environment="TOKEN=abc"', unit)
+        self.assertIn('Environment="WEIRD=a\\"b\\\\c%%d$e,f=g"', unit, "no $ expansion in Environment=: no $$")
+        self.assertIn('Environment="PATH=%s"' % os.environ["PATH"], unit, "the exporting shell's PATH")
         self.assertIn("WorkingDirectory=%s" % self.tmp, unit)
         self.assertIn('ExecStart=/bin/sh -c "python3 -m http.server $$PORT"', unit)
         self.assertIn('"./work --level=100%%"', read_text(os.path.join(out, "shop-worker-1.service")))
         self.assertIn("Wants=shop-web-1.service shop-web-2.service shop-worker-1.service",
                       read_text(os.path.join(out, "shop.target")))
-        result = self.gaffer("export", "supervisord", "-c", "web=2", "-o", out, "-a", "shop")
+        result = self.cli("export", "supervisord", "-c", "web=2", "-o", out, "-a", "shop")
         self.assertEqual(result.returncode, 0, result.stderr)
         conf = read_text(os.path.join(out, "shop.conf"))
-        self.assertIn("[program:shop-web-2]", conf)
-        self.assertIn('environment=PORT="5001",TOKEN="abc"', conf)
+        for section in ("[supervisord]", "[unix_http_server]", "[rpcinterface:supervisor]", "[supervisorctl]",
+                        "[program:shop-web-2]", "[group:shop]"):
+            self.assertIn("\n%s\n" % section, "\n" + conf)
+        self.assertRegex(conf, r'environment=PATH="[^"]*",PORT="5001",TOKEN="abc",WEIRD=\'a"b\\c%%d\$e,f=g\'\n')
         self.assertIn("programs=shop-web-1,shop-web-2,shop-worker-1", conf)
         self.assertIn("stopasgroup=true", conf)
+        fragment = self.cli("export", "supervisord", "--fragment", "--dry-run", "-o", out, "-a", "frag")
+        self.assertEqual(fragment.returncode, 0, fragment.stderr)
+        self.assertTrue(fragment.stdout.startswith("==> %s <==\n[program:frag-web-1]" % os.path.join(out, "frag.conf")))
+        self.assertFalse(os.path.exists(os.path.join(out, "frag.conf")), "a dry run writes nothing")
+        self.write(".env", "LEAD='\"quoted'\n")  # supervisord's parser strips quotes at the ends: refused
+        result = self.cli("export", "supervisord", "-o", out)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("the value of LEAD cannot be written for supervisord", result.stderr)
 
 
 # -- Init mode: gaffer as a container's PID 1 --------------------------------------
