@@ -4892,8 +4892,10 @@ def _procfile_configs(args):
 
 
 def _cmd_start(args):
-    if args.procfile is None and not os.path.exists("Procfile") and args.processes:
-        return _client_state(args, "start")  # no Procfile here: start JOB on a running gaffer
+    # The rule (in --help): JOBs with --http and no -f ask that server, Procfile or not; JOBs with
+    # neither --http nor a Procfile here ask the default server; anything else runs the Procfile.
+    if args.processes and args.procfile is None and (args.http or not os.path.exists("Procfile")):
+        return _client_state(args, "start")
     return _run_foreground(_procfile_configs(args), args, args.keep_alive)
 
 
@@ -5517,8 +5519,9 @@ def _parser():
         sub.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S",
                          help="seconds between SIGTERM and SIGKILL (default 5)")
 
-    sub = command("start", _cmd_start, "run a Procfile in the foreground, like honcho; with no Procfile here, "
-                  "'start JOB' asks a running gaffer to start a job", client=True)
+    sub = command("start", _cmd_start, "run a Procfile in the foreground, like honcho. 'start JOB... --http ADDR' "
+                  "(without -f) asks that running gaffer to start the jobs instead, and so does 'start JOB...' "
+                  "where there is no Procfile; with -f, JOBs are the Procfile's processes to run", client=True)
     procfile_options(sub)
     sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
     sub.add_argument("--keep-alive", action="store_true", help="restart processes that exit (default: stop all)")

@@ -3356,7 +3356,8 @@ class ServeTest(CommandLineTestCase):
         self.record_leaders()
         self.client("stop", "a")
         self.assertEqual(self.pids(), [])
-        self.client("start", "a")  # no Procfile here: asks the server
+        self.write("Procfile", "a: false\n")  # JOB with --http asks the server, even next to a Procfile
+        self.client("start", "a")
         self.assertEqual(len(self.pids()), 2, "the scaled count, kept across stop and start")
         self.client("reload", "a")
         self.record_leaders()
