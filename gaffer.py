@@ -5424,14 +5424,16 @@ def _cmd_export(args):
     output = os.path.abspath(args.output)
     written = []
 
-    def write(filename, text):
+    def write(filename, text, executable=False):
         path = os.path.join(output, filename)
         if args.dry_run:
             print("==> %s <==\n%s" % (path, text))
             return
-        os.makedirs(output, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
+        if executable:
+            os.chmod(path, 0o755)
         written.append(path)
 
     if args.format == "systemd":
@@ -5451,6 +5453,28 @@ def _cmd_export(args):
         write("%s.target" % app, "\n".join(["[Unit]", "Description=%s (exported by gaffer)" % app,
                                             "Wants=%s" % " ".join(units), "", "[Install]",
                                             "WantedBy=multi-user.target", ""]))
+    elif args.format == "runit":  # a service directory each: DIR/APP-NAME-N/run, and log/run for svlogd
+        for name, number, command, variables in instances:
+            service = "%s-%s-%d" % (app, name, number)
+            user = "chpst -u %s " % shlex.quote(args.user) if args.user else ""
+            run = ["#!/bin/sh", "cd %s" % shlex.quote(cwd)]
+            run += ["export %s=%s" % (key, shlex.quote(value)) for key, value in sorted(variables.items())]
+            run += ["exec 2>&1", "exec %s/bin/sh -c %s" % (user, shlex.quote(command)), ""]
+            write(os.path.join(service, "run"), "\n".join(run), executable=True)
+            write(os.path.join(service, "log", "run"), "#!/bin/sh\nmkdir -p ./main\nexec svlogd -tt ./main\n",
+                  executable=True)
+    elif args.format == "launchd":  # a property list each, for ~/Library/LaunchAgents or /Library/LaunchDaemons
+        import plistlib
+        for name, number, command, variables in instances:
+            label = "%s.%s.%d" % (app, name, number)
+            plist = {"Label": label, "ProgramArguments": ["/bin/sh", "-c", command], "WorkingDirectory": cwd,
+                     "EnvironmentVariables": dict(variables), "RunAtLoad": True, "KeepAlive": True,
+                     "ExitTimeOut": int(args.graceful_timeout + 0.999),
+                     "StandardOutPath": os.path.join(output, label + ".log"),
+                     "StandardErrorPath": os.path.join(output, label + ".log")}
+            if args.user:
+                plist["UserName"] = args.user
+            write(label + ".plist", plistlib.dumps(plist).decode())
     else:
         lines, programs = [], []
         for name, number, command, variables in instances:
@@ -5579,8 +5603,9 @@ def _parser():
     sub.add_argument("pid", type=int)
     sub.add_argument("label", nargs="?", default="out", help="the output or stream label (default out)")
 
-    sub = command("export", _cmd_export, "write systemd units or a supervisord config from a Procfile")
-    sub.add_argument("format", choices=["systemd", "supervisord"])
+    sub = command("export", _cmd_export, "write systemd units, a supervisord config, runit services or launchd "
+                  "property lists from a Procfile")
+    sub.add_argument("format", choices=["systemd", "supervisord", "runit", "launchd"])
     procfile_options(sub)
     sub.add_argument("-o", "--output", required=True, metavar="DIR")
     sub.add_argument("-a", "--app", help="application name (default: the Procfile's directory)")

@@ -3596,6 +3596,25 @@ class ExportTest(CommandLineTestCase):
         self.assertEqual(result.returncode, 2)
         self.assertIn("the value of LEAD cannot be written for supervisord", result.stderr)
 
+    def test_runit_and_launchd(self):
+        self.write("Procfile", "w: printf '%s|%s' \"$WEIRD\" \"$PORT\" > got.txt\n")
+        self.write(".env", "WEIRD='a\"b\\c%d$e,f=g'\n")
+        out = os.path.join(self.tmp, "out")
+        result = self.cli("export", "runit", "-o", out, "-a", "shop")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        run = os.path.join(out, "shop-w-1", "run")
+        self.assertTrue(os.access(run, os.X_OK) and os.access(os.path.join(out, "shop-w-1", "log", "run"), os.X_OK))
+        subprocess.run([run], timeout=TIMEOUT, check=True)  # what runsv does: the values arrive intact
+        self.assertEqual(read_text(os.path.join(self.tmp, "got.txt")), 'a"b\\c%d$e,f=g|5000')
+        result = self.cli("export", "launchd", "-o", out, "-a", "shop", "-u", "www")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        import plistlib
+        with open(os.path.join(out, "shop.w.1.plist"), "rb") as f:
+            plist = plistlib.load(f)
+        self.assertEqual((plist["Label"], plist["ProgramArguments"][:2], plist["UserName"], plist["KeepAlive"]),
+                         ("shop.w.1", ["/bin/sh", "-c"], "www", True))
+        self.assertEqual(plist["EnvironmentVariables"]["WEIRD"], 'a"b\\c%d$e,f=g')
+        self.assertEqual(plist["WorkingDirectory"], self.tmp)
 
 # -- Init mode: gaffer as a container's PID 1 --------------------------------------
 
