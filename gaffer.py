@@ -106,7 +106,7 @@ _log = logging.getLogger("gaffer")
 
 _DEFAULT_SESSION = "default"
 _DEFAULT_HTTP = "127.0.0.1:4999"                # the control address: below the Procfile ports (5000 up)
-_BACKOFF_FIRST, _BACKOFF_JITTER = 0.1, 0.2      # a crash loop's second respawn waits 0.1 s, then twice as long..., +-20 %
+_DEFAULT_HTTP = "127.0.0.1:4999"                # the control address: under the Procfile ports (5000 up)
 _POLL_MIN, _POLL_MAX = 0.001, 0.05              # child polling where pidfds are missing
 _READ_MIN, _READ_MAX = 1 << 16, 1 << 20        # a channel's reads start small, grow when it is busy
 _DRAIN_LIMIT = 1 << 26                          # bytes read from a process's pipes once it exited
@@ -305,21 +305,24 @@ def _live_groups(pgids):
     if not pgids:
         return pgids
     try:
-        entries = os.listdir("/proc")
+        table = _proc_table()
     except OSError:
         return pgids
-    live = set()
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry, "rb") as f:
-                fields = f.read().rpartition(b")")[2].split()
-        except OSError:  # gone meanwhile
-            continue
-        if fields[0] != b"Z" and int(fields[2]) in pgids:
-            live.add(int(fields[2]))
-    return live
+    return {pgid for _, pgid, state in table.values() if state != b"Z" and pgid in pgids}
+
+
+def _proc_table():
+    """{pid: (ppid, pgid, state)} of every process, from /proc (OSError without it)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()
+            except OSError:  # gone meanwhile
+                continue
+            table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
 
 
 def _send_signal(pid, sig, group):
@@ -1281,16 +1284,9 @@ def _escaped(leaders, marks):
     among the processes that init (or this process, a subreaper) adopted, those whose environment
     carries one of `marks` ({b"GAFFER_PROCESS=...": leader}) with their own descendants.
     """
-    table, children = {}, collections.defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry, "rb") as f:
-                    fields = f.read().rpartition(b")")[2].split()
-            except OSError:  # gone meanwhile
-                continue
-            table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
-            children[int(fields[1])].append(int(entry))
+    table, children = _proc_table(), collections.defaultdict(list)
+    for pid, (ppid, _, _) in table.items():
+        children[ppid].append(pid)
     roots = {leader: leader for leader in leaders}
     me = os.getpid()
     for pid, (ppid, pgid, state) in table.items():
@@ -1825,6 +1821,8 @@ class _Job:
     fatal: bool = False
     #: the next batch of a large spawn, on the next loop turn
     spawn_timer: _Timer | None = None
+    #: what a call that waits (load, scale, start_job) spawned in its earlier batches: a failure stops them all
+    spawning: list | None = None
     #: respawns waiting out their backoff: each holds a slot (_Backoff)
     backoff: list = dataclasses.field(default_factory=list)
     #: slots left empty by the restart policy, until start_job, reload or scale
@@ -2096,7 +2094,7 @@ class Manager:
         # Names it on the machine (in GAFFER_PROCESS of its processes, and its cgroup): PID 1 is in every container.
         self._token = "%d-%d-%s" % (os.getpid(), next(_serials), os.urandom(3).hex())
         self._sweeps = []         # processes stopped in this loop turn, whose escaped descendants are sought
-        self._spawn_waiters = []  # (job, Future, result) of calls that return once a large spawn is done
+        self._spawn_waiters = []  # (job, Future, result, undo) of calls that return once a large spawn is done
         self._adopted = {}        # os pid -> pidfd of an adopted descendant, reaped when it exits (subreaper)
 
     def __repr__(self):
@@ -2585,13 +2583,16 @@ class Manager:
         self._sessions.setdefault(session, jobs)[config.name] = job
         self._publish({"name": job.name}, "load")
         if start:
+            def undo(exc):
+                if self._loaded(job):  # a listener may have unloaded it already
+                    self._unload(job)
+                return ProcessError(exc.errno, "%s; the job was not loaded" % exc.reason)
+
             try:
                 self._start_job(job)
             except ProcessError as exc:
-                if self._loaded(job):  # a listener may have unloaded it already
-                    self._unload(job)
-                raise ProcessError(exc.errno, "%s; the job was not loaded" % exc.reason) from exc
-            return self._once_spawned(job, None)
+                raise undo(exc) from exc
+            return self._once_spawned(job, None, undo)
 
     def _set_limits(self, job, config):
         """Write the job's cgroup limits; ValueError (nothing changed) if this system cannot enforce them."""
@@ -2647,14 +2648,28 @@ class Manager:
                 raise
         self._publish({"name": job.name}, "update")
 
+        def undo(exc):
+            job.config, job.numprocesses, job.active = old
+            return exc
+
+        return self._once_spawned(job, None, undo)
+
     def _do_start_job(self, name):
         job = self._job(name)
+        was_active = job.active
+
+        def undo(exc):
+            if not was_active:
+                self._stop_job(job)
+                self._check_ready_waiters()
+            return exc
+
         if not job.active:  # at the count it had: a scale is not undone by a stop and a start
             self._start_job(job)
         elif job.retired:  # running: fill what the restart policy left empty
             job.retired = 0
             self._manage(job, strict=True)
-        return self._once_spawned(job, None)
+        return self._once_spawned(job, None, undo)
 
     def _do_stop_job(self, name):
         job = self._job(name)
@@ -2683,18 +2698,21 @@ class Manager:
         was_active = job.active
         if not job.active and job.numprocesses > before:
             self._activate(job)  # scaling up asks for processes: a stopped job starts, as in the seed
+        def undo(exc):  # as it was: the old count, the old processes, stopped if it was
+            job.numprocesses = before
+            if not was_active:
+                self._stop_job(job)
+            return exc
+
         if job.active:
             try:
                 self._manage(job, strict=True)
-            except ProcessError:  # as it was: the old count, the old processes, stopped if it was
-                job.numprocesses = before
-                if not was_active:
-                    self._stop_job(job)
-                raise
+            except ProcessError as exc:
+                raise undo(exc) from None
         self._publish({"name": job.name}, "update")
         self._check_ready_waiters()
         self._release_dependents()
-        return self._once_spawned(job, job.numprocesses)
+        return self._once_spawned(job, job.numprocesses, undo)
 
     def _do_status(self):
         jobs = []
@@ -3253,14 +3271,18 @@ class Manager:
             self._stop(next(iter(job.running.values())), "reap")
         if self._waiting_for(job):
             return  # spawned once every job it depends on is ready (_release_dependents)
-        spawned, started = [], time.monotonic()
+        spawned = job.spawning if strict and job.spawning is not None else []
+        job.spawning, count, started = None, 0, time.monotonic()
         while job.active and self._slots_taken(job) < job.numprocesses and not job.restart_timer:
-            if spawned and time.monotonic() - started > _SPAWN_SLICE:  # the rest on the next turns
+            if count and time.monotonic() - started > _SPAWN_SLICE:  # the rest on the next turns
                 if job.spawn_timer is None:
                     job.spawn_timer = self.loop.call_later(0, self._on_spawn_batch, job)
+                if strict:
+                    job.spawning = spawned
                 return
             try:
                 spawned.append(self._spawn(job))
+                count += 1
             except ProcessError as exc:
                 if strict:
                     self._publish({"name": job.name, "reason": exc.reason},
@@ -3272,24 +3294,34 @@ class Manager:
                 return
 
     def _on_spawn_batch(self, job):
-        """The next batch of a large spawn (a failure now backs off, as a respawn's does)."""
+        """The next batch of a large spawn.  For a call that waits, a failure stops what the call
+        spawned, undoes the call and raises in the caller, as if it had all been spawned at once."""
         if job.spawn_timer is not None:
             job.spawn_timer.cancel()
             job.spawn_timer = None
-        if self._loaded(job):
-            self._manage(job)
+        waiters = [w for w in self._spawn_waiters if w[0] is job]
+        try:
+            if self._loaded(job):
+                self._manage(job, strict=job.spawning is not None)
+        except ProcessError as exc:
+            for waiter in waiters:
+                self._spawn_waiters.remove(waiter)
+                waiter[1].set_exception(waiter[3](exc))
+            return
         if job.spawn_timer is None:
-            for waiter in [w for w in self._spawn_waiters if w[0] is job]:
+            job.spawning = None
+            for waiter in waiters:
                 self._spawn_waiters.remove(waiter)
                 waiter[1].set_result(waiter[2])
 
-    def _once_spawned(self, job, result):
-        """`result` now, or, while the job's spawn goes on in batches, a Future of it for when it is done."""
+    def _once_spawned(self, job, result, undo=lambda exc: exc):
+        """`result` now, or, while the job's spawn goes on in batches, a Future of it for when it is done;
+        if a later batch fails, undo(exc) puts the job back and returns the error to raise."""
         if job.spawn_timer is None:
             return result
         future = Future()
         future.set_running_or_notify_cancel()
-        self._spawn_waiters.append((job, future, result))
+        self._spawn_waiters.append((job, future, result, undo))
         return future
 
     def _slots_taken(self, job):
@@ -3765,7 +3797,7 @@ class Manager:
             self._cgroups.remove()  # what is still in one (after a crash) is killed
         for pidfd in self._adopted.values():  # the selector that watched them is closed
             os.close(pidfd)
-        for _, future, result in self._spawn_waiters:  # their spawns ended with the manager
+        for _, future, result, _ in self._spawn_waiters:  # their spawns ended with the manager
             future.set_result(result)
         if self._guardian is not None:
             self._dismiss_guardian(loop_closed=True)

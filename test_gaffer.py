@@ -775,6 +775,25 @@ class ManagerTest(ManagerTestCase):
         self.assertEqual(self.m.pids(), [])
         self.rec.wait_for("exit", pid=1)
 
+    def test_a_failure_in_a_later_batch_undoes_the_whole_call(self):
+        # One spawn a loop turn (as on a slow machine): load and scale still fail as one call.
+        self.addCleanup(setattr, gaffer, "_SPAWN_SLICE", gaffer._SPAWN_SLICE)
+        gaffer._SPAWN_SLICE = 0.0
+        link = os.path.join(self.tmp, "python")
+        os.symlink(PY, link)
+        self.m.events.subscribe("spawn", lambda evtype, msg: msg["pid"] == 2 and os.unlink(link))
+        with self.assertRaisesRegex(gaffer.ProcessError, "the job was not loaded"):
+            self.m.load(gaffer.ProcessConfig("w", link, args=SLEEP, numprocesses=4, graceful_timeout=2))
+        self.assertEqual((self.m.jobs(), self.m.pids()), ([], []), "the two spawned processes are stopped")
+        self.rec.wait_for("exit", count=2)
+        os.symlink(PY, link)
+        self.m.load(gaffer.ProcessConfig("w", link, args=SLEEP, numprocesses=1, graceful_timeout=2))
+        before = self.m.pids("w")
+        self.m.events.subscribe("spawn", lambda evtype, msg: msg["pid"] == before[0] + 1 and os.unlink(link))
+        with self.assertRaises(gaffer.ProcessError):
+            self.m.scale("w", 3)
+        self.assertEqual((self.m.info("w")["max_processes"], self.m.pids("w")), (1, before), "as it was")
+
     def test_a_failed_scale_keeps_the_count(self):
         link = os.path.join(self.tmp, "python")
         os.symlink(PY, link)
