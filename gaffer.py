@@ -106,7 +106,7 @@ _log = logging.getLogger("gaffer")
 
 _DEFAULT_SESSION = "default"
 _DEFAULT_HTTP = "127.0.0.1:4999"                # the control address: below the Procfile ports (5000 up)
-_DEFAULT_HTTP = "127.0.0.1:4999"                # the control address: under the Procfile ports (5000 up)
+_BACKOFF_FIRST, _BACKOFF_JITTER = 0.1, 0.2      # a crash loop's 2nd respawn waits 0.1 s, doubling, +-20 %
 _POLL_MIN, _POLL_MAX = 0.001, 0.05              # child polling where pidfds are missing
 _READ_MIN, _READ_MAX = 1 << 16, 1 << 20        # a channel's reads start small, grow when it is busy
 _DRAIN_LIMIT = 1 << 26                          # bytes read from a process's pipes once it exited
