@@ -498,7 +498,7 @@ class ManagerTest(ManagerTestCase):
 
     def test_a_large_scale_spawns_in_batches_and_the_loop_keeps_answering(self):
         self.load("other")
-        self.load("big", 0, max_processes=150)
+        self.load("big", 0, max_processes=100)
         answers, done = [], threading.Event()
 
         def ask():  # another thread's calls, meanwhile: each must be answered between two batches
@@ -511,11 +511,11 @@ class ManagerTest(ManagerTestCase):
         asker = threading.Thread(target=ask)
         asker.start()
         try:
-            self.assertEqual(self.m.scale("big", 150), 150)
+            self.assertEqual(self.m.scale("big", 100), 100)
         finally:
             done.set()
             asker.join()
-        self.assertEqual(len(self.m.pids("big")), 150, "scale returns once all are spawned")
+        self.assertEqual(len(self.m.pids("big")), 100, "scale returns once all are spawned")
         self.assertGreater(len(answers), 5, "calls were answered while it spawned")
         self.assertLess(max(answers), 0.5, "no call waited for the whole spawn")
         self.m.stop_job("big")
@@ -899,9 +899,9 @@ class ManagerTest(ManagerTestCase):
         true = shutil.which("true")
         self.m.load(gaffer.ProcessConfig("w", true, numprocesses=2, redirect_output=["out", "err"],
                                          redirect_input=True, min_uptime=0))  # no backoff: as fast as it goes
-        self.rec.wait_for("exit", count=150, timeout=90)  # a leak of one fd a cycle would show 150 times
+        self.rec.wait_for("exit", count=100, timeout=90)  # a leak of one fd a cycle would show 100 times
         self.m.stop_job("w")
-        wait_until(lambda: open_fds() <= before, what="the fds of 150 processes all closed")
+        wait_until(lambda: open_fds() <= before, what="the fds of 100 processes all closed")
 
     def test_stop_run_and_callbacks(self):
         self.load("w", 3)
@@ -3264,7 +3264,9 @@ class ServeTest(CommandLineTestCase):
         return proc
 
     def client(self, *args, check=True):
-        result = self.gaffer(*args, "--http", "unix:" + self.sock)
+        # In this process (self.cli): a client command only sends requests and prints; a program start
+        # each costs 0.1 s here.  logs and watch, and the tests of start-up itself, run as programs.
+        result = self.cli(*args, "--http", "unix:" + self.sock)
         if check:
             self.assertEqual(result.returncode, 0, result.stderr)
         return result
