@@ -2177,11 +2177,13 @@ class Manager:
             "%s failed", fn.__name__, exc_info=f.exception()))
         return True
 
-    def run(self):
+    def run(self, on_start=None):
         """Block until the manager has fully stopped (children gone, apps stopped, callbacks called).
 
         In the main thread, SIGINT and SIGTERM become stop() meanwhile, and a
-        second one kills every process at once.
+        second one kills every process at once.  on_start(), if given, is called
+        once those handlers are in place (load jobs there, so that a Ctrl-C
+        during the loads stops them too).
 
         Raises:
             RuntimeError: the manager was never started, or this is the loop thread
@@ -2202,6 +2204,8 @@ class Manager:
                 self.loop.call_soon_threadsafe(self._do_kill_all)
 
         if threading.current_thread() is not threading.main_thread():
+            if on_start is not None:
+                on_start()
             self._stopped.wait()
             return
         # The kernel may hand a signal to any thread; Python runs handlers in the main thread only,
@@ -2217,6 +2221,8 @@ class Manager:
             previous[signal.SIGCHLD] = signal.signal(
                 signal.SIGCHLD, lambda signum, frame: self.loop.call_soon_threadsafe(self._reap_adopted))
         try:
+            if on_start is not None:
+                on_start()
             while not self._stopped.is_set():
                 wake_r.recv(512)
         finally:
@@ -4853,14 +4859,19 @@ def _run_foreground(configs, args, keep_alive):
                                                                          % (msg["name"], msg["reason"])))
     _start(manager, args.http and _http_app(args))
     _forward_signals(manager, (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))
-    try:
-        for session, config in configs:
-            manager.load(config, sessionid=session)
-    except ProcessError as exc:
-        printer.line("system", str(exc))
-        first_exit.append(1)
-        manager.stop()
-    manager.run()
+
+    def load_all():  # inside run(): a Ctrl-C while the first processes start already stops them
+        try:
+            for session, config in configs:
+                manager.load(config, sessionid=session)
+        except ProcessError as exc:
+            printer.line("system", str(exc))
+            first_exit.append(1)
+            manager.stop()
+        except RuntimeError:  # stopped by a signal while loading
+            pass
+
+    manager.run(on_start=load_all)
     return first_exit[0] if first_exit else 0
 
 
@@ -5136,14 +5147,18 @@ def _cmd_serve(args):
 
     _forward_signals(manager, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))  # SIGHUP reloads the config
     previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
-    try:
+    def load_all():  # inside run(): SIGTERM while loading stops what is loaded
         for session, config in configs:
             try:
                 manager.load(config, sessionid=session)
             except ProcessError as exc:
                 _log.error("%s", exc)
+            except RuntimeError:  # stopped by a signal while loading
+                return
         _log.info("ready: %d jobs from %s", len(configs), args.config)
-        manager.run()
+
+    try:
+        manager.run(on_start=load_all)
     finally:
         signal.signal(signal.SIGHUP, previous)
     return 0

@@ -1753,7 +1753,7 @@ class ReadinessTest(ManagerTestCase):
         self.load("other")
         self.assertEqual(self.m.pids("other"), [2])
         self.assertLess(time.monotonic() - started, 5, "the loop still serves calls")
-        self.assertEqual(self.m.get_process(1).info["notify_status"], "x" * 1000)
+        wait_until(lambda: self.m.get_process(1).info["notify_status"] == "x" * 1000, what="a STATUS= read")
 
     def test_delay_check(self):
         self.load("w", ready="delay:0.3")
