@@ -2989,7 +2989,7 @@ class Manager:
         return -proc.os_pid if proc.config.stop_children else proc.os_pid
 
     def _guard(self, proc):
-        if not self.guardian:
+        if not self.guardian or not sys.executable:  # an embedded interpreter may not know its own program
             return
         if self._guardian is not None and self._guardian[1].closed:  # EPIPE: it died (OOM, kill -9)
             _log.warning("the guardian exited; another is started")
