@@ -5386,11 +5386,11 @@ def _cmd_shutdown(args):
 
 
 def _cmd_kill(args):
-    path = "/%s" % args.target if _is_number(args.target) else _job_path(args.target, args)
     try:
-        _signum(args.signal)
+        _signum(args.signal)  # bad input is said before the server is asked anything
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
+    path = "/%s" % args.target if _is_number(args.target) else _job_path(args.target, args)
     result = _client(args).request("POST", path + "/signal", {"signal": args.signal})
     _report(args, result, "%s: sent %s" % (args.target, args.signal))
     return 0
