@@ -3010,9 +3010,11 @@ class Manager:
                     self._tell_guardian(self._guardian_line(other))
         self._tell_guardian(self._guardian_line(proc))
 
-    def _guardian_line(self, proc):
-        return ("+ %d %d %r %s\n" % (self._target(proc), proc.config.stop_signal, proc.graceful_timeout,
-                                     proc._cgroup or "-")).encode()
+    def _guardian_line(self, proc, target=None, cgroup=None):
+        """What the guardian is told of a process group (by default the process's own, with its cgroup)."""
+        if target is None:
+            target, cgroup = self._target(proc), proc._cgroup
+        return ("+ %d %d %r %s\n" % (target, proc.config.stop_signal, proc.graceful_timeout, cgroup or "-")).encode()
 
     def _tell_guardian(self, line):
         if self._guardian is not None:
@@ -3537,7 +3539,7 @@ class Manager:
         if kill_timer is not None:
             kill_timer.cancel()
         cgroup = proc._cgroup
-        if proc.config.stop_children and (_group_alive(proc.os_pid) or _cgroup_members(cgroup)):
+        if proc.config.stop_children and self._leftovers({proc.os_pid: cgroup}):
             # The leader is gone but some of its group (or its cgroup) is not: ask them too (unless
             # they were asked with it), and kill them at the same deadline as the leader.
             if kill_timer is None:
@@ -3677,7 +3679,7 @@ class Manager:
             _send_signal(pgid, proc.config.stop_signal, group=True)
             deadline = proc._kill_timer.when if proc._kill_timer else self.loop.time() + proc.graceful_timeout
             self._orphan_groups[pgid] = (deadline, False)  # killed at the same deadline as their leader
-            self._tell_guardian(b"+ %d %d %r -\n" % (-pgid, proc.config.stop_signal, proc.graceful_timeout))
+            self._tell_guardian(self._guardian_line(proc, -pgid))
         if escaped:
             self._watch_orphans()
 
@@ -3691,6 +3693,14 @@ class Manager:
             except OSError:
                 pass
         return groups
+
+    @staticmethod
+    def _leftovers(groups):
+        """The groups among {pgid: its cgroup or None} that still hold a live process: the one question
+        each containment layer answers, the process group through /proc, the cgroup through cgroup.procs."""
+        live = _live_groups(groups)
+        live.update(pgid for pgid, cgroup in groups.items() if _cgroup_members(cgroup))
+        return live
 
     def _forget_group(self, pgid, target, cgroup):
         """A process's group and cgroup are empty (or given up on): the guardian forgets them, the cgroup goes."""
@@ -3713,8 +3723,7 @@ class Manager:
         """Forget the groups that emptied, SIGKILL those past their deadline, give up on those SIGKILL left."""
         self._orphan_timer = None
         now = self.loop.time()
-        live = _live_groups(self._orphan_groups)
-        live.update(pgid for pgid, cgroup in self._orphan_cgroups.items() if _cgroup_members(cgroup))
+        live = self._leftovers({pgid: self._orphan_cgroups.get(pgid) for pgid in self._orphan_groups})
         for pgid, (deadline, killed) in list(self._orphan_groups.items()):
             cgroup = self._orphan_cgroups.get(pgid)
             if pgid not in live:
