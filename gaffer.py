@@ -389,6 +389,8 @@ class ProcessConfig:
     env: dict = dataclasses.field(default_factory=dict)
     #: start from the manager's os.environ at each spawn (False: only env)
     os_env: bool = True
+    #: $PORT of the process in slot 1; the one in slot N gets port + N - 1, as honcho numbers them
+    port: int | None = None
     #: user and group to run as (numbers; names are resolved when the config is made)
     uid: int | None = None
     gid: int | None = None
@@ -481,6 +483,7 @@ class ProcessConfig:
             raise ValueError("args must be a list or a str, got %r" % (self.args,))
         self.args = [_env_value("args", a) for a in self.args]
         self.env = _env_setting("env", self.env)
+        self.port = None if self.port is None else _int_setting("port", self.port, 1, 65535)
         for setting in ("os_env", "shell", "redirect_input", "stop_children"):
             _bool_setting(setting, getattr(self, setting))
         self.uid = _account("uid", self.uid, lambda n: pwd.getpwnam(n).pw_uid)
@@ -1466,18 +1469,22 @@ class Process:
     """One OS child of a job.
 
     Fixed at spawn, readable from any thread: ``pid`` (the manager's id),
-    ``os_pid``, ``name`` ("session.job"), ``cmd``, ``args``, ``once`` (started by
-    commit()), ``create_time`` (wall clock).  The methods and the ``info``,
+    ``os_pid``, ``name`` ("session.job"), ``slot`` (1 to numprocesses, unique
+    among the job's running processes; 0 for commit()), ``cmd``, ``args``,
+    ``once`` (started by commit()), ``create_time`` (wall clock).  The methods and the ``info``,
     ``status`` and ``active`` properties may be called from any thread.
     """
 
-    def __init__(self, manager, pid, job, once=False, env=None, graceful_timeout=None):
+    def __init__(self, manager, pid, job, once=False, env=None, graceful_timeout=None, slot=0):
         config = job.config
         self.pid = pid
         self.name = job.name
+        self.slot = slot
         self.config = config
         self.once = once
         self.graceful_timeout = config.graceful_timeout if graceful_timeout is None else graceful_timeout
+        if config.port is not None and slot:
+            env = {"PORT": str(config.port + slot - 1), **(env or {})}
         self.env = _child_env(config, env)
         self._own_env = {**config.env, **(env or {})}  # what info shows: never the inherited environment
         self.argv = _command_line(config, self.env)
@@ -1659,7 +1666,7 @@ class Process:
 
     def _info(self):
         return {
-            "pid": self.pid, "name": self.name, "cmd": self.cmd, "args": list(self.args),
+            "pid": self.pid, "name": self.name, "slot": self.slot, "cmd": self.cmd, "args": list(self.args),
             "env": dict(self._own_env), "os_pid": self.os_pid, "create_time": self.create_time,
             "committed": self.once, "commited": self.once,  # the original gaffer's spelling, kept for its readers
             "redirect_output": list(self.config.redirect_output),
@@ -1863,38 +1870,41 @@ def _check_once(check, process, timeout):
         return remaining
 
     target = _expand(check, process.env)
-    if target.startswith("tcp:"):
-        host, _, port = target[4:].rpartition(":")
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
-        return True
-    import urllib.parse
-    url = urllib.parse.urlsplit(target)
-    sock = socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), left())
     try:
-        if url.scheme == "https":  # as Kubernetes probes do: the certificate is not checked
-            import ssl
-            context = ssl.create_default_context()
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        if target.startswith("tcp:"):
+            host, _, port = target[4:].rpartition(":")
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+            return True
+        import urllib.parse
+        url = urllib.parse.urlsplit(target)
+        sock = socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), left())
+        try:
+            if url.scheme == "https":  # as Kubernetes probes do: the certificate is not checked
+                import ssl
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                sock.settimeout(left())
+                sock = context.wrap_socket(sock, server_hostname=url.hostname)
+            path = (url.path or "/") + ("?" + url.query if url.query else "")
             sock.settimeout(left())
-            sock = context.wrap_socket(sock, server_hostname=url.hostname)
-        path = (url.path or "/") + ("?" + url.query if url.query else "")
-        sock.settimeout(left())
-        sock.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\nConnection: close\r\n\r\n" % (path, url.netloc)).encode())
-        head = b""
-        while b"\n" not in head and len(head) < 4096:  # the status line is all a check needs
-            sock.settimeout(left())
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            head += chunk
-        status = head.split(b"\n", 1)[0].split()
-        if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
-            raise ValueError("not an HTTP answer: %r" % head[:80])
-        if int(status[1]) >= 400:
-            raise ValueError("HTTP %s" % status[1].decode())
-        return True
-    finally:
-        sock.close()
+            sock.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\nConnection: close\r\n\r\n" % (path, url.netloc)).encode())
+            head = b""
+            while b"\n" not in head and len(head) < 4096:  # the status line is all a check needs
+                sock.settimeout(left())
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            status = head.split(b"\n", 1)[0].split()
+            if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
+                raise ValueError("not an HTTP answer: %r" % head[:80])
+            if int(status[1]) >= 400:
+                raise ValueError("HTTP %s" % status[1].decode())
+            return True
+        finally:
+            sock.close()
+    except socket.timeout:  # a connect or read that reached the deadline: said the same way as left() says it
+        raise TimeoutError("no answer within %gs" % timeout) from None
 
 
 def _dep_names(session, config):
@@ -2369,7 +2379,8 @@ class Manager:
         """Change the job's count and return the new one.
 
         `n`: an int adds (> 0) or removes (<= 0); "3" and "+3" add, "-3" removes,
-        "=3" sets.  The count never goes below 0; the oldest processes stop first.
+        "=3" sets.  The count never goes below 0; the processes in the highest
+        slots stop first (web.3 before web.1, whose $PORT stays in use).
 
         Raises:
             ValueError: `n` is none of those forms.
@@ -2387,7 +2398,7 @@ class Manager:
         """Every job with its state and processes, in one call (what ``gaffer ps`` shows).
 
         Returns ``[{name, state, cmd, running, ready, target, restarts, last_exit,
-        processes: [{pid, os_pid, status, create_time, cpu, mem}]}]``; the state is
+        processes: [{pid, os_pid, slot, status, create_time, cpu, mem}]}]``; the state is
         "running", "starting" (processes not ready yet, or waiting for a dependency),
         "backoff" (a respawn waits out its delay, or a flapping job its retry),
         "stopped" or "fatal" (flapping stopped it for good).
@@ -2735,7 +2746,7 @@ class Manager:
             rows = []
             for proc in procs:
                 stats = proc._sample()
-                rows.append({"pid": proc.pid, "os_pid": proc.os_pid, "status": proc.status,
+                rows.append({"pid": proc.pid, "os_pid": proc.os_pid, "slot": proc.slot, "status": proc.status,
                              "create_time": proc.create_time, "cpu": stats["cpu"], "mem": stats["mem"]})
             jobs.append({"name": job.name, "state": state, "cmd": " ".join([job.config.cmd] + job.config.args),
                          "running": len(procs), "ready": self._ready_count(job), "target": job.numprocesses,
@@ -2956,11 +2967,21 @@ class Manager:
 
     # -- the machinery (loop thread)
 
-    def _spawn(self, job, once=False, env=None, graceful_timeout=None):
-        """Start one process of the job and watch it; ProcessError if the OS refuses."""
+    def _spawn(self, job, once=False, env=None, graceful_timeout=None, slot=None):
+        """Start one process of the job and watch it; ProcessError if the OS refuses.
+
+        It fills `slot`, by default the lowest one no running process of the job holds."""
         if self._state is not _Lifecycle.RUNNING:
             raise RuntimeError("manager is not running")
-        proc = Process(self, next(self._pids), job, once, env, graceful_timeout)
+        if once:
+            slot = 0
+        elif slot is None:
+            taken = {proc.slot for proc in job.running.values()}
+            slot = next(n for n in itertools.count(1) if n not in taken)
+        if job.config.port is not None and job.config.port + slot - 1 > 65535:
+            raise ProcessError(400, "job %r cannot start a process in slot %d: its $PORT would be %d, past 65535"
+                               % (job.name, slot, job.config.port + slot - 1))
+        proc = Process(self, next(self._pids), job, once, env, graceful_timeout, slot)
         try:
             proc._spawn(self.loop)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
@@ -3275,8 +3296,14 @@ class Manager:
             job.retired -= 1
         while job.backoff and self._slots_taken(job) > job.numprocesses:
             job.backoff.pop().timer.cancel()
-        while len(job.running) > job.numprocesses + surge:
-            self._stop(next(iter(job.running.values())), "reap")
+        excess = len(job.running) - job.numprocesses - surge
+        if excess > 0:  # the highest slots go, the oldest first among equals: web.1 and its $PORT stay
+            keep = job.rollout.surge if surge else None
+            for proc in sorted((p for p in job.running.values() if p.pid != keep), key=lambda p: (-p.slot, p.pid)):
+                if excess == 0:
+                    break
+                self._stop(proc, "reap")
+                excess -= 1
         if self._waiting_for(job):
             return  # spawned once every job it depends on is ready (_release_dependents)
         spawned = job.spawning if strict and job.spawning is not None else []
@@ -3383,8 +3410,8 @@ class Manager:
         old = list(job.running.values())
         new = []
         try:
-            while len(new) < job.numprocesses:
-                new.append(self._spawn(job))
+            while len(new) < job.numprocesses:  # each new process takes an old one's slot, and its $PORT
+                new.append(self._spawn(job, slot=old[len(new)].slot if len(new) < len(old) else None))
         except ProcessError as exc:
             self._publish({"name": job.name, "reason": exc.reason},
                           "spawn_error", "job.%s.spawn_error" % job.name)
@@ -3404,8 +3431,8 @@ class Manager:
             job.rollout = None
             self._publish({"name": job.name}, "rollout", "job.%s.rollout" % job.name)
             return
-        try:
-            surge = self._spawn(job)
+        try:  # the new process takes the slot of the old one that goes when it is ready
+            surge = self._spawn(job, slot=job.running[old[0]].slot if old else None)
         except ProcessError as exc:
             self._publish({"name": job.name, "reason": exc.reason}, "spawn_error", "job.%s.spawn_error" % job.name)
             self._rollout_failed(job, exc.reason)
@@ -4707,8 +4734,9 @@ class _UsageError(Exception):
     """Bad input from the user: a file, a flag, a value.  Printed as one line; exit code 2."""
 
 
-class _ClientError(Exception):
-    """The server is unreachable or refused a request.  Printed as one line; exit code 1."""
+class _Failure(Exception):
+    """A failure at run time: the server unreachable, a request refused, an address in use.
+    Printed as one line; exit code 1."""
 
 
 _PROCFILE_LINE = r"([A-Za-z0-9_-]+)\s*:\s*(.*\S)\s*"
@@ -4717,10 +4745,15 @@ _COLORS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
 
 def _read_text(path, what):
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise _UsageError("cannot read %s %s: %s" % (what, path, exc.strerror)) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _UsageError("%s:%d: the %s is not UTF-8 (byte 0x%02x)" % (
+            path, data.count(b"\n", 0, exc.start) + 1, what, data[exc.start])) from None
 
 
 def _parse_procfile(path):
@@ -4797,13 +4830,14 @@ class _Printer:
         self.color = color
         self.on_broken = on_broken  # called once if the reader of the stream goes away
         self.width = max(len(n) for n in list(names) + ["system"])
-        self.colors = {name: _COLORS[i % len(_COLORS)] for i, name in enumerate(names)}
+        self.colors = {"system": "0"}  # name -> colour: the next one for each new name, scaled-up ones too
         self.lines = {}  # pid -> _LineSplitter
 
     def line(self, name, text):
         prefix = "%s %s |" % (time.strftime("%H:%M:%S"), name.ljust(self.width))
         if self.color:
-            prefix = "\033[%sm%s\033[0m" % (self.colors.get(name, "0"), prefix)
+            color = self.colors.setdefault(name, _COLORS[(len(self.colors) - 1) % len(_COLORS)])
+            prefix = "\033[%sm%s\033[0m" % (color, prefix)
         if self.on_broken is None:
             return
         try:
@@ -4828,12 +4862,12 @@ class _Printer:
 def _run_foreground(configs, args, keep_alive):
     """Run jobs in the foreground with prefixed output until Ctrl-C (or, unless keep_alive, a first exit).
 
-    configs: [(session, ProcessConfig)]; each process shows as session.job.
+    configs: [(session, ProcessConfig)]; each process shows as job.slot (web.1).
     Returns the exit code: 0 when stopped on request, else the first process's that exited on its own.
     """
-    names = ["%s.%s" % (session, config.name) for session, config in configs]
+    names = ["%s.%d" % (config.name, n) for _, config in configs for n in range(1, config.numprocesses + 1)]
     manager = _cli_manager(args)
-    asked, first_exit = set(), []
+    asked, first_exit, shown = set(), [], {}  # shown: pid -> web.1
 
     def stop_all(code):
         """Record the exit code and stop every job now (inline: nothing is replaced meanwhile)."""
@@ -4845,27 +4879,30 @@ def _run_foreground(configs, args, keep_alive):
     printer = _Printer(sys.stdout, sys.stdout.isatty() and not args.no_color, names, lambda: stop_all(1))
 
     def on_spawn(evtype, msg):
-        printer.line("system", "%s started with pid %d" % (msg["name"], msg["os_pid"]))
-        manager.get_process(msg["pid"]).monitor_io(".", lambda label, io: printer.output(io["name"], io["pid"],
-                                                                                       io["data"]))
+        process = manager.get_process(msg["pid"])
+        name = shown[msg["pid"]] = "%s.%d" % (process.config.name, process.slot)
+        printer.line("system", "%s started with pid %d" % (name, msg["os_pid"]))
+        process.monitor_io(".", lambda label, io: printer.output(name, io["pid"], io["data"]))
 
     def on_exit(evtype, msg):
-        printer.flush(msg["name"], msg["pid"])
+        name = shown.pop(msg["pid"], msg["name"])
+        printer.flush(name, msg["pid"])
         code = msg["exit_status"]
         how = "killed by signal %d" % msg["term_signal"] if msg["term_signal"] else "exited with code %d" % code
-        printer.line("system", "%s %s" % (msg["name"], how))
+        printer.line("system", "%s %s" % (name, how))
         if msg["pid"] not in asked and not keep_alive and not first_exit:
             stop_all(_exit_code(msg))
 
     def on_stop_process(evtype, msg):
         asked.add(msg["pid"])
-        printer.line("system", "%s stopping" % msg["name"])
+        printer.line("system", "%s stopping" % shown.get(msg["pid"], msg["name"]))
 
     manager.events.subscribe("spawn", on_spawn)
     manager.events.subscribe("exit", on_exit)
     manager.events.subscribe("stop_process", on_stop_process)
-    manager.events.subscribe("spawn_error", lambda e, msg: printer.line("system", "%s cannot start: %s"
-                                                                         % (msg["name"], msg["reason"])))
+    manager.events.subscribe("reap", on_stop_process)  # scaled down
+    loading = [True]  # a spawn error while loading is the load's error, printed once, below
+    manager.events.subscribe("spawn_error", lambda e, msg: loading[0] or printer.line("system", msg["reason"]))
     _start(manager, args.http and _http_app(args))
     _forward_signals(manager, (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))
 
@@ -4879,6 +4916,7 @@ def _run_foreground(configs, args, keep_alive):
             manager.stop()
         except RuntimeError:  # stopped by a signal while loading
             pass
+        loading[0] = False
 
     manager.run(on_start=load_all)
     return first_exit[0] if first_exit else 0
@@ -4911,35 +4949,49 @@ def _start(manager, app):
     try:
         manager.start([app] if app else [])
     except OSError as exc:
-        raise _UsageError("cannot serve on %s: %s" % (app.url, exc.strerror or exc)) from None
+        raise _Failure("cannot serve on %s: %s" % (app.url, exc.strerror or exc)) from None
+
+
+def _read_procfile(args):
+    """What start and export read: the Procfile's directory, its .env (-e, several with commas), and its
+    types as [(name, command, count, first $PORT)], numbered as honcho does: 5000, 5001 for web, 5100 for
+    the next type."""
+    procfile = os.path.abspath(args.procfile or "Procfile")
+    entries = _parse_procfile(procfile)
+    env = {}
+    for env_file in (args.env or ".env").split(","):
+        if args.env or os.path.exists(env_file):
+            env.update(_parse_dotenv(env_file.strip()))
+    counts = _parse_concurrency(args.concurrency, [name for name, _ in entries])
+    types = []
+    for index, (name, command) in enumerate(entries):
+        count, port = counts.get(name, 1), args.port + 100 * index
+        if port + max(count, 1) - 1 > 65535:
+            raise _UsageError("-p %d: %s.%d would get $PORT %d, past 65535" % (args.port, name, max(count, 1),
+                                                                               port + max(count, 1) - 1))
+        types.append((name, command, count, port))
+    return os.path.dirname(procfile), env, types
 
 
 def _procfile_configs(args):
-    """[(session, ProcessConfig)] for the Procfile's processes that `start` runs."""
-    procfile = os.path.abspath(args.procfile or "Procfile")
-    entries = _parse_procfile(procfile)
-    names = [name for name, _ in entries]
-    env = {"PYTHONUNBUFFERED": "1"}
-    env_file = args.env or ".env"
-    if args.env or os.path.exists(env_file):
-        env.update(_parse_dotenv(env_file))
-    counts = _parse_concurrency(args.concurrency, names)
+    """[(session, ProcessConfig)] for the Procfile's processes that `start` runs: a job per type, whose
+    process in slot N is shown as web.N and gets $PORT port + N - 1, scaled or not."""
+    cwd, env, types = _read_procfile(args)
+    names = [name for name, _, _, _ in types]
     for name in args.processes:
         if name not in names:
             raise _UsageError("no process named %r in %s (it has %s)" % (name, args.procfile or "Procfile",
                                                                           ", ".join(names)))
     configs = []
-    for index, (name, command) in enumerate(entries):
-        if args.processes and name not in args.processes:
+    for name, command, count, port in types:
+        if args.processes and name not in args.processes or not count:
             continue
         first = command.split()[0]
         if re.fullmatch(r"[^;&|<>()`\n]*", command) and "=" not in first and first != "exec":
             command = "exec " + command  # a simple command replaces its shell: signals reach the program itself
-        for number in range(1, counts.get(name, 1) + 1):
-            port = args.port + 100 * index + number - 1
-            configs.append((name, ProcessConfig(
-                str(number), command, shell=True, cwd=os.path.dirname(procfile), env={**env, "PORT": str(port)},
-                redirect_output=["out", "out"], graceful_timeout=args.graceful_timeout)))
+        configs.append((_DEFAULT_SESSION, ProcessConfig(
+            name, command, shell=True, cwd=cwd, env={"PYTHONUNBUFFERED": "1", **env}, port=port, numprocesses=count,
+            redirect_output=["out", "out"], graceful_timeout=args.graceful_timeout)))
     return configs
 
 
@@ -4973,13 +5025,13 @@ def _cmd_run(args):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise _UsageError("run: give the command after --, e.g. run -- python3 -m http.server")
-    if args.n < 1:
-        raise _UsageError("run: -n must be at least 1, got %d" % args.n)
-    name = args.name or _run_name(command)
-    configs = [(name, ProcessConfig(str(n), shlex.quote(command[0]), args=command[1:], redirect_output=["out", "out"],
-                                    graceful_timeout=args.graceful_timeout, env={"PYTHONUNBUFFERED": "1"}))
-               for n in range(1, args.n + 1)]
-    return _run_foreground(configs, args, keep_alive=True)
+    try:
+        config = ProcessConfig(args.name or _run_name(command), shlex.quote(command[0]), args=command[1:],
+                               numprocesses=args.n, redirect_output=["out", "out"],
+                               graceful_timeout=args.graceful_timeout, env={"PYTHONUNBUFFERED": "1"})
+    except ValueError as exc:
+        raise _UsageError("run: %s" % exc) from None
+    return _run_foreground([(_DEFAULT_SESSION, config)], args, keep_alive=True)
 
 
 def _cmd_check(args):
@@ -5005,9 +5057,9 @@ _CONFIG_TYPES = {f.name: f.type for f in dataclasses.fields(ProcessConfig)}
 def _ini_value(key, text):
     """Convert an INI setting to what ProcessConfig takes."""
     import configparser
-    kind = _CONFIG_TYPES.get(key, "str")
-    if key in ("max_rss", "max_age"):
-        return text if key == "max_rss" and not _is_number(text) else float(text) if key == "max_age" else int(text)
+    kind = _CONFIG_TYPES.get(key, "str").replace(" | None", "")
+    if key in ("max_rss", "memory_max") and not _is_number(text):
+        return text  # a size such as 200M
     if key == "success_codes":
         return [int(code) for code in re.split(r"[\s,]+", text) if code]
     if key in ("redirect_output", "custom_streams", "depends_on"):
@@ -5054,7 +5106,7 @@ def _read_config(path):
         for index, job in enumerate(jobs):
             where = "jobs[%d] (%s)" % (index, job.get("name", "?")) if isinstance(job, dict) else "jobs[%d]" % index
             configs.append(_json_job(job, "%s: %s" % (path, where)))
-        return _check_dependencies(path, configs), data.get("http"), data.get("token")
+        return _check_config(path, configs, data.get("http")), data.get("http"), data.get("token")
     import configparser
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # environment variables keep their case
@@ -5063,14 +5115,26 @@ def _read_config(path):
     except configparser.Error as exc:
         raise _UsageError("%s: %s" % (path, str(exc).replace("\n", " "))) from None
     http, token = None, None
+    for name in parser.sections():  # a typo in a section name is an error, never a job silently left out
+        if name != "gaffer" and name.partition(":")[0] not in ("job", "process", "env", "endpoint"):
+            raise _UsageError("%s: unknown section [%s] (the sections are [gaffer], [job:NAME], [env:NAME] "
+                              "and [endpoint:NAME])" % (path, name))
     if parser.has_section("gaffer"):
         section = parser["gaffer"]
+        unknown = set(section) - {"token", "http", "http_endpoints"}
+        if unknown:
+            raise _UsageError("%s: [gaffer]: unknown setting %r (the settings are http, http_endpoints, token)"
+                              % (path, sorted(unknown)[0]))
         token = section.get("token")
         http = section.get("http")
         endpoint = section.get("http_endpoints", "").split(",")[0].strip()
         if endpoint:
-            bind = parser.get("endpoint:" + endpoint, "bind", fallback=None)
-            http = bind or endpoint
+            if not parser.has_section("endpoint:" + endpoint):
+                raise _UsageError("%s: [gaffer]: http_endpoints names %r, but there is no [endpoint:%s] section"
+                                  % (path, endpoint, endpoint))
+            http = parser.get("endpoint:" + endpoint, "bind", fallback=None)
+            if http is None:
+                raise _UsageError("%s: [endpoint:%s]: give its address as bind = HOST:PORT" % (path, endpoint))
     configs = []
     for name in parser.sections():
         kind, _, job = name.partition(":")
@@ -5089,12 +5153,22 @@ def _read_config(path):
             configs.append((session, ProcessConfig(job, settings.pop("cmd", None), **settings)))
         except (TypeError, ValueError) as exc:
             raise _UsageError("%s: %s: %s" % (path, name, exc)) from None
-    return _check_dependencies(path, configs), http, token
+    return _check_config(path, configs, http), http, token
 
 
-def _check_dependencies(path, configs):
-    """A config file names all its jobs: each depends_on must name one of them, with no cycle."""
-    graph = {"%s.%s" % (session, config.name): _dep_names(session, config) for session, config in configs}
+def _check_config(path, configs, http):
+    """A config file names all its jobs once each, and each depends_on one of them, with no cycle."""
+    if http is not None:
+        try:
+            _parse_address(http)
+        except ValueError as exc:
+            raise _UsageError("%s: http: %s" % (path, exc)) from None
+    graph = {}
+    for session, config in configs:
+        name = "%s.%s" % (session, config.name)
+        if name in graph:
+            raise _UsageError("%s: job %s is defined twice" % (path, name))
+        graph[name] = _dep_names(session, config)
     for session, config in configs:
         for dep, name in zip(config.depends_on, _dep_names(session, config)):
             if name not in graph:
@@ -5208,12 +5282,12 @@ class _Client:
             connection.request(method, path, body=None if body is None else _json_text(body), headers=headers)
             response = connection.getresponse()
         except (OSError, self.http.HTTPException) as exc:
-            raise _ClientError("cannot reach gaffer at %s: %s" % (self.text, getattr(exc, "strerror", None) or exc)) \
+            raise _Failure("cannot reach gaffer at %s: %s" % (self.text, getattr(exc, "strerror", None) or exc)) \
                 from None
         server = response.getheader("Server") or ""
         if not server.startswith("gaffer/"):  # another program on that port: say so, not what it answered
             connection.close()
-            raise _ClientError("%s is not a gaffer server (it answered HTTP %d, Server: %s)"
+            raise _Failure("%s is not a gaffer server (it answered HTTP %d, Server: %s)"
                                % (self.text, response.status, server or "not given"))
         if response.status >= 400:
             try:
@@ -5221,7 +5295,7 @@ class _Client:
             except (ValueError, KeyError, TypeError):
                 reason = response.reason
             connection.close()
-            raise _ClientError("gaffer at %s: %s (%d)" % (self.text, reason, response.status))
+            raise _Failure("gaffer at %s: %s (%d)" % (self.text, reason, response.status))
         return connection, response
 
     def request(self, method, path, body=None):
@@ -5274,10 +5348,34 @@ def _job_path(name, args):
         _split_name(name)
         if "." not in name and "/" not in name:
             name = _resolve_job(name, _client(args).request("GET", "/jobs")["jobs"])
+        elif re.fullmatch(r".+\.[0-9]+", name):  # web.1: a job of session web, or process 1 of job web?
+            names = _client(args).request("GET", "/jobs")["jobs"]
+            job, _, slot = name.rpartition(".")
+            if name.replace("/", ".", 1) not in names and _resolve_job(job, names) in names:
+                raise _UsageError("%s is process %s of job %s: this command takes the job (%s); kill and logs "
+                                  "take a process" % (name, slot, _resolve_job(job, names), job))
         session, job = _split_name(name)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     return "/jobs/%s/%s" % (_quote(session), _quote(job))
+
+
+def _process_pid(target, args):
+    """The pid of the process a user named: its pid, or job.slot as start prints it (web.1, batch.web.2)."""
+    if _is_number(target):
+        return int(target)
+    job, _, slot = target.rpartition(".")
+    if not job or not _is_number(slot):
+        raise _UsageError("%r names no process: give a pid or JOB.N, as in web.1" % target)
+    jobs = {info["name"]: info for info in _client(args).request("GET", "/status")["jobs"]}
+    name = _resolve_job(job, list(jobs))
+    if name not in jobs:
+        raise _Failure("%s: no job %s (404)" % (target, name))
+    for process in jobs[name]["processes"]:
+        if process["slot"] == int(slot):
+            return process["pid"]
+    raise _Failure("%s: %s has no process in slot %s now (it has %s)" % (
+        target, name, slot, ", ".join(str(p["slot"]) for p in jobs[name]["processes"] if p["slot"]) or "none"))
 
 
 def _client(args):
@@ -5307,15 +5405,15 @@ def _cmd_ps(args):
         fields = {key: job[key] for key in ("state", "restarts", "last_exit", "cmd")}
         rows += [dict(fields, job=job["name"], **proc) for proc in job["processes"]]
         if not job["processes"]:
-            rows.append(dict(fields, job=job["name"], pid=None, os_pid=None, status=None, create_time=None,
-                             cpu=None, mem=None))
+            rows.append(dict(fields, job=job["name"], pid=None, os_pid=None, slot=None, status=None,
+                             create_time=None, cpu=None, mem=None))
     if args.json:
         _print_json(rows)
         return 0
     table = [("JOB", "STATE", "PID", "OS_PID", "UPTIME", "CPU%", "MEM%", "RESTARTS", "LAST EXIT", "COMMAND")]
     for r in rows:
         running = r["pid"] is not None
-        table.append((r["job"], r["state"] if not running or r["status"] == "ready" else r["status"],
+        table.append(("%s.%d" % (r["job"], r["slot"]) if r["slot"] else r["job"], r["state"] if not running or r["status"] == "ready" else r["status"],
                       str(r["pid"]) if running else "-", str(r["os_pid"]) if running else "-",
                       _uptime(r["create_time"]) if running else "-", str(r["cpu"]) if running else "-",
                       str(r["mem"]) if running else "-", str(r["restarts"]), r["last_exit"] or "-", r["cmd"]))
@@ -5331,7 +5429,7 @@ def _cmd_status(args):
         name = _resolve_job(args.job, [job["name"] for job in jobs])
         jobs = [job for job in jobs if job["name"] == name]
         if not jobs:
-            raise _ClientError("job %r not found (404)" % name)
+            raise _Failure("job %r not found (404)" % name)
     if args.json:
         _print_json(jobs)
         return 0
@@ -5350,13 +5448,13 @@ def _cmd_wait(args):
     while True:
         info = client.request("GET", path)
         if not info["active"]:
-            raise _ClientError("%s is stopped" % info["name"])
+            raise _Failure("%s is stopped" % info["name"])
         ready = sum(1 for pid in info["processes"] if _process_ready(client, pid))
         if ready >= info["max_processes"]:
             _report(args, info, "%s: ready (%d processes)" % (info["name"], ready))
             return 0
         if time.monotonic() >= deadline:
-            raise _ClientError("%s is not ready after %gs: %d of %d processes ready"
+            raise _Failure("%s is not ready after %gs: %d of %d processes ready"
                                % (info["name"], args.timeout, ready, info["max_processes"]))
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.2)
@@ -5365,17 +5463,17 @@ def _cmd_wait(args):
 def _process_ready(client, pid):
     try:
         info = client.request("GET", "/%d" % pid)
-    except _ClientError:  # it exited meanwhile
+    except _Failure:  # it exited meanwhile
         return False
     return info["ready"] and not info["committed"]
 
 
 def _cmd_scale(args):
     count = args.count.strip()
-    if not re.fullmatch(r"[+-]?[0-9]+", count):
-        raise _UsageError("scale: N, +N or -N expected, got %r" % args.count)
+    if not re.fullmatch(r"[+=-]?[0-9]+", count):
+        raise _UsageError("scale: N, =N, +N or -N expected, got %r" % args.count)
     result = _client(args).request("POST", _job_path(args.job, args) + "/numprocesses",
-                                   {"scale": count if count[0] in "+-" else "=" + count})
+                                   {"scale": count if count[0] in "+-=" else "=" + count})
     _report(args, result, "%s: %d" % (args.job, result["numprocesses"]))
     return 0
 
@@ -5399,7 +5497,11 @@ def _cmd_kill(args):
         _signum(args.signal)  # bad input is said before the server is asked anything
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
-    path = "/%s" % args.target if _is_number(args.target) else _job_path(args.target, args)
+    target = args.target
+    if re.fullmatch(r".+\.[0-9]+", target) and target.replace("/", ".", 1) not in \
+            _client(args).request("GET", "/jobs")["jobs"]:
+        target = str(_process_pid(target, args))  # web.1: a process, unless a session web has a job 1
+    path = "/%s" % target if _is_number(target) else _job_path(target, args)
     result = _client(args).request("POST", path + "/signal", {"signal": args.signal})
     _report(args, result, "%s: sent %s" % (args.target, args.signal))
     return 0
@@ -5436,7 +5538,7 @@ def _cmd_watch(args):
 
 
 def _cmd_logs(args):
-    path = "/%d/streams/%s" % (args.pid, _quote(args.label))
+    path = "/%d/streams/%s" % (_process_pid(args.target, args), _quote(args.label))
     for event, data in _client(args).events(path):
         sys.stdout.write(data)
         sys.stdout.flush()
@@ -5467,16 +5569,12 @@ def _supervisor_env(key, value):
 
 
 def _cmd_export(args):
-    procfile = os.path.abspath(args.procfile or "Procfile")
-    entries = _parse_procfile(procfile)
-    env = _parse_dotenv(args.env or ".env") if args.env or os.path.exists(".env") else {}
-    counts = _parse_concurrency(args.concurrency, [name for name, _ in entries])
-    app = args.app or re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(os.path.dirname(procfile))) or "app"
-    cwd = os.path.dirname(procfile)
+    cwd, env, types = _read_procfile(args)
+    app = args.app or re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(cwd)) or "app"
     # The exporting shell's PATH goes along, so that "python3" in the Procfile is the same program there.
     env = {"PATH": os.environ.get("PATH", os.defpath), **env}
-    instances = [(name, number, command, {**env, "PORT": str(args.port + 100 * index + number - 1)})
-                 for index, (name, command) in enumerate(entries) for number in range(1, counts.get(name, 1) + 1)]
+    instances = [(name, number, command, {**env, "PORT": str(port + number - 1)})
+                 for name, command, count, port in types for number in range(1, count + 1)]
     output = os.path.abspath(args.output)
     written = []
 
@@ -5565,8 +5663,20 @@ def _parser():
 
     class _ArgumentParser(argparse.ArgumentParser):
         def error(self, message):
-            raise _UsageError("%s: %s" % (self.prog, message))
+            command = self.prog.partition(" ")[2]  # main() says "gaffer: " already
+            raise _UsageError("%s: %s" % (command, message) if command else message)
 
+    def checked(check):
+        """An option's type from a check that raises ValueError: its message is the option's error."""
+        def convert(text):
+            try:
+                return check(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return convert
+
+    address = checked(lambda text: _parse_address(text) and text)
+    seconds = checked(lambda text: _float_setting("seconds", float(text), 0))
     parser = _ArgumentParser(prog="gaffer", description="Run and supervise processes (gaffer.py %s)." % __version__)
     parser.add_argument("--version", action="version", version="gaffer.py %s" % __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
@@ -5575,7 +5685,7 @@ def _parser():
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(fn=fn)
         if client:
-            sub.add_argument("--http", metavar="ADDR",
+            sub.add_argument("--http", metavar="ADDR", type=address,
                              help="the server (default %s; unix:/path and http://HOST:PORT work)" % _DEFAULT_HTTP)
             sub.add_argument("--token", help="bearer token (default: $GAFFER_TOKEN)")
             sub.add_argument("--json", action="store_true", help="print raw JSON")
@@ -5595,8 +5705,9 @@ def _parser():
         sub.add_argument("-f", "--procfile", help="the Procfile (default ./Procfile)")
         sub.add_argument("-e", "--env", help="a .env file (default ./.env when present)")
         sub.add_argument("-c", "--concurrency", metavar="web=2,worker=1", help="processes of each type")
-        sub.add_argument("-p", "--port", type=int, default=5000, help="base of $PORT (default 5000)")
-        sub.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S",
+        sub.add_argument("-p", "--port", type=checked(lambda text: _int_setting("port", int(text), 1, 65535)),
+                         default=5000, help="base of $PORT (default 5000)")
+        sub.add_argument("--graceful-timeout", type=seconds, default=5.0, metavar="S",
                          help="seconds between SIGTERM and SIGKILL (default 5)")
 
     sub = command("start", _cmd_start, "run a Procfile in the foreground, like honcho. 'start JOB... --http ADDR' "
@@ -5610,13 +5721,14 @@ def _parser():
     sub.add_argument("processes", nargs="*", metavar="PROCESS", help="run only these")
 
     sub = command("run", _cmd_run, "supervise one command: kept alive, N copies, prefixed output", client=False)
-    sub.add_argument("-n", type=int, default=1, metavar="N", help="copies (default 1)")
+    sub.add_argument("-n", type=checked(lambda text: _int_setting("copies", int(text), 1, 1000)), default=1,
+                     metavar="N", help="copies (default 1, at most 1000)")
     sub.add_argument("--name", help="the name shown (default: the program's)")
-    sub.add_argument("--http", metavar="ADDR", help="also serve the HTTP controller")
+    sub.add_argument("--http", metavar="ADDR", type=address, help="also serve the HTTP controller")
     sub.add_argument("--token", help="require this bearer token (default: $GAFFER_TOKEN)")
     allow_host(sub)
     sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
-    sub.add_argument("--graceful-timeout", type=float, default=5.0, metavar="S")
+    sub.add_argument("--graceful-timeout", type=seconds, default=5.0, metavar="S")
     init_option(sub)
     sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
@@ -5626,7 +5738,8 @@ def _parser():
 
     sub = command("serve", _cmd_serve, "run a daemon from a JSON or INI config, with the HTTP controller on")
     sub.add_argument("-c", "--config", required=True, metavar="FILE")
-    sub.add_argument("--http", metavar="ADDR", help="address (default: the config's, else %s)" % _DEFAULT_HTTP)
+    sub.add_argument("--http", metavar="ADDR", type=address,
+                     help="address (default: the config's, else %s)" % _DEFAULT_HTTP)
     sub.add_argument("--token", help="require this bearer token (default: the config's or $GAFFER_TOKEN)")
     allow_host(sub)
     init_option(sub)
@@ -5643,7 +5756,7 @@ def _parser():
         sub = command(name, lambda args, state=state: _client_state(args, state), "%s a job" % name, client=True)
         sub.add_argument("job")
     sub = command("kill", _cmd_kill, "send a signal to a job's processes or to one process", client=True)
-    sub.add_argument("target", metavar="JOB|PID")
+    sub.add_argument("target", metavar="JOB|JOB.N|PID", help="a job (web), one of its processes (web.1), a pid")
     sub.add_argument("signal", metavar="SIG")
     sub = command("load", _cmd_load, "load the jobs of a JSON or INI file", client=True)
     sub.add_argument("file")
@@ -5652,11 +5765,11 @@ def _parser():
     sub = command("wait", _cmd_wait, "wait until every process of a job is ready (exit 1 on timeout)",
                   client=True)
     sub.add_argument("job")
-    sub.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds (default 60)")
+    sub.add_argument("--timeout", type=seconds, default=60.0, metavar="S", help="seconds (default 60)")
     sub = command("watch", _cmd_watch, "follow the events (optionally those under PATTERN)", client=True)
     sub.add_argument("pattern", nargs="?")
     sub = command("logs", _cmd_logs, "follow a process's output", client=True)
-    sub.add_argument("pid", type=int)
+    sub.add_argument("target", metavar="PID|JOB.N", help="a pid, or a job's process as start shows it: web.1")
     sub.add_argument("label", nargs="?", default="out", help="the output or stream label (default out)")
 
     sub = command("export", _cmd_export, "write systemd units, a supervisord config, runit services or launchd "
@@ -5679,19 +5792,21 @@ def main(argv=None):
     2 bad input (usage, Procfile, .env, config file); a runner returns the exit
     code of the first process that exited on its own.
     """
-    parser = _parser()
+    parser, args = _parser(), None
     try:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
         return args.fn(args)
-    except _UsageError as exc:
-        print("gaffer: %s" % exc, file=sys.stderr)
-        return 2
-    except _ClientError as exc:
-        print("gaffer: %s" % exc, file=sys.stderr)
-        return 1
+    except (_UsageError, _Failure) as exc:
+        code = 2 if isinstance(exc, _UsageError) else 1
+        words = sys.argv[1:] if argv is None else list(argv)
+        if getattr(args, "json", "--json" in (words[:words.index("--")] if "--" in words else words)):
+            print(_json_text({"error": str(exc), "exit_code": code}))
+        else:
+            print("gaffer: %s" % exc, file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -469,10 +469,13 @@ class ManagerTest(ManagerTestCase):
         self.assertEqual(self.m.scale("w", "+1"), 4)
         self.assertEqual(self.m.scale("w", "1"), 5)
         self.assertEqual(self.m.scale("w", -1), 4)
-        self.assertEqual(self.m.pids("w"), [2, 3, 4, 5], "the oldest process goes first")
-        self.assertEqual(self.rec.matching("reap")[0]["pid"], 1)
+        self.assertEqual(self.m.pids("w"), [1, 2, 3, 4], "the highest slot goes first")
+        self.assertEqual(self.rec.matching("reap")[0]["pid"], 5)
+        self.assertEqual([p.slot for p in self.m.list("w")], [1, 2, 3, 4])
+        self.m.stop_process(2)  # its replacement takes the free slot: slots stay 1..N
+        wait_until(lambda: sorted(p.slot for p in self.m.list("w")) == [1, 2, 3, 4] and 2 not in self.m.pids("w"))
         self.assertEqual(self.m.scale("w", "-2"), 2)
-        self.assertEqual(self.m.pids("w"), [4, 5])
+        self.assertEqual(sorted(p.slot for p in self.m.list("w")), [1, 2])
         self.assertEqual(self.m.scale("w", "=3"), 3)
         self.assertEqual(self.m.scale("w", 0), 3)
         self.assertEqual(self.m.scale("w", "-10"), 0, "the count never goes below 0")
@@ -580,6 +583,29 @@ class ManagerTest(ManagerTestCase):
         self.m.stop_job("w")
         self.m.reload("w")
         self.assertEqual(len(self.m.pids("w")), 2, "reload starts a stopped job")
+
+    def test_each_slot_has_its_own_port_across_scale_reload_and_rollout(self):
+        self.load("w", 2, port=8000)
+        def ports():
+            return sorted((p.slot, p.env["PORT"], p.info["env"]["PORT"]) for p in self.m.list("w"))
+        self.assertEqual(ports(), [(1, "8000", "8000"), (2, "8001", "8001")])
+        self.m.scale("w", "=1")
+        self.m.scale("w", "=2")
+        self.assertEqual(ports(), [(1, "8000", "8000"), (2, "8001", "8001")])
+        self.m.reload("w")  # new ones first: each takes the slot of the one it replaces
+        self.assertEqual(ports(), [(1, "8000", "8000"), (2, "8001", "8001")])
+        self.load("r", 2, port=9000, ready="delay:0.05")
+        self.m.reload("r")  # a rollout, one at a time
+        wait_until(lambda: len(self.m.pids("r")) == 2 and min(self.m.pids("r")) > 6, what="the rollout's end")
+        self.assertEqual(sorted((p.slot, p.env["PORT"]) for p in self.m.list("r")), [(1, "9000"), (2, "9001")])
+        self.load("edge", 1, port=65535)
+        with self.assertRaisesRegex(gaffer.ProcessError, r"job 'default.edge' cannot start a process in slot 2: "
+                                                          r"its \$PORT would be 65536, past 65535"):
+            self.m.scale("edge", "=2")
+        self.assertEqual((self.m.info("edge")["max_processes"], len(self.m.pids("edge"))), (1, 1), "the scale undone")
+        for bad in (0, 65536, "80"):
+            with self.assertRaisesRegex(ValueError, r"^port must be "):
+                gaffer.ProcessConfig("x", "true", port=bad)
 
     def test_update(self):
         self.load("w", 2)
@@ -3122,15 +3148,40 @@ class RunnerTest(CommandLineTestCase):
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.finish(), 0)
 
-    def test_start_serves_the_controller(self):
-        self.write("Procfile", "web: exec sleep 60\nworker: exec sleep 60\n")
+    def test_start_serves_the_controller_and_scales_a_type_with_a_port_each(self):
+        self.write("Procfile", """
+            web: exec python3 -S -c "import os, signal, time; port = os.environ['PORT']; signal.signal(signal.SIGUSR1, lambda *a: print('usr1 on', port, flush=True)); print('port', port, flush=True); time.sleep(60)"
+            worker: exec sleep 60
+        """)
         sock = os.path.join(self.tmp, "runner.sock")
-        proc = self.spawn("start", "-c", "web=2", "--http", "unix:" + sock)
+        http = ("--http", "unix:" + sock)
+        proc = self.spawn("start", "-c", "web=2", *http)
         proc.wait_line(r"worker\.1 started")
-        client = gaffer._Client("unix:" + sock, None)
-        self.assertEqual(client.request("GET", "/jobs")["jobs"], ["web.1", "web.2", "worker.1"])
-        result = self.gaffer("ps", "--http", "unix:" + sock)
-        self.assertEqual([line.split()[0] for line in result.stdout.splitlines()[1:]], ["web.1", "web.2", "worker.1"])
+        proc.wait_line(r"web\.\d +\| port", count=2)
+        self.assertEqual(gaffer._Client("unix:" + sock, None).request("GET", "/jobs")["jobs"],
+                         ["default.web", "default.worker"])
+        result = self.gaffer("ps", *http)
+        self.assertEqual([line.split()[0] for line in result.stdout.splitlines()[1:]],
+                         ["default.web.1", "default.web.2", "default.worker.1"])
+        result = self.gaffer("scale", "web", "4", *http)  # the type, as honcho's -c counts it
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "web: 4"), result.stderr)
+        ports = {re.search(r"(web\.\d) +\| port (\d+)", line).groups() for line in proc.wait_line(r"web\.\d +\| port",
+                                                                                               count=4)}
+        self.assertEqual(ports, {("web.1", "5000"), ("web.2", "5001"), ("web.3", "5002"), ("web.4", "5003")})
+        result = self.gaffer("kill", "web.3", "USR1", *http)  # one process, by the name start shows
+        self.assertEqual(result.returncode, 0, result.stderr)
+        proc.wait_line(r"web\.3 +\| usr1 on 5002")
+        self.assertEqual(self.gaffer("scale", "web", "2", *http).returncode, 0)  # the highest slots go
+        proc.wait_line(r"web\.[34] killed by signal 15", count=2)
+        self.assertFalse([line for line in proc.lines if re.search(r"web\.[12] (killed|stopping)", line)])
+        result = self.gaffer("kill", "web.4", "USR1", *http)
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr.strip(), r"^gaffer: web.4: default.web has no process in slot 4 now "
+                                                r"\(it has 1, 2\)$")
+        result = self.gaffer("stop", "web.1", *http)
+        self.assertEqual(result.returncode, 2)
+        self.assertRegex(result.stderr.strip(), r"^gaffer: web.1 is process 1 of job default.web: this command "
+                                                r"takes the job \(web\)")
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.finish(), 0)
 
@@ -3220,7 +3271,22 @@ class RunnerTest(CommandLineTestCase):
         self.write("Bad", "web: ok\nthis line is wrong\n")
         self.write("Dup", "web: a\n\nweb: b\n")
         self.write("bad.env", "GOOD=1\nnot a pair\n")
+        with open(os.path.join(self.tmp, "Latin1"), "wb") as f:
+            f.write(b"web: echo ok\nworker: echo caf\xe9\n")
+        with open(os.path.join(self.tmp, "latin1.env"), "wb") as f:
+            f.write(b"NAME=caf\xe9\n")
         cases = [
+            (["check", "-f", "Latin1"], r"^gaffer: Latin1:2: the Procfile is not UTF-8 \(byte 0xe9\)$"),
+            (["start", "-e", "latin1.env"], r"^gaffer: latin1.env:1: the env file is not UTF-8 \(byte 0xe9\)$"),
+            (["start", "--graceful-timeout", "-3"], r"^gaffer: start: argument --graceful-timeout: seconds must "
+                                                    r"be >= 0, got -3.0$"),
+            (["run", "--graceful-timeout", "nan", "--", "true"], r"argument --graceful-timeout: seconds must"),
+            (["start", "-p", "70000"], r"^gaffer: start: argument -p/--port: port must be <= 65535, got 70000$"),
+            (["start", "-p", "65500", "-c", "web=2"], r"^gaffer: -p 65500: worker.1 would get \$PORT 65600, "
+                                                      r"past 65535$"),
+            (["ps", "--http", "nonsense"], r"^gaffer: ps: argument --http: address 'nonsense': the port must be"),
+            (["wait", "web", "--timeout", "inf"], r"argument --timeout: seconds must be <= "),
+            (["scale", "web", "=x"], r"^gaffer: scale: N, =N, \+N or -N expected, got '=x'$"),
             (["check", "-f", "Bad"], r"Bad:2: expected 'name: command'"),
             (["check", "-f", "Dup"], r"Dup:3: process 'web' is already defined at line 1"),
             (["check", "-f", "Missing"], r"cannot read Procfile Missing"),
@@ -3229,7 +3295,7 @@ class RunnerTest(CommandLineTestCase):
             (["start", "-c", "web=x"], r"-c: expected name=count"),
             (["start", "nope"], r"no process named 'nope'"),
             (["run"], r"give the command after --"),
-            (["run", "-n", "0", "--", "true"], r"-n must be at least 1"),
+            (["run", "-n", "0", "--", "true"], r"-n: copies must be >= 1"),
             (["run", "--http", "0.0.0.0:1", "--", "true"], r"refusing to serve '0.0.0.0:1' without a token"),
             (["run", "--http", "nowhere:port", "--", "true"], r"the port must be a number"),
             (["frobnicate"], r"invalid choice"),
@@ -3240,6 +3306,18 @@ class RunnerTest(CommandLineTestCase):
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertRegex(result.stderr, message)
                 self.assertEqual(len(result.stderr.strip().splitlines()), 1, "one clear line")
+        result = self.cli("scale", "web", "x", "--json")  # for scripts: the error as JSON on stdout
+        self.assertEqual((result.returncode, result.stderr), (2, ""))
+        self.assertEqual(json.loads(result.stdout), {"error": "scale: N, =N, +N or -N expected, got 'x'",
+                                                     "exit_code": 2})
+
+    def test_a_missing_binary_is_said_once(self):
+        result = self.gaffer("run", "--", "/nonexistent/binary")
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        lines = [line for line in result.stdout.splitlines() if "/nonexistent/binary" in line]
+        self.assertEqual(len(lines), 1, result.stdout)
+        self.assertRegex(lines[0], r"system +\| job 'default.binary' cannot start '/nonexistent/binary': "
+                                   r"\[Errno 2\] No such file or directory")
 
     def test_version_help_and_python_m(self):
         for form in ([PY, GAFFER], [PY, "-m", "gaffer"]):  # the script, and the module the other tests run
@@ -3352,6 +3430,33 @@ class ServeTest(CommandLineTestCase):
             ("nocmd.ini", r"nocmd.ini: job:a: cmd must be a non-empty str"),
             ("missing.ini", r"cannot read config file missing.ini"),
         ]
+        self.write("twice.json", json.dumps({"jobs": [{"name": "a", "cmd": "x"}, {"name": "a", "cmd": "y"}]}))
+        self.write("twice.ini", "[job:a]\ncmd = x\n[process:a]\ncmd = y\n")
+        self.write("section.ini", "[job:a]\ncmd = x\n[jobs:b]\ncmd = y\n")
+        self.write("gaffer.ini", "[gaffer]\nhtp = 127.0.0.1:1\n[job:a]\ncmd = x\n")
+        self.write("endpoint.ini", "[gaffer]\nhttp_endpoints = public\n[job:a]\ncmd = x\n")
+        self.write("address.json", json.dumps({"http": "nowhere", "jobs": []}))
+        with open(os.path.join(self.tmp, "latin1.ini"), "wb") as f:
+            f.write(b"[job:a]\ncmd = echo caf\xe9\n")
+        self.write("optional.ini", "[job:a]\ncmd = x\npids_max = 5\ncpu_max = 0.5\nmemory_max = 64M\n"
+                                   "max_age = 60\nport = 8000\n")
+        for name, message in [  # what check -c reads is what serve reads: the same lines, in this process
+                ("twice.json", r"^gaffer: twice.json: job default.a is defined twice$"),
+                ("twice.ini", r"^gaffer: twice.ini: job default.a is defined twice$"),
+                ("section.ini", r"^gaffer: section.ini: unknown section \[jobs:b\] \(the sections are"),
+                ("gaffer.ini", r"^gaffer: gaffer.ini: \[gaffer\]: unknown setting 'htp'"),
+                ("endpoint.ini", r"^gaffer: endpoint.ini: \[gaffer\]: http_endpoints names 'public', but there "
+                                 r"is no \[endpoint:public\] section$"),
+                ("address.json", r"^gaffer: address.json: http: address 'nowhere': the port must be"),
+                ("latin1.ini", r"^gaffer: latin1.ini:2: the config file is not UTF-8 \(byte 0xe9\)$")]:
+            with self.subTest(config=name):
+                result = self.cli("check", "-c", name)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertRegex(result.stderr.strip(), message)
+        result = self.cli("check", "-c", "optional.ini")  # optional numbers, written as INI text
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(gaffer._read_config(os.path.join(self.tmp, "optional.ini"))[0][0][1].pids_max, 5)
+        cases.append(("section.ini", r"unknown section \[jobs:b\]"))
         for name, message in cases:
             with self.subTest(config=name):
                 result = self.gaffer("serve", "-c", name, "--http", "unix:" + os.path.join(self.tmp, "x.sock"))
@@ -3365,7 +3470,7 @@ class ServeTest(CommandLineTestCase):
         ps = self.client("ps").stdout.splitlines()
         self.assertEqual(ps[0].split(), ["JOB", "STATE", "PID", "OS_PID", "UPTIME", "CPU%", "MEM%", "RESTARTS",
                                          "LAST", "EXIT", "COMMAND"])
-        self.assertEqual(ps[1].split()[:3], ["default.a", "running", "1"])
+        self.assertEqual(ps[1].split()[:3], ["default.a.1", "running", "1"])
         self.assertEqual(ps[1].split()[7:10], ["0", "-", PY], "no restart, no exit yet, then the command")
         row = json.loads(self.client("ps", "--json").stdout)[0]
         self.assertEqual((row["pid"], row["job"], row["state"]), (1, "default.a", "running"))
@@ -3560,6 +3665,19 @@ class ServeTest(CommandLineTestCase):
         self.assertNotIn("Traceback", result.stderr)
         result = self.client("scale", "a", "lots", check=False)
         self.assertEqual(result.returncode, 2)
+        self.assertEqual(self.client("scale", "a", "=2").stdout.strip(), "a: 2")  # as the API takes it
+        result = self.client("stop", "nope", "--json", check=False)
+        self.assertEqual((result.returncode, result.stderr), (1, ""))
+        self.assertRegex(json.loads(result.stdout)["error"], r"job 'default.nope' not found \(404\)")
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with taken:  # an address in use is a failure at run time: exit code 1, one line, nothing left running
+            result = self.gaffer("serve", "-c", self.json_config([self.job("b")]),
+                                 "--http", "127.0.0.1:%d" % taken.getsockname()[1])
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertRegex(result.stderr.strip(), r"^gaffer: cannot serve on http://127.0.0.1:\d+: Address already "
+                                                r"in use$")
         result = self.gaffer("ps", "--http", "127.0.0.1:1")
         self.assertEqual(result.returncode, 1)
         self.assertRegex(result.stderr, r"^gaffer: cannot reach gaffer at 127.0.0.1:1: .*refused")
