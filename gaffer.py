@@ -4369,7 +4369,7 @@ class _RequestHandler:
         return self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
 
     def log_message(self, fmt, *args):
-        _log.info("%s %s", self.address_string(), fmt % args)
+        _log.debug("%s %s", self.address_string(), fmt % args)
 
     def log_error(self, fmt, *args):  # timeouts and malformed requests: the client's problem
         _log.debug("%s %s", self.address_string(), fmt % args)
@@ -5088,25 +5088,56 @@ def _read_config(path):
 
     Errors are _UsageError("path: where: reason").
     """
+    jobs, http, token = _read_jobs(path, ())
+    return _check_config(path, jobs, http), http, token
+
+
+def _read_jobs(path, including):
+    """([(session, ProcessConfig, file)], http, token) of a config file and of those it includes: its
+    `include` globs (a JSON list, or a line in [gaffer]) are relative to its directory."""
     text = _read_text(path, "config file")
     if path.endswith(".json") or text.lstrip().startswith("{"):
-        try:
-            data = _json_value(text)
-        except ValueError as exc:
-            raise _UsageError("%s: not valid JSON: %s" % (path, exc)) from None
-        if not isinstance(data, dict):
-            raise _UsageError("%s: the config must be a JSON object with 'jobs'" % path)
-        unknown = set(data) - {"jobs", "http", "token"}
-        if unknown:
-            raise _UsageError("%s: unknown key %r (the keys are jobs, http, token)" % (path, sorted(unknown)[0]))
-        jobs = data.get("jobs", [])
-        if not isinstance(jobs, list):
-            raise _UsageError("%s: jobs: must be a list of process configs" % path)
-        configs = []
-        for index, job in enumerate(jobs):
-            where = "jobs[%d] (%s)" % (index, job.get("name", "?")) if isinstance(job, dict) else "jobs[%d]" % index
-            configs.append(_json_job(job, "%s: %s" % (path, where)))
-        return _check_config(path, configs, data.get("http")), data.get("http"), data.get("token")
+        configs, http, token, include = _read_json_config(path, text)
+    else:
+        configs, http, token, include = _read_ini_config(path, text)
+    jobs = [(session, config, path) for session, config in configs]
+    for pattern in include:
+        import glob
+        found = sorted(glob.glob(os.path.join(os.path.dirname(path), pattern)))
+        if not found and not re.search(r"[*?[]", pattern):  # a file named outright must be there
+            raise _UsageError("%s: include: cannot read %s" % (path, pattern))
+        for other in found:
+            if os.path.realpath(other) in including + (os.path.realpath(path),):
+                raise _UsageError("%s: include: %s includes %s again" % (path, other, path))
+            jobs += _read_jobs(other, including + (os.path.realpath(path),))[0]
+    return jobs, http, token
+
+
+def _read_json_config(path, text):
+    try:
+        data = _json_value(text)
+    except ValueError as exc:
+        raise _UsageError("%s: not valid JSON: %s" % (path, exc)) from None
+    if not isinstance(data, dict):
+        raise _UsageError("%s: the config must be a JSON object with 'jobs'" % path)
+    unknown = set(data) - {"jobs", "http", "token", "include"}
+    if unknown:
+        raise _UsageError("%s: unknown key %r (the keys are jobs, http, token, include)"
+                          % (path, sorted(unknown)[0]))
+    include = data.get("include", [])
+    if not isinstance(include, list) or not all(isinstance(item, str) for item in include):
+        raise _UsageError("%s: include: must be a list of file names or patterns" % path)
+    jobs = data.get("jobs", [])
+    if not isinstance(jobs, list):
+        raise _UsageError("%s: jobs: must be a list of process configs" % path)
+    configs = []
+    for index, job in enumerate(jobs):
+        where = "jobs[%d] (%s)" % (index, job.get("name", "?")) if isinstance(job, dict) else "jobs[%d]" % index
+        configs.append(_json_job(job, "%s: %s" % (path, where)))
+    return configs, data.get("http"), data.get("token"), include
+
+
+def _read_ini_config(path, text):
     import configparser
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # environment variables keep their case
@@ -5114,17 +5145,18 @@ def _read_config(path):
         parser.read_string(text, path)
     except configparser.Error as exc:
         raise _UsageError("%s: %s" % (path, str(exc).replace("\n", " "))) from None
-    http, token = None, None
+    http, token, include = None, None, []
     for name in parser.sections():  # a typo in a section name is an error, never a job silently left out
         if name != "gaffer" and name.partition(":")[0] not in ("job", "process", "env", "endpoint"):
             raise _UsageError("%s: unknown section [%s] (the sections are [gaffer], [job:NAME], [env:NAME] "
                               "and [endpoint:NAME])" % (path, name))
     if parser.has_section("gaffer"):
         section = parser["gaffer"]
-        unknown = set(section) - {"token", "http", "http_endpoints"}
+        unknown = set(section) - {"token", "http", "http_endpoints", "include"}
         if unknown:
-            raise _UsageError("%s: [gaffer]: unknown setting %r (the settings are http, http_endpoints, token)"
-                              % (path, sorted(unknown)[0]))
+            raise _UsageError("%s: [gaffer]: unknown setting %r (the settings are http, http_endpoints, include, "
+                              "token)" % (path, sorted(unknown)[0]))
+        include = [item for item in re.split(r"[\s,]+", section.get("include", "")) if item]
         token = section.get("token")
         http = section.get("http")
         endpoint = section.get("http_endpoints", "").split(",")[0].strip()
@@ -5153,22 +5185,25 @@ def _read_config(path):
             configs.append((session, ProcessConfig(job, settings.pop("cmd", None), **settings)))
         except (TypeError, ValueError) as exc:
             raise _UsageError("%s: %s: %s" % (path, name, exc)) from None
-    return _check_config(path, configs, http), http, token
+    return configs, http, token, include
 
 
-def _check_config(path, configs, http):
-    """A config file names all its jobs once each, and each depends_on one of them, with no cycle."""
+def _check_config(path, jobs, http):
+    """A config (with what it includes) names each job once, and each depends_on one of them, with no cycle.
+    jobs: [(session, ProcessConfig, file)]; returns [(session, ProcessConfig)]."""
     if http is not None:
         try:
             _parse_address(http)
         except ValueError as exc:
             raise _UsageError("%s: http: %s" % (path, exc)) from None
-    graph = {}
-    for session, config in configs:
+    graph, files = {}, {}
+    for session, config, origin in jobs:
         name = "%s.%s" % (session, config.name)
         if name in graph:
-            raise _UsageError("%s: job %s is defined twice" % (path, name))
-        graph[name] = _dep_names(session, config)
+            again = "" if origin == files[name] else " (in %s and %s)" % (files[name], origin)
+            raise _UsageError("%s: job %s is defined twice%s" % (path, name, again))
+        graph[name], files[name] = _dep_names(session, config), origin
+    configs = [(session, config) for session, config, _ in jobs]
     for session, config in configs:
         for dep, name in zip(config.depends_on, _dep_names(session, config)):
             if name not in graph:
@@ -5212,11 +5247,107 @@ def _apply_config(manager, configs):
             manager.update(config, sessionid=session, start=True)
 
 
+def _pidfile_owner(path):
+    """The live process whose pid a pidfile holds, or None (no file, a stale pid, or garbage)."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0) if pid > 0 else None
+    except PermissionError:  # alive, as another user
+        pass
+    except OSError:
+        return None
+    return pid if pid > 0 else None
+
+
+def _write_pidfile(path):
+    """Write this process's pid atomically (a temporary file, then a rename): a reader never sees half."""
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    with open(temporary, "w") as f:
+        f.write("%d\n" % os.getpid())
+    os.replace(temporary, path)
+
+
+def _daemonize(log_fd):
+    """Detach as classic daemons do: fork, setsid, fork again; stdin from /dev/null, stdout and stderr to
+    log_fd (or /dev/null).  The working directory stays, so relative paths in the config keep their meaning.
+
+    The command that was run exits (SystemExit) once the daemon said how its start went, with the
+    daemon's error, if any, on its stderr.  The daemon gets tell(code, error) to say it.
+    """
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(write_end)
+        os.waitpid(child, 0)  # the middle process exits at once: no zombie of ours
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read().decode("utf-8", "replace")  # ends when the daemon told, or died
+        code, _, error = report.partition(" ")
+        if not code.isdigit():
+            code, error = "1", "the daemon exited before it was serving (see its --log-file)"
+        if error.strip():
+            print("gaffer: %s" % error.strip(), file=sys.stderr)
+        raise SystemExit(int(code))
+    os.close(read_end)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    for fd in (1, 2):
+        os.dup2(devnull if log_fd is None else log_fd, fd)
+    for fd in {devnull, log_fd} - {None}:
+        os.close(fd)
+
+    def tell(code, error=""):
+        nonlocal write_end
+        if write_end is not None:
+            os.write(write_end, ("%d %s" % (code, error)).encode())
+            os.close(write_end)
+            write_end = None
+    return tell
+
+
 def _cmd_serve(args):
-    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configs, http, token = _read_config(args.config)
     app = _http_app(args, http, token)
+    pidfile = args.pidfile and os.path.abspath(args.pidfile)
+    if pidfile and _pidfile_owner(pidfile) not in (None, os.getpid()):
+        raise _Failure("%s: gaffer is already running as pid %d" % (pidfile, _pidfile_owner(pidfile)))
+    log_fd = None
+    if args.log_file:
+        try:
+            log_fd = os.open(args.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise _UsageError("--log-file %s: %s" % (args.log_file, exc.strerror)) from None
+    if args.daemon:
+        tell = _daemonize(log_fd)  # from here on, in the daemon
+    else:
+        tell = lambda code, error="": None  # noqa: E731
+        if log_fd is not None:
+            sys.stderr.flush()
+            os.dup2(log_fd, 2)  # the log, and anything else written to stderr (the last words of a crash)
+            os.close(log_fd)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if pidfile:
+            _write_pidfile(pidfile)
+        try:
+            return _serve(args, configs, app, lambda: tell(0))
+        except (_UsageError, _Failure) as exc:
+            tell(2 if isinstance(exc, _UsageError) else 1, str(exc))
+            raise
+    finally:
+        tell(1, "the daemon stopped before it was serving (see its --log-file)")
+        if pidfile and _pidfile_owner(pidfile) == os.getpid():
+            os.unlink(pidfile)
+
+
+def _serve(args, configs, app, on_ready):
     manager = _cli_manager(args)
     for event in ("spawn", "exit", "flap", "spawn_error", "stop_process"):
         manager.events.subscribe(event, lambda evtype, msg: _log.info("%s %s", evtype, _json_text(msg)))
@@ -5230,6 +5361,7 @@ def _cmd_serve(args):
 
     _forward_signals(manager, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))  # SIGHUP reloads the config
     previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
+
     def load_all():  # inside run(): SIGTERM while loading stops what is loaded
         for session, config in configs:
             try:
@@ -5239,6 +5371,7 @@ def _cmd_serve(args):
             except RuntimeError:  # stopped by a signal while loading
                 return
         _log.info("ready: %d jobs from %s", len(configs), args.config)
+        on_ready()
 
     try:
         manager.run(on_start=load_all)
@@ -5703,7 +5836,9 @@ def _parser():
 
     def procfile_options(sub):
         sub.add_argument("-f", "--procfile", help="the Procfile (default ./Procfile)")
-        sub.add_argument("-e", "--env", help="a .env file (default ./.env when present)")
+        sub.add_argument("-e", "--env", metavar="FILE[,FILE...]",
+                         help="a .env file, or several separated by commas, the later winning (default ./.env "
+                              "when present)")
         sub.add_argument("-c", "--concurrency", metavar="web=2,worker=1", help="processes of each type")
         sub.add_argument("-p", "--port", type=checked(lambda text: _int_setting("port", int(text), 1, 65535)),
                          default=5000, help="base of $PORT (default 5000)")
@@ -5743,7 +5878,13 @@ def _parser():
     sub.add_argument("--token", help="require this bearer token (default: the config's or $GAFFER_TOKEN)")
     allow_host(sub)
     init_option(sub)
-    sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="what serve logs (default info: starts, exits, loads; debug adds HTTP requests)")
+    sub.add_argument("--log-file", metavar="FILE", help="append the log there instead of to stderr")
+    sub.add_argument("--pidfile", metavar="FILE", help="write serve's pid there; refuse to start if the "
+                     "pid in it is alive; removed at exit")
+    sub.add_argument("--daemon", action="store_true", help="detach (fork, setsid, fork); the command returns "
+                     "once serve is ready, with exit code 1 and the reason if it could not start")
 
     command("ps", _cmd_ps, "list the running processes", client=True)
     command("shutdown", _cmd_shutdown, "stop a running serve (or start --http) gracefully", client=True)

@@ -3337,8 +3337,8 @@ class ServeTest(CommandLineTestCase):
     def serve(self, config, *extra):
         self.sock = os.path.join(self.tmp, "g.sock")
         proc = self.spawn("serve", "-c", config, "--http", "unix:" + self.sock, *extra)
-        proc.wait_line(r"ready: \d+ jobs")
         self.addCleanup(lambda: proc.poll() is None and (proc.terminate(), proc.finish()))
+        proc.wait_line(r"ready: \d+ jobs")
         return proc
 
     def client(self, *args, check=True):
@@ -3406,14 +3406,84 @@ class ServeTest(CommandLineTestCase):
             args = -c "import time; time.sleep(60)"
             stop_children = false
         """ % (PY, PY))
+        os.mkdir(os.path.join(self.tmp, "conf.d"))
+        self.write("conf.d/c.ini", "[job:c]\ncmd = %s\nargs = %s\ndepends_on = d\n" % (PY, " ".join(SLEEP)))
+        self.write("conf.d/d.json", json.dumps({"jobs": [self.job("d", session="default")]}))
+        self.write("conf.d/notes.txt", "not a config")
+        with open(config) as f:  # jobs from other files: an INI glob, a JSON file, depends_on across them
+            text = f.read().replace("[gaffer]\n", "[gaffer]\ninclude = conf.d/*.ini conf.d/d.json\n")
+        self.write("gaffer.ini", text)
         proc = self.serve(config)
-        self.assertEqual(self.jobs(), ["default.a", "s.b"])
+        self.assertEqual(self.jobs(), ["default.a", "default.c", "default.d", "s.b"])
         self.record_leaders()
         info = gaffer._Client("unix:" + self.sock, None).request("GET", "/jobs/default/a")
         self.assertEqual((info["running"], info["config"]["env"], info["config"]["flapping"]["window"],
                           info["config"]["redirect_output"]), (2, {"GREETING": "hello"}, 1.5, ["out", "err"]))
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.finish(), 0)
+
+    @unittest.skipUnless(HAVE_PROC, "reads the daemon's session in /proc")
+    def test_daemon_pidfile_and_log_file(self):
+        config = self.json_config([self.job("a")])
+        sock = self.sock = os.path.join(self.tmp, "d.sock")
+        pidfile, log = os.path.join(self.tmp, "d.pid"), os.path.join(self.tmp, "logs.txt")
+        daemon = ("serve", "-c", config, "--daemon", "--pidfile", pidfile, "--log-file", log)
+        result = self.gaffer(*daemon, "--http", "unix:" + sock)
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "", ""))  # back once serving
+        with open(pidfile) as f:
+            pid = int(f.read())
+
+        def gone():
+            state = proc_table().get(pid)
+            return state is None or state[2] == "Z"  # a zombie until its new parent reaps it
+        self.addCleanup(lambda: gone() or (os.kill(pid, signal.SIGKILL), wait_until(gone)))
+        ppid, sid, _ = proc_table()[pid]
+        self.assertNotEqual(ppid, os.getpid(), "detached: not our child")
+        self.assertNotIn(sid, (pid, os.getsid(0)), "a session of its own, which it does not lead")
+        info = gaffer._Client("unix:" + sock, None).request("GET", "/status")["jobs"][0]
+        self.session_leaders.add(info["processes"][0]["os_pid"])
+        self.assertEqual((info["name"], info["running"]), ("default.a", 1))
+        result = self.gaffer(*daemon, "--http", "unix:" + sock + "2")  # the same pidfile: refused
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip(), "gaffer: %s: gaffer is already running as pid %d" % (pidfile, pid))
+        self.client("shutdown")
+        wait_until(gone, what="the daemon's exit")
+        self.assertFalse(os.path.exists(pidfile), "the pidfile is removed at exit")
+        with open(log) as f:
+            text = f.read()
+        self.assertIn("serving HTTP on unix:" + sock, text)
+        self.assertRegex(text, r"INFO gaffer: exit \{\"name\": \"default.a\"")
+        self.assertNotIn("GET /status", text, "HTTP requests are logged at debug level")
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with taken:  # a daemon that cannot start: the command says why, with exit code 1
+            result = self.gaffer(*daemon, "--http", "127.0.0.1:%d" % taken.getsockname()[1])
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr.strip(), r"^gaffer: cannot serve on http://127.0.0.1:\d+: Address already "
+                                                r"in use$")
+        self.assertFalse(os.path.exists(pidfile))
+
+    def test_bad_includes(self):
+        self.write("main.json", json.dumps({"include": ["more.json"], "jobs": [self.job("a")]}))
+        self.write("more.json", json.dumps({"include": ["main.json"], "jobs": [self.job("b")]}))
+        self.write("twice.json", json.dumps({"include": ["one.ini"], "jobs": [self.job("a")]}))
+        self.write("one.ini", "[job:a]\ncmd = x\n")
+        self.write("missing.ini", "[gaffer]\ninclude = none.ini, empty.d/*.ini\n[job:a]\ncmd = x\n")
+        self.write("notlist.json", json.dumps({"include": "more.json", "jobs": []}))
+        self.write("glob.ini", "[gaffer]\ninclude = empty.d/*.ini\n[job:a]\ncmd = x\n")
+        for name, message in [
+                ("main.json", r"^gaffer: more.json: include: \S*main.json includes more.json again$"),
+                ("twice.json", r"^gaffer: twice.json: job default.a is defined twice \(in twice.json and "
+                               r"\S*one.ini\)$"),
+                ("missing.ini", r"^gaffer: missing.ini: include: cannot read none.ini$"),
+                ("notlist.json", r"^gaffer: notlist.json: include: must be a list of file names or patterns$")]:
+            with self.subTest(config=name):
+                result = self.cli("check", "-c", name)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertRegex(result.stderr.strip(), message)
+        result = self.cli("check", "-c", "glob.ini")  # a pattern that matches nothing is an empty conf.d
+        self.assertEqual(result.returncode, 0, result.stderr)
 
     def test_bad_config_files(self):
         self.write("unknown.json", json.dumps({"jobs": [{"name": "a", "cmd": "x", "numprocess": 2}]}))
@@ -3754,6 +3824,11 @@ class ExportTest(CommandLineTestCase):
                          ("shop.w.1", ["/bin/sh", "-c"], "www", True))
         self.assertEqual(plist["EnvironmentVariables"]["WEIRD"], 'a"b\\c%d$e,f=g')
         self.assertEqual(plist["WorkingDirectory"], self.tmp)
+        self.write("two.env", "WEIRD=plain\nMORE=1\n")  # several -e files, as honcho takes them: the later wins
+        result = self.cli("export", "launchd", "-o", out, "-a", "shop", "-e", ".env,two.env", "--dry-run")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        plist = plistlib.loads(result.stdout.split("<==\n", 1)[1].encode())
+        self.assertEqual((plist["EnvironmentVariables"]["WEIRD"], plist["EnvironmentVariables"]["MORE"]), ("plain", "1"))
 
 # -- Init mode: gaffer as a container's PID 1 --------------------------------------
 
