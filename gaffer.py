@@ -1841,9 +1841,38 @@ class _Job:
     #: a rolling replacement under way: pids of the old processes, and the new one awaited
     rollout: "_Rollout | None" = None
 
+    #: slot -> how many counted processes hold it (two while one replaces the other)
+    held: dict = dataclasses.field(default_factory=dict)
+    #: slots given back, lowest first (a heap; some may be held again since)
+    freed: list = dataclasses.field(default_factory=list)
+
     @property
     def name(self):
         return "%s.%s" % (self.session, self.config.name)
+
+    def free_slot(self):
+        """The lowest slot no counted process holds, in O(log n)."""
+        while self.freed and self.freed[0] in self.held:
+            heapq.heappop(self.freed)
+        # Each slot up to the highest held is held or in freed: with none freed, they are 1..len(held).
+        return self.freed[0] if self.freed else len(self.held) + 1
+
+    def enter(self, proc):
+        """A new process counts, in its slot."""
+        self.running[proc.pid] = proc
+        self.held[proc.slot] = self.held.get(proc.slot, 0) + 1
+
+    def leave(self, proc):
+        """The process no longer counts (it stops or exited): its slot is given back."""
+        if self.running.pop(proc.pid, None) is None:
+            self.running_out.pop(proc.pid, None)
+        elif self.held[proc.slot] > 1:
+            self.held[proc.slot] -= 1
+        else:
+            del self.held[proc.slot]
+            heapq.heappush(self.freed, proc.slot)
+            if len(self.freed) > 2 * len(self.held) + 64:  # stale entries (held again since): drop them
+                self.freed = sorted(set(self.freed).difference(self.held))
 
     def processes(self):
         return list(self.running.values()) + list(self.running_out.values())
@@ -1952,7 +1981,7 @@ class _Rollout:
     """A job's processes replaced one at a time: a new one, ready, then an old one stopped."""
 
     def __init__(self, old, previous):
-        self.old = old            # pids of the processes to replace, oldest first
+        self.old = old            # pids of the processes to replace, lowest slot first
         self.previous = previous  # the config they run: the job's again if the rollout fails
         self.surge = None         # the new process awaited, counted beyond numprocesses until ready
 
@@ -2976,8 +3005,7 @@ class Manager:
         if once:
             slot = 0
         elif slot is None:
-            taken = {proc.slot for proc in job.running.values()}
-            slot = next(n for n in itertools.count(1) if n not in taken)
+            slot = job.free_slot()
         if job.config.port is not None and job.config.port + slot - 1 > 65535:
             raise ProcessError(400, "job %r cannot start a process in slot %d: its $PORT would be %d, past 65535"
                                % (job.name, slot, job.config.port + slot - 1))
@@ -2987,7 +3015,10 @@ class Manager:
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             raise ProcessError(400, "job %r cannot start %r: %s" % (job.name, job.config.cmd, exc)) from exc
         self._procs[proc.pid] = proc
-        (job.running_out if once else job.running)[proc.pid] = proc
+        if once:
+            job.running_out[proc.pid] = proc
+        else:
+            job.enter(proc)
         if self._cgroups is not None:
             proc._cgroup = self._cgroups.contain(job, proc)
         self._reaper.watch(proc._popen, functools.partial(self._on_exit, proc))
@@ -3404,10 +3435,11 @@ class Manager:
         if job.rollout is not None:
             self._rollout_failed(job, "replaced by a newer rollout")
         if job.config.ready is not None and job.running:
-            job.rollout = _Rollout(list(job.running), previous or job.config)
+            job.rollout = _Rollout([p.pid for p in sorted(job.running.values(), key=lambda p: p.slot)],
+                                   previous or job.config)
             self._roll(job)
             return
-        old = list(job.running.values())
+        old = sorted(job.running.values(), key=lambda p: p.slot)  # fewer new ones take the lowest slots
         new = []
         try:
             while len(new) < job.numprocesses:  # each new process takes an old one's slot, and its $PORT
@@ -3472,7 +3504,7 @@ class Manager:
         if proc._state not in _ALIVE:
             return
         job = proc._job
-        job.running.pop(proc.pid, None) or job.running_out.pop(proc.pid, None)
+        job.leave(proc)
         proc._set_state(_State.STOPPING)
         self._signal(proc, proc.config.stop_signal, proc.config.stop_children)
         proc._kill_timer = self.loop.call_later(proc.graceful_timeout, self._on_graceful_timeout, proc)
@@ -3583,7 +3615,7 @@ class Manager:
         dropped = proc._finish()
         del self._procs[proc.pid]
         job = proc._job
-        job.running.pop(proc.pid, None) or job.running_out.pop(proc.pid, None)
+        job.leave(proc)
         if job.rollout is not None and job.rollout.surge == proc.pid:
             self._rollout_failed(job, "new process %d exited before it was ready" % proc.pid)
         exit_status, term_signal = _exit_status(proc._popen.returncode)

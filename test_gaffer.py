@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -594,6 +595,12 @@ class ManagerTest(ManagerTestCase):
         self.assertEqual(ports(), [(1, "8000", "8000"), (2, "8001", "8001")])
         self.m.reload("w")  # new ones first: each takes the slot of the one it replaces
         self.assertEqual(ports(), [(1, "8000", "8000"), (2, "8001", "8001")])
+        self.m.scale("w", "=4")
+        second = [p.pid for p in self.m.list("w") if p.slot == 2][0]
+        self.m.stop_process(second)  # its replacement in slot 2 is the newest process
+        wait_until(lambda: second not in self.m.pids("w") and len(self.m.pids("w")) == 4)
+        self.m.reload("w")  # back to the config's 2: the lowest slots, whatever the processes' age
+        self.assertEqual(ports(), [(1, "8000", "8000"), (2, "8001", "8001")])
         self.load("r", 2, port=9000, ready="delay:0.05")
         self.m.reload("r")  # a rollout, one at a time
         wait_until(lambda: len(self.m.pids("r")) == 2 and min(self.m.pids("r")) > 6, what="the rollout's end")
@@ -606,6 +613,36 @@ class ManagerTest(ManagerTestCase):
         for bad in (0, 65536, "80"):
             with self.assertRaisesRegex(ValueError, r"^port must be "):
                 gaffer.ProcessConfig("x", "true", port=bad)
+
+    def test_slots_stay_unique_and_low_through_churn(self):
+        import random
+        rng = random.Random(7)
+        self.load("w", 3, min_uptime=0, port=7000)
+        for step in range(40):  # scale both ways, stops, SIGKILLs and reloads, in a seeded random order
+            action = rng.choice(("scale", "stop", "kill", "reload"))
+            pids, gone = self.m.pids("w"), None
+            if action == "scale":
+                self.m.scale("w", "=%d" % rng.randint(0, 6))
+            elif action == "stop" and pids:
+                gone = rng.choice(pids)
+                self.m.stop_process(gone)
+            elif action == "kill" and pids:
+                gone = rng.choice(pids)
+                os.kill(self.os_pid(gone), signal.SIGKILL)
+            elif action == "reload":
+                self.m.reload("w")
+                if step % 2:  # a rollout next time: one at a time, each new process in an old one's slot
+                    self.m.update(gaffer.ProcessConfig("w", PY, args=list(SLEEP), numprocesses=3, min_uptime=0,
+                                                       port=7000, graceful_timeout=2, ready="delay:0.01"))
+            target = self.m.info("w")["max_processes"]
+
+            def settled():  # no rollout under way (its new process shares a slot), the stopped one gone
+                job = self.m.status()[0]
+                return job["state"] == "running" and job["running"] == target and gone not in self.m.pids("w")
+            wait_until(settled, what="step %d (%s): %d running" % (step, action, target))
+            slots = sorted(p.slot for p in self.m.list("w"))
+            self.assertEqual(slots, list(range(1, target + 1)), "step %d (%s)" % (step, action))
+            self.assertEqual(sorted(int(p.env["PORT"]) - 6999 for p in self.m.list("w")), slots)
 
     def test_update(self):
         self.load("w", 2)
@@ -3407,7 +3444,7 @@ class ServeTest(CommandLineTestCase):
             stop_children = false
         """ % (PY, PY))
         os.mkdir(os.path.join(self.tmp, "conf.d"))
-        self.write("conf.d/c.ini", "[job:c]\ncmd = %s\nargs = %s\ndepends_on = d\n" % (PY, " ".join(SLEEP)))
+        self.write("conf.d/c.ini", "[job:c]\ncmd = %s\nargs = %s\ndepends_on = d\n" % (PY, shlex.join(SLEEP)))
         self.write("conf.d/d.json", json.dumps({"jobs": [self.job("d", session="default")]}))
         self.write("conf.d/notes.txt", "not a config")
         with open(config) as f:  # jobs from other files: an INI glob, a JSON file, depends_on across them
@@ -3415,6 +3452,10 @@ class ServeTest(CommandLineTestCase):
         self.write("gaffer.ini", text)
         proc = self.serve(config)
         self.assertEqual(self.jobs(), ["default.a", "default.c", "default.d", "s.b"])
+
+        def states():
+            return [(job["state"], job["restarts"]) for job in json.loads(self.client("status", "--json").stdout)]
+        wait_until(lambda: states() == [("running", 0)] * 4, what="every job running, none restarted")
         self.record_leaders()
         info = gaffer._Client("unix:" + self.sock, None).request("GET", "/jobs/default/a")
         self.assertEqual((info["running"], info["config"]["env"], info["config"]["flapping"]["window"],

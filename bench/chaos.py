@@ -378,6 +378,10 @@ class Chaos:
                 continue
             if time.monotonic() - started > 5:
                 self.violation("the manager took %.1fs to answer list()" % (time.monotonic() - started))
+            for job in self.manager.status():  # two processes share a slot (and its $PORT) only in a rollout
+                slots = [p["slot"] for p in job["processes"] if p["slot"] and p["status"] != "stopping"]
+                if len(slots) - len(set(slots)) > 1 or any(slots.count(slot) > 2 for slot in slots):
+                    self.violation("%s: processes share slots: %s" % (job["name"], sorted(slots)))
             dead = {pid for pid, os_pid in listed.items() if not alive(os_pid)}
             if dead:
                 time.sleep(1.0)  # an exit a moment ago is fine; one still listed a second later is not
