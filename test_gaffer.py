@@ -3205,9 +3205,20 @@ class RunnerTest(CommandLineTestCase):
         ports = {re.search(r"(web\.\d) +\| port (\d+)", line).groups() for line in proc.wait_line(r"web\.\d +\| port",
                                                                                                count=4)}
         self.assertEqual(ports, {("web.1", "5000"), ("web.2", "5001"), ("web.3", "5002"), ("web.4", "5003")})
-        result = self.gaffer("kill", "web.3", "USR1", *http)  # one process, by the name start shows
-        self.assertEqual(result.returncode, 0, result.stderr)
-        proc.wait_line(r"web\.3 +\| usr1 on 5002")
+        logs = self.spawn("logs", "web.3", *http)  # one process, by the name start shows
+        for sent in range(1, 100):  # until logs is connected: it shows what comes after
+            result = self.gaffer("kill", "web.3", "USR1", *http)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            proc.wait_line(r"web\.3 +\| usr1 on 5002", count=sent)
+            try:
+                logs.wait_line(r"^usr1 on 5002$", timeout=0.2)
+                break
+            except AssertionError:
+                pass
+        else:
+            self.fail("logs web.3 never showed its output")
+        logs.terminate()
+        logs.finish()
         self.assertEqual(self.gaffer("scale", "web", "2", *http).returncode, 0)  # the highest slots go
         proc.wait_line(r"web\.[34] killed by signal 15", count=2)
         self.assertFalse([line for line in proc.lines if re.search(r"web\.[12] (killed|stopping)", line)])
