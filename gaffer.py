@@ -110,6 +110,8 @@ _BACKOFF_FIRST, _BACKOFF_JITTER = 0.1, 0.2      # a crash loop's 2nd respawn wai
 _POLL_MIN, _POLL_MAX = 0.001, 0.05              # child polling where pidfds are missing
 _READ_MIN, _READ_MAX = 1 << 16, 1 << 20        # a channel's reads start small, grow when it is busy
 _DRAIN_LIMIT = 1 << 26                          # bytes read from a process's pipes once it exited
+_LINE_MAX = 1 << 16                             # a longer line of output is cut there
+_HISTORY = 10                                   # exited processes of a job whose output tail is kept
 _MAX_WAIT = 7 * 86400.0                         # the longest any setting may make the loop wait (a week)
 _MAX_SELECT = 3600.0                            # the longest one select sleeps, whatever is due
 _MAX_COUNT = 1 << 31                            # the largest count a setting may hold
@@ -450,6 +452,17 @@ class ProcessConfig:
     memory_max: int | None = None
     cpu_max: float | None = None
     pids_max: int | None = None
+    #: a file for the output: a path template with {session}, {name}, {slot}, {pid} and {label}, or "-"
+    #: (the manager's stdout, each line prefixed "name.N |"); missing directories are made
+    log_file: str | None = None
+    #: a log file past this many bytes is renamed .1 (and .1 to .2...); 0 never rotates
+    log_max_bytes: int = 10 << 20
+    #: rotated files kept
+    log_backups: int = 5
+    #: each line of the log file starts with the time it was read, ISO 8601
+    log_timestamps: bool = False
+    #: the output kept in memory per label, also for a while after the exit (Process.tail, Manager.logs)
+    tail_bytes: int = 64 << 10
 
     def __init__(self, name, cmd, **settings):
         _reject_unknown(type(self), settings)
@@ -536,6 +549,16 @@ class ProcessConfig:
         self.memory_max = None if self.memory_max is None else _size_setting("memory_max", self.memory_max)
         self.cpu_max = None if self.cpu_max is None else _float_setting("cpu_max", self.cpu_max, 0.01, 10000)
         self.pids_max = None if self.pids_max is None else _int_setting("pids_max", self.pids_max, 1)
+        if self.log_file is not None:
+            _log_template(self.log_file)
+            if not self.redirect_output:  # a log file of nothing would surprise: capture both
+                self.redirect_output = ["out", "err"]
+        self.log_max_bytes = 0 if self.log_max_bytes == 0 else _size_setting("log_max_bytes", self.log_max_bytes)
+        self.log_backups = _int_setting("log_backups", self.log_backups, 0, 1000)
+        _bool_setting("log_timestamps", self.log_timestamps)
+        self.tail_bytes = 0 if self.tail_bytes == 0 else _size_setting("tail_bytes", self.tail_bytes)
+        if self.tail_bytes > 1 << 30:
+            raise ValueError("tail_bytes must be <= 1 GiB, got %d" % self.tail_bytes)
 
     def to_dict(self):
         """Return the settings as a dict of plain values (JSON-ready)."""
@@ -577,7 +600,23 @@ class ProcessConfig:
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ProcessConfig))
 # What a process is spawned with: a change of any replaces the processes; the other settings apply in place.
 _SPAWN_SETTINGS = ("cmd", "args", "env", "os_env", "uid", "gid", "cwd", "shell", "redirect_output",
-                   "redirect_input", "custom_streams", "ready", "health")
+                   "redirect_input", "custom_streams", "ready", "health", "log_file", "log_max_bytes",
+                   "log_backups", "log_timestamps", "tail_bytes")
+_LOG_FIELDS = ("session", "name", "slot", "pid", "label")
+
+
+def _log_template(value):
+    """Check a log_file: "-", or a path whose {fields} are all _LOG_FIELDS (ValueError otherwise)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("log_file must be a path or '-', got %r" % (value,))
+    try:
+        fields = [field for _, field, spec, conversion in string.Formatter().parse(value) if field is not None]
+    except ValueError as exc:
+        raise ValueError("log_file %r: %s" % (value, exc)) from None
+    for field in fields:
+        if field not in _LOG_FIELDS:
+            raise ValueError("log_file %r: unknown field {%s} (the fields are %s)"
+                             % (value, field, ", ".join("{%s}" % f for f in _LOG_FIELDS)))
 
 
 def _size_setting(setting, value):
@@ -1334,26 +1373,121 @@ _TRANSITIONS = {
 _ALIVE = frozenset({_State.STARTING, _State.READY})  # counted, signalled, listed
 
 
-class _LineSplitter:
-    """Cuts a byte stream into complete lines (without their newline); a line longer than
-    `limit` is cut there, so a child that never writes a newline costs bounded memory."""
+class _Output:
+    """One output label of a process, cut into complete lines once, here.  The lines go on to the log
+    file, the readiness regex and the job's LOGS channels; the last `limit` bytes of them stay in
+    memory (the tail), also after the exit.  A line longer than _LINE_MAX is cut there."""
 
-    def __init__(self, limit=1 << 16):
+    __slots__ = ("label", "limit", "partial", "tail", "size")
+
+    def __init__(self, label, limit):
+        self.label = label
         self.limit = limit
-        self._partial = b""
+        self.partial = b""
+        self.tail = None  # deque of (time, complete lines), made when output first arrives
+        self.size = 0
 
-    def feed(self, data):
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        while len(self._partial) > self.limit:
-            lines.append(self._partial[:self.limit])
-            self._partial = self._partial[self.limit:]
-        return lines
+    def feed(self, data, now):
+        """The complete lines that data ends (as one bytes, each with its newline), or b""."""
+        cut = data.rfind(b"\n") + 1
+        if cut:
+            block, self.partial = self.partial + data[:cut], data[cut:]
+        else:
+            block, self.partial = b"", self.partial + data
+        if len(self.partial) > _LINE_MAX:  # a child that never writes a newline costs bounded memory
+            block, self.partial = block + self.partial + b"\n", b""
+        if block and self.limit:
+            self._keep(block, now)
+        return block
 
-    def rest(self):
-        """The unfinished last line (the stream ended), and forget it."""
-        rest, self._partial = self._partial, b""
-        return rest
+    def close(self, now):
+        """The stream ended: its unfinished last line, as a complete one (or b"")."""
+        block, self.partial = (self.partial + b"\n" if self.partial else b""), b""
+        if block and self.limit:
+            self._keep(block, now)
+        return block
+
+    def _keep(self, block, now):
+        if self.tail is None:
+            self.tail = collections.deque()
+        self.tail.append((now, block))
+        self.size += len(block)
+        while self.size - len(self.tail[0][1]) >= self.limit:
+            self.size -= len(self.tail.popleft()[1])
+
+    def lines(self):
+        """[(time, line without its newline)] of the tail, oldest first, with an unfinished line last."""
+        kept = [(when, line) for when, block in (self.tail or ()) for line in block[:-1].split(b"\n")]
+        return kept + ([(time.time(), self.partial)] if self.partial else [])
+
+
+class _LogFile:
+    """A log file that processes share: complete lines appended, renamed .1 (.1 to .2...) past
+    max_bytes, reopened on demand.  A write that fails (a full disk) drops its lines and counts
+    them: the loop never waits on a disk for longer than a write to the page cache."""
+
+    def __init__(self, path, max_bytes, backups):
+        self.path = path
+        self.max_bytes = max_bytes if path != "-" else 0
+        self.backups = backups
+        self.users = 0    # processes writing to it: closed when none is left
+        self.fd = None
+        self.size = 0
+        self.failing = False  # the last write failed: warned once
+        self._open()
+
+    def _open(self):
+        if self.path == "-":
+            self.fd = sys.stdout.fileno()
+            return
+        if os.path.dirname(self.path):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self.size = os.fstat(self.fd).st_size
+
+    def write(self, data):
+        """Append data (complete lines); return how many lines were dropped."""
+        if self.max_bytes and self.size and self.size + len(data) > self.max_bytes:
+            self.reopen(rotate=True)
+        view = memoryview(data)
+        try:
+            if self.fd is None:
+                raise OSError("the file is not open")
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+                self.size += written
+        except OSError as exc:
+            if not self.failing:
+                _log.error("cannot write to log file %s (%s): dropping lines until it works again", self.path,
+                           exc.strerror or exc)
+            self.failing = True
+            return bytes(view).count(b"\n")
+        self.failing = False
+        return 0
+
+    def reopen(self, rotate=False):
+        """Open the file again (after an outside logrotate moved it), renaming it first if rotate."""
+        if self.path == "-":
+            return
+        self.close()
+        try:
+            if rotate:
+                for index in range(self.backups - 1, 0, -1):
+                    if os.path.exists("%s.%d" % (self.path, index)):
+                        os.replace("%s.%d" % (self.path, index), "%s.%d" % (self.path, index + 1))
+                if self.backups:
+                    os.replace(self.path, self.path + ".1")
+                else:
+                    os.unlink(self.path)
+            self._open()
+        except OSError as exc:
+            _log.error("cannot reopen log file %s: %s", self.path, exc.strerror or exc)
+
+    def close(self):
+        if self.fd is not None and self.path != "-":
+            os.close(self.fd)
+        self.fd = None
 
 
 class _Pipe:
@@ -1506,7 +1640,8 @@ class Process:
         self._check_busy = False   # a worker still runs this process's last check
         self._health_passed = 0    # health checks passed (WATCHDOG=1 pings in notify mode)
         self._health_failures = 0  # failed health checks in a row
-        self._ready_lines = None   # _LineSplitter of an output: check, until ready
+        self._outputs = {}         # label -> _Output of each output label
+        self._logs = {}            # label -> _LogFile, where the job has a log_file
         self._notify = None        # the datagram socket of a notify check
         self._streak = 0           # quick exits of its slot before it, in a row
         self._max_age = None       # config.max_age plus this process's share of max_age_variance
@@ -1541,9 +1676,9 @@ class Process:
             env["NOTIFY_SOCKET"] = self._notify.getsockname()
             if config.health == "notify":  # as systemd sets it: sd_watchdog_enabled() reads it
                 env["WATCHDOG_USEC"] = str(int(config.health_interval * 1e6))
-        if isinstance(config.ready, str) and config.ready.startswith("output:"):
-            self._ready_lines = _LineSplitter()
+        self._outputs = {label: _Output(label, config.tail_bytes) for label in labels}
         try:
+            self._logs = self._manager._open_logs(self)
             for label in config.custom_streams:
                 parent_end, child_end = socket.socketpair()
                 ours[label] = parent_end
@@ -1558,6 +1693,7 @@ class Process:
             for sock in ours.values():
                 sock.close()
             self._unlink_notify()
+            self._manager._release_logs(self)
             raise
         finally:
             for sock in theirs:
@@ -1588,13 +1724,38 @@ class Process:
 
     def _on_output(self, label, data):
         self._io.publish(label, {"name": self.name, "pid": self.pid, "data": data})
-        if self._ready_lines is not None and self._state is _State.STARTING:
-            pattern = self.config.ready[7:]
-            for line in self._ready_lines.feed(data):
-                if re.search(pattern, line.decode("utf-8", "replace")):
-                    self._ready_lines = None
-                    self._manager._mark_ready(self)
-                    return
+        output = self._outputs.get(label)  # None for a custom stream: raw bytes only
+        if output is not None:
+            now = time.time()
+            block = output.feed(data, now)
+            if block:
+                self._on_lines(label, block, now)
+
+    def _on_lines(self, label, block, now):
+        """Complete lines of an output (block: each ends with a newline) to whatever reads lines."""
+        log = self._logs.get(label)
+        if log is not None:
+            prefix = b""
+            if self.config.log_timestamps:
+                import datetime
+                prefix = datetime.datetime.fromtimestamp(now).astimezone().isoformat("T", "milliseconds").encode() + b" "
+            if log.path == "-":
+                prefix += ("%s.%d | " % (self.config.name, self.slot)).encode()
+            written = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n" if prefix else block
+            self._job.log_dropped += log.write(written)
+        ready = self.config.ready
+        followers = self._job.followers
+        if not followers and not (self._state is _State.STARTING and isinstance(ready, str)
+                                  and ready.startswith("output:")):
+            return
+        lines = [line.decode("utf-8", "replace") for line in block[:-1].split(b"\n")]
+        for channel in tuple(followers):  # a listener may close its channel inline
+            for line in lines:
+                channel._put("line", {"time": now, "pid": self.pid, "slot": self.slot, "label": label,
+                                      "line": line})
+        if self._state is _State.STARTING and isinstance(ready, str) and ready.startswith("output:"):
+            if any(re.search(ready[7:], line) for line in lines):
+                self._manager._mark_ready(self)
 
     def _on_notify(self, mask):
         """sd_notify datagrams: READY=1 marks the process ready, WATCHDOG=1 says it is alive, STATUS=... is kept."""
@@ -1636,6 +1797,12 @@ class Process:
             self._unlink_notify()
         for pipe in self._pipes:
             pipe.drain()
+        now = time.time()
+        for label, output in self._outputs.items():  # an unfinished last line is a line all the same
+            rest = output.close(now)
+            if rest:
+                self._on_lines(label, rest, now)
+        self._manager._release_logs(self)
         dropped = 0
         for pipe in self._pipes:
             pipe.close()
@@ -1841,6 +2008,12 @@ class _Job:
     #: a rolling replacement under way: pids of the old processes, and the new one awaited
     rollout: "_Rollout | None" = None
 
+    #: the last exited processes with output in their tail (Manager.logs reads them)
+    history: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=_HISTORY))
+    #: LOGS channels: each new line of output goes to them
+    followers: set = dataclasses.field(default_factory=set)
+    #: lines a log file could not take (a full disk)
+    log_dropped: int = 0
     #: slot -> how many counted processes hold it (two while one replaces the other)
     held: dict = dataclasses.field(default_factory=dict)
     #: slots given back, lowest first (a heap; some may be held again since)
@@ -2111,6 +2284,7 @@ class Manager:
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
+        self._log_files = {}      # path -> _LogFile, shared by the processes whose log_file names it
         self._stop_pending = []   # jobs a manager stop has yet to stop, after their dependents
         self._orphan_groups = {}  # pgid -> (deadline, killed) of a group whose leader was reaped first
         self._orphan_timer = None
@@ -2438,6 +2612,16 @@ class Manager:
         """Return ``{name, active, running, running_out, max_processes, processes, config}``."""
         return self._call(self._do_info, name)
 
+    def logs(self, name, lines=100):
+        """The last `lines` lines of output of the job's processes, exited ones included (the last
+        10 of them), oldest first: ``[{time, pid, slot, label, line}]``."""
+        lines = _int_setting("lines", lines, 0)
+        return self._call(lambda: self._job_lines(self._job(name), lines))
+
+    def reopen_logs(self):
+        """Open every log file again, as after a logrotate that moved them away (SIGUSR1 to serve)."""
+        self._call(lambda: [log.reopen() for log in list(self._log_files.values())])
+
     def stats(self, name):
         """Return ``{name, stats: [per process], cpu, max_cpu, min_cpu, mem, max_mem, min_mem}``.
 
@@ -2518,17 +2702,22 @@ class Manager:
         """Stop a monitor() listener."""
         self._call(lambda: self._do_unmonitor(self._job(name), listener))
 
-    def subscribe(self, topic, max_bytes=None):
+    def subscribe(self, topic, max_bytes=None, tail=0):
         """Open a pub/sub channel on a topic; see Channel.
 
         Topics: ``EVENTS`` or ``EVENTS:<pattern>``, ``JOB:<session.job>``,
-        ``PROCESS:<pid>``, ``STATS:<pid>`` or ``STATS:<session.job>``, ``STREAM:<pid>``.
+        ``PROCESS:<pid>``, ``STATS:<pid>`` or ``STATS:<session.job>``, ``STREAM:<pid>``,
+        ``LOGS:<session.job>`` (a ``line`` message, as logs() gives them, for each line of
+        output of the job's processes).  With `tail`, a STREAM or LOGS channel starts with
+        the last `tail` lines already read, then goes on with the new ones: nothing is
+        missed or repeated in between.
 
         Raises:
             ProcessError: an unknown source or a malformed pid (400).
             ProcessNotFound: an unknown job or pid.
         """
-        return self._call(self._do_subscribe, topic, max_bytes or _CHANNEL_MAX_BYTES)
+        tail = _int_setting("tail", tail, 0)
+        return self._call(self._do_subscribe, topic, max_bytes or _CHANNEL_MAX_BYTES, tail)
 
     def unsubscribe(self, topic, channel):
         """Close a channel opened by subscribe(topic)."""
@@ -2782,6 +2971,48 @@ class Manager:
                          "restarts": job.restarts, "last_exit": job.last_exit, "processes": rows})
         return jobs
 
+    def _job_lines(self, job, count):
+        rows = []
+        for proc in [p for p in self._procs.values() if p._job is job] + list(job.history):
+            for label, output in proc._outputs.items():
+                rows += [(when, proc.pid, proc.slot, label, line) for when, line in output.lines()]
+        rows.sort(key=lambda row: row[0])  # stable: a process's lines keep their order
+        return [{"time": when, "pid": pid, "slot": slot, "label": label, "line": line.decode("utf-8", "replace")}
+                for when, pid, slot, label, line in rows[len(rows) - count:] if count]
+
+    def _open_logs(self, proc):
+        """{label: _LogFile} of a new process, opened (or shared) now; OSError names the file."""
+        config, logs = proc.config, {}
+        if config.log_file is None:
+            return logs
+        try:
+            for label in dict.fromkeys(config.redirect_output):
+                path = config.log_file
+                if path != "-":
+                    path = os.path.abspath(path.format(session=proc._job.session, name=config.name, slot=proc.slot,
+                                                       pid=proc.pid, label=label))
+                log = self._log_files.get(path)
+                if log is None:
+                    try:
+                        log = self._log_files[path] = _LogFile(path, config.log_max_bytes, config.log_backups)
+                    except OSError as exc:
+                        raise OSError("cannot open log file %s: %s" % (path, exc.strerror or exc)) from None
+                log.users += 1
+                logs[label] = log
+        except OSError:
+            proc._logs = logs
+            self._release_logs(proc)
+            raise
+        return logs
+
+    def _release_logs(self, proc):
+        logs, proc._logs = proc._logs, {}
+        for log in logs.values():
+            log.users -= 1
+            if not log.users:
+                log.close()
+                del self._log_files[log.path]
+
     def _do_info(self, name):
         job = self._job(name)
         return {
@@ -2794,6 +3025,7 @@ class Manager:
             "restarts": job.restarts, "last_exit": job.last_exit,
             "containment": "group" if self._cgroups is None else "cgroup",
             "backoff": sorted(round(max(0.0, b.timer.when - self.loop.time()), 3) for b in job.backoff),
+            "log_dropped": job.log_dropped,
         }
 
     def _do_stop_process(self, pid):
@@ -2881,7 +3113,7 @@ class Manager:
     def _sampling_needed(self):
         return bool(self._monitors) or bool(self._limited_jobs())
 
-    def _do_subscribe(self, topic, max_bytes):
+    def _do_subscribe(self, topic, max_bytes, tail=0):
         if not isinstance(topic, str):
             raise ProcessError(400, "a topic is a str such as 'EVENTS' or 'JOB:default.web', got %r" % (topic,))
         source, _, target = topic.partition(":")
@@ -2898,13 +3130,26 @@ class Manager:
             owner = self._process(int(target))
             emitter, pattern, strip = ((self.events, "proc.%d" % owner.pid, "proc.%d." % owner.pid)
                                        if source == "PROCESS" else (owner._io, ".", ""))
-        elif source == "STATS":
-            owner = self._process(int(target)) if _is_number(target) else self._job(target)
+        elif source in ("STATS", "LOGS"):
+            owner = self._process(int(target)) if _is_number(target) and source == "STATS" else self._job(target)
             emitter = None
         else:
-            raise ProcessError(400, "unknown topic source %r in %r: use EVENTS, JOB, PROCESS, STATS or STREAM"
+            raise ProcessError(400, "unknown topic source %r in %r: use EVENTS, JOB, PROCESS, STATS, STREAM or LOGS"
                                % (source, topic))
-        if emitter is None:  # STATS: fed by the sampler
+        if tail and source == "LOGS":  # history first, then what comes: both on this turn of the loop
+            for row in self._job_lines(owner, tail):
+                channel._put("line", row)
+        elif tail and source == "STREAM":
+            for label, output in owner._outputs.items():
+                lines = [line + b"\n" for _, line in output.lines()][-tail:]
+                if lines and output.partial:  # the rest of that line comes as it is written
+                    lines[-1] = lines[-1][:-1]
+                if lines:
+                    channel._put(label, {"name": owner.name, "pid": owner.pid, "data": b"".join(lines)})
+        if source == "LOGS":
+            owner.followers.add(channel)
+            channel._undo = lambda: owner.followers.discard(channel)
+        elif emitter is None:  # STATS: fed by the sampler
             self._do_monitor(owner, channel._put)
             channel._undo = lambda: self._do_unmonitor(owner, channel._put)
         else:
@@ -3616,6 +3861,8 @@ class Manager:
         del self._procs[proc.pid]
         job = proc._job
         job.leave(proc)
+        if any(output.tail for output in proc._outputs.values()):
+            job.history.append(proc)  # its last words stay readable (logs) after it is gone
         if job.rollout is not None and job.rollout.surge == proc.pid:
             self._rollout_failed(job, "new process %d exited before it was ready" % proc.pid)
         exit_status, term_signal = _exit_status(proc._popen.returncode)
@@ -4863,7 +5110,6 @@ class _Printer:
         self.on_broken = on_broken  # called once if the reader of the stream goes away
         self.width = max(len(n) for n in list(names) + ["system"])
         self.colors = {"system": "0"}  # name -> colour: the next one for each new name, scaled-up ones too
-        self.lines = {}  # pid -> _LineSplitter
 
     def line(self, name, text):
         prefix = "%s %s |" % (time.strftime("%H:%M:%S"), name.ljust(self.width))
@@ -4879,16 +5125,6 @@ class _Printer:
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
             on_broken, self.on_broken = self.on_broken, None
             on_broken()
-
-    def output(self, name, pid, data):
-        for line in self.lines.setdefault(pid, _LineSplitter()).feed(data):
-            self.line(name, line.decode("utf-8", "replace"))
-
-    def flush(self, name, pid):
-        splitter = self.lines.pop(pid, None)
-        rest = splitter.rest() if splitter is not None else b""
-        if rest:
-            self.line(name, rest.decode("utf-8", "replace"))
 
 
 def _run_foreground(configs, args, keep_alive):
@@ -4914,11 +5150,9 @@ def _run_foreground(configs, args, keep_alive):
         process = manager.get_process(msg["pid"])
         name = shown[msg["pid"]] = "%s.%d" % (process.config.name, process.slot)
         printer.line("system", "%s started with pid %d" % (name, msg["os_pid"]))
-        process.monitor_io(".", lambda label, io: printer.output(name, io["pid"], io["data"]))
 
     def on_exit(evtype, msg):
         name = shown.pop(msg["pid"], msg["name"])
-        printer.flush(name, msg["pid"])
         code = msg["exit_status"]
         how = "killed by signal %d" % msg["term_signal"] if msg["term_signal"] else "exited with code %d" % code
         printer.line("system", "%s %s" % (name, how))
@@ -4941,7 +5175,12 @@ def _run_foreground(configs, args, keep_alive):
     def load_all():  # inside run(): a Ctrl-C while the first processes start already stops them
         try:
             for session, config in configs:
-                manager.load(config, sessionid=session)
+                name = "%s.%s" % (session, config.name)
+                manager.load(config, sessionid=session, start=False)
+                channel = manager.subscribe("LOGS:" + name)  # its lines, from the very first
+                channel.bind("line", lambda evtype, msg, job=config.name: printer.line(
+                    "%s.%d" % (job, msg["slot"]), msg["line"]))
+                manager.start_job(name)
         except ProcessError as exc:
             printer.line("system", str(exc))
             first_exit.append(1)
