@@ -1446,9 +1446,21 @@ class _LogFile:
         self.size = os.fstat(self.fd).st_size
 
     def write(self, data):
-        """Append data (complete lines); return how many lines were dropped."""
-        if self.max_bytes and self.size and self.size + len(data) > self.max_bytes:
+        """Append data (complete lines); return how many lines were dropped.  Past max_bytes the
+        file is rotated between two lines: no file is larger, unless one line is."""
+        dropped = 0
+        while self.max_bytes and self.size + len(data) > self.max_bytes:
+            fit = data.rfind(b"\n", 0, self.max_bytes - self.size) + 1
+            if not fit and not self.size:  # a line longer than a whole file gets one of its own
+                fit = data.find(b"\n") + 1
+            dropped += self._append(data[:fit])
+            data = data[fit:]
+            if not data:
+                return dropped
             self.reopen(rotate=True)
+        return dropped + self._append(data)
+
+    def _append(self, data):
         view = memoryview(data)
         try:
             if self.fd is None:
@@ -1487,7 +1499,7 @@ class _LogFile:
     def close(self):
         if self.fd is not None and self.path != "-":
             os.close(self.fd)
-        self.fd = None
+        self.fd, self.size = None, 0
 
 
 class _Pipe:
@@ -1869,6 +1881,19 @@ class Process:
     def stats(self):
         """Resource use: pid, os_pid, cpu %, mem %, rss, vms, mem_info1/2, ctime, num_threads ("N/A" off Linux)."""
         return self._manager._call(self._sample)
+
+    def tail(self, label=None, lines=None):
+        """The last `lines` lines (all that are kept: ProcessConfig.tail_bytes) of an output label, or of
+        every one in time order, as str; also once the process has exited."""
+        def read():
+            rows = sorted((row for name, output in self._outputs.items() if label in (None, name)
+                           for row in output.lines()), key=lambda row: row[0])
+            return [line.decode("utf-8", "replace") for _, line in rows[len(rows) - lines if lines else 0:]]
+        if lines is not None:
+            lines = _int_setting("lines", lines, 0)
+            if lines == 0:
+                return []
+        return self._manager._call(read)
 
     def monitor(self, listener):
         """Call ``listener("stat", stats)`` every Manager.stats_interval seconds until unmonitor() or exit."""
@@ -4903,6 +4928,22 @@ def _http_job_stats(req, m, job):
     return 200, m.stats(job)
 
 
+def _query_count(req, key, default):
+    """A count from the query string (?lines=100), bounded."""
+    text = req.query.get(key, str(default))
+    if not text.isdigit() or int(text) > 1 << 20:
+        raise ProcessError(400, "%s must be a count from 0 to %d, got %r" % (key, 1 << 20, text))
+    return int(text)
+
+
+@_route("GET", "/jobs/([^/]+/[^/]+)/logs")
+def _http_job_logs(req, m, job):
+    lines = _query_count(req, "lines", 100)
+    if req.query.get("follow", "0") in ("", "0", "false"):
+        return 200, {"lines": m.logs(job, lines)}
+    req.stream(m.subscribe("LOGS:" + job.replace("/", ".", 1), tail=lines), lambda evtype, msg: _json_text(msg))
+
+
 @_route("GET", "/jobs/([^/]+/[^/]+)/numprocesses")
 def _http_numprocesses(req, m, job):
     return 200, {"numprocesses": m.info(job)["max_processes"]}
@@ -5002,7 +5043,17 @@ def _http_read_stream(req, m, pid, label):
     import base64
     decode = ((lambda data: base64.b64encode(data).decode()) if encoding == "base64"
               else (lambda data: data.decode("utf-8", "replace")))
-    req.stream(m.subscribe("STREAM:%s" % pid), lambda evtype, msg: decode(msg["data"]) if evtype == label else None)
+    req.stream(m.subscribe("STREAM:%s" % pid, tail=_query_count(req, "tail", 0)),
+               lambda evtype, msg: decode(msg["data"]) if evtype == label else None)
+
+
+@_route("GET", r"/(\d+)/logs")
+def _http_process_logs(req, m, pid):
+    process = m.get_process(int(pid))
+    label = req.query.get("label")
+    if label is not None and label not in process.config.redirect_output:
+        raise ProcessNotFound("process %s has no output labelled %r" % (pid, label))
+    return 200, {"lines": process.tail(label, _query_count(req, "lines", 100))}
 
 
 # -- Procfile and command line -------------------------------------------------------
@@ -5209,10 +5260,16 @@ def _cli_manager(args):
 
 
 def _forward_signals(manager, signals):
-    """Init mode: these signals, sent to gaffer, go on to every process it runs."""
-    if manager.subreaper == "init":
-        for signum in signals:
-            signal.signal(signum, lambda signum, frame: manager.loop.call_soon_threadsafe(manager._forward, signum))
+    """SIGUSR1 reopens the log files (after a logrotate); in init mode, these signals, sent to gaffer,
+    also go on to every process it runs."""
+    def on_signal(signum, frame):
+        if signum == signal.SIGUSR1:
+            manager.loop.call_soon_threadsafe(manager.reopen_logs)
+        if manager.subreaper == "init":
+            manager.loop.call_soon_threadsafe(manager._forward, signum)
+    for signum in signals:
+        if manager.subreaper == "init" or signum == signal.SIGUSR1:
+            signal.signal(signum, on_signal)
 
 
 def _start(manager, app):
@@ -5942,10 +5999,33 @@ def _cmd_watch(args):
 
 
 def _cmd_logs(args):
-    path = "/%d/streams/%s" % (_process_pid(args.target, args), _quote(args.label))
-    for event, data in _client(args).events(path):
-        sys.stdout.write(data)
-        sys.stdout.flush()
+    """Like tail: the last -n lines of a job (every process, exited ones too) or of one process; -f follows."""
+    client, target = _client(args), args.target
+    if _is_number(target) or re.fullmatch(r".+\.[0-9]+", target) and target.replace("/", ".", 1) not in \
+            client.request("GET", "/jobs")["jobs"]:
+        pid = _process_pid(target, args)
+        if not args.follow:
+            query = "?lines=%d" % args.n + ("&label=" + _quote(args.label) if args.label else "")
+            for line in client.request("GET", "/%d/logs%s" % (pid, query))["lines"]:
+                print(line)
+            return 0
+        for event, data in client.events("/%d/streams/%s?tail=%d" % (pid, _quote(args.label or "out"), args.n)):
+            sys.stdout.write(data)
+            sys.stdout.flush()
+        return 0
+    path = "%s/logs?lines=%d" % (_job_path(target, args), args.n)
+    job = target.replace("/", ".").rpartition(".")[2]
+
+    def show(row):
+        label = "" if row["label"] == "out" else ":" + row["label"]
+        print("%s %s.%d%s | %s" % (time.strftime("%H:%M:%S", time.localtime(row["time"])), job, row["slot"], label,
+                                   row["line"]), flush=args.follow)
+    if not args.follow:
+        for row in client.request("GET", path)["lines"]:
+            show(row)
+        return 0
+    for event, data in client.events(path + "&follow=1"):
+        show(_json_value(data))
     return 0
 
 
@@ -6164,8 +6244,10 @@ def _parser():
     sub = command("scale", _cmd_scale, "set (N) or change (+N, -N) a job's number of processes", client=True)
     sub.add_argument("job")
     sub.add_argument("count", metavar="N|+N|-N")
-    for name, state in (("stop", "stop"), ("reload", "reload")):
-        sub = command(name, lambda args, state=state: _client_state(args, state), "%s a job" % name, client=True)
+    for name, state in (("stop", "stop"), ("reload", "reload"), ("restart", "reload")):
+        sub = command(name, lambda args, state=state: _client_state(args, state),
+                      "%s a job" % name + (" (as reload: new processes replace the old)" if name == "restart" else ""),
+                      client=True)
         sub.add_argument("job")
     sub = command("kill", _cmd_kill, "send a signal to a job's processes or to one process", client=True)
     sub.add_argument("target", metavar="JOB|JOB.N|PID", help="a job (web), one of its processes (web.1), a pid")
@@ -6180,9 +6262,14 @@ def _parser():
     sub.add_argument("--timeout", type=seconds, default=60.0, metavar="S", help="seconds (default 60)")
     sub = command("watch", _cmd_watch, "follow the events (optionally those under PATTERN)", client=True)
     sub.add_argument("pattern", nargs="?")
-    sub = command("logs", _cmd_logs, "follow a process's output", client=True)
-    sub.add_argument("target", metavar="PID|JOB.N", help="a pid, or a job's process as start shows it: web.1")
-    sub.add_argument("label", nargs="?", default="out", help="the output or stream label (default out)")
+    sub = command("logs", _cmd_logs, "show the last lines of a job's output (exited processes too) or of one "
+                  "process's, like tail", client=True)
+    sub.add_argument("target", metavar="JOB|JOB.N|PID", help="a job (web), one of its processes as start shows "
+                     "it (web.1), or a pid")
+    sub.add_argument("label", nargs="?", help="one output label of a process (default: all; out with -f)")
+    sub.add_argument("-n", type=checked(lambda text: _int_setting("lines", int(text), 0, 1 << 20)), default=10,
+                     metavar="N", help="lines (default 10)")
+    sub.add_argument("-f", "--follow", action="store_true", help="then print new lines as they come (Ctrl-C ends)")
 
     sub = command("export", _cmd_export, "write systemd units, a supervisord config, runit services or launchd "
                   "property lists from a Procfile")

@@ -2223,6 +2223,173 @@ SERVE_A_SECOND_ONCE = """
 """
 
 
+class LogTest(ManagerTestCase):
+    """log_file (rotation, reopen, timestamps, "-", errors), the tail of each output, logs()."""
+
+    def path(self, name):
+        return os.path.join(self.tmp, name)
+
+    def test_rotation_at_a_tiny_size_keeps_every_byte_in_order(self):
+        log = self.path("logs/w.log")  # the directory is made
+        self.load("w", code="""
+            import sys
+            for n in range(3000):
+                sys.stdout.write("line %05d %s\\n" % (n, "x" * (n % 37)))
+                if n % 7 == 0:
+                    sys.stdout.flush()
+            sys.stdout.write("no newline at the end")
+        """, log_file=log, log_max_bytes=4096, log_backups=3, restart="never")
+        self.rec.wait_for("exit")
+        files = [log + suffix for suffix in (".3", ".2", ".1", "")]
+        self.assertEqual(sorted(os.listdir(self.path("logs"))), ["w.log", "w.log.1", "w.log.2", "w.log.3"],
+                         "exactly log_backups old files")
+        for name in files:
+            self.assertLessEqual(os.path.getsize(name), 4096, name)
+        text = "".join(read_text(name) for name in files)
+        self.assertTrue(text.endswith("line 02999 %s\nno newline at the end\n" % ("x" * (2999 % 37))))
+        lines = text.splitlines()[:-1]
+        first = int(lines[0].split()[1])
+        self.assertEqual(lines, ["line %05d %s" % (n, "x" * (n % 37)) for n in range(first, 3000)],
+                         "the newest lines, none lost, cut or repeated across rotations")
+        self.assertGreater(first, 0, "the oldest went with the rotations")
+
+    def test_reopen_after_the_file_was_moved_and_timestamps(self):
+        log = self.path("w.log")
+        self.load("w", code="""
+            import sys
+            for line in sys.stdin:
+                print(line.strip(), flush=True)
+        """, log_file=log, log_timestamps=True, redirect_input=True)
+        pid = self.m.pids("w")[0]
+        self.m.send(pid, "before\n")
+        wait_until(lambda: "before" in read_text(log))
+        os.rename(log, log + ".old")  # what logrotate does
+        self.m.send(pid, "still old\n")
+        wait_until(lambda: "still old" in read_text(log + ".old"), what="written to the moved file until reopened")
+        self.m.reopen_logs()
+        self.m.send(pid, "after\n")
+        wait_until(lambda: os.path.exists(log) and "after" in read_text(log))
+        self.assertNotIn("before", read_text(log))
+        stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d "
+        self.assertRegex(read_text(log), "^%safter\n$" % stamp)
+        self.assertRegex(read_text(log + ".old"), "^%sbefore\n%sstill old\n$" % (stamp, stamp))
+
+    def test_one_file_for_several_processes_never_mixes_lines(self):
+        log = self.path("all.log")
+        self.load("w", 4, code="""
+            import os, sys
+            me = os.getpid()
+            for n in range(300):  # each line in three writes, a pipe read may end in any of them
+                os.write(1, b"%d " % me)
+                os.write(1, b"%d " % n + b"y" * 500)
+                os.write(1, b" end\\n")
+        """, log_file=log, restart="never", log_max_bytes=0)
+        self.rec.wait_for("exit", count=4)
+        lines = read_text(log).splitlines()
+        self.assertEqual(len(lines), 1200)
+        for line in lines:
+            self.assertRegex(line, r"^\d+ \d+ y{500} end$")
+        for pid in set(line.split()[0] for line in lines):
+            self.assertEqual([int(l.split()[1]) for l in lines if l.split()[0] == pid], list(range(300)))
+
+    def test_the_last_words_of_a_crashed_process_are_kept(self):
+        self.load("w", code="""
+            import sys
+            print("starting", flush=True)
+            print("about to fail", file=sys.stderr, flush=True)
+            sys.stdout.write("half a line")
+            sys.exit(3)
+        """, redirect_output=["out", "err"], restart="never")
+        self.rec.wait_for("exit")
+        self.assertEqual(self.m.pids("w"), [], "gone")
+        rows = self.m.logs("w")
+        self.assertEqual([(r["pid"], r["slot"], r["label"], r["line"]) for r in rows if r["label"] == "out"],
+                         [(1, 1, "out", "starting"), (1, 1, "out", "half a line")])
+        self.assertIn((1, "err", "about to fail"), [(r["pid"], r["label"], r["line"]) for r in rows])
+        self.assertEqual([r["time"] for r in rows], sorted(r["time"] for r in rows))
+        self.assertEqual(len(self.m.logs("w", lines=1)), 1)
+        self.assertEqual(self.m.logs("w", lines=0), [])
+
+    def test_tail_keeps_tail_bytes_and_ten_exited_processes(self):
+        self.load("w", code="""
+            for n in range(2000):
+                print("%04d" % n)
+        """, redirect_output=["out"], tail_bytes=1000, restart="always", min_uptime=0)
+        self.rec.wait_for("exit", count=12)
+        self.m.stop_job("w")
+        rows = self.m.logs("w", lines=100000)
+        pids = sorted(set(r["pid"] for r in rows))
+        self.assertEqual(len(pids), 10, "the last 10 exited processes")
+        for pid in pids:
+            lines = [r["line"] for r in rows if r["pid"] == pid]
+            self.assertEqual(lines[-1], "1999")
+            self.assertLessEqual(5 * len(lines), 1000 + 65536, "about tail_bytes")
+            self.assertEqual(lines, ["%04d" % n for n in range(2000 - len(lines), 2000)])
+
+    def test_process_tail_and_a_stream_that_starts_with_it(self):
+        self.load("w", code="""
+            import sys, time
+            for n in range(50):
+                print("early %d" % n)
+            sys.stdout.flush()
+            for line in sys.stdin:
+                print(line.strip(), flush=True)
+        """, redirect_output=["out"], redirect_input=True)
+        process = self.m.get_process(self.m.pids("w")[0])
+        wait_until(lambda: process.tail(lines=1) == ["early 49"])
+        self.assertEqual(process.tail("out", 3), ["early 47", "early 48", "early 49"])
+        self.assertEqual(len(process.tail()), 50)
+        channel = self.m.subscribe("STREAM:%d" % process.pid, tail=2)
+        self.m.send(process.pid, "later\n")
+        data = b""
+        while b"later" not in data:
+            data += channel.get(TIMEOUT)[1]["data"]
+        self.assertEqual(data, b"early 48\nearly 49\nlater\n", "history, then what came: no gap, no repeat")
+        channel.close()
+        follow = self.m.subscribe("LOGS:default.w", tail=1)
+        self.m.send(process.pid, "live\n")
+        self.assertEqual([follow.get(TIMEOUT)[1]["line"] for _ in range(2)], ["later", "live"])
+        follow.close()
+
+    def test_stdout_mode_prefixes_each_line(self):
+        code = textwrap.dedent("""
+            import sys
+            sys.path.insert(0, %r)
+            import gaffer
+            with gaffer.Manager() as m:
+                m.load(gaffer.ProcessConfig("web", sys.executable, args=["-S", "-c", "print('a'); print('b')"],
+                                            log_file="-", restart="never"))
+                import time
+                deadline = time.monotonic() + 10
+                while m.info("web")["running"] and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        """) % os.path.dirname(GAFFER)
+        result = subprocess.run([PY, "-S", "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.stdout, "web.1 | a\nweb.1 | b\n", result.stderr)
+
+    def test_bad_log_settings_and_a_full_disk(self):
+        with self.assertRaisesRegex(ValueError, r"log_file 'x/\{job\}.log': unknown field \{job\}"):
+            gaffer.ProcessConfig("w", PY, log_file="x/{job}.log")
+        with self.assertRaisesRegex(ValueError, r"^log_backups must be <= 1000"):
+            gaffer.ProcessConfig("w", PY, log_file="x.log", log_backups=5000)
+        blocked = self.path("file")
+        with open(blocked, "w"):
+            pass
+        with self.assertRaisesRegex(gaffer.ProcessError, r"cannot open log file %s/w.log: File exists"
+                                    % re.escape(blocked)):  # its directory would be a file: the OS says so
+            self.load("w", log_file=blocked + "/{name}.log")
+        self.assertEqual(self.m.jobs(), [], "not loaded")
+        if not os.path.exists("/dev/full"):
+            self.skipTest("no /dev/full to fill a disk")
+        self.load("full", code="""
+            for n in range(100):
+                print(n)
+        """, log_file="/dev/full", log_max_bytes=0, restart="never")
+        self.rec.wait_for("exit")
+        self.assertEqual(self.m.info("full")["log_dropped"], 100, "counted, and the loop went on")
+        self.assertEqual(len(self.m.logs("full")), 100, "the tail has them all the same")
+
+
 class HealthTest(ManagerTestCase):
 
     def test_a_server_that_stops_answering_is_replaced_and_the_new_one_is_healthy(self):
@@ -3611,8 +3778,11 @@ class ServeTest(CommandLineTestCase):
         self.client("reload", "a")
         self.record_leaders()
         pid = self.pids()[0]
-        logs = self.spawn("logs", str(pid), "--http", "unix:" + self.sock)
+        logs = self.spawn("logs", "-f", str(pid), "--http", "unix:" + self.sock)
         logs.wait_line(r"^tick$", count=2)
+        wait_until(lambda: len(self.client("logs", "-n", "2", str(pid)).stdout.splitlines()) == 2)
+        self.assertEqual(self.client("logs", "-n", "2", str(pid)).stdout, "tick\ntick\n")  # as tail -n 2
+
         watch = self.spawn("watch", "job.default", "--http", "unix:" + self.sock)
         wait_until(lambda: self.client("kill", "a", "CONT") and [l for l in watch.lines if l and "kill" in l],
                    what="watch following the events")
@@ -3622,6 +3792,21 @@ class ServeTest(CommandLineTestCase):
         self.record_leaders()
         self.client("kill", "a", "TERM")
         watch.wait_line(r"job\.default\.a\.exit .*\"term_signal\": 15")
+        before = set(self.pids())
+        self.assertEqual(self.client("restart", "a").stdout.strip(), "a: reload")  # reload's other name
+        self.record_leaders()
+        self.assertFalse(before & set(self.pids()), "every process replaced")
+        lines = self.client("logs", "a", "-n", "3").stdout.splitlines()  # the job's: exited processes too
+        self.assertEqual(len(lines), 3)
+        for line in lines:
+            self.assertRegex(line, r"^\d\d:\d\d:\d\d a\.[12] \| tick$")
+        follow = self.spawn("logs", "a", "-f", "-n", "1", "--http", "unix:" + self.sock)
+        follow.wait_line(r"^\d\d:\d\d:\d\d a\.[12] \| tick$", count=4)  # one from history, then live ones
+        follow.terminate()
+        follow.finish()
+        rows = gaffer._Client("unix:" + self.sock, None).request("GET", "/jobs/default/a/logs?lines=2")["lines"]
+        self.assertEqual([(sorted(row), row["line"], row["label"]) for row in rows],
+                         [(["label", "line", "pid", "slot", "time"], "tick", "out")] * 2)
         self.write("b.json", json.dumps(self.job("b", session="s2")))
         self.assertIn("loaded s2.b", self.client("load", "b.json").stdout)
         self.record_leaders()
