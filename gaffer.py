@@ -4372,12 +4372,14 @@ class HttpHandler:
         max_connections: connections served at once; more wait in the listen backlog.
         request_timeout: seconds a client has to send a request (line, headers and
             body), and the longest a keep-alive connection may stay idle.
+        on_change: called as ``on_change(method, path, body)`` on the request's thread
+            after each request that changed something succeeded (``serve --state``).
 
     Use: ``manager.start(apps=[HttpHandler("127.0.0.1:4999")])``.
     """
 
     def __init__(self, address=_DEFAULT_HTTP, token=None, max_body=1 << 20, allowed_hosts=(),
-                 allowed_origins=(), max_connections=64, request_timeout=10.0):
+                 allowed_origins=(), max_connections=64, request_timeout=10.0, on_change=None):
         self.family, self.address = _parse_address(address)
         if self.family != socket.AF_UNIX and not _is_loopback(self.address[0]) and not token:
             raise ValueError("refusing to serve %r without a token: anyone who reaches it could run commands; "
@@ -4388,6 +4390,7 @@ class HttpHandler:
         self.allowed_origins = frozenset(o.lower().rstrip("/") for o in _strings("allowed_origins", allowed_origins))
         self.max_connections = _int_setting("max_connections", max_connections, 1, 10000)
         self.request_timeout = _float_setting("request_timeout", request_timeout, 0.001)
+        self.on_change = on_change
         self.port = None
         self.manager = None
         self._auth = ("Bearer %s" % token).encode() if token else None
@@ -4733,6 +4736,11 @@ class _RequestHandler:
             return
         if result is not None:
             self._send_json(*result)
+        if app.on_change is not None and self.command != "GET":
+            try:
+                app.on_change(self.command, urllib.parse.unquote(path), self.body)
+            except Exception:
+                _log.exception("on_change(%s %s) failed", self.command, path)
 
     # Every method goes through the routes: an unknown one is a JSON 405 (or 404), never a CORS grant.
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
@@ -5575,6 +5583,92 @@ def _apply_config(manager, configs):
             manager.update(config, sessionid=session, start=True)
 
 
+class _StateFile:
+    """serve --state: what the API changed (loads, unloads, scales, stops, starts), kept in a file so that
+    a restarted serve comes back as it was.  {"jobs": {"session.job": {"config", "numprocesses",
+    "active"} or {"unloaded": true}}}, only for jobs the API touched: the config file rules the rest."""
+
+    def __init__(self, path):
+        self.path = path
+        self.jobs = {}
+        self._lock = threading.Lock()  # requests come on their own threads
+
+    def read(self):
+        """The recorded changes as [(name, session, config or None, numprocesses, active)]; a corrupt
+        file is set aside as FILE.corrupt (one line logged) and nothing is restored."""
+        try:
+            with open(self.path, "rb") as f:
+                data = _json_value(f.read())
+            changes = []
+            for name, entry in data["jobs"].items():
+                session = _split_name(name)[0]
+                if entry.get("unloaded"):
+                    changes.append((name, session, None, 0, False))
+                    continue
+                config = ProcessConfig.from_dict(dict(entry["config"], numprocesses=entry["numprocesses"]))
+                changes.append((name, session, config, entry["numprocesses"], bool(entry["active"])))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            _log.error("state file %s is corrupt (%s: %s); set aside as %s.corrupt, starting from the config "
+                       "alone", self.path, type(exc).__name__, exc, self.path)
+            try:
+                os.replace(self.path, self.path + ".corrupt")
+            except OSError as move:
+                _log.error("cannot set %s aside: %s", self.path, move.strerror)
+            return []
+        self.jobs = data["jobs"]
+        return changes
+
+    def restore(self, manager):
+        """Apply the recorded changes over the config's jobs (loop thread, at start)."""
+        for name, session, config, count, active in self.read():
+            try:
+                if config is None:
+                    if name in manager.jobs():
+                        manager.unload(name)
+                    continue
+                if name not in manager.jobs():
+                    manager.load(config, sessionid=session, start=False)
+                elif manager.get(name) != config:
+                    manager.update(config, sessionid=session)
+                if active:
+                    manager.start_job(name)
+                else:
+                    manager.stop_job(name)
+            except ProcessError as exc:
+                _log.error("cannot restore %s from %s: %s", name, self.path, exc)
+
+    def record(self, manager, method, path, body):
+        """HttpHandler's on_change: note the job a request changed, and write the file."""
+        match = re.fullmatch(r"/jobs/([^/]+)(?:/([^/]+)(/numprocesses|/state)?)?/?", path)
+        if match is None or match.group(2) is None and method != "POST":
+            return  # signals, stdin, commits, shutdown: nothing to restore
+        session, job = match.group(1), match.group(2)
+        if job is None:
+            try:
+                job = _json_value(body)["name"]
+            except (ValueError, KeyError, TypeError):
+                return
+        name = "%s.%s" % (session, job)
+        with self._lock:
+            try:
+                info = manager.info(name)
+                self.jobs[name] = {"config": manager.get(name).to_dict(), "numprocesses": info["max_processes"],
+                                   "active": info["active"]}
+            except ProcessNotFound:
+                self.jobs[name] = {"unloaded": True}
+            temporary = "%s.%d.tmp" % (self.path, os.getpid())
+            try:
+                with open(temporary, "w") as f:
+                    f.write(_json_text({"jobs": self.jobs}, indent=1, sort_keys=True))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temporary, self.path)
+            except OSError as exc:
+                _log.error("cannot write state file %s: %s", self.path, exc.strerror or exc)
+
+
 def _pidfile_owner(path):
     """The live process whose pid a pidfile holds, or None (no file, a stale pid, or garbage)."""
     try:
@@ -5642,6 +5736,9 @@ def _daemonize(log_fd):
 def _cmd_serve(args):
     configs, http, token = _read_config(args.config)
     app = _http_app(args, http, token)
+    state = args.state and _StateFile(os.path.abspath(args.state))
+    if state:
+        app.on_change = lambda method, path, body: state.record(app.manager, method, path, body)
     pidfile = args.pidfile and os.path.abspath(args.pidfile)
     if pidfile and _pidfile_owner(pidfile) not in (None, os.getpid()):
         raise _Failure("%s: gaffer is already running as pid %d" % (pidfile, _pidfile_owner(pidfile)))
@@ -5665,7 +5762,7 @@ def _cmd_serve(args):
         if pidfile:
             _write_pidfile(pidfile)
         try:
-            return _serve(args, configs, app, lambda: tell(0))
+            return _serve(args, configs, app, state, lambda: tell(0))
         except (_UsageError, _Failure) as exc:
             tell(2 if isinstance(exc, _UsageError) else 1, str(exc))
             raise
@@ -5675,7 +5772,7 @@ def _cmd_serve(args):
             os.unlink(pidfile)
 
 
-def _serve(args, configs, app, on_ready):
+def _serve(args, configs, app, state, on_ready):
     manager = _cli_manager(args)
     for event in ("spawn", "exit", "flap", "spawn_error", "stop_process"):
         manager.events.subscribe(event, lambda evtype, msg: _log.info("%s %s", evtype, _json_text(msg)))
@@ -5698,7 +5795,10 @@ def _serve(args, configs, app, on_ready):
                 _log.error("%s", exc)
             except RuntimeError:  # stopped by a signal while loading
                 return
-        _log.info("ready: %d jobs from %s", len(configs), args.config)
+        if state:
+            state.restore(manager)
+        _log.info("ready: %d jobs from %s%s", len(configs), args.config,
+                  " and %d recorded in %s" % (len(state.jobs), state.path) if state else "")
         on_ready()
 
     try:
@@ -6234,6 +6334,8 @@ def _parser():
     sub.add_argument("--log-file", metavar="FILE", help="append the log there instead of to stderr")
     sub.add_argument("--pidfile", metavar="FILE", help="write serve's pid there; refuse to start if the "
                      "pid in it is alive; removed at exit")
+    sub.add_argument("--state", metavar="FILE", help="record what the API changes (loads, unloads, scales, "
+                     "stops, starts) there, and restore it at the next start, after the config")
     sub.add_argument("--daemon", action="store_true", help="detach (fork, setsid, fork); the command returns "
                      "once serve is ready, with exit code 1 and the reason if it could not start")
 

@@ -3642,6 +3642,47 @@ class ServeTest(CommandLineTestCase):
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.finish(), 0)
 
+    def test_state_file_brings_back_what_the_api_changed(self):
+        config = self.json_config([self.job("a"), self.job("d")])
+        state = os.path.join(self.tmp, "state.json")
+        server = self.serve(config, "--state", state)
+        self.client("scale", "a", "3")
+        self.write("more.json", json.dumps({"jobs": [self.job("b", session="s2"), self.job("c")]}))
+        self.client("load", "more.json")
+        self.client("stop", "c")
+        self.client("unload", "d")
+        self.client("kill", "a", "CONT")  # not a change to restore
+        self.record_leaders()
+        recorded = json.loads(read_text(state))["jobs"]
+        self.assertEqual(sorted(recorded), ["default.a", "default.c", "default.d", "s2.b"])
+        self.assertEqual(recorded["default.d"], {"unloaded": True})
+
+        def jobs():
+            return {job["name"]: (job["state"], job["target"]) for job in
+                    json.loads(self.client("status", "--json").stdout)}
+        before = jobs()
+        self.assertEqual(before, {"default.a": ("running", 3), "s2.b": ("running", 1),
+                                  "default.c": ("stopped", 1)})
+        server.kill()  # no goodbye: the guardian stops the processes, the file is all that is left
+        server.finish()
+        wait_until(lambda: not [p for p, (_, sid, st) in proc_table().items()
+                                if sid in self.session_leaders and st != "Z"], what="the guardian's cleanup")
+        server = self.serve(config, "--state", state)
+        self.record_leaders()
+        wait_until(lambda: jobs() == before, what="the same jobs at the same scale")
+        server.send_signal(signal.SIGINT)
+        server.finish()
+        with open(state, "w") as f:
+            f.write('{"jobs": {"default.a": {"config": {"name": "a"}}}}')  # no cmd: corrupt
+        server = self.serve(config, "--state", state)
+        self.record_leaders()
+        server.wait_line(r"ERROR gaffer: state file %s is corrupt \(.*\); set aside as %s.corrupt, starting "
+                         r"from the config alone$" % (re.escape(state), re.escape(state)))
+        self.assertEqual(jobs(), {"default.a": ("running", 1), "default.d": ("running", 1)})
+        self.assertTrue(os.path.exists(state + ".corrupt") and not os.path.exists(state))
+        server.send_signal(signal.SIGINT)
+        self.assertEqual(server.finish(), 0)
+
     @unittest.skipUnless(HAVE_PROC, "reads the daemon's session in /proc")
     def test_daemon_pidfile_and_log_file(self):
         config = self.json_config([self.job("a")])
