@@ -4708,7 +4708,8 @@ class _RequestHandler:
             if origin is not None and not app._origin_allowed(origin, host):
                 raise ProcessError(403, "cross-origin request from %r refused; to allow it, add it to "
                                         "allowed_origins" % origin)
-            if app._auth and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), app._auth):
+            if app._auth and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), app._auth) \
+                    and not (path == "/" and self.wants_page()):  # the page has no secret; it asks for the token
                 raise ProcessError(401, "missing or wrong bearer token")
             fn, groups, content_type = _find_route(self.command, urllib.parse.unquote(path))
             given = self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
@@ -4784,6 +4785,20 @@ class _RequestHandler:
             raise ProcessError(400, "%r has the wrong type: %r" % (key, body[key]))
         return body[key]
 
+    def wants_page(self):
+        """A browser asks for GET / (Accept: text/html): the dashboard; curl and clients get JSON."""
+        return self.command == "GET" and "text/html" in self.headers.get("Accept", "")
+
+    def send_page(self):
+        data, policy = _dashboard()
+        self.send_response(200)
+        for key, value in (("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
+                           ("Content-Security-Policy", policy), ("X-Content-Type-Options", "nosniff"),
+                           ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store")):
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
     def _send_json(self, status, body, headers=None):
         data = _json_text(body).encode() + b"\n"
         self.send_response(status)
@@ -4832,6 +4847,21 @@ class _RequestHandler:
 
 
 @functools.lru_cache(maxsize=None)
+def _dashboard():
+    """The page's bytes and its Content-Security-Policy: nothing but its own script and style (by hash),
+    and requests to this server."""
+    import base64
+    import hashlib
+
+    def digest(tag):
+        body = _DASHBOARD.split("<%s>" % tag, 1)[1].split("</%s>" % tag, 1)[0]
+        return "'sha256-%s'" % base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+    policy = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; img-src 'self'; "
+              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'" % (digest("script"), digest("style")))
+    return _DASHBOARD.encode(), policy
+
+
+@functools.lru_cache(maxsize=None)
 def _http_classes():
     """(server class, request handler class), built on first use: embedders who never serve HTTP
     never import http.server, socketserver and email."""
@@ -4851,6 +4881,9 @@ def _http_classes():
 
 @_route("GET", "/")
 def _http_index(req, m):
+    if req.wants_page():
+        req.send_page()
+        return None
     return 200, {"name": "gaffer", "version": __version__}
 
 
@@ -6412,6 +6445,255 @@ def main(argv=None):
         return 130
     except BrokenPipeError:
         return 1
+
+
+# -- The dashboard: GET / from a browser ------------------------------------------------
+# One page, no external asset, under a strict Content-Security-Policy (its script and style are
+# allowed by their hashes).  It uses the same API as any other client.
+
+_DASHBOARD = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>gaffer</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+  h1 { font-size: 1.3em; margin: 0 0 .8em; }
+  h1 small { color: #888; font-weight: normal; }
+  table { border-collapse: collapse; width: 100%; background: #fff; }
+  th, td { text-align: left; padding: .35em .6em; border-bottom: 1px solid #e4e4e4; white-space: nowrap; }
+  th { font-weight: 600; color: #555; }
+  td.num { text-align: right; font-variant-numeric: tabular-nums; }
+  tr.job { cursor: pointer; }
+  tr.job:hover, tr.chosen { background: #eef4ff; }
+  .state { padding: .1em .5em; border-radius: 1em; font-size: .85em; }
+  .running { background: #d9f5dd; } .starting, .backoff { background: #fff1c9; }
+  .stopped { background: #e8e8e8; } .fatal { background: #fbd5d5; }
+  button { font: inherit; margin-right: .2em; }
+  input.count { width: 3.5em; font: inherit; }
+  #logs { margin-top: 1.2em; }
+  #logs pre { background: #1e1e1e; color: #ddd; padding: .8em; height: 22em; overflow: auto; margin: .4em 0 0;
+              font: 12px/1.4 ui-monospace, monospace; white-space: pre-wrap; }
+  #status { color: #888; margin-left: 1em; font-size: .9em; }
+  #error { color: #b00; }
+  #login { display: none; margin-bottom: 1em; }
+  .pid { color: #36c; text-decoration: underline; cursor: pointer; }
+</style>
+</head>
+<body>
+<h1>gaffer <small id="version"></small><span id="status">connecting...</span></h1>
+<form id="login">
+  This server needs its token: <input id="token" type="password" autocomplete="off"> <button>Use it</button>
+</form>
+<p id="error"></p>
+<table>
+  <thead><tr><th>job</th><th>state</th><th class="num">ready</th><th class="num">running</th>
+    <th class="num">target</th><th class="num">restarts</th><th class="num">CPU %</th><th class="num">MEM %</th>
+    <th>processes</th><th>last exit</th><th></th></tr></thead>
+  <tbody id="jobs"></tbody>
+</table>
+<section id="logs" hidden>
+  <strong id="logs-title"></strong> <button id="logs-close">close</button>
+  <pre id="logs-text"></pre>
+</section>
+<script>
+"use strict";
+// The same API as every other client: /status for the table, /watch (Server-Sent Events) to know when
+// to read it again, /jobs/S/J/... to act, /jobs/S/J/logs and /PID/streams/out for the logs. A token
+// lives in this page's memory only: never in a URL, a cookie or storage.
+let token = null;
+let following = null;  // AbortController of the log stream shown
+const $ = (id) => document.getElementById(id);
+
+function headers(json) {
+  const h = {};
+  if (token) h["Authorization"] = "Bearer " + token;
+  if (json) h["Content-Type"] = "application/json";
+  return h;
+}
+
+async function api(method, path, body) {
+  const response = await fetch(path, {method, headers: headers(body !== undefined),
+                                      body: body === undefined ? undefined : JSON.stringify(body)});
+  if (response.status === 401) { askToken(); throw new Error("a token is needed"); }
+  const data = await response.json();
+  if (!response.ok) throw new Error(data.error || response.statusText);
+  return data;
+}
+
+// Server-Sent Events through fetch (EventSource cannot send an Authorization header).
+async function events(path, onEvent, signal) {
+  const response = await fetch(path, {headers: headers(false), signal});
+  if (response.status === 401) { askToken(); return; }
+  if (!response.ok) throw new Error((await response.json()).error);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true});
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) data.push(line.slice(6));
+      }
+      if (data.length) onEvent(event, data.join("\n"));
+    }
+  }
+}
+
+function askToken() {
+  $("login").style.display = "block";
+  $("status").textContent = "needs a token";
+}
+
+$("login").addEventListener("submit", (e) => {
+  e.preventDefault();
+  token = $("token").value;
+  $("token").value = "";
+  $("login").style.display = "none";
+  start();
+});
+
+function cell(row, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  row.appendChild(td);
+  return td;
+}
+
+function button(td, label, action) {
+  const b = document.createElement("button");
+  b.textContent = label;
+  b.addEventListener("click", (e) => { e.stopPropagation(); action().catch(showError); });
+  td.appendChild(b);
+}
+
+function jobPath(name) {
+  const dot = name.indexOf(".");
+  return "/jobs/" + encodeURIComponent(name.slice(0, dot)) + "/" + encodeURIComponent(name.slice(dot + 1));
+}
+
+function showError(err) { $("error").textContent = String(err.message || err); }
+
+function render(jobs) {
+  const body = $("jobs");
+  body.replaceChildren();
+  for (const job of jobs) {
+    const row = document.createElement("tr");
+    row.className = "job" + (following && following.job === job.name ? " chosen" : "");
+    row.addEventListener("click", () => followJob(job.name));
+    cell(row, job.name);
+    const badge = document.createElement("span");
+    badge.className = "state " + job.state;
+    badge.textContent = job.state;
+    cell(row, "").appendChild(badge);
+    cell(row, job.ready, "num");
+    cell(row, job.running, "num");
+    cell(row, job.target, "num");
+    cell(row, job.restarts, "num");
+    const sum = (key) => job.processes.reduce((total, p) => total + (typeof p[key] === "number" ? p[key] : 0), 0);
+    cell(row, sum("cpu").toFixed(1), "num");
+    cell(row, sum("mem").toFixed(2), "num");
+    const pids = cell(row, "");
+    for (const p of job.processes) {
+      const link = document.createElement("span");
+      link.className = "pid";
+      link.textContent = p.slot ? job.name.slice(job.name.indexOf(".") + 1) + "." + p.slot : String(p.pid);
+      link.title = "pid " + p.pid + ", os pid " + p.os_pid + ", " + p.status;
+      link.addEventListener("click", (e) => { e.stopPropagation(); followProcess(job.name, p); });
+      pids.append(link, " ");
+    }
+    cell(row, job.last_exit || "-");
+    const actions = cell(row, "");
+    const path = jobPath(job.name);
+    button(actions, "start", () => api("POST", path + "/state", {state: "start"}));
+    button(actions, "stop", () => api("POST", path + "/state", {state: "stop"}));
+    button(actions, "reload", () => api("POST", path + "/state", {state: "reload"}));
+    const count = document.createElement("input");
+    count.type = "number"; count.min = "0"; count.className = "count"; count.value = job.target;
+    count.addEventListener("click", (e) => e.stopPropagation());
+    actions.appendChild(count);
+    button(actions, "scale", () => api("POST", path + "/numprocesses", {scale: "=" + count.value}));
+    body.appendChild(row);
+  }
+}
+
+let refreshing = null;
+function refresh() {  // at most one /status request in flight, and one waiting
+  if (refreshing) { refreshing.again = true; return; }
+  refreshing = {again: false};
+  api("GET", "/status").then((data) => { render(data.jobs); $("error").textContent = ""; })
+    .catch(showError)
+    .finally(() => { const again = refreshing.again; refreshing = null; if (again) refresh(); });
+}
+
+function showLogs(title, job, path, format) {
+  if (following) following.abort();
+  following = new AbortController();
+  following.job = job;
+  $("logs").hidden = false;
+  $("logs-title").textContent = title;
+  const text = $("logs-text");
+  text.textContent = "";
+  refresh();
+  events(path, (event, data) => {
+    const atBottom = text.scrollTop + text.clientHeight >= text.scrollHeight - 4;
+    text.append(format(event, data));
+    if (text.textContent.length > 500000) text.textContent = text.textContent.slice(-400000);
+    if (atBottom) text.scrollTop = text.scrollHeight;
+  }, following.signal).catch((err) => { if (err.name !== "AbortError") showError(err); });
+}
+
+function followJob(name) {
+  history.replaceState(null, "", "#logs=" + encodeURIComponent(name));
+  const short = name.slice(name.indexOf(".") + 1);
+  showLogs("logs of " + name, name, jobPath(name) + "/logs?lines=200&follow=1", (event, data) => {
+    const line = JSON.parse(data);
+    return short + "." + line.slot + (line.label === "out" ? "" : ":" + line.label) + " | " + line.line + "\n";
+  });
+}
+
+function followProcess(name, process) {
+  showLogs("output of process " + process.pid + " (" + name + ")", name,
+           "/" + process.pid + "/streams/out?tail=200", (event, data) => data);
+}
+
+$("logs-close").addEventListener("click", () => {
+  history.replaceState(null, "", "#");
+  if (following) following.abort();
+  following = null;
+  $("logs").hidden = true;
+  refresh();
+});
+
+async function start() {
+  try {
+    const info = await api("GET", "/version");
+    $("version").textContent = info.version;
+  } catch (err) { showError(err); return; }
+  refresh();
+  $("status").textContent = "live";
+  if (location.hash.startsWith("#logs=")) followJob(decodeURIComponent(location.hash.slice(6)));  // a link to them
+  // Any event (spawn, exit, scale...) means the table changed; CPU and memory move on their own.
+  events("/watch", () => refresh()).then(() => { $("status").textContent = "disconnected"; })
+    .catch((err) => { $("status").textContent = "disconnected: " + err.message; });
+}
+
+setInterval(refresh, 5000);
+start();
+</script>
+</body>
+</html>
+"""
 
 
 if __name__ == "__main__":

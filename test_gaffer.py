@@ -2311,12 +2311,11 @@ class LogTest(ManagerTestCase):
         self.assertEqual(self.m.logs("w", lines=0), [])
 
     def test_tail_keeps_tail_bytes_and_ten_exited_processes(self):
-        self.load("w", code="""
+        self.load("w", 12, code="""
             for n in range(2000):
                 print("%04d" % n)
-        """, redirect_output=["out"], tail_bytes=1000, restart="always", min_uptime=0)
+        """, redirect_output=["out"], tail_bytes=1000, restart="never")
         self.rec.wait_for("exit", count=12)
-        self.m.stop_job("w")
         rows = self.m.logs("w", lines=100000)
         pids = sorted(set(r["pid"] for r in rows))
         self.assertEqual(len(pids), 10, "the last 10 exited processes")
@@ -2342,7 +2341,7 @@ class LogTest(ManagerTestCase):
         channel = self.m.subscribe("STREAM:%d" % process.pid, tail=2)
         self.m.send(process.pid, "later\n")
         data = b""
-        while b"later" not in data:
+        while not data.endswith(b"later\n"):
             data += channel.get(TIMEOUT)[1]["data"]
         self.assertEqual(data, b"early 48\nearly 49\nlater\n", "history, then what came: no gap, no repeat")
         channel.close()
@@ -3170,6 +3169,42 @@ class HttpTokenTest(HttpTestCase):
                 self.assertEqual((status, payload["errno"]), (401, 401))
         self.assertEqual(self.ok("GET", "/jobs"), {"jobs": []})
 
+    def test_the_dashboard_page_and_the_api_it_calls(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=TIMEOUT)
+        conn.request("GET", "/", headers={"Accept": "text/html,application/xhtml+xml"})  # a browser, no token
+        resp = conn.getresponse()
+        page = resp.read().decode()
+        conn.close()
+        self.assertEqual((resp.status, resp.getheader("Content-Type")), (200, "text/html; charset=utf-8"))
+        policy = resp.getheader("Content-Security-Policy")
+        script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        self.assertIn("script-src 'sha256-%s';" % digest, policy, "only its own script runs")
+        self.assertTrue(policy.startswith("default-src 'none';") and "connect-src 'self'" in policy, policy)
+        self.assertNotRegex(page, r"(src|href)\s*=\s*[\"']?(https?:)?//", "no external asset")
+        self.assertNotRegex(script, r"innerHTML|localStorage|sessionStorage|document\.cookie|\?token=",
+                            "text only, and the token stays in memory, never in a URL or a cookie")
+        self.assertLess(len(page.splitlines()), 400)
+        self.assertEqual(self.req("GET", "/", token=False)[0], 401, "curl still gets JSON, behind the token")
+        self.assertEqual(self.ok("GET", "/")["name"], "gaffer")
+        # What the page calls, each as it calls it: the same API as any client.
+        for fragment in ('"/version"', '"/status"', '"/watch"', '"/state", {state: "start"}', '"/numprocesses", {scale:',
+                         '"/logs?lines=200&follow=1"', '"/streams/out?tail=200"', '"Bearer " + token'):
+            self.assertIn(fragment, script)
+        self.load("w", code="import time\nprint('hello', flush=True)\ntime.sleep(60)", redirect_output=["out"])
+        self.assertEqual(self.ok("GET", "/version")["name"], "gaffer")
+        self.assertEqual([job["name"] for job in self.ok("GET", "/status")["jobs"]], ["default.w"])
+        for state in ("stop", "start", "reload"):
+            self.ok("POST", "/jobs/default/w/state", {"state": state}, status=202)
+        self.assertEqual(self.ok("POST", "/jobs/default/w/numprocesses", {"scale": "=2"}), {"numprocesses": 2})
+        _, lines = self.sse("/jobs/default/w/logs?lines=200&follow=1")
+        self.assertEqual(json.loads(next(lines)[1])["line"], "hello")
+        pid = self.m.pids("w")[0]
+        wait_until(lambda: self.m.get_process(pid).tail() == ["hello"])
+        _, output = self.sse("/%d/streams/out?tail=200" % pid)
+        self.assertEqual(next(output), ("out", "hello\n"))
+        self.sse("/watch")
+
     def test_a_public_address_needs_a_token(self):
         with self.assertRaisesRegex(ValueError, "refusing to serve '0.0.0.0:0' without a token"):
             gaffer.HttpHandler("0.0.0.0:0")
@@ -3373,7 +3408,7 @@ class RunnerTest(CommandLineTestCase):
         ports = {re.search(r"(web\.\d) +\| port (\d+)", line).groups() for line in proc.wait_line(r"web\.\d +\| port",
                                                                                                count=4)}
         self.assertEqual(ports, {("web.1", "5000"), ("web.2", "5001"), ("web.3", "5002"), ("web.4", "5003")})
-        logs = self.spawn("logs", "web.3", *http)  # one process, by the name start shows
+        logs = self.spawn("logs", "-f", "-n", "0", "web.3", *http)  # one process, by the name start shows
         for sent in range(1, 100):  # until logs is connected: it shows what comes after
             result = self.gaffer("kill", "web.3", "USR1", *http)
             self.assertEqual(result.returncode, 0, result.stderr)
@@ -3387,6 +3422,7 @@ class RunnerTest(CommandLineTestCase):
             self.fail("logs web.3 never showed its output")
         logs.terminate()
         logs.finish()
+        self.assertEqual(self.gaffer("logs", "-n", "1", "web.3", *http).stdout, "usr1 on 5002\n")
         self.assertEqual(self.gaffer("scale", "web", "2", *http).returncode, 0)  # the highest slots go
         proc.wait_line(r"web\.[34] killed by signal 15", count=2)
         self.assertFalse([line for line in proc.lines if re.search(r"web\.[12] (killed|stopping)", line)])
