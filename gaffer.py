@@ -1438,7 +1438,7 @@ class _LogFile:
 
     def _open(self):
         if self.path == "-":
-            self.fd = sys.stdout.fileno()
+            self.fd = 1  # the process's stdout, whatever sys.stdout was replaced with
             return
         if os.path.dirname(self.path):
             os.makedirs(os.path.dirname(self.path), exist_ok=True)

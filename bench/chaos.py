@@ -23,9 +23,11 @@ import logging
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -78,6 +80,7 @@ READY = {  # the readiness check of each kind: every form that needs no port
     "notifier": "notify", "crasher": "delay:0.5",
 }
 MAX_JOBS, MAX_PER_JOB, MAX_COMMITS = 10, 3, 10
+LOG_DIR = tempfile.mkdtemp(prefix="gaffer-chaos-")  # removed at the end of main()
 EXPECTED = (gaffer.ProcessError, ValueError, TimeoutError)  # what a random call may fairly be refused with
 
 
@@ -86,6 +89,9 @@ def config(kind, name, **extra):
                     graceful_timeout=GRACEFUL, ready=READY.get(kind), ready_timeout=2.0)
     if kind in ("flooder", "echo"):
         settings["redirect_output"] = ["out"]
+        if random.random() < 0.5:  # a log file that rotates all the time, shared by the job's processes
+            settings.update(log_file=os.path.join(LOG_DIR, "{session}.{name}.log"), log_max_bytes=4096,
+                            log_backups=2, log_timestamps=random.random() < 0.5)
     if kind == "echo":
         settings["redirect_input"] = True
     if kind == "sleeper":  # recycled by age now and then, on the shared sampler
@@ -434,6 +440,15 @@ class Chaos:
             self.violation("%d fds open after stop, %d before" % (len(os.listdir("/proc/self/fd")), self.fds_before))
         if not wait(lambda: threading.active_count() <= self.threads_before, 10):
             self.violation("threads left after stop: %s" % [t.name for t in threading.enumerate()])
+        logs = collections.Counter(name.split(".log")[0] for name in os.listdir(LOG_DIR))
+        self.count("log files", sum(logs.values()))
+        for name, count in logs.items():  # each job's file and its log_backups (2) rotated ones, no more
+            if count > 3:
+                self.violation("%d log files for %s: %s" % (count, name, sorted(os.listdir(LOG_DIR))))
+        for name in os.listdir(LOG_DIR):
+            if os.path.getsize(os.path.join(LOG_DIR, name)) > max(4096, 65537 + 64):  # one cut line may pass
+                self.violation("log file %s is %d bytes (log_max_bytes 4096)" % (name, os.path.getsize(
+                    os.path.join(LOG_DIR, name))))
 
     def report(self):
         mode = "pidfd" if self.manager.use_pidfd else "poll"
@@ -501,7 +516,10 @@ def main():
     faulthandler.dump_traceback_later(args.seconds + 120, exit=True)  # a hang is a failure, never a stuck CI
     chaos = Chaos(args.seconds, seed)
     chaos.seed = seed
-    return chaos.run()
+    try:
+        return chaos.run()
+    finally:
+        shutil.rmtree(LOG_DIR, ignore_errors=True)
 
 
 if __name__ == "__main__":
