@@ -1376,7 +1376,7 @@ _ALIVE = frozenset({_State.STARTING, _State.READY})  # counted, signalled, liste
 class _Output:
     """One output label of a process, cut into complete lines once, here.  The lines go on to the log
     file, the readiness regex and the job's LOGS channels; the last `limit` bytes of them stay in
-    memory (the tail), also after the exit.  A line longer than _LINE_MAX is cut there."""
+    memory (the tail), also after the exit.  A line still unfinished after _LINE_MAX bytes is cut there."""
 
     __slots__ = ("label", "limit", "partial", "tail", "size")
 
@@ -1395,7 +1395,9 @@ class _Output:
         else:
             block, self.partial = b"", self.partial + data
         if len(self.partial) > _LINE_MAX:  # a child that never writes a newline costs bounded memory
-            block, self.partial = block + self.partial + b"\n", b""
+            end = len(self.partial) - len(self.partial) % _LINE_MAX
+            pieces = [self.partial[at:at + _LINE_MAX] for at in range(0, end, _LINE_MAX)]
+            block, self.partial = block + b"\n".join(pieces) + b"\n", self.partial[end:]
         if block and self.limit:
             self._keep(block, now)
         return block
@@ -1408,6 +1410,9 @@ class _Output:
         return block
 
     def _keep(self, block, now):
+        if len(block) > self.limit:  # a big read: only its last lines that fit (or the end of its last line)
+            start = block.find(b"\n", len(block) - self.limit - 1) + 1
+            block = block[start:] if start < len(block) else block[-self.limit:]
         if self.tail is None:
             self.tail = collections.deque()
         self.tail.append((now, block))
@@ -1450,7 +1455,8 @@ class _LogFile:
         file is rotated between two lines: no file is larger, unless one line is."""
         dropped = 0
         while self.max_bytes and self.size + len(data) > self.max_bytes:
-            fit = data.rfind(b"\n", 0, self.max_bytes - self.size) + 1
+            room = self.max_bytes - self.size  # may be negative: a long line went past it
+            fit = data.rfind(b"\n", 0, room) + 1 if room > 0 else 0
             if not fit and not self.size:  # a line longer than a whole file gets one of its own
                 fit = data.find(b"\n") + 1
             dropped += self._append(data[:fit])

@@ -2292,6 +2292,21 @@ class LogTest(ManagerTestCase):
         for pid in set(line.split()[0] for line in lines):
             self.assertEqual([int(l.split()[1]) for l in lines if l.split()[0] == pid], list(range(300)))
 
+    def test_output_without_newlines_is_cut_and_rotated_in_bounded_pieces(self):
+        log = self.path("flood.log")
+        self.load("w", code="""
+            import os
+            for _ in range(4):
+                os.write(1, b"x" * (1 << 20))  # 4 MiB, never a newline: one pipe read may take 1 MiB
+        """, log_file=log, log_max_bytes=4096, log_backups=100, restart="never", tail_bytes=200000)
+        self.rec.wait_for("exit")
+        files = sorted(os.listdir(self.tmp))
+        self.assertEqual(len(files), 64, files)  # 64 KiB pieces, each longer than a file: one per file
+        for name in files:
+            self.assertEqual(read_text(os.path.join(self.tmp, name)), "x" * 65536 + "\n", name)
+        kept = [row["line"] for row in self.m.logs("w", lines=1000)]
+        self.assertTrue(3 <= len(kept) <= 6 and set(kept) == {"x" * 65536}, "bounded by about tail_bytes")
+
     def test_the_last_words_of_a_crashed_process_are_kept(self):
         self.load("w", code="""
             import sys
