@@ -3776,6 +3776,14 @@ class ServeTest(CommandLineTestCase):
                                                 r"in use$")
         self.assertFalse(os.path.exists(pidfile))
 
+    def check_refuses(self, cases):
+        """Each (config file, message): check -c exits 2 with that one line."""
+        for name, message in cases:
+            with self.subTest(config=name):
+                result = self.cli("check", "-c", name)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertRegex(result.stderr.strip(), message)
+
     def test_bad_includes(self):
         self.write("main.json", json.dumps({"include": ["more.json"], "jobs": [self.job("a")]}))
         self.write("more.json", json.dumps({"include": ["main.json"], "jobs": [self.job("b")]}))
@@ -3784,16 +3792,12 @@ class ServeTest(CommandLineTestCase):
         self.write("missing.ini", "[gaffer]\ninclude = none.ini, empty.d/*.ini\n[job:a]\ncmd = x\n")
         self.write("notlist.json", json.dumps({"include": "more.json", "jobs": []}))
         self.write("glob.ini", "[gaffer]\ninclude = empty.d/*.ini\n[job:a]\ncmd = x\n")
-        for name, message in [
+        self.check_refuses([
                 ("main.json", r"^gaffer: more.json: include: \S*main.json includes more.json again$"),
                 ("twice.json", r"^gaffer: twice.json: job default.a is defined twice \(in twice.json and "
                                r"\S*one.ini\)$"),
                 ("missing.ini", r"^gaffer: missing.ini: include: cannot read none.ini$"),
-                ("notlist.json", r"^gaffer: notlist.json: include: must be a list of file names or patterns$")]:
-            with self.subTest(config=name):
-                result = self.cli("check", "-c", name)
-                self.assertEqual(result.returncode, 2, result.stderr)
-                self.assertRegex(result.stderr.strip(), message)
+                ("notlist.json", r"^gaffer: notlist.json: include: must be a list of file names or patterns$")])
         result = self.cli("check", "-c", "glob.ini")  # a pattern that matches nothing is an empty conf.d
         self.assertEqual(result.returncode, 0, result.stderr)
 
@@ -3822,7 +3826,7 @@ class ServeTest(CommandLineTestCase):
             f.write(b"[job:a]\ncmd = echo caf\xe9\n")
         self.write("optional.ini", "[job:a]\ncmd = x\npids_max = 5\ncpu_max = 0.5\nmemory_max = 64M\n"
                                    "max_age = 60\nport = 8000\n")
-        for name, message in [  # what check -c reads is what serve reads: the same lines, in this process
+        self.check_refuses([  # what check -c reads is what serve reads: the same lines, in this process
                 ("twice.json", r"^gaffer: twice.json: job default.a is defined twice$"),
                 ("twice.ini", r"^gaffer: twice.ini: job default.a is defined twice$"),
                 ("section.ini", r"^gaffer: section.ini: unknown section \[jobs:b\] \(the sections are"),
@@ -3830,11 +3834,7 @@ class ServeTest(CommandLineTestCase):
                 ("endpoint.ini", r"^gaffer: endpoint.ini: \[gaffer\]: http_endpoints names 'public', but there "
                                  r"is no \[endpoint:public\] section$"),
                 ("address.json", r"^gaffer: address.json: http: address 'nowhere': the port must be"),
-                ("latin1.ini", r"^gaffer: latin1.ini:2: the config file is not UTF-8 \(byte 0xe9\)$")]:
-            with self.subTest(config=name):
-                result = self.cli("check", "-c", name)
-                self.assertEqual(result.returncode, 2, result.stderr)
-                self.assertRegex(result.stderr.strip(), message)
+                ("latin1.ini", r"^gaffer: latin1.ini:2: the config file is not UTF-8 \(byte 0xe9\)$")])
         result = self.cli("check", "-c", "optional.ini")  # optional numbers, written as INI text
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(gaffer._read_config(os.path.join(self.tmp, "optional.ini"))[0][0][1].pids_max, 5)
