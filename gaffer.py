@@ -1387,20 +1387,23 @@ class _Output:
         self.tail = None  # deque of (time, complete lines), made when output first arrives
         self.size = 0
 
-    def feed(self, data, now):
-        """The complete lines that data ends (as one bytes, each with its newline), or b""."""
+    def feed(self, data, now, whole=True):
+        """The complete lines that data ends (as one bytes, each with its newline), or b"".  Unless
+        whole, nobody reads them now: only what the tail keeps is cut (a flood costs no copy)."""
         cut = data.rfind(b"\n") + 1
         if cut:
-            block, self.partial = self.partial + data[:cut], data[cut:]
+            block, rest = self.partial + data[:cut], data[cut:]
         else:
-            block, self.partial = b"", self.partial + data
-        if len(self.partial) > _LINE_MAX:  # a child that never writes a newline costs bounded memory
-            end = len(self.partial) - len(self.partial) % _LINE_MAX
-            pieces = [self.partial[at:at + _LINE_MAX] for at in range(0, end, _LINE_MAX)]
-            block, self.partial = block + b"\n".join(pieces) + b"\n", self.partial[end:]
+            block, rest = b"", self.partial + data
+        if len(rest) > _LINE_MAX:  # a child that never writes a newline costs bounded memory
+            end = len(rest) - len(rest) % _LINE_MAX
+            first = 0 if whole else max(0, end - _LINE_MAX * (self.limit // _LINE_MAX + 1))
+            block += b"".join(rest[at:at + _LINE_MAX] + b"\n" for at in range(first, end, _LINE_MAX))
+            rest = rest[end:]
+        self.partial = rest
         if block and self.limit:
             self._keep(block, now)
-        return block
+        return block if whole else b""
 
     def close(self, now):
         """The stream ended: its unfinished last line, as a complete one (or b"")."""
@@ -1659,6 +1662,7 @@ class Process:
         self._health_passed = 0    # health checks passed (WATCHDOG=1 pings in notify mode)
         self._health_failures = 0  # failed health checks in a row
         self._outputs = {}         # label -> _Output of each output label
+        self._reads_ready = isinstance(config.ready, str) and config.ready.startswith("output:")
         self._logs = {}            # label -> _LogFile, where the job has a log_file
         self._notify = None        # the datagram socket of a notify check
         self._streak = 0           # quick exits of its slot before it, in a row
@@ -1745,7 +1749,8 @@ class Process:
         output = self._outputs.get(label)  # None for a custom stream: raw bytes only
         if output is not None:
             now = time.time()
-            block = output.feed(data, now)
+            wanted = self._logs or self._job.followers or self._state is _State.STARTING and self._reads_ready
+            block = output.feed(data, now, bool(wanted))
             if block:
                 self._on_lines(label, block, now)
 
@@ -1761,18 +1766,16 @@ class Process:
                 prefix += ("%s.%d | " % (self.config.name, self.slot)).encode()
             written = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n" if prefix else block
             self._job.log_dropped += log.write(written)
-        ready = self.config.ready
         followers = self._job.followers
-        if not followers and not (self._state is _State.STARTING and isinstance(ready, str)
-                                  and ready.startswith("output:")):
+        if not followers and not (self._state is _State.STARTING and self._reads_ready):
             return
         lines = [line.decode("utf-8", "replace") for line in block[:-1].split(b"\n")]
         for channel in tuple(followers):  # a listener may close its channel inline
             for line in lines:
                 channel._put("line", {"time": now, "pid": self.pid, "slot": self.slot, "label": label,
                                       "line": line})
-        if self._state is _State.STARTING and isinstance(ready, str) and ready.startswith("output:"):
-            if any(re.search(ready[7:], line) for line in lines):
+        if self._state is _State.STARTING and self._reads_ready:
+            if any(re.search(self.config.ready[7:], line) for line in lines):
                 self._manager._mark_ready(self)
 
     def _on_notify(self, mask):

@@ -2306,6 +2306,16 @@ class LogTest(ManagerTestCase):
             self.assertEqual(read_text(os.path.join(self.tmp, name)), "x" * 65536 + "\n", name)
         kept = [row["line"] for row in self.m.logs("w", lines=1000)]
         self.assertTrue(3 <= len(kept) <= 6 and set(kept) == {"x" * 65536}, "bounded by about tail_bytes")
+        self.load("quiet", code="""
+            import os
+            for _ in range(4):
+                os.write(1, b"y" * (1 << 20))
+            os.write(1, b"y" * 10 + b" the end")
+        """, redirect_output=["out"], restart="never", tail_bytes=200000)  # no reader of lines: the tail's path
+        self.rec.wait_for("exit", name="default.quiet")
+        kept = [row["line"] for row in self.m.logs("quiet", lines=1000)]
+        self.assertEqual(kept[-1], "y" * 10 + " the end")
+        self.assertTrue(3 <= len(kept) - 1 <= 6 and set(kept[:-1]) == {"y" * 65536}, kept[:-1])
 
     def test_the_last_words_of_a_crashed_process_are_kept(self):
         self.load("w", code="""
