@@ -4280,7 +4280,7 @@ class Channel:
         """Deliver a message (loop thread): to the callbacks, else to the queue."""
         if self.closed or self._callbacks.publish(evtype, msg):
             return
-        cost = _MESSAGE_COST + len(msg.get("data", b""))
+        cost = _MESSAGE_COST + len(msg.get("data", b"")) + len(msg.get("line", ""))  # what it holds
         with self._cond:
             if self._queued_bytes + cost > self.max_bytes:
                 if not self._lost:
@@ -6167,7 +6167,11 @@ def _cmd_logs(args):
             show(row)
         return 0
     for event, data in client.events(path + "&follow=1"):
-        show(_json_value(data))
+        if event == "overflow":  # we read slower than the job writes: the gap is said, not hidden
+            print("gaffer: %d lines dropped here (this reader was too slow)" % _json_value(data)["dropped"],
+                  file=sys.stderr, flush=True)
+        else:
+            show(_json_value(data))
     return 0
 
 
@@ -6667,6 +6671,7 @@ function followJob(name) {
   const short = name.slice(name.indexOf(".") + 1);
   showLogs("logs of " + name, name, jobPath(name) + "/logs?lines=200&follow=1", (event, data) => {
     const line = JSON.parse(data);
+    if (event === "overflow") return "[" + line.dropped + " lines dropped: this page read too slowly]\n";
     return short + "." + line.slot + (line.label === "out" ? "" : ":" + line.label) + " | " + line.line + "\n";
   });
 }

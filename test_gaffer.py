@@ -199,7 +199,7 @@ class ManagerTestCase(LeakCheckedTestCase):
     def _on_spawn(self, evtype, msg):
         # On the loop thread, before the first read: no output can be missed.
         self.session_leaders.add(msg["os_pid"])
-        self.output[msg["pid"]] = b""
+        self.output[msg["pid"]] = bytearray()  # appended in place: a flood costs no quadratic copy
 
         def collect(label, io):
             with self.rec.cond:
@@ -2374,6 +2374,23 @@ class LogTest(ManagerTestCase):
         self.m.send(process.pid, "live\n")
         self.assertEqual([follow.get(TIMEOUT)[1]["line"] for _ in range(2)], ["later", "live"])
         follow.close()
+
+    def test_a_slow_follower_costs_bounded_memory_and_hears_of_the_gap(self):
+        self.m.load(gaffer.ProcessConfig("w", redirect_output=["out"], restart="never", **python("""
+            for n in range(2000):
+                print("%04d" % n + "z" * 10000)  # 20 MB of long lines for a reader that reads nothing yet
+        """)), start=False)
+        channel = self.m.subscribe("LOGS:default.w", max_bytes=1 << 20)
+        self.m.start_job("w")
+        self.rec.wait_for("exit")
+        self.assertLessEqual(channel._queued_bytes, 1 << 20, "the lines' own size counts")
+        channel.close()  # what was queued is still read, then where the gap is
+        messages = list(channel)
+        kept = [msg["line"][:4] for evtype, msg in messages if evtype == "line"]
+        self.assertEqual(kept, ["%04d" % n for n in range(len(kept))], "the first ones, in order")
+        self.assertLess(len(kept), 200)
+        self.assertEqual(messages[-1], ("overflow", {"event": "overflow", "topic": "LOGS:default.w",
+                                                     "dropped": 2000 - len(kept)}))
 
     def test_stdout_mode_prefixes_each_line(self):
         code = textwrap.dedent("""
