@@ -3720,6 +3720,19 @@ class ServeTest(CommandLineTestCase):
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.finish(), 0)
 
+    def test_sigusr1_reopens_log_files_after_a_logrotate(self):
+        log = os.path.join(self.tmp, "logs", "a.log")
+        tick = "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.05)\n"
+        server = self.serve(self.json_config([self.job("a", args=["-S", "-c", tick], log_file="logs/{name}.log")]))
+        self.record_leaders()
+        wait_until(lambda: os.path.exists(log) and "tick" in read_text(log))
+        os.rename(log, log + ".1")  # what logrotate does, then it signals
+        server.send_signal(signal.SIGUSR1)
+        wait_until(lambda: os.path.exists(log) and "tick" in read_text(log), what="a new file after SIGUSR1")
+        self.assertEqual(server.poll(), None, "SIGUSR1 does not stop serve")
+        server.send_signal(signal.SIGINT)
+        self.assertEqual(server.finish(), 0)
+
     def test_state_file_brings_back_what_the_api_changed(self):
         config = self.json_config([self.job("a"), self.job("d")])
         state = os.path.join(self.tmp, "state.json")
