@@ -1761,7 +1761,8 @@ class Process:
             prefix = b""
             if self.config.log_timestamps:
                 import datetime
-                prefix = datetime.datetime.fromtimestamp(now).astimezone().isoformat("T", "milliseconds").encode() + b" "
+                stamp = datetime.datetime.fromtimestamp(now).astimezone()
+                prefix = stamp.isoformat("T", "milliseconds").encode() + b" "
             if log.path == "-":
                 prefix += ("%s.%d | " % (self.config.name, self.slot)).encode()
             written = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n" if prefix else block
@@ -6016,7 +6017,8 @@ def _cmd_ps(args):
     table = [("JOB", "STATE", "PID", "OS_PID", "UPTIME", "CPU%", "MEM%", "RESTARTS", "LAST EXIT", "COMMAND")]
     for r in rows:
         running = r["pid"] is not None
-        table.append(("%s.%d" % (r["job"], r["slot"]) if r["slot"] else r["job"], r["state"] if not running or r["status"] == "ready" else r["status"],
+        name = "%s.%d" % (r["job"], r["slot"]) if r["slot"] else r["job"]
+        table.append((name, r["state"] if not running or r["status"] == "ready" else r["status"],
                       str(r["pid"]) if running else "-", str(r["os_pid"]) if running else "-",
                       _uptime(r["create_time"]) if running else "-", str(r["cpu"]) if running else "-",
                       str(r["mem"]) if running else "-", str(r["restarts"]), r["last_exit"] or "-", r["cmd"]))
