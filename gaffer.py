@@ -5731,9 +5731,12 @@ def _pidfile_owner(path):
 def _write_pidfile(path):
     """Write this process's pid atomically (a temporary file, then a rename): a reader never sees half."""
     temporary = "%s.%d.tmp" % (path, os.getpid())
-    with open(temporary, "w") as f:
-        f.write("%d\n" % os.getpid())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as f:
+            f.write("%d\n" % os.getpid())
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise _UsageError("--pidfile %s: %s" % (path, exc.strerror or exc)) from None
 
 
 def _daemonize(log_fd):
@@ -5780,6 +5783,8 @@ def _cmd_serve(args):
     configs, http, token = _read_config(args.config)
     app = _http_app(args, http, token)
     state = args.state and _StateFile(os.path.abspath(args.state))
+    if state and not os.access(os.path.dirname(state.path), os.W_OK):
+        raise _UsageError("--state %s: cannot write in %s" % (args.state, os.path.dirname(state.path)))
     if state:
         app.on_change = lambda method, path, body: state.record(app.manager, method, path, body)
     pidfile = args.pidfile and os.path.abspath(args.pidfile)
@@ -5802,9 +5807,9 @@ def _cmd_serve(args):
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if pidfile:
-            _write_pidfile(pidfile)
         try:
+            if pidfile:
+                _write_pidfile(pidfile)
             return _serve(args, configs, app, state, lambda: tell(0))
         except (_UsageError, _Failure) as exc:
             tell(2 if isinstance(exc, _UsageError) else 1, str(exc))

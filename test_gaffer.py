@@ -3815,6 +3815,13 @@ class ServeTest(CommandLineTestCase):
         self.assertRegex(result.stderr.strip(), r"^gaffer: cannot serve on http://127.0.0.1:\d+: Address already "
                                                 r"in use$")
         self.assertFalse(os.path.exists(pidfile))
+        result = self.gaffer("serve", "-c", config, "--daemon", "--pidfile", "/nonexistent/d.pid", "--http",
+                             "unix:" + sock)  # the daemon's own error, said by the command that started it
+        self.assertEqual((result.returncode, result.stderr.strip()),
+                         (2, "gaffer: --pidfile /nonexistent/d.pid: No such file or directory"))
+        result = self.cli("serve", "-c", config, "--state", "/nonexistent/state.json")
+        self.assertEqual((result.returncode, result.stderr.strip()),
+                         (2, "gaffer: --state /nonexistent/state.json: cannot write in /nonexistent"))
 
     def check_refuses(self, cases):
         """Each (config file, message): check -c exits 2 with that one line."""
