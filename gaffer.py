@@ -5437,7 +5437,7 @@ def _ini_value(key, text):
     """Convert an INI setting to what ProcessConfig takes."""
     import configparser
     kind = _CONFIG_TYPES.get(key, "str").replace(" | None", "")
-    if key in ("max_rss", "memory_max") and not _is_number(text):
+    if key in ("max_rss", "memory_max", "log_max_bytes", "tail_bytes") and not _is_number(text):
         return text  # a size such as 200M
     if key == "success_codes":
         return [int(code) for code in re.split(r"[\s,]+", text) if code]
@@ -6166,6 +6166,9 @@ def _cmd_logs(args):
     job = target.replace("/", ".").rpartition(".")[2]
 
     def show(row):
+        if args.json:
+            print(_json_text(row), flush=True)
+            return
         label = "" if row["label"] == "out" else ":" + row["label"]
         print("%s %s.%d%s | %s" % (time.strftime("%H:%M:%S", time.localtime(row["time"])), job, row["slot"], label,
                                    row["line"]), flush=args.follow)

@@ -3974,6 +3974,12 @@ class ServeTest(CommandLineTestCase):
             health_interval = 5
             health_timeout = 2.5
             health_retries = 4
+            port = 8000
+            log_file = logs/{name}.{slot}.log
+            log_max_bytes = 1M
+            log_backups = 2
+            log_timestamps = yes
+            tail_bytes = 8K
             [job:db]
             cmd = sleep 60
         """)
@@ -3981,7 +3987,8 @@ class ServeTest(CommandLineTestCase):
             {"name": "web", "cmd": "sleep 60", "restart": "on-failure", "success_codes": [0, 3], "min_uptime": 0.5,
              "max_rss": "200M", "max_age": 3600, "max_age_variance": 60, "ready": "tcp:5000", "ready_timeout": 30,
              "depends_on": ["db"], "health": "http://127.0.0.1:5000/health", "health_interval": 5,
-             "health_timeout": 2.5, "health_retries": 4},
+             "health_timeout": 2.5, "health_retries": 4, "port": 8000, "log_file": "logs/{name}.{slot}.log",
+             "log_max_bytes": "1M", "log_backups": 2, "log_timestamps": True, "tail_bytes": 8192},
             {"name": "db", "cmd": "sleep 60"}]}))
         for path in (ini, as_json):
             with self.subTest(path=os.path.basename(path)):
@@ -3991,9 +3998,14 @@ class ServeTest(CommandLineTestCase):
                                   web.health_interval, web.health_timeout, web.health_retries),
                                  ("on-failure", [0, 3], 0.5, 200 << 20, 3600.0, 60.0, "tcp:5000", 30.0, ["db"],
                                   "http://127.0.0.1:5000/health", 5.0, 2.5, 4))
+                self.assertEqual((web.port, web.log_file, web.log_max_bytes, web.log_backups, web.log_timestamps,
+                                  web.tail_bytes, web.redirect_output),
+                                 (8000, "logs/{name}.{slot}.log", 1 << 20, 2, True, 8192, ["out", "err"]))
                 self.assertEqual(self.cli("check", "-c", path).returncode, 0)
         for setting, message in (("max_rss = 12 parsecs", "max_rss must be bytes or a size"),
-                                 ("health = output:up", "a health check is tcp:")):
+                                 ("health = output:up", "a health check is tcp:"),
+                                 ("log_file = {job}.log", "unknown field {job}"),
+                                 ("log_max_bytes = lots", "log_max_bytes must be bytes or a size")):
             bad = self.write("bad.ini", "[job:web]\ncmd = sleep 60\n%s\n" % setting)
             result = self.cli("check", "-c", bad)
             self.assertEqual(result.returncode, 2)
