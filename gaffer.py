@@ -5796,15 +5796,14 @@ def _cmd_serve(args):
             log_fd = os.open(args.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
             raise _UsageError("--log-file %s: %s" % (args.log_file, exc.strerror)) from None
+    stream = sys.stderr
     if args.daemon:
-        tell = _daemonize(log_fd)  # from here on, in the daemon
+        tell = _daemonize(log_fd)  # from here on, in the daemon, whose stderr is the log
     else:
         tell = lambda code, error="": None  # noqa: E731
-        if log_fd is not None:
-            sys.stderr.flush()
-            os.dup2(log_fd, 2)  # the log, and anything else written to stderr (the last words of a crash)
-            os.close(log_fd)
-    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+        if log_fd is not None:  # the log goes there; a failure to start is still said here
+            stream = os.fdopen(log_fd, "a", encoding="utf-8")
+    logging.basicConfig(stream=stream, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         try:
