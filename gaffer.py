@@ -1450,7 +1450,9 @@ class _LogFile:
             return
         if os.path.dirname(self.path):
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        # Non-blocking: a FIFO without a reader is an error at once, and a full one drops lines
+        # (counted) instead of stopping the loop; a regular file never blocks either way.
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         self.size = os.fstat(self.fd).st_size
 
     def write(self, data):

@@ -2420,13 +2420,28 @@ class LogTest(ManagerTestCase):
                                     % re.escape(blocked)):  # its directory would be a file: the OS says so
             self.load("w", log_file=blocked + "/{name}.log")
         self.assertEqual(self.m.jobs(), [], "not loaded")
+        fifo = self.path("fifo")
+        os.mkfifo(fifo)  # nobody reads it: an error now, not a loop that waits for a reader forever
+        with self.assertRaisesRegex(gaffer.ProcessError, r"cannot open log file %s: No such device or address"
+                                    % re.escape(fifo)):
+            self.load("w", log_file=fifo)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:  # a reader that never reads: once the pipe is full, lines are dropped and counted
+            self.load("piped", code="""
+                for n in range(20000):
+                    print("%05d" % n + "p" * 100)
+            """, log_file=fifo, restart="never")
+            self.rec.wait_for("exit", name="default.piped")
+            self.assertGreater(self.m.info("piped")["log_dropped"], 0)
+        finally:
+            os.close(reader)
         if not os.path.exists("/dev/full"):
             self.skipTest("no /dev/full to fill a disk")
         self.load("full", code="""
             for n in range(100):
                 print(n)
         """, log_file="/dev/full", log_max_bytes=0, restart="never")
-        self.rec.wait_for("exit")
+        self.rec.wait_for("exit", name="default.full")
         self.assertEqual(self.m.info("full")["log_dropped"], 100, "counted, and the loop went on")
         self.assertEqual(len(self.m.logs("full")), 100, "the tail has them all the same")
 
