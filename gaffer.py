@@ -110,7 +110,7 @@ _BACKOFF_FIRST, _BACKOFF_JITTER = 0.1, 0.2      # a crash loop's 2nd respawn wai
 _POLL_MIN, _POLL_MAX = 0.001, 0.05              # child polling where pidfds are missing
 _READ_MIN, _READ_MAX = 1 << 16, 1 << 20        # a channel's reads start small, grow when it is busy
 _DRAIN_LIMIT = 1 << 26                          # bytes read from a process's pipes once it exited
-_LINE_MAX = 1 << 16                             # a longer line of output is cut there
+_LINE_MAX = 1 << 16                             # a line of output still unfinished this long is cut there
 _HISTORY = 10                                   # exited processes of a job whose output tail is kept
 _MAX_WAIT = 7 * 86400.0                         # the longest any setting may make the loop wait (a week)
 _MAX_SELECT = 3600.0                            # the longest one select sleeps, whatever is due
@@ -1429,6 +1429,15 @@ class _Output:
         return kept + ([(time.time(), self.partial)] if self.partial else [])
 
 
+def _last_lines(procs, count=None, label=None):
+    """The last `count` lines (all, for None) kept of these processes' outputs (or of one label),
+    oldest first: [(time, process, label, line)].  Loop thread."""
+    rows = [(when, proc, name, line) for proc in procs for name, output in proc._outputs.items()
+            if label in (None, name) for when, line in output.lines()]
+    rows.sort(key=lambda row: row[0])  # stable: a process's lines keep their order
+    return rows if count is None else rows[len(rows) - count:] if count else []
+
+
 class _LogFile:
     """A log file that processes share: complete lines appended, renamed .1 (.1 to .2...) past
     max_bytes, reopened on demand.  A write that fails (a full disk) drops its lines and counts
@@ -1751,8 +1760,7 @@ class Process:
         output = self._outputs.get(label)  # None for a custom stream: raw bytes only
         if output is not None:
             now = time.time()
-            wanted = self._logs or self._job.followers or self._state is _State.STARTING and self._reads_ready
-            block = output.feed(data, now, bool(wanted))
+            block = output.feed(data, now, bool(self._logs or self._job.followers or self._awaits_output()))
             if block:
                 self._on_lines(label, block, now)
 
@@ -1769,17 +1777,20 @@ class Process:
                 prefix += ("%s.%d | " % (self.config.name, self.slot)).encode()
             written = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n" if prefix else block
             self._job.log_dropped += log.write(written)
-        followers = self._job.followers
-        if not followers and not (self._state is _State.STARTING and self._reads_ready):
+        followers, awaits = self._job.followers, self._awaits_output()
+        if not followers and not awaits:
             return
         lines = [line.decode("utf-8", "replace") for line in block[:-1].split(b"\n")]
         for channel in tuple(followers):  # a listener may close its channel inline
             for line in lines:
                 channel._put("line", {"time": now, "pid": self.pid, "slot": self.slot, "label": label,
                                       "line": line})
-        if self._state is _State.STARTING and self._reads_ready:
-            if any(re.search(self.config.ready[7:], line) for line in lines):
-                self._manager._mark_ready(self)
+        if awaits and any(re.search(self.config.ready[7:], line) for line in lines):
+            self._manager._mark_ready(self)
+
+    def _awaits_output(self):
+        """Its readiness check is an output: regex, not passed yet."""
+        return self._state is _State.STARTING and self._reads_ready
 
     def _on_notify(self, mask):
         """sd_notify datagrams: READY=1 marks the process ready, WATCHDOG=1 says it is alive, STATUS=... is kept."""
@@ -1897,15 +1908,9 @@ class Process:
     def tail(self, label=None, lines=None):
         """The last `lines` lines (all that are kept: ProcessConfig.tail_bytes) of an output label, or of
         every one in time order, as str; also once the process has exited."""
-        def read():
-            rows = sorted((row for name, output in self._outputs.items() if label in (None, name)
-                           for row in output.lines()), key=lambda row: row[0])
-            return [line.decode("utf-8", "replace") for _, line in rows[len(rows) - lines if lines else 0:]]
-        if lines is not None:
-            lines = _int_setting("lines", lines, 0)
-            if lines == 0:
-                return []
-        return self._manager._call(read)
+        lines = None if lines is None else _int_setting("lines", lines, 0)
+        return self._manager._call(lambda: [line.decode("utf-8", "replace")
+                                            for _, _, _, line in _last_lines([self], lines, label)])
 
     def monitor(self, listener):
         """Call ``listener("stat", stats)`` every Manager.stats_interval seconds until unmonitor() or exit."""
@@ -2044,7 +2049,6 @@ class _Job:
     last_exit: str | None = None
     #: a rolling replacement under way: pids of the old processes, and the new one awaited
     rollout: "_Rollout | None" = None
-
     #: the last exited processes with output in their tail (Manager.logs reads them)
     history: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=_HISTORY))
     #: LOGS channels: each new line of output goes to them
@@ -2657,7 +2661,7 @@ class Manager:
 
     def reopen_logs(self):
         """Open every log file again, as after a logrotate that moved them away (SIGUSR1 to serve)."""
-        self._call(lambda: [log.reopen() for log in list(self._log_files.values())])
+        self._call(self._do_reopen_logs)
 
     def stats(self, name):
         """Return ``{name, stats: [per process], cpu, max_cpu, min_cpu, mem, max_mem, min_mem}``.
@@ -2970,6 +2974,7 @@ class Manager:
         was_active = job.active
         if not job.active and job.numprocesses > before:
             self._activate(job)  # scaling up asks for processes: a stopped job starts, as in the seed
+
         def undo(exc):  # as it was: the old count, the old processes, stopped if it was
             job.numprocesses = before
             if not was_active:
@@ -3009,13 +3014,13 @@ class Manager:
         return jobs
 
     def _job_lines(self, job, count):
-        rows = []
-        for proc in [p for p in self._procs.values() if p._job is job] + list(job.history):
-            for label, output in proc._outputs.items():
-                rows += [(when, proc.pid, proc.slot, label, line) for when, line in output.lines()]
-        rows.sort(key=lambda row: row[0])  # stable: a process's lines keep their order
-        return [{"time": when, "pid": pid, "slot": slot, "label": label, "line": line.decode("utf-8", "replace")}
-                for when, pid, slot, label, line in rows[len(rows) - count:] if count]
+        procs = [p for p in self._procs.values() if p._job is job] + list(job.history)
+        return [{"time": when, "pid": proc.pid, "slot": proc.slot, "label": label,
+                 "line": line.decode("utf-8", "replace")} for when, proc, label, line in _last_lines(procs, count)]
+
+    def _do_reopen_logs(self):
+        for log in list(self._log_files.values()):
+            log.reopen()
 
     def _open_logs(self, proc):
         """{label: _LogFile} of a new process, opened (or shared) now; OSError names the file."""
@@ -4385,7 +4390,7 @@ class HttpHandler:
         request_timeout: seconds a client has to send a request (line, headers and
             body), and the longest a keep-alive connection may stay idle.
         on_change: called as ``on_change(method, path, body)`` on the request's thread
-            after each request that changed something succeeded (``serve --state``).
+            after each request that changed something succeeded, before its answer (``serve --state``).
 
     Use: ``manager.start(apps=[HttpHandler("127.0.0.1:4999")])``.
     """
@@ -4747,13 +4752,13 @@ class _RequestHandler:
             headers = {"Allow": ", ".join(exc.allowed)} if isinstance(exc, _MethodNotAllowed) else {}
             self._send_json(status, {"error": reason, "errno": status}, headers)
             return
-        if result is not None:
-            self._send_json(*result)
-        if app.on_change is not None and self.command != "GET":
+        if app.on_change is not None and self.command != "GET":  # recorded before the client hears "done"
             try:
                 app.on_change(self.command, urllib.parse.unquote(path), self.body)
             except Exception:
                 _log.exception("on_change(%s %s) failed", self.command, path)
+        if result is not None:
+            self._send_json(*result)
 
     # Every method goes through the routes: an unknown one is a JSON 405 (or 404), never a CORS grant.
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
@@ -5347,9 +5352,9 @@ def _read_procfile(args):
     types = []
     for index, (name, command) in enumerate(entries):
         count, port = counts.get(name, 1), args.port + 100 * index
-        if port + max(count, 1) - 1 > 65535:
-            raise _UsageError("-p %d: %s.%d would get $PORT %d, past 65535" % (args.port, name, max(count, 1),
-                                                                               port + max(count, 1) - 1))
+        last = max(count, 1)
+        if port + last - 1 > 65535:
+            raise _UsageError("-p %d: %s.%d would get $PORT %d, past 65535" % (args.port, name, last, port + last - 1))
         types.append((name, command, count, port))
     return os.path.dirname(procfile), env, types
 
@@ -5721,13 +5726,15 @@ def _pidfile_owner(path):
             pid = int(f.read().strip())
     except (OSError, ValueError):
         return None
+    if pid <= 0:
+        return None
     try:
-        os.kill(pid, 0) if pid > 0 else None
+        os.kill(pid, 0)
     except PermissionError:  # alive, as another user
-        pass
+        return pid
     except OSError:
         return None
-    return pid if pid > 0 else None
+    return pid
 
 
 def _write_pidfile(path):
@@ -5898,7 +5905,7 @@ class _Client:
         if not server.startswith("gaffer/"):  # another program on that port: say so, not what it answered
             connection.close()
             raise _Failure("%s is not a gaffer server (it answered HTTP %d, Server: %s)"
-                               % (self.text, response.status, server or "not given"))
+                           % (self.text, response.status, server or "not given"))
         if response.status >= 400:
             try:
                 reason = _json_value(response.read())["error"]
@@ -5968,6 +5975,12 @@ def _job_path(name, args):
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     return "/jobs/%s/%s" % (_quote(session), _quote(job))
+
+
+def _names_process(target, args):
+    """A pid, or JOB.N as start prints it (web.1) where no session JOB has a job N."""
+    return _is_number(target) or bool(re.fullmatch(r".+\.[0-9]+", target)) and \
+        target.replace("/", ".", 1) not in _client(args).request("GET", "/jobs")["jobs"]
 
 
 def _process_pid(target, args):
@@ -6066,7 +6079,7 @@ def _cmd_wait(args):
             return 0
         if time.monotonic() >= deadline:
             raise _Failure("%s is not ready after %gs: %d of %d processes ready"
-                               % (info["name"], args.timeout, ready, info["max_processes"]))
+                           % (info["name"], args.timeout, ready, info["max_processes"]))
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.2)
 
@@ -6109,10 +6122,7 @@ def _cmd_kill(args):
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     target = args.target
-    if re.fullmatch(r".+\.[0-9]+", target) and target.replace("/", ".", 1) not in \
-            _client(args).request("GET", "/jobs")["jobs"]:
-        target = str(_process_pid(target, args))  # web.1: a process, unless a session web has a job 1
-    path = "/%s" % target if _is_number(target) else _job_path(target, args)
+    path = "/%d" % _process_pid(target, args) if _names_process(target, args) else _job_path(target, args)
     result = _client(args).request("POST", path + "/signal", {"signal": args.signal})
     _report(args, result, "%s: sent %s" % (args.target, args.signal))
     return 0
@@ -6151,8 +6161,7 @@ def _cmd_watch(args):
 def _cmd_logs(args):
     """Like tail: the last -n lines of a job (every process, exited ones too) or of one process; -f follows."""
     client, target = _client(args), args.target
-    if _is_number(target) or re.fullmatch(r".+\.[0-9]+", target) and target.replace("/", ".", 1) not in \
-            client.request("GET", "/jobs")["jobs"]:
+    if _names_process(target, args):
         pid = _process_pid(target, args)
         if not args.follow:
             query = "?lines=%d" % args.n + ("&label=" + _quote(args.label) if args.label else "")

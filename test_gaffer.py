@@ -2394,16 +2394,15 @@ class LogTest(ManagerTestCase):
 
     def test_stdout_mode_prefixes_each_line(self):
         code = textwrap.dedent("""
-            import sys
+            import sys, threading
             sys.path.insert(0, %r)
             import gaffer
             with gaffer.Manager() as m:
+                exited = threading.Event()
+                m.events.subscribe("exit", lambda evtype, msg: exited.set())
                 m.load(gaffer.ProcessConfig("web", sys.executable, args=["-S", "-c", "print('a'); print('b')"],
                                             log_file="-", restart="never"))
-                import time
-                deadline = time.monotonic() + 10
-                while m.info("web")["running"] and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                exited.wait(10)
         """) % os.path.dirname(GAFFER)
         result = subprocess.run([PY, "-S", "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(result.stdout, "web.1 | a\nweb.1 | b\n", result.stderr)
