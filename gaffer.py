@@ -71,6 +71,7 @@ import atexit
 import collections
 import dataclasses
 import enum
+import errno
 import fcntl
 import functools
 import heapq
@@ -267,6 +268,31 @@ def _account(setting, value, lookup):
     raise ValueError("%s must be a name or a number >= 0, got %r" % (setting, value))
 
 
+def _user_entry(uid):
+    """The password database's entry of a uid, or None (no uid, no such user, or no pwd module)."""
+    if uid is None or pwd is None:
+        return None
+    try:
+        return pwd.getpwuid(uid)
+    except KeyError:
+        return None
+
+
+def _umask_setting(value):
+    """A umask: an int such as 0o027, or an octal str such as "027" or "0o027" (configs); None keeps the manager's."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        text = text[2:] if text.startswith("0o") else text
+        if not re.fullmatch(r"[0-7]{1,4}", text):
+            raise ValueError("umask must be an octal mode such as '027' or 0o027, got %r" % (value,))
+        value = int(text, 8)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ValueError("umask must be a mode from 0 to 0o777, got %r" % (value,))
+    return value
+
+
 def _expand(text, env):
     """Replace $VAR and ${VAR} from env; unknown names are left as written."""
     return string.Template(text).safe_substitute(env) if "$" in text else text
@@ -393,9 +419,13 @@ class ProcessConfig:
     os_env: bool = True
     #: $PORT of the process in slot 1; the one in slot N gets port + N - 1, as honcho numbers them
     port: int | None = None
-    #: user and group to run as (numbers; names are resolved when the config is made)
+    #: user and group to run as (numbers; names are resolved when the config is made); with a uid and
+    #: no gid, the user's primary group; with a uid, the user's own supplementary groups and its HOME,
+    #: USER, LOGNAME and SHELL (unless env sets them), as systemd's User= does
     uid: int | None = None
     gid: int | None = None
+    #: the file mode creation mask of the process (0o027, or "027" in configs); None keeps the manager's
+    umask: int | None = None
     #: working directory (None: the manager's)
     cwd: str | None = None
     #: run cmd through /bin/sh -c, with args appended shell-quoted
@@ -501,6 +531,10 @@ class ProcessConfig:
             _bool_setting(setting, getattr(self, setting))
         self.uid = _account("uid", self.uid, lambda n: pwd.getpwnam(n).pw_uid)
         self.gid = _account("gid", self.gid, lambda n: grp.getgrnam(n).gr_gid)
+        if self.uid is not None and self.gid is None and pwd is not None and _user_entry(self.uid) is None:
+            raise ValueError("uid %d names no user of this system, so it has no primary group to run with: "
+                             "give gid too" % self.uid)
+        self.umask = _umask_setting(self.umask)
         if self.cwd is not None:
             if not isinstance(self.cwd, (str, os.PathLike)) or not os.fspath(self.cwd):
                 raise ValueError("cwd must be a path, got %r" % (self.cwd,))
@@ -599,7 +633,7 @@ class ProcessConfig:
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ProcessConfig))
 # What a process is spawned with: a change of any replaces the processes; the other settings apply in place.
-_SPAWN_SETTINGS = ("cmd", "args", "env", "os_env", "uid", "gid", "cwd", "shell", "redirect_output",
+_SPAWN_SETTINGS = ("cmd", "args", "env", "os_env", "uid", "gid", "umask", "cwd", "shell", "redirect_output",
                    "redirect_input", "custom_streams", "ready", "health", "log_file", "log_max_bytes",
                    "log_backups", "log_timestamps", "tail_bytes")
 _LOG_FIELDS = ("session", "name", "slot", "pid", "label")
@@ -700,11 +734,46 @@ def _env_value(setting, value):
     raise ValueError("%s must hold strings, got %r" % (setting, value))
 
 
+# Variables gaffer reads a secret from: never inherited by a process (a job's own env may still set them).
+_SECRET_VARIABLES = ("GAFFER_TOKEN",)
+
+
+def _inherited_env():
+    """The manager's environment as a process inherits it: without the secrets gaffer itself reads."""
+    env = dict(os.environ)
+    for name in _SECRET_VARIABLES:
+        env.pop(name, None)
+    return env
+
+
 def _child_env(config, extra=None):
-    env = dict(os.environ) if config.os_env else {}
+    """A process's environment: the manager's (os_env), the user's HOME, USER, LOGNAME and SHELL (with
+    a uid, as systemd's User= sets them), the job's env, then `extra` ($PORT, commit's env)."""
+    env = _inherited_env() if config.os_env else {}
+    user = _user_entry(config.uid)
+    if user is not None:
+        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name, SHELL=user.pw_shell or "/bin/sh")
     env.update(config.env)
     env.update(extra or {})
     return env
+
+
+def _credentials(config):
+    """Popen's (user, group, extra_groups) for a process of config.  With a uid, the group is the gid or
+    the user's primary group, and the supplementary groups are the user's own, never the manager's
+    (initgroups, as supervisord and systemd drop privileges).  Only root can set groups: a manager that
+    is not root keeps its own, and can run as no other user anyway."""
+    if config.uid is None:
+        return None, config.gid, None
+    user = _user_entry(config.uid)
+    gid = config.gid if config.gid is not None else user.pw_gid if user is not None else None
+    if gid is None:
+        raise ValueError("uid %d names no user of this system any more, so it has no primary group: "
+                         "give gid too" % config.uid)
+    groups = None
+    if os.geteuid() == 0:
+        groups = os.getgrouplist(user.pw_name, gid) if user is not None else [gid]
+    return config.uid, gid, groups
 
 
 def _command_line(config, env):
@@ -1073,8 +1142,17 @@ class _PollReaper:
         self._delay = _POLL_MIN
 
     def watch(self, popen, on_exit):
+        """Call on_exit() on the loop thread once popen has exited and is reaped."""
         self._children[popen] = on_exit
         self.expect_exit()
+
+    def forget(self, popen):
+        """Stop watching popen (its owner reaps it some other way)."""
+        self._children.pop(popen, None)
+
+    def close(self):
+        """The loop ended: forget every child (the selector is closed by then)."""
+        self._children.clear()
 
     def expect_exit(self):
         """Something may exit soon (it was just started or signalled): poll at the shortest delay."""
@@ -1108,7 +1186,12 @@ def _some_child_exited():
 
 
 class _PidfdReaper(_PollReaper):
-    """Registers a pidfd per child in the loop's selector: readable means exited, no polling."""
+    """Registers a pidfd per child in the loop's selector: readable means exited, no polling.  It owns
+    those descriptors (asyncio's PidfdChildWatcher is the model): forget() and close() close them."""
+
+    def __init__(self, loop):
+        super().__init__(loop)
+        self._pidfds = {}  # Popen -> its pidfd, in the selector
 
     def watch(self, popen, on_exit):
         try:
@@ -1117,14 +1200,26 @@ class _PidfdReaper(_PollReaper):
             _log.warning("pidfd_open(%d) failed (%s); polling that child", popen.pid, exc)
             super().watch(popen, on_exit)
             return
+        self._pidfds[popen] = pidfd
+        self._loop.set_events(pidfd, selectors.EVENT_READ, functools.partial(self._exited, popen, on_exit))
 
-        def exited(mask):
-            if popen.poll() is not None:
-                self._loop.set_events(pidfd, 0)
-                os.close(pidfd)
-                on_exit()
+    def _exited(self, popen, on_exit, mask):
+        if popen.poll() is not None:
+            self.forget(popen)
+            on_exit()
 
-        self._loop.set_events(pidfd, selectors.EVENT_READ, exited)
+    def forget(self, popen):
+        pidfd = self._pidfds.pop(popen, None)
+        if pidfd is not None:
+            self._loop.set_events(pidfd, 0)
+            os.close(pidfd)
+        super().forget(popen)
+
+    def close(self):
+        for pidfd in self._pidfds.values():
+            os.close(pidfd)
+        self._pidfds.clear()
+        super().close()
 
 
 # -- Containment: a cgroup per process where the system lets us ------------------
@@ -1371,6 +1466,14 @@ _TRANSITIONS = {
     _State.EXITED: set(),
 }
 _ALIVE = frozenset({_State.STARTING, _State.READY})  # counted, signalled, listed
+
+
+def _allow_sender(path, uid):
+    """Let a process that runs as `uid` (None: as the manager) send to the notify socket at path, and
+    nobody else: the socket is its user's, mode 0600, in a directory that others may pass but not list."""
+    os.chmod(path, 0o600)
+    if uid is not None and uid != os.geteuid():
+        os.chown(path, uid, -1)
 
 
 class _Output:
@@ -1698,19 +1801,20 @@ class Process:
         stderr = subprocess.DEVNULL
         if len(labels) == 2:
             stderr = subprocess.STDOUT if labels[0] == labels[1] else subprocess.PIPE
+        user, group, groups = _credentials(config)
         env = dict(self.env)
         # Inherited by its descendants, so that they can be found even once they left its group.
         env.update(GAFFER_JOB=self.name, GAFFER_PROCESS="%s/%d" % (self._manager._token, self.pid))
         ours, theirs = {}, []
-        if "notify" in (config.ready, config.health):  # a socket of its own: what arrives there is from it
-            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            ours[None] = self._notify
-            self._notify.bind(self._manager._notify_path(self.pid))
-            env["NOTIFY_SOCKET"] = self._notify.getsockname()
-            if config.health == "notify":  # as systemd sets it: sd_watchdog_enabled() reads it
-                env["WATCHDOG_USEC"] = str(int(config.health_interval * 1e6))
         self._outputs = {label: _Output(label, config.tail_bytes) for label in labels}
         try:
+            if "notify" in (config.ready, config.health):  # a socket of its own: what arrives there is from it
+                self._notify = ours[None] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._notify.bind(self._manager._notify_path(self.pid))
+                _allow_sender(self._notify.getsockname(), user)
+                env["NOTIFY_SOCKET"] = self._notify.getsockname()
+                if config.health == "notify":  # as systemd sets it: sd_watchdog_enabled() reads it
+                    env["WATCHDOG_USEC"] = str(int(config.health_interval * 1e6))
             self._logs = self._manager._open_logs(self)
             for label in config.custom_streams:
                 parent_end, child_end = socket.socketpair()
@@ -1719,13 +1823,14 @@ class Process:
                 env["GAFFER_STREAM_" + label.upper()] = str(child_end.fileno())
             self._popen = subprocess.Popen(
                 self.argv, cwd=config.cwd, env=env, close_fds=True, start_new_session=True,
-                pass_fds=[s.fileno() for s in theirs], user=config.uid, group=config.gid,
+                pass_fds=[s.fileno() for s in theirs], user=user, group=group, extra_groups=groups,
+                umask=-1 if config.umask is None else config.umask,
                 stdin=subprocess.PIPE if config.redirect_input else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if labels else subprocess.DEVNULL, stderr=stderr)
         except BaseException:
+            self._unlink_notify()  # first: its path is read from the open socket
             for sock in ours.values():
                 sock.close()
-            self._unlink_notify()
             self._manager._release_logs(self)
             raise
         finally:
@@ -2214,6 +2319,7 @@ class _ReadyWaiter:
 # process group on its stdin, and when that pipe ends without "bye" (the manager died,
 # even by SIGKILL), it stops every group it knows, then kills what is left and exits.
 
+_GUARDIAN_BOOT = "import os; exec(os.environ['GAFFER_GUARDIAN'])"
 _GUARDIAN = r"""
 import os, signal, sys, time
 targets = {}  # -pgid (a process group) or pid -> (stop signal, graceful timeout, its cgroup or "-")
@@ -2245,7 +2351,7 @@ def send(target, sig, cgroup):
             alive = True
     return alive
 
-mark = ("GAFFER_PROCESS=%s/" % sys.argv[1]).encode()  # what left its group and its cgroup, if any
+mark = ("GAFFER_PROCESS=%s/" % sys.argv[2]).encode()  # what left its group and its cgroup, if any
 longest = max([timeout for _, timeout, _ in targets.values()] + [0])
 for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
     try:
@@ -2264,7 +2370,7 @@ while targets:  # the manager is gone: there is nothing to wait on but the group
     for target, (timeout, cgroup) in list(targets.items()):
         if not send(target, signal.SIGKILL if elapsed >= timeout else 0, cgroup) or elapsed >= timeout + 5:
             del targets[target]  # gone, or zombies that nobody reaps after SIGKILL
-for base in sys.argv[2:]:  # the manager's cgroups, deepest first
+for base in sys.argv[3:]:  # the manager's cgroups, deepest first
     for path, _, _ in sorted(os.walk(base), key=lambda entry: -entry[0].count("/")):
         try:
             os.rmdir(path)
@@ -2343,6 +2449,9 @@ class Manager:
         self._checker = None      # the worker threads of tcp, http and callable checks
         self._notify_dir = None   # where notify sockets are bound
         self._guardian = None     # (Popen, _Pipe to its stdin) of the guardian, started with the first spawn
+        self._guarded = {}        # target (-pgid, or a pid) -> the line that told the guardian of it
+        self._guardian_since = 0.0  # loop time the guardian started
+        self._guardian_timer = None  # the start of a guardian after one died
         self._cgroups = None      # _Cgroups, made at start where the system allows
         self._orphan_cgroups = {}  # pgid of an orphan group -> the cgroup of its reaped leader
         # Names it on the machine (in GAFFER_PROCESS of its processes, and its cgroup): PID 1 is in every container.
@@ -3327,49 +3436,74 @@ class Manager:
         """What the stop signal goes to: the process group (-pgid), or the process alone."""
         return -proc.os_pid if proc.config.stop_children else proc.os_pid
 
-    def _guard(self, proc):
-        if not self.guardian or not sys.executable:  # an embedded interpreter may not know its own program
-            return
-        if self._guardian is not None and self._guardian[1].closed:  # EPIPE: it died (OOM, kill -9)
-            _log.warning("the guardian exited; another is started")
-            self._dismiss_guardian()
-        if self._guardian is None:
-            try:
-                bases = [self._cgroups.base] if self._cgroups is not None else []
-                popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN, self._token, *bases],
-                                         stdin=subprocess.PIPE,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         start_new_session=True)  # out of reach of a kill of the host's group
-            except (OSError, subprocess.SubprocessError) as exc:
-                _log.warning("cannot start the guardian (%s); processes are not guarded", exc)
-                return
-            self._guardian = (popen, _Pipe(self.loop, popen.stdin))
-            for other in self._procs.values():  # those spawned before it, when it is a replacement
-                if other is not proc and other._state is not _State.EXITED:
-                    self._tell_guardian(self._guardian_line(other))
-        self._tell_guardian(self._guardian_line(proc))
-
-    def _guardian_line(self, proc, target=None, cgroup=None):
-        """What the guardian is told of a process group (by default the process's own, with its cgroup)."""
-        if target is None:
-            target, cgroup = self._target(proc), proc._cgroup
-        return ("+ %d %d %r %s\n" % (target, proc.config.stop_signal, proc.graceful_timeout, cgroup or "-")).encode()
-
-    def _tell_guardian(self, line):
+    def _guard(self, proc, target=None):
+        """Tell the guardian of a process group to stop if the manager dies: the process's own (with its
+        cgroup), or `target`, a group (-pgid) that left it.  What it is told is also kept here, so that
+        a guardian started after one that died learns every group and cgroup."""
+        cgroup = proc._cgroup if target is None else None
+        target = self._target(proc) if target is None else target
+        line = ("+ %d %d %r %s\n" % (target, proc.config.stop_signal, proc.graceful_timeout, cgroup or "-")).encode()
+        self._guarded[target] = line
         if self._guardian is not None:
             self._guardian[1].write(line)
+        else:
+            self._start_guardian()  # told everything, this line too
+
+    def _unguard(self, target):
+        if self._guarded.pop(target, None) is not None and self._guardian is not None:
+            self._guardian[1].write(b"- %d\n" % target)
+
+    def _start_guardian(self):
+        if not self.guardian or not sys.executable or self._guardian_timer is not None:
+            return  # an embedded interpreter may not know its own program; a restart may be due
+        bases = [self._cgroups.base] if self._cgroups is not None else []
+        try:  # its code in its environment: ps shows a short line that says what it is
+            popen = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _GUARDIAN_BOOT, "gaffer guardian of pid %d" % os.getpid(),
+                 self._token, *bases], env={"GAFFER_GUARDIAN": _GUARDIAN}, stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)  # out of reach of a kill of the host's group
+        except (OSError, subprocess.SubprocessError) as exc:
+            _log.warning("cannot start the guardian (%s); processes are not guarded", exc)
+            return
+        self._guardian = (popen, _Pipe(self.loop, popen.stdin))
+        self._guardian_since = self.loop.time()
+        self._reaper.watch(popen, functools.partial(self._on_guardian_exit, popen))
+        for line in list(self._guarded.values()):
+            self._guardian[1].write(line)
+
+    def _on_guardian_exit(self, popen):
+        """The guardian died (the OOM killer, a stray kill -9): another one now, at most one a second."""
+        if self._guardian is None or self._guardian[0] is not popen:
+            return  # dismissed
+        _log.warning("the guardian (pid %d) exited with status %s; another is started", popen.pid, popen.returncode)
+        self._guardian[1].close()
+        self._guardian = None
+        delay = max(0.0, self._guardian_since + 1.0 - self.loop.time())
+        self._guardian_timer = self.loop.call_later(delay, self._revive_guardian)
+
+    def _revive_guardian(self):
+        self._guardian_timer = None
+        if self._guardian is None and self._guarded and self._state is not _Lifecycle.STOPPED:
+            self._start_guardian()
 
     def _dismiss_guardian(self, loop_closed=False):
         """The manager stopped its jobs itself: the guardian exits without a signal sent."""
         guardian, self._guardian = self._guardian, None
+        if self._guardian_timer is not None:
+            self._guardian_timer.cancel()
+            self._guardian_timer = None
+        self._guarded.clear()
         if guardian is not None:
             popen, pipe = guardian
+            if not loop_closed:  # after a crash the selector is gone: the reaper's close() has its pidfd
+                self._reaper.forget(popen)
             try:
                 os.set_blocking(pipe.fd, True)  # after what is queued, if anything is: it reads on
                 os.write(pipe.fd, b"".join(pipe._pending) + b"bye\n")
             except OSError:  # it is gone: the reaper saw it or will
                 pass
-            if loop_closed:  # after a crash: the selector is gone
+            if loop_closed:
                 pipe.file.close()
             else:
                 pipe.close()
@@ -3559,6 +3693,7 @@ class Manager:
         if self._notify_dir is None or not os.path.isdir(self._notify_dir):  # a /tmp cleaner may take it
             import tempfile
             self._notify_dir = tempfile.mkdtemp(prefix="gaffer-notify-")
+            os.chmod(self._notify_dir, 0o711)  # a process dropped to another user reaches its own socket
         return os.path.join(self._notify_dir, "%d.sock" % pid)
 
     def _activate(self, job):
@@ -4027,7 +4162,7 @@ class Manager:
             _send_signal(pgid, proc.config.stop_signal, group=True)
             deadline = proc._kill_timer.when if proc._kill_timer else self.loop.time() + proc.graceful_timeout
             self._orphan_groups[pgid] = (deadline, False)  # killed at the same deadline as their leader
-            self._tell_guardian(self._guardian_line(proc, -pgid))
+            self._guard(proc, -pgid)
         if escaped:
             self._watch_orphans()
 
@@ -4052,7 +4187,7 @@ class Manager:
 
     def _forget_group(self, pgid, target, cgroup):
         """A process's group and cgroup are empty (or given up on): the guardian forgets them, the cgroup goes."""
-        self._tell_guardian(b"- %d\n" % target)
+        self._unguard(target)
         if cgroup is not None:
             self._orphan_cgroups.pop(pgid, None)
             self._cgroups.release(cgroup)
@@ -4164,6 +4299,7 @@ class Manager:
             future.set_result(result)
         if self._guardian is not None:
             self._dismiss_guardian(loop_closed=True)
+        self._reaper.close()  # the pidfds of what it watched (after a crash, children it killed)
         if self._checker is not None:
             self._checker.shutdown(wait=False)  # a tcp or http check in progress ends within its timeout
         if self._notify_dir is not None:
@@ -4372,6 +4508,21 @@ def _is_loopback(host):
         return False
 
 
+def _token_problem(token, tcp):
+    """Why a bearer token cannot be used, or None.  It must be visible ASCII (33 to 126: what a header
+    carries as it is) and, where anyone on the network may guess, 16 characters at least.  The message
+    never shows the token itself."""
+    if not isinstance(token, str):
+        return "must be a str, got %s" % type(token).__name__
+    bad = next((at for at, char in enumerate(token) if not 33 <= ord(char) <= 126), None)
+    if bad is not None:
+        return ("must be visible ASCII characters (33 to 126), but character %d is U+%04X"
+                % (bad + 1, ord(token[bad])))
+    if tcp and len(token) < 16:
+        return "must be at least 16 characters when served over TCP, got %d" % len(token)
+    return None
+
+
 class HttpHandler:
     """The app that serves a manager over HTTP/1.1 with JSON bodies (the old gafferd's routes).
 
@@ -4379,7 +4530,8 @@ class HttpHandler:
         address: "host:port", ":port", a port number or "unix:/path"; port 0 picks
             a free port, then found in ``port``.  The host defaults to 127.0.0.1.
         token: when set, every request needs ``Authorization: Bearer <token>``.
-            Serving an address other than loopback without a token is refused.
+            Serving an address other than loopback without a token is refused.  A
+            token is visible ASCII (33 to 126), at least 16 characters over TCP.
         max_body: largest request body in bytes (413 past it).
         allowed_hosts: host names accepted in the ``Host`` header besides the bound
             address, ``localhost`` and loopback IPs (any other name is a DNS-rebinding
@@ -4393,11 +4545,17 @@ class HttpHandler:
             after each request that changed something succeeded, before its answer (``serve --state``).
 
     Use: ``manager.start(apps=[HttpHandler("127.0.0.1:4999")])``.
+
+    Raises:
+        ValueError: a bad address, token or limit, or a public address without a token.
     """
 
     def __init__(self, address=_DEFAULT_HTTP, token=None, max_body=1 << 20, allowed_hosts=(),
                  allowed_origins=(), max_connections=64, request_timeout=10.0, on_change=None):
         self.family, self.address = _parse_address(address)
+        problem = None if token is None else _token_problem(token, self.family != socket.AF_UNIX)
+        if problem is not None:
+            raise ValueError("token %s" % problem)
         if self.family != socket.AF_UNIX and not _is_loopback(self.address[0]) and not token:
             raise ValueError("refusing to serve %r without a token: anyone who reaches it could run commands; "
                              "give token=... or bind 127.0.0.1" % (address,))
@@ -4717,6 +4875,7 @@ class _RequestHandler:
         self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
         self.body = None
         try:
+            self._check_framing()
             host = self.headers.get("Host")
             if not app._host_allowed(host):
                 raise ProcessError(403, "Host %r is not this server; to allow it, add it to allowed_hosts "
@@ -4763,9 +4922,25 @@ class _RequestHandler:
     # Every method goes through the routes: an unknown one is a JSON 405 (or 404), never a CORS grant.
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
 
+    def _check_framing(self):
+        """Where the request ends must be beyond doubt, or a proxy in front and this server could disagree
+        on it (request smuggling): one Content-Length or none, no Transfer-Encoding, no malformed or folded
+        header line.  A refusal closes the connection (the body is not read)."""
+        import email.errors  # loaded by http.server already
+        headers = self.headers
+        if any(isinstance(defect, email.errors.MissingHeaderBodySeparatorDefect) for defect in headers.defects):
+            # a line that is no "Name: value", such as "Name : value": what follows it was not read as headers
+            raise ProcessError(400, "malformed header line: each is a name, a colon, then the value")
+        if any("\n" in value or "\r" in value for value in headers.values()):
+            raise ProcessError(400, "folded header lines are not accepted")
+        if "Transfer-Encoding" in headers:
+            raise ProcessError(501, "Transfer-Encoding is not supported (%r); send the body with one "
+                                    "Content-Length" % headers["Transfer-Encoding"])
+        lengths = headers.get_all("Content-Length", [])
+        if len(lengths) > 1:
+            raise ProcessError(400, "%d Content-Length headers; send one" % len(lengths))
+
     def _read_body(self, limit):
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raise ProcessError(400, "chunked request bodies are not supported; send Content-Length")
         length = self.headers.get("Content-Length", "0")
         if not _is_number(length):
             raise ProcessError(400, "bad Content-Length %r" % length)
@@ -4852,7 +5027,8 @@ class _RequestHandler:
                     data = frame(evtype, msg)
                     if data is None:
                         continue
-                    lines = "".join("data: %s\n" % line for line in data.split("\n"))
+                    # Split where an SSE reader splits (CR LF, CR or LF): output cannot make an event of its own.
+                    lines = "".join("data: %s\n" % line for line in re.split(r"\r\n|\r|\n", data))
                     self.wfile.write(("event: %s\n%s\n" % (evtype, lines)).encode())
                 self.wfile.flush()
         except OSError:  # the client went away
@@ -5206,6 +5382,15 @@ def _parse_concurrency(text, names):
     return counts
 
 
+def _exec_form(command):
+    """A Procfile command as a shell runs it: "exec CMD" where it is one simple command (the program then
+    replaces the shell, so signals reach it), else as it is."""
+    first = command.split()[0]
+    if re.fullmatch(r"[^;&|<>()`\n]*", command) and "=" not in first and first != "exec":
+        return "exec " + command
+    return command
+
+
 def _exit_code(msg):
     return msg["exit_status"] or (128 + msg["term_signal"] if msg["term_signal"] else 0)
 
@@ -5303,13 +5488,54 @@ def _run_foreground(configs, args, keep_alive):
 
 
 def _http_app(args, address=None, token=None):
-    """The HTTP app of a serving command: its --http, --token and --allow-host over the config's."""
+    """The HTTP app of a serving command: its --http, token and --allow-host over the config's.  The
+    server keeps the token; $GAFFER_TOKEN leaves the environment, so nothing started from here has it."""
+    token = _cli_token(args, token)
+    os.environ.pop("GAFFER_TOKEN", None)
     try:
-        return HttpHandler(args.http or address or _DEFAULT_HTTP,
-                           args.token or token or os.environ.get("GAFFER_TOKEN"),
-                           allowed_hosts=args.allow_host or ())
+        return HttpHandler(args.http or address or _DEFAULT_HTTP, token, allowed_hosts=args.allow_host or ())
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
+
+
+_warned = set()  # what this command has warned about on stderr already
+
+
+def _warn_once(text):
+    if text not in _warned:
+        _warned.add(text)
+        print("gaffer: warning: %s" % text, file=sys.stderr)
+
+
+def _cli_token(args, configured=None):
+    """The bearer token of a command: --token-file, --token (which every local user can read in ps:
+    warned about once), the config's token or token_file, then $GAFFER_TOKEN; None for no token."""
+    if args.token_file is not None and args.token is not None:
+        raise _UsageError("give --token or --token-file, not both")
+    if args.token_file is not None:
+        return _read_token_file(args.token_file, "--token-file")
+    if args.token is not None:
+        _warn_once("--token is visible to every user of this machine (ps, /proc/PID/cmdline); "
+                   "give --token-file FILE or $GAFFER_TOKEN instead")
+        return args.token
+    return configured or os.environ.get("GAFFER_TOKEN") or None
+
+
+def _read_token_file(path, what):
+    """The token a file holds, without its one trailing newline; a file others can read is warned about."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+            mode = os.fstat(f.fileno()).st_mode
+    except OSError as exc:
+        raise _UsageError("%s %s: %s" % (what, path, exc.strerror or exc)) from None
+    text = data.decode("utf-8", "replace")
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text:
+        raise _UsageError("%s %s is empty" % (what, path))
+    if mode & 0o044:
+        _warn_once("token file %s can be read by other users (mode %04o); chmod 600 it" % (path, mode & 0o7777))
+    return text
 
 
 def _cli_manager(args):
@@ -5372,11 +5598,8 @@ def _procfile_configs(args):
     for name, command, count, port in types:
         if args.processes and name not in args.processes or not count:
             continue
-        first = command.split()[0]
-        if re.fullmatch(r"[^;&|<>()`\n]*", command) and "=" not in first and first != "exec":
-            command = "exec " + command  # a simple command replaces its shell: signals reach the program itself
-        configs.append((_DEFAULT_SESSION, ProcessConfig(
-            name, command, shell=True, cwd=cwd, env={"PYTHONUNBUFFERED": "1", **env}, port=port, numprocesses=count,
+        configs.append((_DEFAULT_SESSION, ProcessConfig(  # a simple command replaces its shell (exec)
+            name, _exec_form(command), shell=True, cwd=cwd, env={"PYTHONUNBUFFERED": "1", **env}, port=port, numprocesses=count,
             redirect_output=["out", "out"], graceful_timeout=args.graceful_timeout)))
     return configs
 
@@ -5506,9 +5729,9 @@ def _read_json_config(path, text):
         raise _UsageError("%s: not valid JSON: %s" % (path, exc)) from None
     if not isinstance(data, dict):
         raise _UsageError("%s: the config must be a JSON object with 'jobs'" % path)
-    unknown = set(data) - {"jobs", "http", "token", "include"}
+    unknown = set(data) - {"jobs", "http", "token", "token_file", "include"}
     if unknown:
-        raise _UsageError("%s: unknown key %r (the keys are jobs, http, token, include)"
+        raise _UsageError("%s: unknown key %r (the keys are jobs, http, token, token_file, include)"
                           % (path, sorted(unknown)[0]))
     include = data.get("include", [])
     if not isinstance(include, list) or not all(isinstance(item, str) for item in include):
@@ -5520,7 +5743,7 @@ def _read_json_config(path, text):
     for index, job in enumerate(jobs):
         where = "jobs[%d] (%s)" % (index, job.get("name", "?")) if isinstance(job, dict) else "jobs[%d]" % index
         configs.append(_json_job(job, "%s: %s" % (path, where)))
-    return configs, data.get("http"), data.get("token"), include
+    return configs, data.get("http"), _config_token(path, data.get("token"), data.get("token_file")), include
 
 
 def _read_ini_config(path, text):
@@ -5538,12 +5761,12 @@ def _read_ini_config(path, text):
                               "and [endpoint:NAME])" % (path, name))
     if parser.has_section("gaffer"):
         section = parser["gaffer"]
-        unknown = set(section) - {"token", "http", "http_endpoints", "include"}
+        unknown = set(section) - {"token", "token_file", "http", "http_endpoints", "include"}
         if unknown:
             raise _UsageError("%s: [gaffer]: unknown setting %r (the settings are http, http_endpoints, include, "
-                              "token)" % (path, sorted(unknown)[0]))
+                              "token, token_file)" % (path, sorted(unknown)[0]))
         include = [item for item in re.split(r"[\s,]+", section.get("include", "")) if item]
-        token = section.get("token")
+        token = _config_token(path, section.get("token"), section.get("token_file"))
         http = section.get("http")
         endpoint = section.get("http_endpoints", "").split(",")[0].strip()
         if endpoint:
@@ -5572,6 +5795,19 @@ def _read_ini_config(path, text):
         except (TypeError, ValueError) as exc:
             raise _UsageError("%s: %s: %s" % (path, name, exc)) from None
     return configs, http, token, include
+
+
+def _config_token(path, token, token_file):
+    """A config's token: given as it is, or read from token_file (relative to the config's directory)."""
+    if token is not None and token_file is not None:
+        raise _UsageError("%s: give token or token_file, not both" % path)
+    if token_file is None:
+        if token is not None and not isinstance(token, str):
+            raise _UsageError("%s: token must be a str" % path)
+        return token
+    if not isinstance(token_file, str) or not token_file:
+        raise _UsageError("%s: token_file must be a path" % path)
+    return _read_token_file(os.path.join(os.path.dirname(path), token_file), "%s: token_file" % path)
 
 
 def _check_config(path, jobs, http):
@@ -5644,50 +5880,59 @@ class _StateFile:
         self._lock = threading.Lock()  # requests come on their own threads
 
     def read(self):
-        """The recorded changes as [(name, session, config or None, numprocesses, active)]; a corrupt
-        file is set aside as FILE.corrupt (one line logged) and nothing is restored."""
+        """The recorded jobs: {name: (session, ProcessConfig, numprocesses, active), or None if it was
+        unloaded}.  An entry that cannot be read is one error line and is left out; a file that is not a
+        JSON object of jobs is set aside as FILE.corrupt (one line) and nothing is restored."""
         try:
             with open(self.path, "rb") as f:
                 data = _json_value(f.read())
-            changes = []
-            for name, entry in data["jobs"].items():
-                session = _split_name(name)[0]
-                if entry.get("unloaded"):
-                    changes.append((name, session, None, 0, False))
-                    continue
-                config = ProcessConfig.from_dict(dict(entry["config"], numprocesses=entry["numprocesses"]))
-                changes.append((name, session, config, entry["numprocesses"], bool(entry["active"])))
+            if not isinstance(data, dict) or not isinstance(data.get("jobs"), dict):
+                raise ValueError("not an object with 'jobs'")
         except FileNotFoundError:
-            return []
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            return {}
+        except (OSError, ValueError, RecursionError) as exc:
             _log.error("state file %s is corrupt (%s: %s); set aside as %s.corrupt, starting from the config "
                        "alone", self.path, type(exc).__name__, exc, self.path)
             try:
                 os.replace(self.path, self.path + ".corrupt")
             except OSError as move:
                 _log.error("cannot set %s aside: %s", self.path, move.strerror)
-            return []
-        self.jobs = data["jobs"]
-        return changes
-
-    def restore(self, manager):
-        """Apply the recorded changes over the config's jobs (loop thread, at start)."""
-        for name, session, config, count, active in self.read():
+            return {}
+        self.jobs = data["jobs"]  # kept whole: an entry this start cannot use is written back as it was
+        recorded = {}
+        for name, entry in self.jobs.items():
             try:
-                if config is None:
-                    if name in manager.jobs():
-                        manager.unload(name)
-                    continue
-                if name not in manager.jobs():
-                    manager.load(config, sessionid=session, start=False)
-                elif manager.get(name) != config:
-                    manager.update(config, sessionid=session)
-                if active:
-                    manager.start_job(name)
-                else:
-                    manager.stop_job(name)
-            except ProcessError as exc:
-                _log.error("cannot restore %s from %s: %s", name, self.path, exc)
+                recorded[name] = self._entry(name, entry)
+            except Exception as exc:  # whatever a hostile or outdated file holds: that job only
+                _log.error("state file %s: %s is not restored: %s", self.path, name, exc)
+        return recorded
+
+    @staticmethod
+    def _entry(name, entry):
+        session, job = _split_name(name)
+        _check_name("session", session)
+        if not isinstance(entry, dict):
+            raise ValueError("its entry must be an object, got %r" % (entry,))
+        if entry.get("unloaded") is True:
+            return None
+        count, active = entry.get("numprocesses"), entry.get("active")
+        _int_setting("numprocesses", count, 0)
+        _bool_setting("active", active)
+        config = ProcessConfig.from_dict(dict(entry.get("config"), numprocesses=count))
+        if config.name != job:
+            raise ValueError("its config names job %r" % config.name)
+        return session, config, count, active
+
+    def plan(self, configs):
+        """What serve loads at start: the config file's jobs, with the recorded ones laid over them (a
+        recorded job comes at its recorded count, stopped if it was): [(session, config, start)]."""
+        jobs = {"%s.%s" % (session, config.name): (session, config, True) for session, config in configs}
+        for name, entry in self.read().items():
+            if entry is None:
+                jobs.pop(name, None)
+            else:
+                jobs[name] = (entry[0], entry[1], entry[3])
+        return list(jobs.values())
 
     def record(self, manager, method, path, body):
         """HttpHandler's on_change: note the job a request changed, and write the file."""
@@ -5708,44 +5953,121 @@ class _StateFile:
                                    "active": info["active"]}
             except ProcessNotFound:
                 self.jobs[name] = {"unloaded": True}
-            temporary = "%s.%d.tmp" % (self.path, os.getpid())
-            try:
-                with open(temporary, "w") as f:
-                    f.write(_json_text({"jobs": self.jobs}, indent=1, sort_keys=True))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temporary, self.path)
+            try:  # private: it holds the jobs' environments
+                _replace_file(self.path, _json_text({"jobs": self.jobs}, indent=1, sort_keys=True).encode(), 0o600)
             except OSError as exc:
                 _log.error("cannot write state file %s: %s", self.path, exc.strerror or exc)
 
 
-def _pidfile_owner(path):
-    """The live process whose pid a pidfile holds, or None (no file, a stale pid, or garbage)."""
+def _temporary_file(path, mode, data):
+    """A new file beside path holding data (synced): (fd, its path).  Its name is unpredictable and it is
+    created exclusively, never through a symlink (mkstemp: O_EXCL, O_NOFOLLOW), so nobody else can plant
+    or steer it; then it gets `mode`."""
+    import tempfile
+    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                     dir=os.path.dirname(path) or ".")
     try:
-        with open(path) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except PermissionError:  # alive, as another user
-        return pid
-    except OSError:
-        return None
-    return pid
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temporary)
+        raise
+    return fd, temporary
 
 
-def _write_pidfile(path):
-    """Write this process's pid atomically (a temporary file, then a rename): a reader never sees half."""
-    temporary = "%s.%d.tmp" % (path, os.getpid())
+def _replace_file(path, data, mode):
+    """Write data to path atomically (a temporary file, then a rename): a reader never sees half of it."""
+    fd, temporary = _temporary_file(path, mode, data)
+    os.close(fd)
     try:
-        with open(temporary, "w") as f:
-            f.write("%d\n" % os.getpid())
         os.replace(temporary, path)
-    except OSError as exc:
-        raise _UsageError("--pidfile %s: %s" % (path, exc.strerror or exc)) from None
+    except OSError:
+        os.unlink(temporary)
+        raise
+
+
+def _same_file(fd, path):
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+class _Pidfile:
+    """serve --pidfile: this process's pid, written atomically and held with flock() while it runs.  A
+    running serve is known by its lock, never by the pid alone: a stale file whose pid now belongs to
+    another program does not stop the next start."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None  # the pidfile, open and locked, while this process holds it
+
+    def acquire(self):
+        """Write and lock the pidfile; _Failure if a live serve holds it, _UsageError if it cannot be written."""
+        try:
+            fd, temporary = _temporary_file(self.path, 0o644, b"%d\n" % os.getpid())
+        except OSError as exc:
+            raise _UsageError("--pidfile %s: %s" % (self.path, exc.strerror or exc)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file of its own: nobody else holds it
+            while not self._put(temporary):
+                pass
+        except OSError as exc:
+            os.close(fd)
+            raise _UsageError("--pidfile %s: %s" % (self.path, exc.strerror or exc)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            if os.path.exists(temporary):  # linked, or not moved
+                os.unlink(temporary)
+        self.fd = fd
+
+    def _put(self, temporary):
+        """Move the locked temporary file to the pidfile's path unless a live serve holds the file there:
+        True once done, False to look again (another start changed the file meanwhile)."""
+        try:
+            old = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                os.link(temporary, self.path)  # fails if another start made the file meanwhile
+            except FileExistsError:
+                return False
+            return True
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            os.replace(temporary, self.path)  # a symlink: replaced, never followed
+            return True
+        try:
+            try:
+                fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(old, 32).decode("ascii", "replace").strip()
+                raise _Failure("%s: gaffer is already running as pid %s" % (self.path, pid or "?")) from None
+            if not _same_file(old, self.path):  # replaced while we locked the old one
+                return False
+            os.replace(temporary, self.path)  # while the old file is locked: no other start can take it
+            return True
+        finally:
+            os.close(old)
+
+    def release(self):
+        """At exit: remove the pidfile if it is still this process's, and unlock it."""
+        if self.fd is None:
+            return
+        if _same_file(self.fd, self.path):
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        os.close(self.fd)
+        self.fd = None
 
 
 def _daemonize(log_fd):
@@ -5796,9 +6118,7 @@ def _cmd_serve(args):
         raise _UsageError("--state %s: cannot write in %s" % (args.state, os.path.dirname(state.path)))
     if state:
         app.on_change = lambda method, path, body: state.record(app.manager, method, path, body)
-    pidfile = args.pidfile and os.path.abspath(args.pidfile)
-    if pidfile and _pidfile_owner(pidfile) not in (None, os.getpid()):
-        raise _Failure("%s: gaffer is already running as pid %d" % (pidfile, _pidfile_owner(pidfile)))
+    pidfile = args.pidfile and _Pidfile(os.path.abspath(args.pidfile))
     log_fd = None
     if args.log_file:
         try:
@@ -5817,15 +6137,15 @@ def _cmd_serve(args):
     try:
         try:
             if pidfile:
-                _write_pidfile(pidfile)
+                pidfile.acquire()
             return _serve(args, configs, app, state, lambda: tell(0))
         except (_UsageError, _Failure) as exc:
             tell(2 if isinstance(exc, _UsageError) else 1, str(exc))
             raise
     finally:
         tell(1, "the daemon stopped before it was serving (see its --log-file)")
-        if pidfile and _pidfile_owner(pidfile) == os.getpid():
-            os.unlink(pidfile)
+        if pidfile:
+            pidfile.release()
 
 
 def _serve(args, configs, app, state, on_ready):
@@ -5844,15 +6164,14 @@ def _serve(args, configs, app, state, on_ready):
     previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
 
     def load_all():  # inside run(): SIGTERM while loading stops what is loaded
-        for session, config in configs:
+        # The recorded state goes in before the first spawn: a job stopped over the API never runs.
+        for session, config, start in state.plan(configs) if state else [(s, c, True) for s, c in configs]:
             try:
-                manager.load(config, sessionid=session)
-            except ProcessError as exc:
-                _log.error("%s", exc)
+                manager.load(config, sessionid=session, start=start)
+            except (ProcessError, ValueError, TypeError) as exc:  # a cycle, a limit this machine lacks...
+                _log.error("cannot load %s.%s: %s", session, config.name, exc)
             except RuntimeError:  # stopped by a signal while loading
                 return
-        if state:
-            state.restore(manager)
         _log.info("ready: %d jobs from %s%s", len(configs), args.config,
                   " and %d recorded in %s" % (len(state.jobs), state.path) if state else "")
         on_ready()
@@ -5873,7 +6192,13 @@ class _Client:
         import http.client
         self.http = http.client
         self.text = address
-        self.family, self.address = _parse_address(address)
+        try:
+            self.family, self.address = _parse_address(address)
+        except ValueError as exc:
+            raise _UsageError(str(exc)) from None
+        problem = None if token is None else _token_problem(token, self.family != socket.AF_UNIX)
+        if problem is not None:
+            raise _UsageError("the token %s" % problem)
         self.token = token
 
     def _connection(self, timeout):
@@ -6002,7 +6327,7 @@ def _process_pid(target, args):
 
 
 def _client(args):
-    return _Client(args.http or _DEFAULT_HTTP, args.token or os.environ.get("GAFFER_TOKEN"))
+    return _Client(args.http or os.environ.get("GAFFER_HTTP") or _DEFAULT_HTTP, _cli_token(args))
 
 
 def _print_json(value):
@@ -6196,21 +6521,59 @@ def _cmd_logs(args):
 
 
 # -- export: unit files for a system manager
+# One function per format, from the same instances; every value is escaped in that format's own way,
+# or refused with one line that names it.  Each runs the program itself (exec), so that the system
+# manager's stop signal reaches it, and what a shell command starts is stopped with it.
+
+_Export = collections.namedtuple("_Export", "app cwd output user graceful_timeout fragment instances")
+
+
+def _carried(fmt, what, text, allowed=""):
+    """text, unless it holds a character that `fmt` cannot carry (a control character not in allowed):
+    then one line that names the value."""
+    bad = next((char for char in text if (ord(char) < 32 or ord(char) == 127) and char not in allowed), None)
+    if bad is not None:
+        raise _UsageError("export %s: %s cannot be written for %s: it holds the control character %r"
+                          % (fmt, what, fmt, bad))
+    return text
+
 
 def _systemd_quote(text, command=False):
-    """A systemd.syntax(7) quoted word: % specifiers everywhere, and $ expansion in Exec lines only."""
-    text = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
-    return '"%s"' % (text.replace("$", "$$") if command else text)
+    """A systemd.syntax(7) quoted word: C escapes for backslash, quotes and control characters (a newline
+    is \n, never a line of its own), % specifiers escaped everywhere, $ expansion in Exec lines only."""
+    out = []
+    for char in text:
+        if char in '\\"':
+            out.append("\\" + char)
+        elif char == "%":
+            out.append("%%")
+        elif char == "$" and command:
+            out.append("$$")
+        elif ord(char) < 32 or ord(char) == 127:
+            out.append("\\x%02x" % ord(char))
+        else:
+            out.append(char)
+    return '"%s"' % "".join(out)
+
+
+def _systemd_path(what, text):
+    """A value systemd takes as it is (WorkingDirectory=, paths): % specifiers escaped; nothing else can be."""
+    if text != text.strip():
+        raise _UsageError("export systemd: %s %r cannot be written for systemd: it starts or ends with a space"
+                          % (what, text))
+    return _carried("systemd", what, text).replace("%", "%%")
 
 
 def _supervisor_quote(text):
     """A word of a supervisord command= (split as a POSIX shell does), with % doubled for its config parser."""
+    text = _carried("supervisord", "the command %r" % text, text)
     return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
 
 
 def _supervisor_env(key, value):
     """KEY="value" for supervisord's environment=, whose parser (shlex, not POSIX) has no escapes: the
     value goes in the quotes it does not contain, and one it cannot carry is a one-line error."""
+    _carried("supervisord", "the value of %s" % key, value)
     for quote in ('"', "'"):
         if quote not in value and not value.endswith(("'", '"')) and not value.startswith(("'", '"')):
             return "%s=%s%s%s" % (key, quote, value.replace("%", "%%"), quote)
@@ -6218,90 +6581,116 @@ def _supervisor_env(key, value):
                       "quote kinds, or starts or ends with one): %r" % (key, value))
 
 
+def _export_systemd(ex):
+    units = []
+    for name, number, command, variables in ex.instances:
+        unit = "%s-%s-%d.service" % (ex.app, name, number)
+        units.append(unit)
+        lines = ["[Unit]", "Description=%s %s.%d" % (ex.app, name, number), "PartOf=%s.target" % ex.app, "",
+                 "[Service]", "WorkingDirectory=%s" % _systemd_path("the directory", ex.cwd)]
+        lines += ["Environment=%s" % _systemd_quote("%s=%s" % item) for item in sorted(variables.items())]
+        lines += ["ExecStart=/bin/sh -c %s" % _systemd_quote(_exec_form(command), command=True), "Restart=always",
+                  "KillMode=control-group", "TimeoutStopSec=%g" % ex.graceful_timeout]
+        if ex.user:
+            lines.append("User=%s" % ex.user)
+        lines += ["", "[Install]", "WantedBy=%s.target" % ex.app, ""]
+        yield unit, "\n".join(lines), False
+    yield "%s.target" % ex.app, "\n".join(["[Unit]", "Description=%s (exported by gaffer)" % ex.app,
+                                           "Wants=%s" % " ".join(units), "", "[Install]",
+                                           "WantedBy=multi-user.target", ""]), False
+
+
+def _export_runit(ex):
+    """A service directory each: APP-NAME-N/run, and log/run for svlogd.  A simple command is exec'd by the
+    run script itself; a shell command runs in a process group of its own (chpst -P), which control/t
+    (what runsv runs for sv down and sv term) signals whole."""
+    for name, number, command, variables in ex.instances:
+        service = "%s-%s-%d" % (ex.app, name, number)
+        user = "chpst -u %s " % shlex.quote(ex.user) if ex.user else ""
+        run = ["#!/bin/sh", "cd %s" % shlex.quote(ex.cwd)]
+        run += ["export %s=%s" % (key, shlex.quote(value)) for key, value in sorted(variables.items())]
+        run.append("exec 2>&1")
+        simple = _exec_form(command)
+        if simple != command:
+            run += [simple.replace("exec ", "exec " + user, 1), ""]
+        else:
+            run += ["exec %schpst -P /bin/sh -c %s" % (user, shlex.quote(command)), ""]
+            yield os.path.join(service, "control", "t"), "#!/bin/sh\nexec kill -TERM -- -\"$(cat supervise/pid)\"\n", True
+        yield os.path.join(service, "run"), "\n".join(run), True
+        yield os.path.join(service, "log", "run"), "#!/bin/sh\nmkdir -p ./main\nexec svlogd -tt ./main\n", True
+
+
+def _export_launchd(ex):
+    """A property list each, for ~/Library/LaunchAgents or /Library/LaunchDaemons.  launchd signals the
+    program, and kills what is left in its process group once it exits (AbandonProcessGroup is false)."""
+    import plistlib
+    for name, number, command, variables in ex.instances:
+        label = "%s.%s.%d" % (ex.app, name, number)
+        for what, text in [("the directory", ex.cwd), ("the command", command)] + [
+                ("the value of %s" % key, value) for key, value in variables.items()]:
+            _carried("launchd", what, text, allowed="\t\n\r")  # what XML can hold
+        plist = {"Label": label, "ProgramArguments": ["/bin/sh", "-c", _exec_form(command)],
+                 "WorkingDirectory": ex.cwd, "EnvironmentVariables": dict(variables), "RunAtLoad": True,
+                 "KeepAlive": True, "ExitTimeOut": int(ex.graceful_timeout + 0.999),
+                 "StandardOutPath": os.path.join(ex.output, label + ".log"),
+                 "StandardErrorPath": os.path.join(ex.output, label + ".log")}
+        if ex.user:
+            plist["UserName"] = ex.user
+        yield label + ".plist", plistlib.dumps(plist).decode(), False
+
+
+def _export_supervisord(ex):
+    lines, programs = [], []
+    for name, number, command, variables in ex.instances:
+        program = "%s-%s-%d" % (ex.app, name, number)
+        programs.append(program)
+        lines += ["[program:%s]" % program, "command=/bin/sh -c %s" % _supervisor_quote(_exec_form(command)),
+                  "directory=%s" % _carried("supervisord", "the directory", ex.cwd).replace("%", "%%"),
+                  "environment=%s" % ",".join(_supervisor_env(k, v) for k, v in sorted(variables.items())),
+                  "autostart=true", "autorestart=true", "stopasgroup=true", "killasgroup=true",
+                  "stopwaitsecs=%g" % ex.graceful_timeout, "redirect_stderr=true"]
+        if ex.user:
+            lines.append("user=%s" % ex.user)
+        lines.append("")
+    lines += ["[group:%s]" % ex.app, "programs=%s" % ",".join(programs), ""]
+    if not ex.fragment:  # a whole config that "supervisord -c FILE" starts as it is
+        here = _carried("supervisord", "the output directory", ex.output).replace("%", "%%")
+        lines = ["[supervisord]", "logfile=%s/supervisord.log" % here, "pidfile=%s/supervisord.pid" % here,
+                 "childlogdir=%s" % here, "", "[unix_http_server]", "file=%s/supervisor.sock" % here, "",
+                 "[rpcinterface:supervisor]",
+                 "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
+                 "[supervisorctl]", "serverurl=unix://%s/supervisor.sock" % here, ""] + lines
+    yield "%s.conf" % ex.app, "\n".join(lines), False
+
+
+_EXPORTERS = {"systemd": _export_systemd, "supervisord": _export_supervisord, "runit": _export_runit,
+              "launchd": _export_launchd}
+
+
 def _cmd_export(args):
     cwd, env, types = _read_procfile(args)
     app = args.app or re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(cwd)) or "app"
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", app):
+        raise _UsageError("export: -a %r: an application name is letters, digits, '_' and '-'" % app)
+    if args.user is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", args.user):
+        raise _UsageError("export: -u %r is not a user name (letters, digits, '_', '.' and '-')" % args.user)
     # The exporting shell's PATH goes along, so that "python3" in the Procfile is the same program there.
     env = {"PATH": os.environ.get("PATH", os.defpath), **env}
     instances = [(name, number, command, {**env, "PORT": str(port + number - 1)})
                  for name, command, count, port in types for number in range(1, count + 1)]
     output = os.path.abspath(args.output)
-    written = []
-
-    def write(filename, text, executable=False):
+    export = _Export(app, cwd, output, args.user, args.graceful_timeout, args.fragment, instances)
+    files = list(_EXPORTERS[args.format](export))  # every value checked before anything is written
+    for filename, text, executable in files:
         path = os.path.join(output, filename)
         if args.dry_run:
             print("==> %s <==\n%s" % (path, text))
-            return
+            continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         if executable:
             os.chmod(path, 0o755)
-        written.append(path)
-
-    if args.format == "systemd":
-        units = []
-        for name, number, command, variables in instances:
-            unit = "%s-%s-%d.service" % (app, name, number)
-            units.append(unit)
-            lines = ["[Unit]", "Description=%s %s.%d" % (app, name, number), "PartOf=%s.target" % app, "",
-                     "[Service]", "WorkingDirectory=%s" % cwd]
-            lines += ["Environment=%s" % _systemd_quote("%s=%s" % item) for item in sorted(variables.items())]
-            lines += ["ExecStart=/bin/sh -c %s" % _systemd_quote(command, command=True), "Restart=always",
-                      "KillMode=control-group", "TimeoutStopSec=%g" % args.graceful_timeout]
-            if args.user:
-                lines.append("User=%s" % args.user)
-            lines += ["", "[Install]", "WantedBy=%s.target" % app, ""]
-            write(unit, "\n".join(lines))
-        write("%s.target" % app, "\n".join(["[Unit]", "Description=%s (exported by gaffer)" % app,
-                                            "Wants=%s" % " ".join(units), "", "[Install]",
-                                            "WantedBy=multi-user.target", ""]))
-    elif args.format == "runit":  # a service directory each: DIR/APP-NAME-N/run, and log/run for svlogd
-        for name, number, command, variables in instances:
-            service = "%s-%s-%d" % (app, name, number)
-            user = "chpst -u %s " % shlex.quote(args.user) if args.user else ""
-            run = ["#!/bin/sh", "cd %s" % shlex.quote(cwd)]
-            run += ["export %s=%s" % (key, shlex.quote(value)) for key, value in sorted(variables.items())]
-            run += ["exec 2>&1", "exec %s/bin/sh -c %s" % (user, shlex.quote(command)), ""]
-            write(os.path.join(service, "run"), "\n".join(run), executable=True)
-            write(os.path.join(service, "log", "run"), "#!/bin/sh\nmkdir -p ./main\nexec svlogd -tt ./main\n",
-                  executable=True)
-    elif args.format == "launchd":  # a property list each, for ~/Library/LaunchAgents or /Library/LaunchDaemons
-        import plistlib
-        for name, number, command, variables in instances:
-            label = "%s.%s.%d" % (app, name, number)
-            plist = {"Label": label, "ProgramArguments": ["/bin/sh", "-c", command], "WorkingDirectory": cwd,
-                     "EnvironmentVariables": dict(variables), "RunAtLoad": True, "KeepAlive": True,
-                     "ExitTimeOut": int(args.graceful_timeout + 0.999),
-                     "StandardOutPath": os.path.join(output, label + ".log"),
-                     "StandardErrorPath": os.path.join(output, label + ".log")}
-            if args.user:
-                plist["UserName"] = args.user
-            write(label + ".plist", plistlib.dumps(plist).decode())
-    else:
-        lines, programs = [], []
-        for name, number, command, variables in instances:
-            program = "%s-%s-%d" % (app, name, number)
-            programs.append(program)
-            lines += ["[program:%s]" % program, "command=/bin/sh -c %s" % _supervisor_quote(command),
-                      "directory=%s" % cwd.replace("%", "%%"),
-                      "environment=%s" % ",".join(_supervisor_env(k, v) for k, v in sorted(variables.items())),
-                      "autostart=true", "autorestart=true", "stopasgroup=true", "killasgroup=true",
-                      "stopwaitsecs=%g" % args.graceful_timeout, "redirect_stderr=true"]
-            if args.user:
-                lines.append("user=%s" % args.user)
-            lines.append("")
-        lines += ["[group:%s]" % app, "programs=%s" % ",".join(programs), ""]
-        if not args.fragment:  # a whole config that "supervisord -c FILE" starts as it is
-            here = output.replace("%", "%%")
-            lines = ["[supervisord]", "logfile=%s/supervisord.log" % here, "pidfile=%s/supervisord.pid" % here,
-                     "childlogdir=%s" % here, "", "[unix_http_server]", "file=%s/supervisor.sock" % here, "",
-                     "[rpcinterface:supervisor]",
-                     "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
-                     "[supervisorctl]", "serverurl=unix://%s/supervisor.sock" % here, ""] + lines
-        write("%s.conf" % app, "\n".join(lines))
-    for path in written:
         print("wrote %s" % path)
     return 0
 
@@ -6336,10 +6725,17 @@ def _parser():
         sub.set_defaults(fn=fn)
         if client:
             sub.add_argument("--http", metavar="ADDR", type=address,
-                             help="the server (default %s; unix:/path and http://HOST:PORT work)" % _DEFAULT_HTTP)
-            sub.add_argument("--token", help="bearer token (default: $GAFFER_TOKEN)")
+                             help="the server (default $GAFFER_HTTP, else %s; unix:/path and http://HOST:PORT "
+                                  "work)" % _DEFAULT_HTTP)
+            token_options(sub, "the bearer token")
             sub.add_argument("--json", action="store_true", help="print raw JSON")
         return sub
+
+    def token_options(sub, what, default="$GAFFER_TOKEN"):
+        sub.add_argument("--token-file", metavar="FILE", help="%s is in FILE (its one trailing newline is "
+                         "ignored); default %s" % (what, default))
+        sub.add_argument("--token", metavar="T", help="%s, on the command line, where every local user can read "
+                         "it: prefer --token-file" % what)
 
     def allow_host(sub):
         sub.add_argument("--allow-host", action="append", metavar="NAME",
@@ -6377,7 +6773,7 @@ def _parser():
                      metavar="N", help="copies (default 1, at most 1000)")
     sub.add_argument("--name", help="the name shown (default: the program's)")
     sub.add_argument("--http", metavar="ADDR", type=address, help="also serve the HTTP controller")
-    sub.add_argument("--token", help="require this bearer token (default: $GAFFER_TOKEN)")
+    token_options(sub, "the bearer token requests must carry")
     allow_host(sub)
     sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
     sub.add_argument("--graceful-timeout", type=seconds, default=5.0, metavar="S")
@@ -6392,7 +6788,8 @@ def _parser():
     sub.add_argument("-c", "--config", required=True, metavar="FILE")
     sub.add_argument("--http", metavar="ADDR", type=address,
                      help="address (default: the config's, else %s)" % _DEFAULT_HTTP)
-    sub.add_argument("--token", help="require this bearer token (default: the config's or $GAFFER_TOKEN)")
+    token_options(sub, "the bearer token requests must carry", "the config's token or token_file, else "
+                  "$GAFFER_TOKEN")
     allow_host(sub)
     init_option(sub)
     sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

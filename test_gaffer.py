@@ -251,6 +251,10 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual((cfg.numprocesses, cfg.graceful_timeout, cfg.os_env, cfg.stop_children),
                          (1, 10.0, True, True))
         self.assertEqual(gaffer.ProcessConfig("w", "x", uid="root", gid="0").uid, 0)
+        self.assertEqual(gaffer.ProcessConfig("w", "x", uid=4000000000, gid=0).uid, 4000000000, "no user: a gid")
+        for form in ("027", "0o027", " 27", 0o027):
+            self.assertEqual(gaffer.ProcessConfig("w", "x", umask=form).umask, 0o027, form)
+        self.assertIsNone(gaffer.ProcessConfig("w", "x").umask, "the manager's umask by default")
         for form in (1, "1", "HUP", "SIGHUP", "hup", " sighup "):
             self.assertEqual(gaffer.ProcessConfig("w", "x", stop_signal=form).stop_signal, 1, form)
 
@@ -282,6 +286,11 @@ class ConfigTest(unittest.TestCase):
             (dict(flapping=3), r"flapping must be a FlappingInfo"),
             (dict(custom_streams=["ctl", "ctl"]), r"label 'ctl' is used twice"),
             (dict(custom_streams=["bad label"]), r"custom_streams: each label"),
+            (dict(umask="rw-"), r"umask must be an octal mode such as '027' or 0o027, got 'rw-'"),
+            (dict(umask="0o1777"), r"umask must be a mode from 0 to 0o777"),
+            (dict(umask=-1), r"umask must be a mode from 0 to 0o777, got -1"),
+            (dict(uid=4000000000), r"uid 4000000000 names no user of this system, so it has no primary "
+                                   r"group to run with: give gid too"),
         ]
         for settings, pattern in cases:
             with self.subTest(settings=settings), self.assertRaisesRegex(ValueError, pattern):
@@ -1519,6 +1528,91 @@ class LifecycleTest(LeakCheckedTestCase):
             wait_until(lambda: not alive(os_pid), what="children of an exited host")
 
 
+
+
+# -- Privileges: what a job runs gets what it was given, and nothing of the manager's ---------
+
+REPORT = """
+    import json, os, socket, sys, time
+    umask = os.umask(0)
+    print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()), "umask": umask,
+                      "env": {k: os.environ.get(k) for k in ("GAFFER_TOKEN", "HOME", "USER", "LOGNAME", "SHELL")}}),
+          flush=True)
+    if "NOTIFY_SOCKET" in os.environ:
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+    time.sleep(60)
+"""
+
+
+def python_for(user):
+    """An interpreter that `user` can run (this suite's may sit in a directory only root enters), or None."""
+    for candidate in dict.fromkeys([PY, "/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")]):
+        try:
+            if candidate and subprocess.run([candidate, "-S", "-c", "pass"], user=user, timeout=TIMEOUT,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+class SecretsTest(ManagerTestCase):
+
+    def report(self, name, **settings):
+        settings.setdefault("cmd", PY)
+        self.load(name, args=["-S", "-c", textwrap.dedent(REPORT)], redirect_output=["out"], **settings)
+        pid = self.m.pids(name)[0]
+        wait_until(lambda: self.m.get_process(pid).tail(), what="the report of %s" % name)
+        return json.loads(self.m.get_process(pid).tail()[0])
+
+    def test_the_token_gaffer_reads_never_reaches_a_child(self):
+        self.setenv("GAFFER_TOKEN", "the-managers-secret-token")
+        self.assertIsNone(self.report("inherits")["env"]["GAFFER_TOKEN"], "not inherited")
+        self.assertEqual(self.report("given", env={"GAFFER_TOKEN": "its-own"})["env"]["GAFFER_TOKEN"], "its-own",
+                         "a job's own env may still set it")
+        self.assertEqual(self.report("umask", umask="077")["umask"], 0o077)
+
+
+@unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "dropping privileges needs root")
+class PrivilegeTest(SecretsTest):
+    """A job with a uid runs as systemd's User= and supervisord's user= run it: the user's primary group
+    and its own supplementary groups, its HOME, USER, LOGNAME and SHELL, and the umask it was given."""
+
+    def setUp(self):
+        super().setUp()
+        self.python = python_for("nobody")
+        if self.python is None:
+            self.skipTest("no Python interpreter here that the user nobody can run")
+
+    def test_uid_alone_drops_groups_and_sets_the_users_environment(self):
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        self.setenv("GAFFER_TOKEN", "the-managers-secret-token")
+        self.setenv("HOME", "/root")
+        report = self.report("w", cmd=self.python, uid="nobody", umask="027", ready="notify", ready_timeout=30)
+        self.m.wait_ready("w", TIMEOUT)  # READY=1 reached a socket the manager bound as root
+        self.assertEqual((report["uid"], report["gid"]), (nobody.pw_uid, nobody.pw_gid), "the primary group")
+        self.assertEqual(report["groups"], sorted(set(os.getgrouplist("nobody", nobody.pw_gid))),
+                         "the user's groups, none of root's")
+        self.assertNotIn(0, report["groups"])
+        self.assertEqual(report["env"], {"GAFFER_TOKEN": None, "HOME": nobody.pw_dir, "USER": "nobody",
+                                         "LOGNAME": "nobody", "SHELL": nobody.pw_shell})
+        self.assertEqual(report["umask"], 0o027)
+        report = self.report("own", cmd=self.python, uid="nobody", gid=0, os_env=False, env={"HOME": "/srv"})
+        self.assertEqual((report["gid"], report["env"]["HOME"], report["env"]["USER"]), (0, "/srv", "nobody"),
+                         "a gid given is kept; the job's env wins; os_env off still sets the user's variables")
+
+    def test_health_notify_as_another_user(self):
+        code = textwrap.dedent(REPORT).replace("time.sleep(60)", textwrap.dedent("""
+            while True:
+                time.sleep(0.05)
+                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"WATCHDOG=1", os.environ["NOTIFY_SOCKET"])
+        """))
+        self.load("w", cmd=self.python, args=["-S", "-c", code], uid="nobody", ready="notify",
+                  health="notify", health_interval=0.5, ready_timeout=30)
+        self.m.wait_ready("w", TIMEOUT)
+        wait_until(lambda: self.m.get_process(1).info["health_passed"] >= 3, what="WATCHDOG=1 pings arrive")
+        self.assertEqual(self.rec.matching("unhealthy"), [])
 
 
 # -- Containment: nothing a job starts outlives it ------------------------------------
@@ -2829,10 +2923,10 @@ class HttpTestCase(ManagerTestCase):
         self.assertEqual(resp.status, 200)
         self.assertEqual(resp.getheader("Content-Type"), "text/event-stream")
 
-        def events():
+        def events():  # as the SSE specification reads a stream: CR LF, CR and LF each end a line
             event, data = None, []
-            for raw in resp:
-                line = raw.decode().rstrip("\n")
+            lines = (line for raw in resp for line in re.split(r"\r\n|\r|\n", raw.decode())[:-1])
+            for line in lines:
                 if line.startswith("event: "):
                     event = line[7:]
                 elif line.startswith("data: "):
@@ -3037,6 +3131,49 @@ class HttpSecurityTest(HttpTestCase):
         self.assertTrue(self.m.info("w")["active"], "nothing was stopped")
         self.assertEqual(self.output[1], b"", "nothing reached stdin")
 
+    def exchange(self, data):
+        """Send raw bytes; return every answer's status until the server closes the connection."""
+        with socket.create_connection(("127.0.0.1", self.http.port), timeout=TIMEOUT) as sock:
+            sock.sendall(data)
+            received = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        return [int(status) for status in re.findall(rb"(?:^|\n)HTTP/1\.[01] (\d{3}) ", received)]
+
+    def test_framing_is_strict_so_nothing_can_be_smuggled(self):
+        self.load("w")
+        smuggled = b"DELETE /jobs/default/w HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+        body = json.dumps({"state": "start"}).encode()
+        head = b"POST /jobs/default/w/state HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        cases = [  # each: the first request refused, the connection closed, the "body" never served
+            (b"Transfer-Encoding: chunked \r\n", 501),
+            (b"Transfer-Encoding: identity, chunked\r\n", 501),
+            (b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n" % len(body), 501),
+            (b"Content-Length: %d\r\nContent-Length: %d\r\n" % (len(body), len(body)), 400),
+            (b"Content-Length: %d\r\nContent-Length: 0\r\n" % len(body), 400),
+            (b"Content-Length : 0\r\n", 400),
+            (b"X-Folded: a\r\n Content-Length: 0\r\n", 400),
+        ]
+        for headers, status in cases:
+            with self.subTest(headers=headers):
+                self.assertEqual(self.exchange(head + headers + b"\r\n" + body + smuggled), [status])
+        self.assertEqual(self.m.jobs(), ["default.w"], "no smuggled DELETE ran")
+        self.assertEqual(self.exchange(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body),
+                         [202], "one Content-Length is served")
+
+    def test_output_cannot_inject_an_event(self):
+        injection = "x\\r\\revent: injected\\rdata: evil\\r\\r"
+        self.load("w", code="import sys, time\nsys.stdout.write('%s\\n')\nsys.stdout.flush()\ntime.sleep(60)" % injection,
+                  redirect_output=["out"])
+        wait_until(lambda: self.m.get_process(1).tail(), what="the output")
+        _, events = self.sse("/1/streams/out?tail=1")
+        event, data = next(events)  # read as the SSE specification says: CR LF, CR and LF end lines
+        self.assertEqual((event, data.split("\n")), ("out", ["x", "", "event: injected", "data: evil", "", ""]),
+                         "every CR became a line of the one event's data")
+
     def test_the_servers_own_names_and_origins_are_served(self):
         port = self.http.port
         for host in ("127.0.0.1:%d" % port, "localhost:%d" % port, "LOCALHOST", "[::1]:%d" % port,
@@ -3216,10 +3353,10 @@ class HttpLimitsTest(HttpTestCase):
 
 
 class HttpTokenTest(HttpTestCase):
-    token = "s3cret-token"
+    token = "s3cret-token-of-the-test"  # 16 characters at least over TCP
 
     def test_token_required(self):
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": self.token}):
             with self.subTest(headers=headers):
                 status, payload, _ = self.req("GET", "/jobs", headers=headers, token=False)
                 self.assertEqual((status, payload["errno"]), (401, 401))
@@ -3264,7 +3401,7 @@ class HttpTokenTest(HttpTestCase):
     def test_a_public_address_needs_a_token(self):
         with self.assertRaisesRegex(ValueError, "refusing to serve '0.0.0.0:0' without a token"):
             gaffer.HttpHandler("0.0.0.0:0")
-        public = gaffer.HttpHandler("0.0.0.0:0", token="t")
+        public = gaffer.HttpHandler("0.0.0.0:0", token="t" * 16)
         self.assertEqual(public.address, ("0.0.0.0", 0))
 
     def test_addresses(self):
@@ -3778,7 +3915,7 @@ class ServeTest(CommandLineTestCase):
         server.send_signal(signal.SIGINT)
         server.finish()
         with open(state, "w") as f:
-            f.write('{"jobs": {"default.a": {"config": {"name": "a"}}}}')  # no cmd: corrupt
+            f.write('{"jobs": {"default.a": ')  # not JSON: corrupt (a bad entry alone: StateFileTest)
         server = self.serve(config, "--state", state)
         self.record_leaders()
         server.wait_line(r"ERROR gaffer: state file %s is corrupt \(.*\); set aside as %s.corrupt, starting "
@@ -4186,8 +4323,8 @@ class ExportTest(CommandLineTestCase):
         self.assertIn('Environment="WEIRD=a\\"b\\\\c%%d$e,f=g"', unit, "no $ expansion in Environment=: no $$")
         self.assertIn('Environment="PATH=%s"' % os.environ["PATH"], unit, "the exporting shell's PATH")
         self.assertIn("WorkingDirectory=%s" % self.tmp, unit)
-        self.assertIn('ExecStart=/bin/sh -c "python3 -m http.server $$PORT"', unit)
-        self.assertIn('"./work --level=100%%"', read_text(os.path.join(out, "shop-worker-1.service")))
+        self.assertIn('ExecStart=/bin/sh -c "exec python3 -m http.server $$PORT"', unit, "the program replaces sh")
+        self.assertIn('"exec ./work --level=100%%"', read_text(os.path.join(out, "shop-worker-1.service")))
         self.assertIn("Wants=shop-web-1.service shop-web-2.service shop-worker-1.service",
                       read_text(os.path.join(out, "shop.target")))
         result = self.cli("export", "supervisord", "-c", "web=2", "-o", out, "-a", "shop")
