@@ -5904,8 +5904,11 @@ class _StateFile:
             try:
                 recorded[name] = self._entry(name, entry)
             except Exception as exc:  # whatever a hostile or outdated file holds: that job only
-                _log.error("state file %s: %s is not restored: %s", self.path, name, exc)
+                self.refused(name, exc)
         return recorded
+
+    def refused(self, name, exc):
+        _log.error("state file %s: %s is not restored: %s", self.path, name, exc)
 
     @staticmethod
     def _entry(name, entry):
@@ -5924,15 +5927,19 @@ class _StateFile:
         return session, config, count, active
 
     def plan(self, configs):
-        """What serve loads at start: the config file's jobs, with the recorded ones laid over them (a
-        recorded job comes at its recorded count, stopped if it was): [(session, config, start)]."""
-        jobs = {"%s.%s" % (session, config.name): (session, config, True) for session, config in configs}
-        for name, entry in self.read().items():
-            if entry is None:
-                jobs.pop(name, None)
-            else:
-                jobs[name] = (entry[0], entry[1], entry[3])
-        return list(jobs.values())
+        """What serve loads at start, before anything spawns: the config file's jobs that nothing was
+        recorded of, then the recorded ones (at their recorded count, stopped if they were), each with
+        the config file's version to fall back on if it cannot be loaded (a cycle against the current
+        config, say): [(session, config, start, recorded, fallback or None)]."""
+        recorded = self.read()
+        from_file = {"%s.%s" % (session, config.name): (session, config) for session, config in configs}
+        plan = [(session, config, True, False, None) for name, (session, config) in from_file.items()
+                if name not in recorded]
+        for name, entry in recorded.items():
+            if entry is not None:
+                fallback = from_file.get(name)
+                plan.append((entry[0], entry[1], entry[3], True, fallback and fallback[1]))
+        return plan
 
     def record(self, manager, method, path, body):
         """HttpHandler's on_change: note the job a request changed, and write the file."""
@@ -6163,15 +6170,27 @@ def _serve(args, configs, app, state, on_ready):
     _forward_signals(manager, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))  # SIGHUP reloads the config
     previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
 
+    def load(session, config, start):
+        try:
+            manager.load(config, sessionid=session, start=start)
+        except (ProcessError, ValueError, TypeError) as exc:  # a cycle, a limit this machine lacks...
+            return exc
+        return None
+
     def load_all():  # inside run(): SIGTERM while loading stops what is loaded
         # The recorded state goes in before the first spawn: a job stopped over the API never runs.
-        for session, config, start in state.plan(configs) if state else [(s, c, True) for s, c in configs]:
-            try:
-                manager.load(config, sessionid=session, start=start)
-            except (ProcessError, ValueError, TypeError) as exc:  # a cycle, a limit this machine lacks...
-                _log.error("cannot load %s.%s: %s", session, config.name, exc)
-            except RuntimeError:  # stopped by a signal while loading
-                return
+        plan = state.plan(configs) if state else [(s, c, True, False, None) for s, c in configs]
+        try:
+            for session, config, start, recorded, fallback in plan:
+                error = load(session, config, start)
+                name = "%s.%s" % (session, config.name)
+                if error is not None and recorded:
+                    state.refused(name, error)  # the recorded entry is skipped: the config file's job, if any
+                    error = fallback and load(session, fallback, True)
+                if error is not None:
+                    _log.error("cannot load %s: %s", name, error)
+        except RuntimeError:  # stopped by a signal while loading
+            return
         _log.info("ready: %d jobs from %s%s", len(configs), args.config,
                   " and %d recorded in %s" % (len(state.jobs), state.path) if state else "")
         on_ready()
@@ -6549,6 +6568,8 @@ def _systemd_quote(text, command=False):
             out.append("%%")
         elif char == "$" and command:
             out.append("$$")
+        elif char in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[char])
         elif ord(char) < 32 or ord(char) == 127:
             out.append("\\x%02x" % ord(char))
         else:
@@ -6857,6 +6878,7 @@ def main(argv=None):
     code of the first process that exited on its own.
     """
     parser, args = _parser(), None
+    _warned.clear()  # once per command
     try:
         args = parser.parse_args(argv)
         if args.command is None:

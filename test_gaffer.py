@@ -1697,6 +1697,58 @@ class ContainmentTest(LeakCheckedTestCase):
                 for name in os.listdir(os.path.join(self.tmp, "family")):
                     os.unlink(os.path.join(self.tmp, "family", name))
 
+    def guardian_of(self, host):
+        """The os pid of the live guardian of a host program, or None."""
+        mark = b"gaffer guardian of pid %d" % host
+        for pid, (_, _, state) in proc_table().items():
+            try:
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if mark in cmdline.split(b"\0") and state != "Z":
+                self.assertLess(len(cmdline), 1024, "a short command line that says what it is")
+                return pid
+        return None
+
+    @unittest.skipUnless(HAVE_PROC, "finds the guardian by its command line in /proc")
+    def test_a_guardian_killed_is_replaced_and_the_next_one_stops_everything(self):
+        host_code = textwrap.dedent("""
+            import os, sys, time
+            sys.path.insert(0, %r)
+            import gaffer
+            m = gaffer.Manager()
+            m.start()
+            m.load(gaffer.ProcessConfig("w", sys.executable, args=["-S", "-c", %r], numprocesses=2, graceful_timeout=0.5))
+            m.load(gaffer.ProcessConfig("d", sys.executable, args=["-S", "-c", %r, os.environ["FAMILY"] + "/daemon"],
+                                        graceful_timeout=0.5))
+            time.sleep(60)
+        """) % (os.path.dirname(GAFFER), textwrap.dedent(STUBBORN_FAMILY), textwrap.dedent(SETSID_DAEMON))
+        for no_cgroup in ("", "1"):
+            with self.subTest(no_cgroup=no_cgroup):
+                log = open(os.path.join(self.tmp, "host.log"), "w+")
+                self.addCleanup(log.close)
+                host = subprocess.Popen([PY, "-S", "-c", host_code], env=dict(self.env, GAFFER_NO_CGROUP=no_cgroup),
+                                        stderr=log)
+                self.addCleanup(host.wait)
+                self.addCleanup(host.kill)
+                pids = self.family(3)
+                first = wait_until(lambda: self.guardian_of(host.pid), what="the guardian")
+                os.kill(first, signal.SIGKILL)  # as the OOM killer would
+                started = time.monotonic()
+                second = wait_until(lambda: self.guardian_of(host.pid) not in (None, first) and self.guardian_of(host.pid),
+                                    what="another guardian")
+                self.assertLess(time.monotonic() - started, 1.5, "within a second")
+                self.assertTrue(all(alive(pid) for pid in pids), "the processes kept running meanwhile")
+                log.seek(0)
+                self.assertEqual(log.read(), "the guardian (pid %d) exited with status -9; another is started\n" % first)
+                host.kill()
+                self.assertEqual(host.wait(TIMEOUT), -signal.SIGKILL)
+                self.assert_gone_by(pids, 0.5 + 3, "the second guardian stopped every process and the daemon")
+                wait_until(lambda: not alive(second), what="the guardian's own exit")
+                for name in os.listdir(os.path.join(self.tmp, "family")):
+                    os.unlink(os.path.join(self.tmp, "family", name))
+
     def test_a_run_command_killed_with_sigkill_leaves_nothing(self):
         proc = subprocess.Popen([*CLI, "run", "-n", "2", "--graceful-timeout", "0.5", "--", PY, "-c",
                                  textwrap.dedent(STUBBORN_FAMILY)], cwd=self.tmp, stdout=subprocess.DEVNULL,
@@ -3779,9 +3831,9 @@ class RunnerTest(CommandLineTestCase):
 class ServeTest(CommandLineTestCase):
     """serve from JSON and INI files, SIGHUP, and every client command against it."""
 
-    def serve(self, config, *extra):
+    def serve(self, config, *extra, env=None):
         self.sock = os.path.join(self.tmp, "g.sock")
-        proc = self.spawn("serve", "-c", config, "--http", "unix:" + self.sock, *extra)
+        proc = self.spawn("serve", "-c", config, "--http", "unix:" + self.sock, *extra, env=env)
         self.addCleanup(lambda: proc.poll() is None and (proc.terminate(), proc.finish()))
         proc.wait_line(r"ready: \d+ jobs")
         return proc
@@ -3924,6 +3976,70 @@ class ServeTest(CommandLineTestCase):
         self.assertTrue(os.path.exists(state + ".corrupt") and not os.path.exists(state))
         server.send_signal(signal.SIGINT)
         self.assertEqual(server.finish(), 0)
+
+    def test_a_hostile_state_file_never_takes_serve_down(self):
+        config = self.json_config([self.job("a"), self.job("b", depends_on=["a"]), self.job("f"),
+                                   self.job("g", numprocesses=3)])
+        state = os.path.join(self.tmp, "state.json")
+
+        def entry(name, count=1, active=True, **settings):
+            return {"config": self.job(name, **settings), "numprocesses": count, "active": active}
+        with open(state, "w") as f:
+            json.dump({"jobs": {
+                "default.a": entry("a", depends_on=["b"]),  # a cycle with the config's b
+                "default.c": entry("c", args=5),  # a wrong type
+                "default.d": entry("d", no_such_setting=1),
+                "default.e": "not an object",
+                "default.h": entry("h", memory_max="1G"),  # a limit this machine cannot enforce here
+                "default.f": entry("f", count=3, active=False),  # stopped over the API: never spawned
+                "default.g": entry("g", count=1),  # scaled down from 3
+            }}, f)
+        server = self.serve(config, "--state", state)
+        self.record_leaders()
+        prefix = r"ERROR gaffer: state file %s: " % re.escape(state)
+        for name, reason in [("a", r"depends_on makes a cycle: default.a -> default.b -> default.a"),
+                             ("c", r"args must be a list or a str, got 5"),
+                             ("d", r"ProcessConfig has no setting 'no_such_setting'"),
+                             ("e", r"its entry must be an object, got 'not an object'"),
+                             ("h", r"memory_max needs .*")]:
+            with self.subTest(job=name):
+                self.assertEqual(len(server.wait_line(prefix + r"default\.%s is not restored: %s$" % (name, reason))),
+                                 1)
+        jobs = {job["name"]: (job["state"], job["target"], len(job["processes"]))
+                for job in json.loads(self.client("status", "--json").stdout)}
+        self.assertEqual(jobs, {"default.a": ("running", 1, 1), "default.b": ("running", 1, 1),
+                                "default.f": ("stopped", 3, 0), "default.g": ("running", 1, 1)},
+                         "serve runs, the config's a in place of the refused one")
+        self.assertEqual([line for line in server.lines if line and '"default.f"' in line], [],
+                         "the stopped job was never spawned")
+        self.assertNotIn("Traceback", "\n".join(filter(None, server.lines)))
+        server.send_signal(signal.SIGINT)
+        self.assertEqual(server.finish(), 0)
+
+    def test_files_serve_writes_cannot_be_steered(self):
+        victim = self.write("victim", "precious\n")
+        state, pidfile = os.path.join(self.tmp, "state.json"), os.path.join(self.tmp, "serve.pid")
+        with open(pidfile, "w") as f:  # stale: the pid of a live program that is not gaffer (this test)
+            f.write("%d\n" % os.getpid())
+        server = self.serve(self.json_config([self.job("a")]), "--state", state, "--pidfile", pidfile)
+        self.record_leaders()
+        self.assertEqual(read_text(pidfile), "%d\n" % server.pid, "a stale pid does not stop serve")
+        os.symlink(victim, "%s.%d.tmp" % (state, server.pid))  # the temporary name serve used to write
+        self.client("scale", "a", "2")
+        self.record_leaders()
+        self.assertEqual(read_text(victim), "precious\n", "the planted symlink was not followed")
+        self.assertEqual(stat.S_IMODE(os.stat(state).st_mode), 0o600, "it holds the jobs' environments")
+        self.assertEqual(json.loads(read_text(state))["jobs"]["default.a"]["numprocesses"], 2)
+        self.assertEqual([name for name in os.listdir(self.tmp) if name.endswith(".tmp") and "state" in name],
+                         ["state.json.%d.tmp" % server.pid], "no temporary file is left")
+        result = self.gaffer("serve", "-c", os.path.join(self.tmp, "gaffer.json"), "--pidfile", pidfile,
+                             "--http", "unix:" + self.sock + "2")
+        self.assertEqual((result.returncode, result.stderr.strip()),
+                         (1, "gaffer: %s: gaffer is already running as pid %d" % (pidfile, server.pid)),
+                         "the lock of a live serve is what refuses")
+        server.send_signal(signal.SIGINT)
+        self.assertEqual(server.finish(), 0)
+        self.assertFalse(os.path.exists(pidfile))
 
     @unittest.skipUnless(HAVE_PROC, "reads the daemon's session in /proc")
     def test_daemon_pidfile_and_log_file(self):
@@ -4250,6 +4366,54 @@ class ServeTest(CommandLineTestCase):
         os_pid = gaffer._Client("unix:" + self.sock, "t0ken").request("GET", "/1")["os_pid"]
         self.session_leaders.add(os_pid)
 
+    def test_tokens_from_a_file_or_the_environment_and_never_in_a_child(self):
+        token = "a-token-of-32-characters-for-tcp"
+        secret = self.write("secret", token + "\n")  # its one trailing newline is not part of it
+        os.chmod(secret, 0o600)
+        shown = "import os, time\nprint(os.environ.get('GAFFER_TOKEN'), flush=True)\ntime.sleep(60)"
+        config = self.json_config([self.job("a", args=["-S", "-c", shown], redirect_output=["out"])])
+        server = self.serve(config, env={"GAFFER_TOKEN": token})  # as the README's container example runs it
+        self.assertEqual(self.client("ps", check=False).returncode, 1, "the environment's token is required")
+        info = gaffer._Client("unix:" + self.sock, token).request("GET", "/1")
+        self.session_leaders.add(info["os_pid"])
+        wait_until(lambda: self.client("logs", "a", "--token-file", secret).stdout.strip(), what="a's output")
+        self.assertTrue(self.client("logs", "a", "--token-file", secret).stdout.strip().endswith("| None"),
+                        "the child never saw the token")
+        result = self.gaffer("status", "a", "--http", "unix:" + self.sock, env={"GAFFER_TOKEN": token})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = self.client("status", "a", "--token", token)
+        self.assertEqual(result.stderr, "gaffer: warning: --token is visible to every user of this machine (ps, "
+                                        "/proc/PID/cmdline); give --token-file FILE or $GAFFER_TOKEN instead\n")
+        for args, message in [
+            (("--token", "\u20acuro"), "the token must be visible ASCII characters (33 to 126), but character 1 "
+                                      "is U+20AC"),
+            (("--token-file", secret, "--token", token), "give --token or --token-file, not both"),
+            (("--token-file", os.path.join(self.tmp, "nope")), "--token-file %s: No such file or directory"
+             % os.path.join(self.tmp, "nope")),
+            (("--token-file", self.write("empty", "")), "--token-file %s is empty" % os.path.join(self.tmp, "empty")),
+        ]:
+            with self.subTest(args=args):
+                result = self.client("status", *args, check=False)
+                self.assertEqual((result.returncode, result.stderr.splitlines()[-1]), (2, "gaffer: " + message))
+        result = self.cli("ps", "--http", "127.0.0.1:1", "--token", "short-token")
+        self.assertEqual(result.stderr.splitlines()[-1], "gaffer: the token must be at least 16 characters when "
+                                                         "served over TCP, got 11")
+        server.send_signal(signal.SIGINT)
+        self.assertEqual(server.finish(), 0)
+        result = self.gaffer("serve", "-c", config, "--http", "127.0.0.1:0", env={"GAFFER_TOKEN": "short-token"})
+        self.assertEqual((result.returncode, result.stderr.strip()),
+                         (2, "gaffer: token must be at least 16 characters when served over TCP, got 11"))
+        os.mkdir(os.path.join(self.tmp, "conf"))
+        readable = self.write("conf/readable", token)  # token_file: relative to the config file
+        os.chmod(readable, 0o644)
+        self.write("conf/gaffer.json", json.dumps({"token_file": "readable", "jobs": [self.job("b")]}))
+        server = self.serve(os.path.join(self.tmp, "conf", "gaffer.json"))
+        server.wait_line(r"warning: token file %s can be read by other users \(mode 0644\); chmod 600 it"
+                         % re.escape(readable))
+        self.assertEqual(self.client("ps", check=False).returncode, 1)
+        self.assertEqual(self.client("ps", "--token-file", readable).returncode, 0)
+        self.session_leaders.add(gaffer._Client("unix:" + self.sock, token).request("GET", "/1")["os_pid"])
+
     def test_names_resolve_in_any_session_when_unique(self):
         self.write("gaffer.json", json.dumps({"jobs": [
             self.job("a"), self.job("u", session="batch"), self.job("w", session="batch"),
@@ -4346,15 +4510,16 @@ class ExportTest(CommandLineTestCase):
         self.assertIn("the value of LEAD cannot be written for supervisord", result.stderr)
 
     def test_runit_and_launchd(self):
-        self.write("Procfile", "w: printf '%s|%s' \"$WEIRD\" \"$PORT\" > got.txt\n")
+        self.write("Procfile", "w: printf '%s/%s' \"$WEIRD\" \"$PORT\"\n")
         self.write(".env", "WEIRD='a\"b\\c%d$e,f=g'\n")
         out = os.path.join(self.tmp, "out")
         result = self.cli("export", "runit", "-o", out, "-a", "shop")
         self.assertEqual(result.returncode, 0, result.stderr)
         run = os.path.join(out, "shop-w-1", "run")
         self.assertTrue(os.access(run, os.X_OK) and os.access(os.path.join(out, "shop-w-1", "log", "run"), os.X_OK))
-        subprocess.run([run], timeout=TIMEOUT, check=True)  # what runsv does: the values arrive intact
-        self.assertEqual(read_text(os.path.join(self.tmp, "got.txt")), 'a"b\\c%d$e,f=g|5000')
+        got = subprocess.run([run], timeout=TIMEOUT, check=True, capture_output=True, text=True)  # as runsv runs it
+        self.assertEqual(got.stdout, 'a"b\\c%d$e,f=g/5000', "the values arrive intact")
+        self.assertIn("\nexec printf ", read_text(run), "the program itself, not a shell, gets sv's signals")
         result = self.cli("export", "launchd", "-o", out, "-a", "shop", "-u", "www")
         self.assertEqual(result.returncode, 0, result.stderr)
         import plistlib
@@ -4369,6 +4534,81 @@ class ExportTest(CommandLineTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         plist = plistlib.loads(result.stdout.split("<==\n", 1)[1].encode())
         self.assertEqual((plist["EnvironmentVariables"]["WEIRD"], plist["EnvironmentVariables"]["MORE"]), ("plain", "1"))
+
+    def test_a_hostile_env_cannot_inject_into_an_export(self):
+        project = os.path.join(self.tmp, "app%n")  # systemd would expand %n: escaped everywhere
+        os.mkdir(project)
+        self.write("app%n/Procfile", "web: python3 -m http.server $PORT\n")
+        self.write("app%n/.env", 'EVIL="x\\nExecStartPre=/bin/touch %s"\n' % os.path.join(self.tmp, "pwned"))
+        out = os.path.join(self.tmp, "out")
+        procfile, env = os.path.join(project, "Procfile"), os.path.join(project, ".env")
+        result = self.cli("export", "systemd", "-f", procfile, "-e", env, "-o", out, "-a", "shop")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        unit = read_text(os.path.join(out, "shop-web-1.service"))
+        self.assertEqual([line for line in unit.splitlines() if line.startswith("ExecStartPre")], [])
+        self.assertIn('Environment="EVIL=x\\nExecStartPre=', unit, "the newline is a C escape in its quotes")
+        self.assertIn("WorkingDirectory=%s" % project.replace("%", "%%"), unit)
+        if shutil.which("systemd-analyze"):
+            check = subprocess.run(["systemd-analyze", "verify", os.path.join(out, "shop-web-1.service")],
+                                   capture_output=True, text=True, timeout=60)
+            self.assertNotRegex(check.stdout + check.stderr, r"shop-web-1\.service:\d+:", "no line refused")
+        for fmt, message in [("supervisord", "the value of EVIL cannot be written for supervisord: it holds the "
+                                             "control character '\\n'"),
+                             ("launchd", None), ("runit", None)]:
+            with self.subTest(format=fmt):
+                result = self.cli("export", fmt, "-f", procfile, "-e", env, "-o", out, "-a", "shop")
+                if message:
+                    self.assertEqual((result.returncode, result.stderr), (2, "gaffer: export %s: %s\n" % (fmt, message)))
+                else:
+                    self.assertEqual(result.returncode, 0, result.stderr)
+        self.write("app%n/.env", "CTRL=a\x01b\n")
+        result = self.cli("export", "launchd", "-f", procfile, "-e", env, "-o", out)
+        self.assertEqual((result.returncode, result.stderr), (2, "gaffer: export launchd: the value of CTRL cannot "
+                                                                 "be written for launchd: it holds the control "
+                                                                 "character '\\x01'\n"))
+        for args, message in [(("-a", "x%n"), "-a 'x%n': an application name is letters"),
+                              (("-u", "root\nExecStartPre=x"), "is not a user name")]:
+            result = self.cli("export", "systemd", "-f", procfile, "-o", out, *args)
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(message, result.stderr)
+        if shutil.which("supervisord"):  # what supervisord itself reads of a whole config, % and all
+            self.write("app%n/.env", "PLAIN=%d\n")
+            self.assertEqual(self.cli("export", "supervisord", "-f", procfile, "-e", env, "-o", out).returncode, 0)
+            conf = os.path.join(out, "app_n.conf")
+            parsed = subprocess.run([sys.executable, "-c", "import sys; from supervisor.options import ServerOptions;"
+                                     "o = ServerOptions(); o.configfile = sys.argv[1]; o.process_config();"
+                                     "p = o.process_group_configs[0].process_configs[0];"
+                                     "print(p.command, p.directory, p.environment['PLAIN'], sep='|')", conf],
+                                    capture_output=True, text=True, timeout=60)
+            if "No module named" not in parsed.stderr:
+                self.assertEqual(parsed.stdout.strip(), "/bin/sh -c \"exec python3 -m http.server $PORT\"|%s|%%d"
+                                 % project, parsed.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "pwned")))
+
+    @unittest.skipUnless(shutil.which("runsv") and shutil.which("sv"), "runit is not installed (apt-get install runit)")
+    def test_runit_sv_down_leaves_nothing_alive(self):
+        self.write("Procfile", "simple: %s -S -c 'import time; time.sleep(60)'\n"
+                               "shell: %s -S -c 'import time; time.sleep(60)' | cat\n" % (PY, PY))
+        out = os.path.join(self.tmp, "sv")
+        self.assertEqual(self.cli("export", "runit", "-o", out, "-a", "t").returncode, 0)
+        for service in ("t-simple-1", "t-shell-1"):
+            with self.subTest(service=service):
+                directory = os.path.join(out, service)
+                runsv = subprocess.Popen(["runsv", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.addCleanup(runsv.wait)
+                self.addCleanup(lambda: runsv.poll() is None and runsv.kill())
+                pidfile = os.path.join(directory, "supervise", "pid")
+                wait_until(lambda: os.path.exists(pidfile) and read_text(pidfile).strip(), what="runsv started it")
+                leader = int(read_text(pidfile))
+                family = wait_until(lambda: [pid for pid, (_, sid, st) in proc_table().items()
+                                             if os.getpgid(pid) == os.getpgid(leader) and st != "Z"
+                                             and pid != runsv.pid and "python" in read_text("/proc/%d/cmdline" % pid)]
+                                    if alive(leader) else None, what="the program running")
+                subprocess.run(["sv", "down", directory], check=True, timeout=TIMEOUT, capture_output=True)
+                wait_until(lambda: not any(alive(pid) for pid in family + [leader]), what="nothing left after sv down")
+                subprocess.run(["sv", "exit", directory], timeout=TIMEOUT, capture_output=True)
+                runsv.wait(TIMEOUT)
+
 
 # -- Init mode: gaffer as a container's PID 1 --------------------------------------
 
