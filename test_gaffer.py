@@ -1647,6 +1647,21 @@ SETSID_DAEMON = """
 """
 
 
+def family_host(count):
+    """A host program's code: a manager with `count` STUBBORN_FAMILY processes and a SETSID_DAEMON, then a sleep."""
+    return textwrap.dedent("""
+        import os, sys, time
+        sys.path.insert(0, %r)
+        import gaffer
+        m = gaffer.Manager()
+        m.start()
+        m.load(gaffer.ProcessConfig("w", sys.executable, args=["-S", "-c", %r], numprocesses=%d, graceful_timeout=0.5))
+        m.load(gaffer.ProcessConfig("d", sys.executable, args=["-S", "-c", %r, os.environ["FAMILY"] + "/daemon"],
+                                    graceful_timeout=0.5))
+        time.sleep(60)
+    """) % (os.path.dirname(GAFFER), textwrap.dedent(STUBBORN_FAMILY), count, textwrap.dedent(SETSID_DAEMON))
+
+
 class ContainmentTest(LeakCheckedTestCase):
 
     def family(self, count):
@@ -1672,17 +1687,7 @@ class ContainmentTest(LeakCheckedTestCase):
         return time.monotonic() - started
 
     def test_a_host_killed_while_its_children_ignore_sigterm_leaves_nothing(self):
-        host_code = textwrap.dedent("""
-            import os, sys, time
-            sys.path.insert(0, %r)
-            import gaffer
-            m = gaffer.Manager()
-            m.start()
-            m.load(gaffer.ProcessConfig("w", sys.executable, args=["-S", "-c", %r], numprocesses=3, graceful_timeout=0.5))
-            m.load(gaffer.ProcessConfig("d", sys.executable, args=["-S", "-c", %r, os.environ["FAMILY"] + "/daemon"],
-                                        graceful_timeout=0.5))
-            time.sleep(60)
-        """) % (os.path.dirname(GAFFER), textwrap.dedent(STUBBORN_FAMILY), textwrap.dedent(SETSID_DAEMON))
+        host_code = family_host(3)
         # SIGTERM: Python's default handler, so no atexit runs; the cgroups' or /proc's way to the daemon
         for signum, no_cgroup in ((signal.SIGKILL, ""), (signal.SIGTERM, "1")):
             with self.subTest(signal=signum.name, no_cgroup=no_cgroup):
@@ -1713,17 +1718,7 @@ class ContainmentTest(LeakCheckedTestCase):
 
     @unittest.skipUnless(HAVE_PROC, "finds the guardian by its command line in /proc")
     def test_a_guardian_killed_is_replaced_and_the_next_one_stops_everything(self):
-        host_code = textwrap.dedent("""
-            import os, sys, time
-            sys.path.insert(0, %r)
-            import gaffer
-            m = gaffer.Manager()
-            m.start()
-            m.load(gaffer.ProcessConfig("w", sys.executable, args=["-S", "-c", %r], numprocesses=2, graceful_timeout=0.5))
-            m.load(gaffer.ProcessConfig("d", sys.executable, args=["-S", "-c", %r, os.environ["FAMILY"] + "/daemon"],
-                                        graceful_timeout=0.5))
-            time.sleep(60)
-        """) % (os.path.dirname(GAFFER), textwrap.dedent(STUBBORN_FAMILY), textwrap.dedent(SETSID_DAEMON))
+        host_code = family_host(2)
         for no_cgroup in ("", "1"):
             with self.subTest(no_cgroup=no_cgroup):
                 log = open(os.path.join(self.tmp, "host.log"), "w+")
