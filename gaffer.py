@@ -85,6 +85,7 @@ import selectors
 import shlex
 import signal
 import socket
+import stat
 import string
 import subprocess
 import sys
@@ -1092,8 +1093,13 @@ class Loop:
             pass
 
     def _run_commands(self, closing=False):
+        # Only what was queued before this turn (asyncio's ntodo): a command that posts another cannot
+        # hold off the timers and the descriptors; the new one runs next turn, after a select of 0.
+        # At close, everything: no turn follows.
         commands = self._commands
-        while commands:
+        for _ in itertools.count() if closing else range(len(commands)):
+            if not commands:
+                break
             fn, args, future = commands.popleft()
             if future is None:
                 if closing:
@@ -1548,7 +1554,8 @@ class _LogFile:
 
     def __init__(self, path, max_bytes, backups):
         self.path = path
-        self.max_bytes = max_bytes if path != "-" else 0
+        self.limit = max_bytes if path != "-" else 0  # as configured
+        self.max_bytes = self.limit  # what rotates this file: 0 for one that is not a regular file
         self.backups = backups
         self.users = 0    # processes writing to it: closed when none is left
         self.fd = None
@@ -1565,7 +1572,10 @@ class _LogFile:
         # Non-blocking: a FIFO without a reader is an error at once, and a full one drops lines
         # (counted) instead of stopping the loop; a regular file never blocks either way.
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
-        self.size = os.fstat(self.fd).st_size
+        info = os.fstat(self.fd)
+        self.size = info.st_size
+        # A FIFO, /dev/null, a terminal: written, never renamed (bpo-45401).
+        self.max_bytes = self.limit if stat.S_ISREG(info.st_mode) else 0
 
     def write(self, data):
         """Append data (complete lines); return how many lines were dropped.  Past max_bytes the
@@ -1607,7 +1617,7 @@ class _LogFile:
             return
         self.close()
         try:
-            if rotate:
+            if rotate and self.max_bytes:
                 for index in range(self.backups - 1, 0, -1):
                     if os.path.exists("%s.%d" % (self.path, index)):
                         os.replace("%s.%d" % (self.path, index), "%s.%d" % (self.path, index + 1))
@@ -1951,8 +1961,10 @@ class Process:
             _log.warning("%r exited with %d bytes of input still queued; dropped", self, dropped)
         return dropped
 
-    def _sample(self):
-        """Resource use now: cpu % since the previous sample (the first: since the start), memory, threads."""
+    def _sample(self, tick=False):
+        """Resource use now: cpu % since the sampler's previous tick (before its first: since the start),
+        memory, threads.  Only a tick (the sampler's timer) moves that baseline: an on-demand call
+        (status, stats) reads without changing what a monitor sees next."""
         stats = {"pid": self.pid, "os_pid": self.os_pid}
         raw = _proc_stat(self.os_pid)
         if raw is None:
@@ -1965,7 +1977,8 @@ class Process:
         else:
             elapsed = now - self._last_sample[1]
             cpu = (cpu_seconds - self._last_sample[0]) / elapsed if elapsed > 0 else 0.0
-        self._last_sample = (cpu_seconds, now)
+        if tick:
+            self._last_sample = (cpu_seconds, now)
         stats.update(cpu=round(cpu * 100, 1), mem=round(rss * 100 / _mem_total(), 2), rss=rss, vms=vms,
                      mem_info1=_human(rss), mem_info2=_human(vms),
                      ctime="%d:%05.2f" % divmod(cpu_seconds, 60), num_threads=threads)
@@ -2132,6 +2145,8 @@ class _Job:
     running: dict = dataclasses.field(default_factory=dict)
     #: pid -> Process started by commit(), never restarted
     running_out: dict = dataclasses.field(default_factory=dict)
+    #: pid -> Process asked to stop and not yet reaped
+    stopping: dict = dataclasses.field(default_factory=dict)
     #: times of recent unasked-for exits, for flapping
     exits: collections.deque = dataclasses.field(default_factory=collections.deque)
     #: flapping retries used since the job was last started by hand
@@ -2152,6 +2167,8 @@ class _Job:
     restarts: int = 0
     #: how its last process ended: "exit 3", "signal 9", or None
     last_exit: str | None = None
+    #: why its last spawn failed (a binary or cwd missing), until one succeeds
+    last_error: str | None = None
     #: a rolling replacement under way: pids of the old processes, and the new one awaited
     rollout: "_Rollout | None" = None
     #: the last exited processes with output in their tail (Manager.logs reads them)
@@ -2183,6 +2200,7 @@ class _Job:
 
     def leave(self, proc):
         """The process no longer counts (it stops or exited): its slot is given back."""
+        self.stopping.pop(proc.pid, None)
         if self.running.pop(proc.pid, None) is None:
             self.running_out.pop(proc.pid, None)
         elif self.held[proc.slot] > 1:
@@ -2201,11 +2219,55 @@ class _Job:
                                              len(self.running), self.numprocesses)
 
 
-def _check_once(check, process, timeout):
+def _listens(owner, port):
+    """Whether process `owner` (an os pid) or one of its descendants holds a TCP socket listening on
+    `port`, from /proc/net/tcp, /proc/net/tcp6 and their /proc/PID/fd; None where /proc cannot tell."""
+    inodes, found = set(), False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, "rb") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        found = True
+        for row in rows:  # sl local_address rem_address st ... inode; st 0A is LISTEN
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == b"0A" and int(fields[1].rpartition(b":")[2], 16) == port:
+                inodes.add(b"socket:[%s]" % fields[9])
+    if not found:
+        return None
+    todo = [owner]
+    while todo:  # the process and its descendants, through their children lists
+        pid = todo.pop()
+        try:
+            for fd in os.listdir("/proc/%d/fd" % pid):
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)).encode() in inodes:
+                    return True
+        except OSError:  # gone, or an fd closed meanwhile
+            pass
+        todo.extend(_children_of(pid))
+    return False
+
+
+def _children_of(pid):
+    """The pids of a process's children, from /proc (every thread's list); [] once it is gone."""
+    children = []
+    try:
+        for tid in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                children.extend(int(child) for child in f.read().split())
+    except OSError:
+        pass
+    return children
+
+
+def _check_once(check, process, timeout, owner=None):
     """One try of a tcp, http or callable check (on a worker thread): True if it passed.
 
     A tcp or http try ends within `timeout`, whatever the server does: accepting and
-    never answering, or answering a byte at a time.
+    never answering, or answering a byte at a time.  With `owner` (an os pid), an answer
+    counts only if that process or one of its descendants listens on the port (Linux):
+    during a rollout the process being replaced may still answer on the same one.
     """
     if callable(check):
         return bool(check(process))
@@ -2222,10 +2284,11 @@ def _check_once(check, process, timeout):
         if target.startswith("tcp:"):
             host, _, port = target[4:].rpartition(":")
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
-            return True
+            return _answered_by(owner, int(port))
         import urllib.parse
         url = urllib.parse.urlsplit(target)
-        sock = socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), left())
+        port = url.port or (443 if url.scheme == "https" else 80)
+        sock = socket.create_connection((url.hostname, port), left())
         try:
             if url.scheme == "https":  # as Kubernetes probes do: the certificate is not checked
                 import ssl
@@ -2248,11 +2311,19 @@ def _check_once(check, process, timeout):
                 raise ValueError("not an HTTP answer: %r" % head[:80])
             if int(status[1]) >= 400:
                 raise ValueError("HTTP %s" % status[1].decode())
-            return True
+            return _answered_by(owner, port)
         finally:
             sock.close()
     except socket.timeout:  # a connect or read that reached the deadline: said the same way as left() says it
         raise TimeoutError("no answer within %gs" % timeout) from None
+
+
+def _answered_by(owner, port):
+    """True, unless `owner` is given and /proc says that no socket of it or its descendants listens on port."""
+    if owner is not None and _listens(owner, port) is False:
+        raise ValueError("port %d answers, but not from process %d or its children: another process of the job "
+                         "(the one it replaces) listens there" % (port, owner))
+    return True
 
 
 def _dep_names(session, config):
@@ -2630,7 +2701,7 @@ class Manager:
         for name in self.jobs(sessionid):
             callback(self, name)
 
-    def load(self, config, sessionid=None, env=None, start=True, wait=False):
+    def load(self, config, sessionid=None, env=None, start=True, wait=False, retry=False):
         """Add a job and (by default) start its processes.
 
         Args:
@@ -2639,15 +2710,19 @@ class Manager:
             env: variables laid over the config's env.
             start: spawn the processes now.
             wait: then wait_ready() for them: True, or the seconds to wait at most.
+            retry: if a process cannot be spawned (its binary or cwd missing), keep the job
+                loaded and retry it on its backoff schedule, with the reason in
+                ``info(name)["last_error"]``, instead of raising (serve does so for the jobs
+                of its config file: a missing mount or binary often appears later).
 
         Raises:
             ProcessConflict: a job of that name exists in the session.
-            ProcessError: a process could not be spawned; nothing is loaded (the
-                processes spawned before the failure are stopped).
+            ProcessError: a process could not be spawned (and not `retry`); nothing is
+                loaded (the processes spawned before the failure are stopped).
         """
         config = self._config(config, env)
         session = _check_name("sessionid", sessionid or _DEFAULT_SESSION)
-        self._call(self._do_load, config, session, start)
+        self._call(self._do_load, config, session, start, _bool_setting("retry", retry))
         if start and wait is not False and wait is not None:
             self.wait_ready("%s.%s" % (session, config.name), None if wait is True else wait)
 
@@ -2919,11 +2994,11 @@ class Manager:
         for evtype in evtypes:
             self.events.publish(evtype, msg)
 
-    def _publish_job(self, job, event):
-        self._publish({"name": job.name}, event, "job.%s.%s" % (job.name, event))
+    def _publish_job(self, job, event, **fields):
+        self._publish({"name": job.name, **fields}, event, "job.%s.%s" % (job.name, event))
 
     def _publish_proc(self, proc, event, **fields):
-        msg = {"name": proc.name, "pid": proc.pid, "os_pid": proc.os_pid, **fields}
+        msg = {"name": proc.name, "pid": proc.pid, "os_pid": proc.os_pid, "slot": proc.slot, **fields}
         self._publish(msg, event, "job.%s.%s" % (proc.name, event), "proc.%d.%s" % (proc.pid, event))
 
     # -- _do_* bodies (loop thread)
@@ -2958,7 +3033,7 @@ class Manager:
             raise ProcessNotFound("session %r not found" % (sessionid,))
         return [job.name for job in self._sessions[sessionid].values()]
 
-    def _do_load(self, config, session, start):
+    def _do_load(self, config, session, start, retry=False):
         jobs = self._sessions.get(session, {})
         if config.name in jobs:
             raise ProcessConflict("job %r is already loaded" % ("%s.%s" % (session, config.name)))
@@ -2967,7 +3042,11 @@ class Manager:
         self._set_limits(job, config)
         self._sessions.setdefault(session, jobs)[config.name] = job
         self._publish({"name": job.name}, "load")
-        if start:
+        if start and retry:  # what cannot spawn backs off and is tried again, as a respawn is
+            self._activate(job)
+            self._manage(job)
+            self._release_dependents()
+        elif start:
             def undo(exc):
                 if self._loaded(job):  # a listener may have unloaded it already
                     self._unload(job)
@@ -3066,8 +3145,7 @@ class Manager:
         try:
             proc = self._spawn(job, once=True, env=env, graceful_timeout=graceful_timeout)
         except ProcessError as exc:
-            self._publish({"name": job.name, "reason": exc.reason},
-                          "spawn_error", "job.%s.spawn_error" % job.name)
+            self._spawn_error(job, exc)
             raise
         return proc.pid
 
@@ -3119,7 +3197,8 @@ class Manager:
                              "create_time": proc.create_time, "cpu": stats["cpu"], "mem": stats["mem"]})
             jobs.append({"name": job.name, "state": state, "cmd": " ".join([job.config.cmd] + job.config.args),
                          "running": len(procs), "ready": self._ready_count(job), "target": job.numprocesses,
-                         "restarts": job.restarts, "last_exit": job.last_exit, "processes": rows})
+                         "restarts": job.restarts, "last_exit": job.last_exit, "last_error": job.last_error,
+                         "processes": rows})
         return jobs
 
     def _job_lines(self, job, count):
@@ -3171,9 +3250,9 @@ class Manager:
             "running": len(job.running) + len(job.running_out),
             "running_out": len(job.running_out), "max_processes": job.numprocesses,
             "processes": [p.pid for p in job.processes()], "config": job.config.to_dict(),
-            "ready": sum(1 for p in job.processes() if p._state is _State.READY),
+            "ready": self._ready_count(job), "numprocesses": job.numprocesses,
             "waiting_for": self._waiting_for(job) if job.active else [],
-            "restarts": job.restarts, "last_exit": job.last_exit,
+            "restarts": job.restarts, "last_exit": job.last_exit, "last_error": job.last_error,
             "containment": "group" if self._cgroups is None else "cgroup",
             "backoff": sorted(round(max(0.0, b.timer.when - self.loop.time()), 3) for b in job.backoff),
             "log_dropped": job.log_dropped,
@@ -3411,6 +3490,7 @@ class Manager:
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             raise ProcessError(400, "job %r cannot start %r: %s" % (job.name, job.config.cmd, exc)) from exc
         self._procs[proc.pid] = proc
+        job.last_error = None
         if once:
             job.running_out[proc.pid] = proc
         else:
@@ -3567,11 +3647,19 @@ class Manager:
             from concurrent.futures import ThreadPoolExecutor
             self._checker = ThreadPoolExecutor(_CHECK_WORKERS, thread_name_prefix="gaffer-check")
         proc._check_busy = True
-        future = self._checker.submit(_check_once, check, proc, timeout)
+        owner = proc.os_pid if isinstance(check, str) and self._shares_port(proc, check) else None
+        future = self._checker.submit(_check_once, check, proc, timeout, owner)
         future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._on_check_done, proc, attempt, f))
         if proc._state is _State.READY:  # a readiness check has ready_timeout for a bound
             proc._check_timer = self.loop.call_later(timeout, self._on_check, proc, attempt, False,
                                                      "no answer within %gs" % timeout)
+
+    def _shares_port(self, proc, check):
+        """Whether another live process of the job answers the same check (its slot's old process in a
+        rollout or reload, on the same $PORT): then only a listener of proc's own counts."""
+        target = _expand(check, proc.env)
+        return any(other is not proc and other._state is not _State.EXITED and _expand(check, other.env) == target
+                   for other in proc._job.processes() + list(proc._job.stopping.values()))
 
     def _on_check_done(self, proc, attempt, future):
         proc._check_busy = False
@@ -3773,8 +3861,7 @@ class Manager:
                 count += 1
             except ProcessError as exc:
                 if strict:
-                    self._publish({"name": job.name, "reason": exc.reason},
-                                  "spawn_error", "job.%s.spawn_error" % job.name)
+                    self._spawn_error(job, exc)
                     for proc in spawned:
                         self._stop(proc, "stop_process")
                     raise
@@ -3826,17 +3913,22 @@ class Manager:
         except ProcessError as exc:
             self._spawn_failed(job, exc, streak)
 
+    def _spawn_error(self, job, exc):
+        """A process of the job could not be spawned: the reason is kept (info's last_error) and published."""
+        job.last_error = exc.reason
+        self._publish_job(job, "spawn_error", reason=exc.reason)
+
     def _spawn_failed(self, job, exc, streak):
         """A spawn the OS refused (a binary gone, say) is a quick exit of its slot, on the same schedule;
         never retried at once, so it waits 0.1 s at least."""
-        self._publish({"name": job.name, "reason": exc.reason}, "spawn_error", "job.%s.spawn_error" % job.name)
+        self._spawn_error(job, exc)
         _log.error("%s", exc.reason)
         if job.active and not self._flapped(job):
             self._back_off(job, max(streak + 1, 2))
 
-    def _back_off(self, job, streak):
+    def _back_off(self, job, streak, delay=None):
         """Hold a slot for a respawn after its backoff delay, and publish backoff (name, delay)."""
-        backoff = _Backoff(streak, _backoff_delay(streak, job.config.backoff_max))
+        backoff = _Backoff(streak, _backoff_delay(streak, job.config.backoff_max) if delay is None else delay)
         backoff.timer = self.loop.call_later(backoff.delay, self._on_backoff_due, job, backoff)
         job.backoff.append(backoff)
         self._publish({"name": job.name, "delay": round(backoff.delay, 3)}, "backoff", "job.%s.backoff" % job.name)
@@ -3854,8 +3946,10 @@ class Manager:
         once a new one is ready.  If a new one cannot be spawned, the new ones are
         stopped, the old kept, and ProcessError raised.
         """
-        if job.rollout is not None:
+        if job.rollout is not None:  # the newer one wins; a failure goes back to what ran before both
+            config, previous = job.config, job.rollout.previous
             self._rollout_failed(job, "replaced by a newer rollout")
+            job.config = config
         if job.config.ready is not None and job.running:
             job.rollout = _Rollout([p.pid for p in sorted(job.running.values(), key=lambda p: p.slot)],
                                    previous or job.config)
@@ -3867,8 +3961,7 @@ class Manager:
             while len(new) < job.numprocesses:  # each new process takes an old one's slot, and its $PORT
                 new.append(self._spawn(job, slot=old[len(new)].slot if len(new) < len(old) else None))
         except ProcessError as exc:
-            self._publish({"name": job.name, "reason": exc.reason},
-                          "spawn_error", "job.%s.spawn_error" % job.name)
+            self._spawn_error(job, exc)
             for proc in new:
                 self._stop(proc, "stop_process")
             raise
@@ -3888,7 +3981,7 @@ class Manager:
         try:  # the new process takes the slot of the old one that goes when it is ready
             surge = self._spawn(job, slot=job.running[old[0]].slot if old else None)
         except ProcessError as exc:
-            self._publish({"name": job.name, "reason": exc.reason}, "spawn_error", "job.%s.spawn_error" % job.name)
+            self._spawn_error(job, exc)
             self._rollout_failed(job, exc.reason)
             raise
         rollout.surge = surge.pid
@@ -3927,6 +4020,7 @@ class Manager:
             return
         job = proc._job
         job.leave(proc)
+        job.stopping[proc.pid] = proc
         proc._set_state(_State.STOPPING)
         self._signal(proc, proc.config.stop_signal, proc.config.stop_children)
         proc._kill_timer = self.loop.call_later(proc.graceful_timeout, self._on_graceful_timeout, proc)
@@ -3937,7 +4031,8 @@ class Manager:
         if event == "reap":
             self._publish_proc(proc, "reap")
         else:
-            self._publish({"name": proc.name, "pid": proc.pid}, "stop_process", "proc.%d.stop" % proc.pid)
+            self._publish({"name": proc.name, "pid": proc.pid, "slot": proc.slot}, "stop_process",
+                          "proc.%d.stop" % proc.pid)
 
     def _signal(self, proc, signum, group):
         if proc._state is not _State.EXITED:  # only then is the pid surely still ours
@@ -4045,9 +4140,14 @@ class Manager:
         exit_status, term_signal = _exit_status(proc._popen.returncode)
         unasked = not asked and not proc.once and job.active
         respawn = unasked and self._wants_respawn(proc, exit_status, term_signal)
+        streak = delay = None
+        if respawn:  # its slot's quick-exit streak says when: at once, or after a backoff
+            quick = self.loop.time() - proc._spawned_at < proc.config.min_uptime
+            streak = proc._streak + 1 if quick else 0
+            delay = _backoff_delay(streak, proc.config.backoff_max)
         job.last_exit = "signal %d" % term_signal if term_signal else "exit %d" % exit_status
         self._publish_proc(proc, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
-                           dropped_input=dropped, respawn=respawn)
+                           dropped_input=dropped, respawn=respawn, delay=None if delay is None else round(delay, 3))
         self._forget(proc)
         for waiter in list(self._reap_waiters):
             waiter[0].discard(proc.pid)
@@ -4058,12 +4158,10 @@ class Manager:
             job.retired += 1  # the restart policy leaves this slot empty until start_job, reload or scale
         elif respawn and job.active and not self._flapped(job):
             job.restarts += 1
-            quick = self.loop.time() - proc._spawned_at < proc.config.min_uptime
-            streak = proc._streak + 1 if quick else 0
             if streak <= 1:
                 self._respawn(job, streak)
             else:
-                self._back_off(job, streak)
+                self._back_off(job, streak, delay)
         if self.subreaper:
             self._reap_adopted()  # its orphans are ours now
         if self._stop_pending:
@@ -4235,9 +4333,12 @@ class Manager:
         self._sample_timer = None
         for job in self._limited_jobs():
             self._recycle(job)
+        samples = {}  # one reading of each process per tick, whoever monitors it (its job, itself, both)
         for target, listeners in list(self._monitors.items()):
             for proc in (target.processes() if isinstance(target, _Job) else [target]):
-                msg = dict(proc._sample(), name=proc.name)
+                if proc.pid not in samples:
+                    samples[proc.pid] = dict(proc._sample(tick=True), name=proc.name)
+                msg = samples[proc.pid]
                 for listener in list(listeners):
                     try:
                         listener("stat", msg)
@@ -4850,6 +4951,10 @@ class _RequestHandler:
     def address_string(self):
         return self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
 
+    def send_response(self, code, message=None):
+        super().send_response(code, message)
+        self.send_header("Gaffer-Version", __version__)  # what says "gaffer" through a proxy that rewrites Server
+
     def log_message(self, fmt, *args):
         _log.debug("%s %s", self.address_string(), fmt % args)
 
@@ -4889,7 +4994,8 @@ class _RequestHandler:
                 raise ProcessError(401, "missing or wrong bearer token")
             fn, groups, content_type = _find_route(self.command, urllib.parse.unquote(path))
             given = self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
-            if content_type is not None and given != content_type:
+            bodyless = "Content-Type" not in self.headers and self.headers.get("Content-Length", "0") == "0"
+            if content_type is not None and given != content_type and not bodyless:  # curl -X POST needs none
                 raise ProcessError(415, "%s %s takes a Content-Type: %s body, got %r"
                                    % (self.command, path, content_type, given or None))
             self.body = self._read_body(app.max_body)
@@ -5391,6 +5497,32 @@ def _exec_form(command):
     return command
 
 
+def _shown_name(msg):
+    """How the command line names what an event is about: web.1 (a process in slot 1 of the default
+    session's job web), batch.worker.2, a commit's process by its pid, or a job."""
+    name = msg["name"]
+    name = name[len(_DEFAULT_SESSION) + 1:] if name.startswith(_DEFAULT_SESSION + ".") else name
+    if msg.get("slot"):
+        return "%s.%d" % (name, msg["slot"])
+    return "%s (pid %d)" % (name, msg["pid"]) if "pid" in msg else name
+
+
+def _event_line(evtype, msg):
+    """An event as a line for people, as supervisord says it: "web.1 exited with code 1, respawn in 0.4 s"."""
+    who = _shown_name(msg)
+    if evtype == "spawn":
+        return "%s started with pid %d" % (who, msg["os_pid"])
+    if evtype == "exit":
+        how = ("killed by signal %d" % msg["term_signal"] if msg["term_signal"]
+               else "exited with code %d" % msg["exit_status"])
+        return "%s %s%s" % (who, how, ", respawn in %.1f s" % msg["delay"] if msg.get("delay") else "")
+    if evtype in ("stop_process", "reap"):
+        return "%s stopping" % who
+    if evtype == "flap":
+        return "%s is flapping: stopped" % who
+    return msg.get("reason") or "%s: %s" % (who, evtype)
+
+
 def _exit_code(msg):
     return msg["exit_status"] or (128 + msg["term_signal"] if msg["term_signal"] else 0)
 
@@ -5429,7 +5561,7 @@ def _run_foreground(configs, args, keep_alive):
     """
     names = ["%s.%d" % (config.name, n) for _, config in configs for n in range(1, config.numprocesses + 1)]
     manager = _cli_manager(args)
-    asked, first_exit, shown = set(), [], {}  # shown: pid -> web.1
+    asked, first_exit = set(), []
 
     def stop_all(code):
         """Record the exit code and stop every job now (inline: nothing is replaced meanwhile)."""
@@ -5440,24 +5572,16 @@ def _run_foreground(configs, args, keep_alive):
 
     printer = _Printer(sys.stdout, sys.stdout.isatty() and not args.no_color, names, lambda: stop_all(1))
 
-    def on_spawn(evtype, msg):
-        process = manager.get_process(msg["pid"])
-        name = shown[msg["pid"]] = "%s.%d" % (process.config.name, process.slot)
-        printer.line("system", "%s started with pid %d" % (name, msg["os_pid"]))
-
     def on_exit(evtype, msg):
-        name = shown.pop(msg["pid"], msg["name"])
-        code = msg["exit_status"]
-        how = "killed by signal %d" % msg["term_signal"] if msg["term_signal"] else "exited with code %d" % code
-        printer.line("system", "%s %s" % (name, how))
+        printer.line("system", _event_line(evtype, msg))
         if msg["pid"] not in asked and not keep_alive and not first_exit:
             stop_all(_exit_code(msg))
 
     def on_stop_process(evtype, msg):
         asked.add(msg["pid"])
-        printer.line("system", "%s stopping" % shown.get(msg["pid"], msg["name"]))
+        printer.line("system", _event_line(evtype, msg))
 
-    manager.events.subscribe("spawn", on_spawn)
+    manager.events.subscribe("spawn", lambda evtype, msg: printer.line("system", _event_line(evtype, msg)))
     manager.events.subscribe("exit", on_exit)
     manager.events.subscribe("stop_process", on_stop_process)
     manager.events.subscribe("reap", on_stop_process)  # scaled down
@@ -5643,6 +5767,23 @@ def _cmd_run(args):
     return _run_foreground([(_DEFAULT_SESSION, config)], args, keep_alive=True)
 
 
+def _cannot_start(config):
+    """Why a job's processes cannot start here now (a missing cwd or program), or None: what check -c warns of.
+    The program is looked up as Popen looks it up: relative to cwd, or in the PATH of the process's environment."""
+    if config.cwd is not None and not os.path.isdir(config.cwd):
+        return "its cwd %s is not a directory" % config.cwd
+    program = "/bin/sh" if config.shell else shlex.split(config.cmd)[0]
+    if "$" in program:
+        return None  # known at spawn only
+    if "/" in program:
+        path = os.path.join(config.cwd or ".", program)
+        found = os.path.isfile(path) and os.access(path, os.X_OK)
+    else:
+        import shutil
+        found = shutil.which(program, path=_child_env(config).get("PATH", os.defpath)) is not None
+    return None if found else "its program %s is not found%s" % (program, "" if "/" in program else " in its PATH")
+
+
 def _cmd_check(args):
     if args.config:
         configs = _read_config(args.config)[0]
@@ -5650,6 +5791,10 @@ def _cmd_check(args):
         for session, config in configs:
             after = " (after %s)" % ", ".join(config.depends_on) if config.depends_on else ""
             print("  %s.%s: %s%s" % (session, config.name, config.cmd, after))
+            problem = _cannot_start(config)
+            if problem is not None:  # a warning: a mount or a binary may be there when it runs
+                print("gaffer: warning: %s.%s cannot start here now: %s" % (session, config.name, problem),
+                      file=sys.stderr)
         return 0
     entries = _parse_procfile(args.procfile)
     print("valid Procfile %s: %d process type%s" % (args.procfile, len(entries), "s" if len(entries) > 1 else ""))
@@ -5850,23 +5995,30 @@ def _json_job(job, where):
         raise _UsageError("%s: %s" % (where, exc)) from None
 
 
-def _apply_config(manager, configs):
-    """Bring the manager to a config: load new jobs, unload gone ones, update changed ones; leave the rest."""
+def _apply_config(manager, configs, path):
+    """Bring the manager to a config (SIGHUP): load new jobs, unload gone ones, update changed ones, leave
+    the rest; then one line that counts and names each kind.  A job that fails is one error line."""
     wanted = {"%s.%s" % (session, config.name): (session, config) for session, config in configs}
+    done = {"loaded": [], "updated": [], "unloaded": []}
     for name in manager.jobs():
         if name not in wanted:
-            _log.info("unloading %s", name)
             manager.unload(name)
+            done["unloaded"].append(name)
     for name, (session, config) in wanted.items():
         try:
-            current = manager.get(name)
-        except ProcessNotFound:
-            _log.info("loading %s", name)
-            manager.load(config, sessionid=session)
-            continue
-        if current != config:
-            _log.info("updating %s", name)
-            manager.update(config, sessionid=session, start=True)
+            try:
+                current = manager.get(name)
+            except ProcessNotFound:
+                manager.load(config, sessionid=session, retry=True)
+                done["loaded"].append(name)
+                continue
+            if current != config:
+                manager.update(config, sessionid=session, start=True)
+                done["updated"].append(name)
+        except (ProcessError, ValueError, TypeError) as exc:
+            _log.error("reload of %s: %s: %s", path, name, exc)
+    _log.info("reloaded %s: %s", path, ", ".join(
+        "%d %s%s" % (len(names), kind, " (%s)" % ", ".join(names) if names else "") for kind, names in done.items()))
 
 
 class _StateFile:
@@ -5877,6 +6029,7 @@ class _StateFile:
     def __init__(self, path):
         self.path = path
         self.jobs = {}
+        self.problems = []  # what could not be restored, one line each: serve --daemon says it on the terminal
         self._lock = threading.Lock()  # requests come on their own threads
 
     def read(self):
@@ -5891,8 +6044,9 @@ class _StateFile:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, RecursionError) as exc:
-            _log.error("state file %s is corrupt (%s: %s); set aside as %s.corrupt, starting from the config "
-                       "alone", self.path, type(exc).__name__, exc, self.path)
+            self.problems.append("state file %s is corrupt (%s: %s); set aside as %s.corrupt, starting from the "
+                                 "config alone" % (self.path, type(exc).__name__, exc, self.path))
+            _log.error("%s", self.problems[-1])
             try:
                 os.replace(self.path, self.path + ".corrupt")
             except OSError as move:
@@ -5908,7 +6062,8 @@ class _StateFile:
         return recorded
 
     def refused(self, name, exc):
-        _log.error("state file %s: %s is not restored: %s", self.path, name, exc)
+        self.problems.append("state file %s: %s is not restored: %s" % (self.path, name, exc))
+        _log.error("%s", self.problems[-1])
 
     @staticmethod
     def _entry(name, entry):
@@ -6094,8 +6249,8 @@ def _daemonize(log_fd):
         code, _, error = report.partition(" ")
         if not code.isdigit():
             code, error = "1", "the daemon exited before it was serving (see its --log-file)"
-        if error.strip():
-            print("gaffer: %s" % error.strip(), file=sys.stderr)
+        for line in error.strip().splitlines():  # its error, or what it could not start or restore
+            print("gaffer: %s" % line, file=sys.stderr)
         raise SystemExit(int(code))
     os.close(read_end)
     os.setsid()
@@ -6145,7 +6300,7 @@ def _cmd_serve(args):
         try:
             if pidfile:
                 pidfile.acquire()
-            return _serve(args, configs, app, state, lambda: tell(0))
+            return _serve(args, configs, app, state, lambda problems: tell(0, "\n".join(problems)))
         except (_UsageError, _Failure) as exc:
             tell(2 if isinstance(exc, _UsageError) else 1, str(exc))
             raise
@@ -6157,22 +6312,24 @@ def _cmd_serve(args):
 
 def _serve(args, configs, app, state, on_ready):
     manager = _cli_manager(args)
-    for event in ("spawn", "exit", "flap", "spawn_error", "stop_process"):
-        manager.events.subscribe(event, lambda evtype, msg: _log.info("%s %s", evtype, _json_text(msg)))
+    for event in ("spawn", "exit", "flap", "spawn_error", "stop_process", "reap"):  # as supervisord says them
+        manager.events.subscribe(event, lambda evtype, msg: _log.info("%s", _event_line(evtype, msg)))
     _start(manager, app)
 
     def reload_config():
         try:
-            _apply_config(manager, _read_config(args.config)[0])
-        except (_UsageError, ProcessError) as exc:
+            configs = _read_config(args.config)[0]
+        except _UsageError as exc:
             _log.error("reload of %s failed: %s", args.config, exc)
+            return
+        _apply_config(manager, configs, args.config)
 
     _forward_signals(manager, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))  # SIGHUP reloads the config
     previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
 
     def load(session, config, start):
-        try:
-            manager.load(config, sessionid=session, start=start)
+        try:  # a job of the file that cannot spawn stays, retried on its backoff: never lost in silence
+            manager.load(config, sessionid=session, start=start, retry=True)
         except (ProcessError, ValueError, TypeError) as exc:  # a cycle, a limit this machine lacks...
             return exc
         return None
@@ -6188,12 +6345,17 @@ def _serve(args, configs, app, state, on_ready):
                     state.refused(name, error)  # the recorded entry is skipped: the config file's job, if any
                     error = fallback and load(session, fallback, True)
                 if error is not None:
-                    _log.error("cannot load %s: %s", name, error)
+                    problems.append("cannot load %s: %s" % (name, error))
+                    _log.error("%s", problems[-1])
         except RuntimeError:  # stopped by a signal while loading
             return
         _log.info("ready: %d jobs from %s%s", len(configs), args.config,
                   " and %d recorded in %s" % (len(state.jobs), state.path) if state else "")
-        on_ready()
+        problems.extend("%s could not start, and is retried: %s" % (job["name"], job["last_error"])
+                        for job in manager.status() if job["last_error"])
+        on_ready(problems + (state.problems if state else []))
+
+    problems = []
 
     try:
         manager.run(on_start=load_all)
@@ -6246,7 +6408,7 @@ class _Client:
             raise _Failure("cannot reach gaffer at %s: %s" % (self.text, getattr(exc, "strerror", None) or exc)) \
                 from None
         server = response.getheader("Server") or ""
-        if not server.startswith("gaffer/"):  # another program on that port: say so, not what it answered
+        if not response.getheader("Gaffer-Version") and not server.startswith("gaffer/"):  # another program there
             connection.close()
             raise _Failure("%s is not a gaffer server (it answered HTTP %d, Server: %s)"
                            % (self.text, response.status, server or "not given"))
@@ -6368,7 +6530,8 @@ def _uptime(create_time):
 
 def _cmd_ps(args):
     rows = []  # one per process, and one per job that has none (stopped, fatal, scaled to 0)
-    for job in _client(args).request("GET", "/status")["jobs"]:
+    jobs = _client(args).request("GET", "/status")["jobs"]
+    for job in jobs:
         fields = {key: job[key] for key in ("state", "restarts", "last_exit", "cmd")}
         rows += [dict(fields, job=job["name"], **proc) for proc in job["processes"]]
         if not job["processes"]:
@@ -6388,11 +6551,27 @@ def _cmd_ps(args):
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for job in jobs:  # why a job could not start: under the table, whole
+        if job.get("last_error"):
+            print("%s: %s" % (job["name"], job["last_error"]))
     return 0
 
 
 def _cmd_status(args):
     jobs = _client(args).request("GET", "/status")["jobs"]
+    if args.job and _names_process(args.job, args):  # web.1, as kill and logs take it, or a pid
+        pid = _process_pid(args.job, args)
+        for job in jobs:
+            for proc in job["processes"]:
+                if proc["pid"] == pid:
+                    if args.json:
+                        _print_json(dict(proc, job=job["name"]))
+                        return 0
+                    print("%s.%s: %s, pid %d, os pid %d, up %s, cpu %s%%, mem %s%%: %s" % (
+                        job["name"], proc["slot"] or "commit", proc["status"], pid, proc["os_pid"],
+                        _uptime(proc["create_time"]), proc["cpu"], proc["mem"], job["cmd"]))
+                    return 0
+        raise _Failure("process %s not found (404)" % args.job)
     if args.job:
         name = _resolve_job(args.job, [job["name"] for job in jobs])
         jobs = [job for job in jobs if job["name"] == name]
@@ -6402,9 +6581,10 @@ def _cmd_status(args):
         _print_json(jobs)
         return 0
     for job in jobs:
-        print("%s: %s, %d of %d running, %d ready, %d restarts, last exit %s, pids %s: %s" % (
+        print("%s: %s, %d of %d running, %d ready, %d restarts, last exit %s, pids %s: %s%s" % (
             job["name"], job["state"], job["running"], job["target"], job["ready"], job["restarts"],
-            job["last_exit"] or "-", " ".join(str(p["pid"]) for p in job["processes"]) or "-", job["cmd"]))
+            job["last_exit"] or "-", " ".join(str(p["pid"]) for p in job["processes"]) or "-", job["cmd"],
+            "; last error: %s" % job["last_error"] if job.get("last_error") else ""))
     return 0
 
 

@@ -397,7 +397,7 @@ class ManagerTest(ManagerTestCase):
         self.assertEqual(self.rec.names()[:6], ["load", "start", "job.default.web.start", "spawn",
                                                 "job.default.web.spawn", "proc.1.spawn"])
         spawn = self.rec.matching("spawn", pid=1)[0]
-        self.assertEqual(spawn, {"name": "default.web", "pid": 1, "os_pid": proc.os_pid, "event": "spawn"})
+        self.assertEqual(spawn, {"name": "default.web", "pid": 1, "os_pid": proc.os_pid, "slot": 1, "event": "spawn"})
 
     def test_process_info_shows_the_jobs_own_environment_only(self):
         self.setenv("GAFFER_TEST_SECRET", "hunter2")  # inherited by the child (os_env), never shown
@@ -1288,6 +1288,28 @@ class StatsTest(ManagerTestCase):
         self.assertEqual(stats["stats"], [])
         self.assertEqual({stats[k] for k in ("cpu", "max_cpu", "min_cpu", "mem", "max_mem", "min_mem")}, {"N/A"})
 
+    def test_on_demand_stats_never_move_the_samplers_baseline(self):
+        self.m.stats_interval = 0.2
+        self.load("busy", code=SPIN)
+        seen = Recorder(gaffer.EventEmitter())
+        self.m.monitor(seen, "busy")
+        seen.wait_for("stat")  # the first: since the start
+        done = threading.Event()
+
+        def dashboard():  # status() on every event, as the dashboard calls it
+            while not done.is_set():
+                self.m.status()
+                self.m.stats("busy")
+        caller = threading.Thread(target=dashboard)
+        caller.start()
+        try:
+            samples = [msg["cpu"] for msg in seen.wait_for("stat", count=6)[1:]]
+        finally:
+            done.set()
+            caller.join()
+        self.assertGreater(sorted(samples)[len(samples) // 2], 40, "a spinning child over each whole interval: %r"
+                           % samples)
+
     def test_monitor_follows_the_job_and_stops_cleanly(self):
         self.m.stats_interval = 0.05
         self.load("w", 1, code=IDLE)
@@ -1904,6 +1926,53 @@ class ReadinessTest(ManagerTestCase):
                 socket.create_connection(("127.0.0.1", ports[name]), timeout=TIMEOUT).close()  # open when ready
         with self.assertRaisesRegex(TimeoutError, r"'default.failing' is not ready after 0.5s: 0 of 1"):
             self.m.wait_ready("failing", timeout=0.5)
+
+    def test_a_rollout_cannot_be_fooled_by_the_process_it_replaces(self):
+        serve = """
+            import os, socket, sys, time
+            time.sleep(float(sys.argv[1]))
+            server = socket.socket()
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # old and new may listen at once
+            server.bind(("127.0.0.1", int(os.environ["PORT"])))
+            server.listen(64)
+            while True:
+                conn, _ = server.accept()
+                conn.sendall(sys.argv[2].encode())
+                conn.close()
+        """
+        port = free_port()
+        args = lambda delay, version: ["-S", "-c", textwrap.dedent(serve), str(delay), version]  # noqa: E731
+        self.load("w", args=args(0, "v1"), port=port, ready="tcp:$PORT", ready_timeout=1.0)
+        self.m.wait_ready("w", TIMEOUT)
+        answers, done = [], threading.Event()
+
+        def client():  # the service, as its users see it: answered all along
+            while not done.is_set():
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+                        answers.append(sock.recv(16).decode())
+                except OSError as exc:
+                    answers.append(repr(exc))
+        reader = threading.Thread(target=client)
+        reader.start()
+        self.addCleanup(reader.join)
+        self.addCleanup(done.set)
+        wait_until(lambda: answers, what="a first answer")
+        self.m.update(gaffer.ProcessConfig("w", PY, args=SLEEP, port=port, ready="tcp:$PORT", ready_timeout=1.0,
+                                           graceful_timeout=2))  # a command that never listens
+        failed = self.rec.wait_for("rollout_failed")[0]
+        self.assertIn("was not ready within 1s", failed["reason"])
+        self.assertEqual(self.rec.matching("ready", pid=2), [], "never counted ready")
+        self.assertEqual(self.m.pids("w"), [1], "the old process kept its place")
+        self.m.reload("w")  # its own command again, which listens only after 0.5 s
+        self.m.update(gaffer.ProcessConfig("w", PY, args=args(0.5, "v2"), port=port, ready="tcp:$PORT",
+                                           ready_timeout=5.0, graceful_timeout=2))
+        ready = self.rec.wait_for("rollout")[0] and self.rec.matching("ready", name="default.w")[-1]
+        self.assertGreaterEqual(ready["elapsed"], 0.45, "ready once it listened, not when the old one answered")
+        wait_until(lambda: answers[-1] == "v2", what="the new version serving")
+        done.set()
+        reader.join()
+        self.assertEqual([answer for answer in answers if answer not in ("v1", "v2")], [], "no connection failed")
 
     def test_output_check_reads_lines_of_the_redirected_output(self):
         code = """
@@ -2548,6 +2617,26 @@ class LogTest(ManagerTestCase):
         result = subprocess.run([PY, "-S", "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(result.stdout, "web.1 | a\nweb.1 | b\n", result.stderr)
 
+    def test_a_log_file_that_is_not_a_regular_file_is_never_rotated(self):
+        fifo = self.path("pipe")
+        os.mkfifo(fifo)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader: the FIFO can be opened for writing
+        self.addCleanup(os.close, reader)
+        got = bytearray()
+        self.load("w", code="import sys\nfor i in range(200):\n    print('x' * 99, flush=True)\nimport time; "
+                            "time.sleep(60)", log_file=fifo, log_max_bytes=1000, log_backups=2)
+
+        def read():
+            try:
+                got.extend(os.read(reader, 65536))
+            except BlockingIOError:
+                pass
+            return len(got) >= 200 * 100
+        wait_until(read, what="every line through the FIFO")
+        self.assertTrue(stat.S_ISFIFO(os.stat(fifo).st_mode), "still the FIFO")
+        self.assertEqual(sorted(name for name in os.listdir(self.tmp) if name.startswith("pipe")), ["pipe"],
+                         "nothing renamed, nothing made beside it")
+
     def test_bad_log_settings_and_a_full_disk(self):
         with self.assertRaisesRegex(ValueError, r"log_file 'x/\{job\}.log': unknown field \{job\}"):
             gaffer.ProcessConfig("w", PY, log_file="x/{job}.log")
@@ -2683,6 +2772,19 @@ class LoopSurvivalTest(ManagerTestCase):
         runner.join(20)
         self.assertFalse(runner.is_alive(), "stop() + run() did not finish")
         return time.monotonic() - started
+
+    def test_a_command_that_posts_another_cannot_starve_timers(self):
+        loop, fired, posted = self.m.loop, threading.Event(), []
+        deadline = time.monotonic() + 1.0
+
+        def again():  # posts itself from the loop, as a listener calling the manager can
+            posted.append(1)
+            if time.monotonic() < deadline and not fired.is_set():
+                loop.call_soon_threadsafe(again)
+        started = time.monotonic()
+        loop.call(lambda: (loop.call_later(0.01, fired.set), loop.call_soon_threadsafe(again)))
+        self.assertTrue(fired.wait(TIMEOUT))
+        self.assertLess(time.monotonic() - started, 0.5, "the 10 ms timer waited for %d commands" % len(posted))
 
     def test_stop_finishes_when_a_group_outlives_its_sigkilled_leader(self):
         # Leader and child both ignore SIGTERM; SIGKILL at the deadline; the leader may be reaped
@@ -3081,6 +3183,9 @@ class HttpTest(HttpTestCase):
         self.assertEqual((got, headers.get("Allow")), (405, "GET"))
         self.assertEqual(self.m.jobs(), ["default.w"], "no bad request reached the manager")
         self.assertEqual(self.m.pids(), [1])
+        self.assertEqual(headers.get("Gaffer-Version"), gaffer.__version__, "on every answer: what a proxy passes on")
+        got, payload, _ = self.req("POST", "/jobs/default/w/commit")  # no body: no Content-Type needed (curl -X POST)
+        self.assertEqual((got, payload), (200, {"pid": 2}))
 
     def test_ready_probe(self):
         self.assertEqual(self.ok("GET", "/ready"), {"ready": True}, "no job: nothing to wait for")
@@ -3670,6 +3775,9 @@ class RunnerTest(CommandLineTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertRegex(result.stderr.strip(), r"^gaffer: web.4: default.web has no process in slot 4 now "
                                                 r"\(it has 1, 2\)$")
+        result = self.gaffer("status", "web.1", *http)  # as kill and logs take it
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"^default\.web\.1: ready, pid \d+, os pid \d+, up \d+:\d\d:\d\d, cpu ")
         result = self.gaffer("stop", "web.1", *http)
         self.assertEqual(result.returncode, 2)
         self.assertRegex(result.stderr.strip(), r"^gaffer: web.1 is process 1 of job default.web: this command "
@@ -4011,6 +4119,47 @@ class ServeTest(CommandLineTestCase):
         server.send_signal(signal.SIGINT)
         self.assertEqual(server.finish(), 0)
 
+    def test_a_job_that_cannot_start_stays_visible_and_is_retried(self):
+        program = os.path.join(self.tmp, "later", "tool")  # a binary that appears later, as a mount does
+        mount = os.path.join(self.tmp, "mnt")
+        config = self.json_config([self.job("a"), self.job("late", cmd=program, args=[], backoff_max=0.2),
+                                   self.job("nocwd", cwd=mount, backoff_max=0.2)])
+        check = self.cli("check", "-c", config)
+        self.assertEqual(check.returncode, 0, "a warning: it may be there when serve runs")
+        self.assertEqual(check.stderr.splitlines(), [
+            "gaffer: warning: default.late cannot start here now: its program %s is not found" % program,
+            "gaffer: warning: default.nocwd cannot start here now: its cwd %s is not a directory" % mount])
+        sock = self.sock = os.path.join(self.tmp, "d.sock")
+        result = self.gaffer("serve", "-c", config, "--daemon", "--http", "unix:" + sock)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(result.stderr.splitlines()), [
+            "gaffer: default.late could not start, and is retried: job 'default.late' cannot start %r: [Errno 2] No "
+            "such file or directory: %r" % (program, program),
+            "gaffer: default.nocwd could not start, and is retried: job 'default.nocwd' cannot start %r: [Errno 2] "
+            "No such file or directory: %r" % (PY, mount)], "the terminal says which jobs could not start")
+        client = gaffer._Client("unix:" + sock, None)
+        self.addCleanup(lambda: os.path.exists(sock) and client.request("POST", "/shutdown"))
+        jobs = {job["name"]: job for job in client.request("GET", "/status")["jobs"]}
+        self.assertEqual({name: (job["state"], job["target"]) for name, job in jobs.items()},
+                         {"default.a": ("running", 1), "default.late": ("backoff", 1), "default.nocwd": ("backoff", 1)})
+        self.assertIn("No such file or directory", jobs["default.late"]["last_error"])
+        self.assertEqual(client.request("GET", "/jobs/default/late")["last_error"], jobs["default.late"]["last_error"])
+        self.session_leaders.add(jobs["default.a"]["processes"][0]["os_pid"])
+        ps = self.client("ps").stdout
+        self.assertRegex(ps, r"default\.late +backoff ")
+        self.assertIn("default.late: job 'default.late' cannot start", ps, "ps says why")
+        os.mkdir(os.path.dirname(program))
+        with open(program, "w") as f:
+            f.write("#!%s\nimport time\ntime.sleep(60)\n" % PY)
+        os.chmod(program, 0o755)
+        running = wait_until(lambda: [job for job in client.request("GET", "/status")["jobs"]
+                                      if job["name"] == "default.late" and job["state"] == "running"],
+                             what="the job that could not start runs once its binary is there")[0]
+        self.session_leaders.add(running["processes"][0]["os_pid"])
+        self.assertIsNone(running["last_error"], "cleared by the spawn that worked")
+        self.client("shutdown")
+        wait_until(lambda: not os.path.exists(sock), what="the daemon's exit")
+
     def test_files_serve_writes_cannot_be_steered(self):
         victim = self.write("victim", "precious\n")
         state, pidfile = os.path.join(self.tmp, "state.json"), os.path.join(self.tmp, "serve.pid")
@@ -4066,7 +4215,8 @@ class ServeTest(CommandLineTestCase):
         with open(log) as f:
             text = f.read()
         self.assertIn("serving HTTP on unix:" + sock, text)
-        self.assertRegex(text, r"INFO gaffer: exit \{\"name\": \"default.a\"")
+        self.assertRegex(text, r"INFO gaffer: a\.1 started with pid \d+\n")  # as supervisord says it
+        self.assertRegex(text, r"INFO gaffer: a\.1 (killed by signal 15|exited with code 0)\n")
         self.assertNotIn("GET /status", text, "HTTP requests are logged at debug level")
         taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
@@ -4424,6 +4574,50 @@ class ServeTest(CommandLineTestCase):
                                                 "say which, as session.job")
         ps = self.client("ps").stdout
         self.assertRegex(ps, r"batch\.u +stopped +- +- ", "a stopped job has its row")
+
+    def test_client_commands_through_a_proxy_that_rewrites_server(self):
+        import http.server
+        self.serve(self.json_config([self.job("a")]))
+        self.record_leaders()
+        upstream = "unix:" + self.sock
+
+        class Proxy(http.server.BaseHTTPRequestHandler):  # as nginx does: its own Server header
+            def do_GET(self):
+                family, address = gaffer._parse_address(upstream)
+                conn = http.client.HTTPConnection("localhost", timeout=TIMEOUT)
+                conn.sock = socket.socket(family)
+                conn.sock.connect(address)
+                length = int(self.headers.get("Content-Length", 0))
+                conn.request(self.command, self.path, self.rfile.read(length) if length else None,
+                             {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")})
+                answer = conn.getresponse()
+                body = answer.read()
+                self.send_response_only(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("server", "date", "connection", "transfer-encoding"):
+                        self.send_header(key, value)
+                self.send_header("Server", "nginx/1.22.1")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+                conn.close()
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+        thread = threading.Thread(target=proxy.serve_forever)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(proxy.server_close)
+        self.addCleanup(proxy.shutdown)
+        address = "127.0.0.1:%d" % proxy.server_address[1]
+        result = self.cli("status", "a", "--http", address)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("default.a: running", result.stdout)
+        self.assertEqual(self.cli("scale", "a", "=1", "--http", address).returncode, 0)
 
     def test_client_errors(self):
         self.serve(self.json_config([self.job("a")]))
