@@ -87,6 +87,7 @@ import signal
 import socket
 import stat
 import string
+import struct
 import subprocess
 import sys
 import threading
@@ -123,6 +124,8 @@ _CHECK_TIMEOUT = 1.0                            # one try of a tcp or http check
 _CHECK_WORKERS = 64                             # threads that run tcp, http and callable checks, made as needed
 _SPAWN_SLICE = 0.02                             # seconds of spawning a loop turn: reaping and commands go between
 _ORPHAN_GIVE_UP = 10.0                          # seconds after SIGKILL a group may linger before it is forgotten
+_LED_SESSIONS = 4096                            # sessions of past processes a subreaper still knows its zombies by
+_SWEEP_SPACING = 0.05                           # the least time between two looks through /proc for escaped daemons
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 
 
@@ -1422,22 +1425,22 @@ _serials = itertools.count(1)  # of the managers of this process: "<os pid>-<ser
 
 
 def _escaped(leaders, marks):
-    """The process groups of the descendants of `leaders` (os pids, each its own group) that left
-    their group: {pgid: leader}.  Found through /proc: the children of each leader and theirs, and
-    among the processes that init (or this process, a subreaper) adopted, those whose environment
-    carries one of `marks` ({b"GAFFER_PROCESS=...": leader}) with their own descendants.
+    """The process groups of the descendants of `leaders` ({os pid: alive}, each leader its own group)
+    that left their group: {pgid: leader}.  Found through /proc: the children of each live leader and
+    theirs, and the processes whose environment carries one of `marks` ({b"GAFFER_PROCESS=...": leader})
+    with their own descendants, wherever they were adopted (init, a subreaper such as systemd --user).
+    An exited leader is walked from its marks only: its pid may be another program's by now.
     """
     table, children = _proc_table(), collections.defaultdict(list)
     for pid, (ppid, _, _) in table.items():
         children[ppid].append(pid)
-    roots = {leader: leader for leader in leaders}
-    me = os.getpid()
+    roots = {leader: leader for leader, alive in leaders.items() if alive}
     for pid, (ppid, pgid, state) in table.items():
-        if ppid in (1, me) and pgid not in leaders and state != b"Z":
+        if pgid not in leaders and state != b"Z":
             try:
                 with open("/proc/%d/environ" % pid, "rb") as f:
                     environ = f.read()
-            except OSError:
+            except OSError:  # gone, or another user's
                 continue
             leader = next((marks[mark] for mark in marks if mark in environ), None)
             if leader is not None:
@@ -2219,29 +2222,68 @@ class _Job:
                                              len(self.running), self.numprocesses)
 
 
-def _listens(owner, port):
-    """Whether process `owner` (an os pid) or one of its descendants holds a TCP socket listening on
-    `port`, from /proc/net/tcp, /proc/net/tcp6 and their /proc/PID/fd; None where /proc cannot tell."""
-    inodes, found = set(), False
+def _tcp_listeners():
+    """{socket inode: (port, connections waiting to be accepted)} of this network namespace's listening
+    TCP sockets (IPv4 and IPv6), or None where neither sock_diag nor /proc tells (not Linux).  Asked
+    of the kernel through sock_diag netlink, which answers with the listeners alone: /proc/net/tcp
+    lists every TIME_WAIT socket too, and reading it can take seconds on a busy server."""
+    try:
+        return _diag_listeners()
+    except (OSError, AttributeError, struct.error):  # no AF_NETLINK (not Linux), or a seccomp filter
+        pass
+    found, read = {}, False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table, "rb") as f:
                 rows = f.read().splitlines()[1:]
         except OSError:
             continue
-        found = True
-        for row in rows:  # sl local_address rem_address st ... inode; st 0A is LISTEN
+        read = True
+        for row in rows:  # sl local_address rem_address st tx_queue:rx_queue ... inode; st 0A is LISTEN
             fields = row.split()
-            if len(fields) > 9 and fields[3] == b"0A" and int(fields[1].rpartition(b":")[2], 16) == port:
-                inodes.add(b"socket:[%s]" % fields[9])
-    if not found:
+            if len(fields) > 9 and fields[3] == b"0A":
+                found[int(fields[9])] = (int(fields[1].rpartition(b":")[2], 16),
+                                         int(fields[4].partition(b":")[2], 16))
+    return found if read else None
+
+
+def _diag_listeners():
+    """_tcp_listeners() through NETLINK_SOCK_DIAG: an inet_diag_req_v2 per family, states = LISTEN."""
+    found = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as sock:  # NETLINK_SOCK_DIAG
+        for family in (socket.AF_INET, socket.AF_INET6):
+            request = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, 0, 0, 1 << 10)  # 1 << TCP_LISTEN
+            # nlmsghdr: length, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, sequence, port id
+            sock.sendto(struct.pack("=IHHII", 16 + len(request), 20, 0x301, 1, 0) + request, (0, 0))
+            done = False
+            while not done:
+                data, at = sock.recv(1 << 16), 0
+                while at + 16 <= len(data) and not done:
+                    length, kind = struct.unpack_from("=IH", data, at)
+                    if kind == 2 or length < 16:  # NLMSG_ERROR
+                        raise OSError("sock_diag refused the request")
+                    done = kind == 3  # NLMSG_DONE
+                    if not done:  # inet_diag_msg: family, state, timer, retrans, sockid (sport at 4)...
+                        port = struct.unpack_from("!H", data, at + 16 + 4)[0]
+                        waiting, _, _, inode = struct.unpack_from("=IIII", data, at + 16 + 56)
+                        found[inode] = (port, waiting)
+                    at += (length + 3) & ~3
+    return found
+
+
+def _listens(owner, port):
+    """Whether process `owner` (an os pid) or one of its descendants holds a TCP socket listening on
+    `port`; None where the system cannot tell."""
+    listeners = _tcp_listeners()
+    if listeners is None:
         return None
+    inodes = {"socket:[%d]" % inode for inode, (bound, _) in listeners.items() if bound == port}
     todo = [owner]
     while todo:  # the process and its descendants, through their children lists
         pid = todo.pop()
         try:
             for fd in os.listdir("/proc/%d/fd" % pid):
-                if os.readlink("/proc/%d/fd/%s" % (pid, fd)).encode() in inodes:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) in inodes:
                     return True
         except OSError:  # gone, or an fd closed meanwhile
             pass
@@ -2527,9 +2569,13 @@ class Manager:
         self._orphan_cgroups = {}  # pgid of an orphan group -> the cgroup of its reaped leader
         # Names it on the machine (in GAFFER_PROCESS of its processes, and its cgroup): PID 1 is in every container.
         self._token = "%d-%d-%s" % (os.getpid(), next(_serials), os.urandom(3).hex())
-        self._sweeps = []         # processes stopped in this loop turn, whose escaped descendants are sought
+        self._sweeps = []         # processes stopped or ended since the last sweep, whose escaped descendants are sought
+        self._sweep_timer = None  # the next sweep
+        self._sweep_next = 0.0    # loop time before which no sweep starts: spaced by what the last one cost
         self._spawn_waiters = []  # (job, Future, result, undo) of calls that return once a large spawn is done
         self._adopted = {}        # os pid -> pidfd of an adopted descendant, reaped when it exits (subreaper)
+        self._led = collections.OrderedDict()  # os pids of recent processes (each led a session), for the subreaper
+        self._adoption_timer = None  # the next look for adopted children (subreaper)
 
     def __repr__(self):
         # Any thread: each list() copies a loop-owned dict in one step, never iterating it live.
@@ -3491,6 +3537,12 @@ class Manager:
             raise ProcessError(400, "job %r cannot start %r: %s" % (job.name, job.config.cmd, exc)) from exc
         self._procs[proc.pid] = proc
         job.last_error = None
+        if self.subreaper:  # its session, which its descendants keep unless they setsid(): how a zombie is known
+            self._led[proc.os_pid] = None
+            if len(self._led) > _LED_SESSIONS:
+                self._led.popitem(last=False)
+            if self._adoption_timer is None:
+                self._adoption_timer = self.loop.call_later(1.0, self._reap_adopted)
         if once:
             job.running_out[proc.pid] = proc
         else:
@@ -4024,10 +4076,8 @@ class Manager:
         proc._set_state(_State.STOPPING)
         self._signal(proc, proc.config.stop_signal, proc.config.stop_children)
         proc._kill_timer = self.loop.call_later(proc.graceful_timeout, self._on_graceful_timeout, proc)
-        if proc.config.stop_children and sys.platform.startswith("linux"):
-            self._sweeps.append(proc)
-            if len(self._sweeps) == 1:  # one look through /proc for all the stops of this turn
-                self.loop.call_later(0, self._sweep)
+        if proc.config.stop_children:
+            self._sweep_later(proc)
         if event == "reap":
             self._publish_proc(proc, "reap")
         else:
@@ -4129,6 +4179,8 @@ class Manager:
             self._watch_orphans()
         else:
             self._forget_group(proc.os_pid, self._target(proc), cgroup)
+        if proc.config.stop_children and cgroup is None:  # asked or not (a daemon may fork after the stop's look):
+            self._sweep_later(proc)  # what it started and left its group (setsid) ends with it, as in a cgroup
         dropped = proc._finish()
         del self._procs[proc.pid]
         job = proc._job
@@ -4195,6 +4247,9 @@ class Manager:
         mark they inherit: a pid that the host program's own subprocess calls own is never touched.
         An adopted process still running is watched (a pidfd) and reaped when it exits.
         """
+        if self._adoption_timer is not None:
+            self._adoption_timer.cancel()
+            self._adoption_timer = None
         try:
             children = _own_children()
         except OSError:
@@ -4202,21 +4257,38 @@ class Manager:
         ours = {proc.os_pid for proc in self._procs.values()} | set(self._adopted)
         if self._guardian is not None:
             ours.add(self._guardian[0].pid)
-        mark = ("GAFFER_PROCESS=%s/" % self._token).encode()
         for pid in children - ours:
-            if self.subreaper != "init":
-                try:
-                    with open("/proc/%d/environ" % pid, "rb") as f:
-                        if mark not in f.read():  # a zombie's reads empty: it was not seen alive
-                            continue
-                except OSError:
-                    continue
+            if self.subreaper != "init" and not self._descends(pid):
+                continue
             try:
                 reaped, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:  # reaped by its owner meanwhile
                 continue
             if reaped == 0:
                 self._watch_adopted(pid)
+        # No descriptor tells that an orphan was adopted, and SIGCHLD is the main thread's (run()'s):
+        # a host that never calls run() still has its adopted zombies reaped within a second.
+        if self._procs or self._adopted:
+            self._adoption_timer = self.loop.call_later(1.0, self._reap_adopted)
+
+    def _descends(self, pid):
+        """Whether an adopted child descends from a process of this manager: it is in a session one of them
+        led (what a zombie still shows), carries the GAFFER_PROCESS mark (a live one) or sits in its cgroup."""
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                sid = int(f.read().rpartition(b")")[2].split()[3])
+        except (OSError, ValueError, IndexError):
+            return False
+        if sid != pid and sid in self._led:  # not the leader itself: a pid reused by a leader of the host's
+            return True
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                if ("GAFFER_PROCESS=%s/" % self._token).encode() in f.read():
+                    return True
+            with open("/proc/%d/cgroup" % pid) as f:  # the manager's cgroup is named by its token
+                return self._cgroups is not None and "/gaffer-%s/" % self._token in f.read()
+        except OSError:
+            return False
 
     def _watch_adopted(self, pid):
         if not self.use_pidfd:
@@ -4243,16 +4315,29 @@ class Manager:
         for proc in list(self._procs.values()):
             self._signal(proc, signum, proc.config.stop_children)
 
+    def _sweep_later(self, proc):
+        """Look for what left proc's group soon: one look through /proc for all that stopped or ended
+        meanwhile (the looks spaced by their cost)."""
+        if not sys.platform.startswith("linux"):
+            return
+        self._sweeps.append(proc)
+        if self._sweep_timer is None:
+            self._sweep_timer = self.loop.call_at(max(self.loop.time(), self._sweep_next), self._sweep)
+
     def _sweep(self):
         """Stop what left the stopped processes' groups (setsid), found through /proc: all of it without
         a cgroup, and with one what forked and left before the process was moved into it."""
+        self._sweep_timer = None
         procs, self._sweeps = {p.os_pid: p for p in self._sweeps}, []
         marks = {("GAFFER_PROCESS=%s/%d\0" % (self._token, p.pid)).encode(): p.os_pid for p in procs.values()}
+        started = time.monotonic()
         try:
-            escaped = _escaped(procs, marks)
+            escaped = _escaped({os_pid: p._state is not _State.EXITED for os_pid, p in procs.items()}, marks)
         except OSError as exc:  # no /proc
             _log.debug("cannot look for escaped descendants: %s", exc)
             return
+        finally:  # a look costs what /proc holds: at most a tenth of the loop's time goes to it
+            self._sweep_next = self.loop.time() + max(_SWEEP_SPACING, 10 * (time.monotonic() - started))
         for pgid, leader in escaped.items():
             proc = procs[leader]
             if pgid in self._orphan_groups or pgid in self._cgroup_groups(proc):

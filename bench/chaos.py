@@ -64,6 +64,17 @@ for line in sys.stdin:
     sys.stdout.flush()
 """,
     "crasher": "import sys; sys.exit(3)",
+    "daemonizer": """
+import os, signal, time
+if os.fork() == 0:  # a daemon, the classic way (fork, setsid, fork), that only SIGKILL ends
+    os.setsid()
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(3600)
+    os._exit(0)
+os.wait()
+time.sleep(float(os.urandom(1)[0]) / 100)  # then it ends by itself, now and then
+""",
     "notifier": """
 import os, socket, time
 time.sleep(0.05)
@@ -77,7 +88,7 @@ time.sleep(3600)
 }
 READY = {  # the readiness check of each kind: every form that needs no port
     "sleeper": lambda process: True, "stubborn": "delay:0.1", "flooder": "output:x", "echo": "delay:0",
-    "notifier": "notify", "crasher": "delay:0.5",
+    "notifier": "notify", "crasher": "delay:0.5", "daemonizer": "delay:0",
 }
 MAX_JOBS, MAX_PER_JOB, MAX_COMMITS = 10, 3, 10
 LOG_DIR = tempfile.mkdtemp(prefix="gaffer-chaos-")  # removed at the end of main()
@@ -388,6 +399,8 @@ class Chaos:
                 slots = [p["slot"] for p in job["processes"] if p["slot"] and p["status"] != "stopping"]
                 if len(slots) - len(set(slots)) > 1 or any(slots.count(slot) > 2 for slot in slots):
                     self.violation("%s: processes share slots: %s" % (job["name"], sorted(slots)))
+            for pid in self.escaped(listed):
+                self.violation("a daemon of process %d, gone over %gs ago, is still alive" % (pid, GRACEFUL + 3))
             dead = {pid for pid, os_pid in listed.items() if not alive(os_pid)}
             if dead:
                 time.sleep(1.0)  # an exit a moment ago is fine; one still listed a second later is not
@@ -407,6 +420,33 @@ class Chaos:
                 self.counts["max threads"] = max(self.counts["max threads"], threads)
                 self.counts["max processes"] = max(self.counts["max processes"], len(listed))
         self.done.set()
+
+    def marked(self):
+        """{os pid: manager pid} of every live process that carries this manager's GAFFER_PROCESS mark."""
+        mark, found = ("GAFFER_PROCESS=%s/" % self.manager._token).encode(), {}
+        for pid, (_, _, state) in proc_table().items():
+            try:
+                with open("/proc/%d/environ" % pid, "rb") as f:
+                    environ = f.read()
+            except OSError:
+                continue
+            at = environ.find(mark)
+            if at >= 0 and state != "Z":
+                found[pid] = int(environ[at + len(mark):].split(b"\0")[0])
+        return found
+
+    def escaped(self, listed):
+        """Manager pids whose process is gone, while something it started (a setsid daemon) lives on
+        past graceful_timeout and a margin: what a cgroup, or the sweep without one, must end."""
+        now, gone = time.monotonic(), set()
+        self.orphaned = getattr(self, "orphaned", {})
+        owners = {owner for owner in self.marked().values() if owner not in listed}
+        for owner in owners:
+            first = self.orphaned.setdefault(owner, now)
+            if now - first > GRACEFUL + 3:
+                gone.add(owner)
+        self.orphaned = {owner: first for owner, first in self.orphaned.items() if owner in owners}
+        return gone
 
     def finish(self):
         for sent, sock in self.half_open:  # each dropped by the server, or about to be
@@ -436,6 +476,8 @@ class Chaos:
             self.violation("processes left after stop: %s" % sorted(
                 pid for pid, (ppid, sid, state) in proc_table().items()
                 if state != "Z" and (ppid == os.getpid() or sid in sessions)))
+        if not wait(lambda: not self.marked(), 10):
+            self.violation("processes that carry the manager's mark left after stop: %s" % sorted(self.marked()))
         if not wait(lambda: len(os.listdir("/proc/self/fd")) <= self.fds_before, 10):
             self.violation("%d fds open after stop, %d before" % (len(os.listdir("/proc/self/fd")), self.fds_before))
         if not wait(lambda: threading.active_count() <= self.threads_before, 10):
