@@ -1175,7 +1175,8 @@ class _PollReaper:
         self._timer = None
         if _some_child_exited():
             for popen, on_exit in list(self._children.items()):
-                if popen.poll() is not None:
+                # An exit handled just before may have made its owner forget another child (the guardian).
+                if popen in self._children and popen.poll() is not None:
                     del self._children[popen]
                     on_exit()
         if self._children and self._timer is None:
@@ -1541,6 +1542,11 @@ class _Output:
         return kept + ([(time.time(), self.partial)] if self.partial else [])
 
 
+def _by_slot(proc):
+    """The order processes are listed in: web.1, web.2..., then those commit() started (slot 0)."""
+    return (not proc.slot, proc.slot, proc.pid)
+
+
 def _last_lines(procs, count=None, label=None):
     """The last `count` lines (all, for None) kept of these processes' outputs (or of one label),
     oldest first: [(time, process, label, line)].  Loop thread."""
@@ -1807,6 +1813,11 @@ class Process:
     def __repr__(self):
         return "<Process %r pid=%s os_pid=%s %s>" % (self.name, self.pid, self.os_pid, self._state.name)
 
+    @property
+    def label(self):
+        """How the command line shows it: its job's name and slot (web.1); a commit's has its job's name."""
+        return "%s.%d" % (self.config.name, self.slot) if self.slot else self.config.name
+
     def _spawn(self, loop):
         """Start the OS process (Popen raises in the parent if exec or cwd fails)."""
         config = self.config
@@ -1817,7 +1828,8 @@ class Process:
         user, group, groups = _credentials(config)
         env = dict(self.env)
         # Inherited by its descendants, so that they can be found even once they left its group.
-        env.update(GAFFER_JOB=self.name, GAFFER_PROCESS="%s/%d" % (self._manager._token, self.pid))
+        env.update(GAFFER_JOB=self.name, GAFFER_PROCESS="%s/%d" % (self._manager._token, self.pid),
+                   GAFFER_PROCESS_NAME=self.label)  # web.1, as honcho's HONCHO_PROCESS_NAME
         ours, theirs = {}, []
         self._outputs = {label: _Output(label, config.tail_bytes) for label in labels}
         try:
@@ -1899,7 +1911,9 @@ class Process:
         if not followers and not awaits:
             return
         lines = [line.decode("utf-8", "replace") for line in block[:-1].split(b"\n")]
-        for channel in tuple(followers):  # a listener may close its channel inline
+        for channel, only in tuple(followers.items()):  # a listener may close its channel inline
+            if only not in (None, self.pid):
+                continue
             for line in lines:
                 channel._put("line", {"time": now, "pid": self.pid, "slot": self.slot, "label": label,
                                       "line": line})
@@ -2176,8 +2190,8 @@ class _Job:
     rollout: "_Rollout | None" = None
     #: the last exited processes with output in their tail (Manager.logs reads them)
     history: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=_HISTORY))
-    #: LOGS channels: each new line of output goes to them
-    followers: set = dataclasses.field(default_factory=set)
+    #: LOGS channels -> the pid whose lines they follow (None: every process's): each new line goes to them
+    followers: dict = dataclasses.field(default_factory=dict)
     #: lines a log file could not take (a full disk)
     log_dropped: int = 0
     #: slot -> how many counted processes hold it (two while one replaces the other)
@@ -2687,6 +2701,7 @@ class Manager:
             if on_start is not None:
                 on_start()
             self._stopped.wait()
+            self.loop.thread.join(5)  # its last words are said: what returns from run() has no thread left
             return
         # The kernel may hand a signal to any thread; Python runs handlers in the main thread only,
         # and only once it wakes.  So the main thread sleeps on the signal wakeup fd, which the
@@ -2712,6 +2727,7 @@ class Manager:
             self._run_wakeups.remove(wake_w)
             wake_r.close()
             wake_w.close()
+        self.loop.thread.join(5)  # with Manager(): returns once the loop thread has ended
 
     @property
     def active(self):
@@ -2883,11 +2899,11 @@ class Manager:
         """Return ``{name, active, running, running_out, max_processes, processes, config}``."""
         return self._call(self._do_info, name)
 
-    def logs(self, name, lines=100):
-        """The last `lines` lines of output of the job's processes, exited ones included (the last
-        10 of them), oldest first: ``[{time, pid, slot, label, line}]``."""
+    def logs(self, name, lines=100, pid=None):
+        """The last `lines` lines of output of the job's processes (or of its process `pid`), exited ones
+        included (the last 10 of them), oldest first: ``[{time, pid, slot, label, line}]``."""
         lines = _int_setting("lines", lines, 0)
-        return self._call(lambda: self._job_lines(self._job(name), lines))
+        return self._call(lambda: self._job_lines(self._job(name), lines, pid))
 
     def reopen_logs(self):
         """Open every log file again, as after a logrotate that moved them away (SIGUSR1 to serve)."""
@@ -2978,7 +2994,7 @@ class Manager:
 
         Topics: ``EVENTS`` or ``EVENTS:<pattern>``, ``JOB:<session.job>``,
         ``PROCESS:<pid>``, ``STATS:<pid>`` or ``STATS:<session.job>``, ``STREAM:<pid>``,
-        ``LOGS:<session.job>`` (a ``line`` message, as logs() gives them, for each line of
+        ``LOGS:<session.job>`` or ``LOGS:<pid>`` (a ``line`` message, as logs() gives them, for each line of
         output of the job's processes).  With `tail`, a STREAM or LOGS channel starts with
         the last `tail` lines already read, then goes on with the new ones: nothing is
         missed or repeated in between.
@@ -3227,7 +3243,7 @@ class Manager:
     def _do_status(self):
         jobs = []
         for job in self._all_jobs():
-            procs = job.processes()
+            procs = sorted(job.processes(), key=_by_slot)
             if not job.active:
                 state = "backoff" if job.restart_timer else "fatal" if job.fatal else "stopped"
             elif job.backoff:
@@ -3247,8 +3263,11 @@ class Manager:
                          "processes": rows})
         return jobs
 
-    def _job_lines(self, job, count):
-        procs = [p for p in self._procs.values() if p._job is job] + list(job.history)
+    @staticmethod
+    def _job_lines(job, count, pid=None):
+        procs = job.processes() + list(job.stopping.values()) + list(job.history)
+        if pid is not None:
+            procs = [proc for proc in procs if proc.pid == pid]
         return [{"time": when, "pid": proc.pid, "slot": proc.slot, "label": label,
                  "line": line.decode("utf-8", "replace")} for when, proc, label, line in _last_lines(procs, count)]
 
@@ -3295,7 +3314,7 @@ class Manager:
             "name": job.name, "active": job.active,
             "running": len(job.running) + len(job.running_out),
             "running_out": len(job.running_out), "max_processes": job.numprocesses,
-            "processes": [p.pid for p in job.processes()], "config": job.config.to_dict(),
+            "processes": [p.pid for p in sorted(job.processes(), key=_by_slot)], "config": job.config.to_dict(),
             "ready": self._ready_count(job), "numprocesses": job.numprocesses,
             "waiting_for": self._waiting_for(job) if job.active else [],
             "restarts": job.restarts, "last_exit": job.last_exit, "last_error": job.last_error,
@@ -3407,13 +3426,14 @@ class Manager:
             emitter, pattern, strip = ((self.events, "proc.%d" % owner.pid, "proc.%d." % owner.pid)
                                        if source == "PROCESS" else (owner._io, ".", ""))
         elif source in ("STATS", "LOGS"):
-            owner = self._process(int(target)) if _is_number(target) and source == "STATS" else self._job(target)
+            owner = self._process(int(target)) if _is_number(target) else self._job(target)
             emitter = None
         else:
             raise ProcessError(400, "unknown topic source %r in %r: use EVENTS, JOB, PROCESS, STATS, STREAM or LOGS"
                                % (source, topic))
         if tail and source == "LOGS":  # history first, then what comes: both on this turn of the loop
-            for row in self._job_lines(owner, tail):
+            for row in (self._job_lines(owner, tail) if isinstance(owner, _Job)
+                        else self._job_lines(owner._job, tail, owner.pid)):
                 channel._put("line", row)
         elif tail and source == "STREAM":
             for label, output in owner._outputs.items():
@@ -3422,9 +3442,10 @@ class Manager:
                     lines[-1] = lines[-1][:-1]
                 if lines:
                     channel._put(label, {"name": owner.name, "pid": owner.pid, "data": b"".join(lines)})
-        if source == "LOGS":
-            owner.followers.add(channel)
-            channel._undo = lambda: owner.followers.discard(channel)
+        if source == "LOGS":  # a job's lines, or one process's (its job's, filtered)
+            job, only = (owner, None) if isinstance(owner, _Job) else (owner._job, owner.pid)
+            job.followers[channel] = only
+            channel._undo = lambda: job.followers.pop(channel, None)
         elif emitter is None:  # STATS: fed by the sampler
             self._do_monitor(owner, channel._put)
             channel._undo = lambda: self._do_unmonitor(owner, channel._put)
@@ -4179,8 +4200,8 @@ class Manager:
             self._watch_orphans()
         else:
             self._forget_group(proc.os_pid, self._target(proc), cgroup)
-        if proc.config.stop_children and cgroup is None:  # asked or not (a daemon may fork after the stop's look):
-            self._sweep_later(proc)  # what it started and left its group (setsid) ends with it, as in a cgroup
+        if proc.config.stop_children:  # asked or not (a daemon may fork after the stop's look), cgroup or not
+            self._sweep_later(proc)  # (one may fork before the move): what left its group ends with it
         dropped = proc._finish()
         del self._procs[proc.pid]
         job = proc._job
@@ -5093,7 +5114,7 @@ class _RequestHandler:
             return
         except Exception as exc:
             status, reason = _http_error(exc)
-            if status >= 500:
+            if status == 500:  # a bug of ours, not a refusal (501) or a stopped manager (503)
                 _log.exception("%s %s failed", self.command, self.path)
             if self.streaming:
                 return
@@ -5363,10 +5384,16 @@ def _query_count(req, key, default):
 
 @_route("GET", "/jobs/([^/]+/[^/]+)/logs")
 def _http_job_logs(req, m, job):
-    lines = _query_count(req, "lines", 100)
+    """The job's lines (?pid=P: one process's), ?lines=N of them; &follow=1 then goes on with new ones."""
+    lines, pid = _query_count(req, "lines", 100), req.query.get("pid")
+    if pid is not None:
+        if not _is_number(pid) or m.get_process(int(pid)).name != job.replace("/", ".", 1):
+            raise ProcessNotFound("job %s has no process %s" % (job.replace("/", ".", 1), pid))
+        pid = int(pid)
     if req.query.get("follow", "0") in ("", "0", "false"):
-        return 200, {"lines": m.logs(job, lines)}
-    req.stream(m.subscribe("LOGS:" + job.replace("/", ".", 1), tail=lines), lambda evtype, msg: _json_text(msg))
+        return 200, {"lines": m.logs(job, lines, pid)}
+    topic = "LOGS:%s" % (pid if pid is not None else job.replace("/", ".", 1))
+    req.stream(m.subscribe(topic, tail=lines), lambda evtype, msg: _json_text(msg))
 
 
 @_route("GET", "/jobs/([^/]+/[^/]+)/numprocesses")
@@ -5615,9 +5642,10 @@ def _exit_code(msg):
 class _Printer:
     """Writes output and gaffer's messages as "HH:MM:SS name.N | text", a colour per process on a tty."""
 
-    def __init__(self, stream, color, names, on_broken):
+    def __init__(self, stream, color, names, on_broken, prefix=True):
         self.stream = stream
         self.color = color
+        self.prefix = prefix  # --no-prefix: each line as it was written
         self.on_broken = on_broken  # called once if the reader of the stream goes away
         self.width = max(len(n) for n in list(names) + ["system"])
         self.colors = {"system": "0"}  # name -> colour: the next one for each new name, scaled-up ones too
@@ -5630,7 +5658,7 @@ class _Printer:
         if self.on_broken is None:
             return
         try:
-            self.stream.write("%s %s\n" % (prefix, text))
+            self.stream.write("%s %s\n" % (prefix, text) if self.prefix else text + "\n")
             self.stream.flush()
         except BrokenPipeError:  # e.g. piped into head: stop quietly, as a shell pipeline would
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
@@ -5655,7 +5683,13 @@ def _run_foreground(configs, args, keep_alive):
             manager.stop_job(job)
         manager.stop()
 
-    printer = _Printer(sys.stdout, sys.stdout.isatty() and not args.no_color, names, lambda: stop_all(1))
+    printer = _Printer(sys.stdout, sys.stdout.isatty() and not args.no_color, names, lambda: stop_all(1),
+                       prefix=not args.no_prefix)
+    quiet = {name.strip() for name in (args.quiet or "").split(",") if name.strip()}  # -q: their output hidden
+    unknown = sorted(quiet.difference(config.name for _, config in configs))
+    if unknown:
+        raise _UsageError("-q: no process named %r (there are %s)" % (unknown[0], ", ".join(
+            config.name for _, config in configs)))
 
     def on_exit(evtype, msg):
         printer.line("system", _event_line(evtype, msg))
@@ -5680,9 +5714,10 @@ def _run_foreground(configs, args, keep_alive):
             for session, config in configs:
                 name = "%s.%s" % (session, config.name)
                 manager.load(config, sessionid=session, start=False)
-                channel = manager.subscribe("LOGS:" + name)  # its lines, from the very first
-                channel.bind("line", lambda evtype, msg, job=config.name: printer.line(
-                    "%s.%d" % (job, msg["slot"]), msg["line"]))
+                if config.name not in quiet:
+                    channel = manager.subscribe("LOGS:" + name)  # its lines, from the very first
+                    channel.bind("line", lambda evtype, msg, job=config.name: printer.line(
+                        "%s.%d" % (job, msg["slot"]), msg["line"]))
                 manager.start_job(name)
         except ProcessError as exc:
             printer.line("system", str(exc))
@@ -5777,21 +5812,47 @@ def _read_procfile(args):
     """What start and export read: the Procfile's directory, its .env (-e, several with commas), and its
     types as [(name, command, count, first $PORT)], numbered as honcho does: 5000, 5001 for web, 5100 for
     the next type."""
-    procfile = os.path.abspath(args.procfile or "Procfile")
+    env = _dotenv(args)
+    procfile = os.path.abspath(_procfile_path(args, env))
     entries = _parse_procfile(procfile)
+    counts = _parse_concurrency(args.concurrency, [name for name, _ in entries])
+    base = _base_port(args, env)
+    types = []
+    for index, (name, command) in enumerate(entries):
+        count, port = counts.get(name, 1), base + 100 * index
+        last = max(count, 1)
+        if port + last - 1 > 65535:
+            raise _UsageError("%s %d: %s.%d would get $PORT %d, past 65535" % (
+                "-p" if args.port is not None else "PORT", base, name, last, port + last - 1))
+        types.append((name, command, count, port))
+    return os.path.dirname(procfile), env, types
+
+
+def _dotenv(args):
+    """The variables of the .env files (-e, several with commas, the later winning; ./.env when present)."""
     env = {}
     for env_file in (args.env or ".env").split(","):
         if args.env or os.path.exists(env_file):
             env.update(_parse_dotenv(env_file.strip()))
-    counts = _parse_concurrency(args.concurrency, [name for name, _ in entries])
-    types = []
-    for index, (name, command) in enumerate(entries):
-        count, port = counts.get(name, 1), args.port + 100 * index
-        last = max(count, 1)
-        if port + last - 1 > 65535:
-            raise _UsageError("-p %d: %s.%d would get $PORT %d, past 65535" % (args.port, name, last, port + last - 1))
-        types.append((name, command, count, port))
-    return os.path.dirname(procfile), env, types
+    return env
+
+
+def _procfile_path(args, env):
+    """The Procfile, as honcho finds it: -f, else PROCFILE from the .env files, else from the environment."""
+    return args.procfile or env.get("PROCFILE") or os.environ.get("PROCFILE") or "Procfile"
+
+
+def _base_port(args, env):
+    """The first $PORT, as honcho takes it: -p, else PORT from the .env files, else from the environment,
+    else 5000."""
+    if args.port is not None:
+        return args.port
+    for where, value in (("the .env file", env.get("PORT")), ("the environment", os.environ.get("PORT"))):
+        if value is not None:
+            if not _is_number(value.strip()) or not 1 <= int(value) <= 65535:
+                raise _UsageError("PORT in %s must be a port from 1 to 65535, got %r" % (where, value))
+            return int(value)
+    return 5000
 
 
 def _procfile_configs(args):
@@ -5801,7 +5862,7 @@ def _procfile_configs(args):
     names = [name for name, _, _, _ in types]
     for name in args.processes:
         if name not in names:
-            raise _UsageError("no process named %r in %s (it has %s)" % (name, args.procfile or "Procfile",
+            raise _UsageError("no process named %r in %s (it has %s)" % (name, _procfile_path(args, env),
                                                                           ", ".join(names)))
     configs = []
     for name, command, count, port in types:
@@ -5816,9 +5877,13 @@ def _procfile_configs(args):
 def _cmd_start(args):
     # The rule (in --help): JOBs with --http and no -f ask that server, Procfile or not; JOBs with
     # neither --http nor a Procfile here ask the default server; anything else runs the Procfile.
-    if args.processes and args.procfile is None and (args.http or not os.path.exists("Procfile")):
+    if args.processes and args.procfile is None and (args.http or
+                                                     not os.path.exists(_procfile_path(args, _dotenv(args)))):
         return _client_state(args, "start")
-    return _run_foreground(_procfile_configs(args), args, args.keep_alive)
+    configs = _procfile_configs(args)
+    if not configs and not args.http:  # -c web=0: nothing to run, as honcho says nothing and returns
+        return 0
+    return _run_foreground(configs, args, args.keep_alive)
 
 
 def _run_name(command):
@@ -5881,8 +5946,9 @@ def _cmd_check(args):
                 print("gaffer: warning: %s.%s cannot start here now: %s" % (session, config.name, problem),
                       file=sys.stderr)
         return 0
-    entries = _parse_procfile(args.procfile)
-    print("valid Procfile %s: %d process type%s" % (args.procfile, len(entries), "s" if len(entries) > 1 else ""))
+    procfile = _procfile_path(args, _dotenv(args))
+    entries = _parse_procfile(procfile)
+    print("valid Procfile %s: %d process type%s" % (procfile, len(entries), "s" if len(entries) > 1 else ""))
     for name, command in entries:
         print("  %s: %s" % (name, command))
     return 0
@@ -5916,9 +5982,12 @@ def _ini_value(key, text):
             raise ValueError("expected true or false, got %r" % text)
         return configparser.ConfigParser.BOOLEAN_STATES[text.lower()]
     if kind == "int":
-        return int(text)
+        return _int_text(key, text)
     if kind == "float":
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("%s must be a number, got %r" % (key, text)) from None
     return text
 
 
@@ -6589,7 +6658,8 @@ def _process_pid(target, args):
         if process["slot"] == int(slot):
             return process["pid"]
     raise _Failure("%s: %s has no process in slot %s now (it has %s)" % (
-        target, name, slot, ", ".join(str(p["slot"]) for p in jobs[name]["processes"] if p["slot"]) or "none"))
+        target, name, slot, ", ".join(str(slot) for slot in sorted(p["slot"] for p in jobs[name]["processes"]
+                                                                    if p["slot"])) or "none"))
 
 
 def _client(args):
@@ -6768,23 +6838,25 @@ def _cmd_watch(args):
 
 
 def _cmd_logs(args):
-    """Like tail: the last -n lines of a job (every process, exited ones too) or of one process; -f follows."""
+    """Like tail: the last -n lines of a job (every process, exited ones too) or of one process; -f follows.
+    Every line as start prints it: "HH:MM:SS web.1 | text"."""
     client, target = _client(args), args.target
-    if _names_process(target, args):
-        pid = _process_pid(target, args)
-        if not args.follow:
-            query = "?lines=%d" % args.n + ("&label=" + _quote(args.label) if args.label else "")
-            for line in client.request("GET", "/%d/logs%s" % (pid, query))["lines"]:
-                print(line)
-            return 0
-        for event, data in client.events("/%d/streams/%s?tail=%d" % (pid, _quote(args.label or "out"), args.n)):
-            sys.stdout.write(data)
-            sys.stdout.flush()
+    pid = _process_pid(target, args) if _names_process(target, args) else None
+    if pid is not None:
+        job_path = "/jobs/%s/%s" % tuple(map(_quote, client.request("GET", "/%d" % pid)["name"].split(".", 1)))
+    else:
+        job_path = _job_path(target, args)
+    info = client.request("GET", job_path)
+    if not info["config"]["redirect_output"]:  # nothing would ever show: say why
+        print("gaffer: %s captures no output (its redirect_output is empty): there are no lines to show"
+              % info["name"], file=sys.stderr)
         return 0
-    path = "%s/logs?lines=%d" % (_job_path(target, args), args.n)
-    job = target.replace("/", ".").rpartition(".")[2]
+    job = info["name"].split(".", 1)[1]
+    path = "%s/logs?lines=%d" % (job_path, args.n) + ("&pid=%d" % pid if pid is not None else "")
 
     def show(row):
+        if args.label is not None and row["label"] != args.label:
+            return
         if args.json:
             print(_json_text(row), flush=True)
             return
@@ -6964,7 +7036,9 @@ def _cmd_export(args):
     env = {"PATH": os.environ.get("PATH", os.defpath), **env}
     instances = [(name, number, command, {**env, "PORT": str(port + number - 1)})
                  for name, command, count, port in types for number in range(1, count + 1)]
-    output = os.path.abspath(args.output)
+    if bool(args.output) == bool(args.location):
+        raise _UsageError("export: give the directory to write in, as -o DIR or after the format, once")
+    output = os.path.abspath(args.output or args.location)
     export = _Export(app, cwd, output, args.user, args.graceful_timeout, args.fragment, instances)
     files = list(_EXPORTERS[args.format](export))  # every value checked before anything is written
     for filename, text, executable in files:
@@ -6983,7 +7057,171 @@ def _cmd_export(args):
 
 # -- main
 
+def _int_text(setting, text):
+    """An int from the command line or an INI file: one line that says so where it is none."""
+    if not _is_number(text.strip().lstrip("+-")) or text.strip()[:1] == "+":
+        raise ValueError("%s must be an integer, got %r" % (setting, text))
+    return int(text)
+
+
+def _port_text(text):
+    return _int_setting("port", _int_text("port", text), 1, 65535)
+
+
+def _copies_text(text):
+    return _int_setting("copies", _int_text("copies", text), 1, 1000)
+
+
+def _lines_text(text):
+    return _int_setting("lines", _int_text("lines", text), 0, 1 << 20)
+
+
+def _seconds_text(text):
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError("seconds must be a number, got %r" % text) from None
+    return _float_setting("seconds", seconds, 0)
+
+
+def _address_text(text):
+    _parse_address(text)
+    return text
+
+
+def _cmd_version(args):
+    print("gaffer.py %s" % __version__)
+    return 0
+
+
+def _cmd_stop(args):
+    return _client_state(args, "stop")
+
+
+def _cmd_reload(args):
+    return _client_state(args, "reload")
+
+
+_HERE = "(default $GAFFER_HTTP, else %s; unix:/path and http://HOST:PORT work)" % _DEFAULT_HTTP
+_SUPPRESS = "==SUPPRESS=="  # argparse.SUPPRESS: an option left out keeps what was given before the command
+# Option groups that several commands take: (flags, settings); a "type" raises ValueError with its message.
+_ARGS = {
+    "client": [
+        (("--http",), dict(metavar="ADDR", type=_address_text, help="the server " + _HERE)),
+        (("--token-file",), dict(metavar="FILE", help="the bearer token is in FILE (its one trailing newline is "
+                                                      "ignored); default $GAFFER_TOKEN")),
+        (("--token",), dict(metavar="T", help="the bearer token, on the command line, where every local user can "
+                                              "read it: prefer --token-file")),
+        (("--json",), dict(action="store_true", help="print raw JSON")),
+    ],
+    "server": [
+        (("--token-file",), dict(metavar="FILE", help="the bearer token requests must carry is in FILE (its one "
+                                                      "trailing newline is ignored); default $GAFFER_TOKEN")),
+        (("--token",), dict(metavar="T", help="the bearer token requests must carry, on the command line, where "
+                                              "every local user can read it: prefer --token-file")),
+        (("--allow-host",), dict(action="append", metavar="NAME", help="also accept requests for this host name "
+                                 "(the Host header); by default only the bound address, localhost and loopback IPs "
+                                 "are served (repeatable)")),
+        (("--init",), dict(action="store_true", help="act as a container's init (the default as PID 1): adopt and "
+                           "reap orphans, forward SIGHUP (not to serve), SIGUSR1, SIGUSR2 and SIGQUIT to every "
+                           "process")),
+    ],
+    "procfile": [  # also before the command, as honcho takes them: gaffer -f Procfile.dev start
+        (("-f", "--procfile"), dict(default=_SUPPRESS, metavar="FILE", help="the Procfile (default $PROCFILE, from "
+                                    "the .env files or the environment, else ./Procfile)")),
+        (("-e", "--env"), dict(default=_SUPPRESS, metavar="FILE[,FILE...]", help="a .env file, or several "
+                               "separated by commas, the later winning (default ./.env when present)")),
+    ],
+    "types": [
+        (("-c", "--concurrency"), dict(metavar="web=2,worker=1", help="processes of each type (0 runs none)")),
+        (("-p", "--port"), dict(type=_port_text, help="the first $PORT: web.1 gets it, web.2 the next, the next "
+                                "type 100 more (default $PORT, from the .env files or the environment, else 5000)")),
+        (("--graceful-timeout",), dict(type=_seconds_text, default=5.0, metavar="S",
+                                       help="seconds between SIGTERM and SIGKILL (default 5)")),
+    ],
+    "output": [
+        (("--no-color", "--no-colour"), dict(action="store_true", dest="no_color",
+                                             help="no colours, even on a terminal")),
+        (("--no-prefix",), dict(action="store_true", help="print each line as the process wrote it, without the "
+                                "time and name in front")),
+        (("-q", "--quiet"), dict(metavar="NAME[,NAME...]", help="hide the output of these processes (their starts "
+                                 "and exits are still said)")),
+    ],
+}
+_COMMANDS = [  # (name, function, help, option groups, its own options)
+    ("start", _cmd_start, "run a Procfile in the foreground, like honcho. 'start JOB... --http ADDR' (without -f) "
+     "asks that running gaffer to start the jobs instead, and so does 'start JOB...' where there is no Procfile; "
+     "with -f, JOBs are the Procfile's processes to run", ("client", "procfile", "types", "output", "server"), [
+         (("--keep-alive",), dict(action="store_true", help="restart processes that exit (default: stop all)")),
+         (("processes",), dict(nargs="*", metavar="PROCESS", help="run only these"))]),
+    ("run", _cmd_run, "supervise one command: kept alive, N copies, prefixed output", ("output", "server"), [
+        (("-n",), dict(type=_copies_text, default=1, metavar="N", help="copies (default 1, at most 1000)")),
+        (("--name",), dict(help="the name shown (default: the program's, or the script's it runs)")),
+        (("--http",), dict(metavar="ADDR", type=_address_text, help="also serve the HTTP controller there")),
+        (("--graceful-timeout",), dict(type=_seconds_text, default=5.0, metavar="S",
+                                       help="seconds between SIGTERM and SIGKILL (default 5)")),
+        (("command",), dict(nargs="...", metavar="-- CMD [ARGS...]", help="the command and its arguments"))]),
+    ("check", _cmd_check, "validate a Procfile (or, with -c, a daemon config) and list its jobs", ("procfile",), [
+        (("-c", "--config"), dict(metavar="FILE", help="a JSON or INI config, as serve takes"))]),
+    ("serve", _cmd_serve, "run a daemon from a JSON or INI config, with the HTTP controller on", ("server",), [
+        (("-c", "--config"), dict(required=True, metavar="FILE", help="the JSON or INI config (re-read on SIGHUP)")),
+        (("--http",), dict(metavar="ADDR", type=_address_text,
+                           help="the address to serve (default: the config's, else %s)" % _DEFAULT_HTTP)),
+        (("--log-level",), dict(default="info", choices=["debug", "info", "warning", "error"], help="what serve "
+                                "logs (default info: starts, exits, loads; debug adds HTTP requests)")),
+        (("--log-file",), dict(metavar="FILE", help="append the log there instead of to stderr")),
+        (("--pidfile",), dict(metavar="FILE", help="write serve's pid there, held with a lock while it runs (a "
+                              "second serve is refused); removed at exit")),
+        (("--state",), dict(metavar="FILE", help="record what the API changes (loads, unloads, scales, stops, "
+                            "starts) there, and restore it at the next start, before anything spawns")),
+        (("--daemon",), dict(action="store_true", help="detach (fork, setsid, fork); the command returns once "
+                             "serve is ready, with exit code 1 and the reason if it could not start"))]),
+    ("ps", _cmd_ps, "list every job and its processes, one row per slot", ("client",), []),
+    ("shutdown", _cmd_shutdown, "stop a running serve (or start --http) gracefully", ("client",), []),
+    ("status", _cmd_status, "show every job, or one, or one process (web.1), with its state", ("client",), [
+        (("job",), dict(nargs="?", help="a job (web, in any session where only one has it, or batch.web), or a "
+                        "process (web.1, or its pid)"))]),
+    ("scale", _cmd_scale, "set (N) or change (+N, -N) a job's number of processes", ("client",), [
+        (("job",), dict(help="the job")), (("count",), dict(metavar="N|+N|-N", help="the count, or the change"))]),
+    ("stop", _cmd_stop, "stop a job", ("client",), [(("job",), dict(help="the job"))]),
+    ("reload", _cmd_reload, "reload a job: new processes replace the old", ("client",), [
+        (("job",), dict(help="the job"))]),
+    ("restart", _cmd_reload, "restart a job (as reload: new processes replace the old)", ("client",), [
+        (("job",), dict(help="the job"))]),
+    ("kill", _cmd_kill, "send a signal to a job's processes or to one process", ("client",), [
+        (("target",), dict(metavar="JOB|JOB.N|PID", help="a job (web), one of its processes (web.1), a pid")),
+        (("signal",), dict(metavar="SIG", help="a signal: HUP, SIGUSR1, 15"))]),
+    ("load", _cmd_load, "load the jobs of a JSON or INI file", ("client",), [
+        (("file",), dict(help="a ProcessConfig as JSON, or a whole config file"))]),
+    ("unload", _cmd_unload, "unload a job", ("client",), [(("job",), dict(help="the job"))]),
+    ("wait", _cmd_wait, "wait until every process of a job is ready (exit 1 on timeout)", ("client",), [
+        (("job",), dict(help="the job")),
+        (("--timeout",), dict(type=_seconds_text, default=60.0, metavar="S", help="seconds (default 60)"))]),
+    ("watch", _cmd_watch, "follow the events (optionally those under PATTERN)", ("client",), [
+        (("pattern",), dict(nargs="?", help="an event pattern: job.default.web, exit..."))]),
+    ("logs", _cmd_logs, "show the last lines of a job's output (exited processes too) or of one process's, "
+     "like tail", ("client",), [
+         (("target",), dict(metavar="JOB|JOB.N|PID", help="a job (web), one of its processes as start shows it "
+                            "(web.1), or a pid")),
+         (("label",), dict(nargs="?", help="one output label of a process (default: all)")),
+         (("-n",), dict(type=_lines_text, default=10, metavar="N", help="lines (default 10)")),
+         (("-f", "--follow"), dict(action="store_true", help="then print new lines as they come (Ctrl-C ends)"))]),
+    ("export", _cmd_export, "write systemd units, a supervisord config, runit services or launchd property lists "
+     "from a Procfile", ("procfile", "types"), [
+         (("format",), dict(choices=sorted(_EXPORTERS), help="what to write: %s" % ", ".join(sorted(_EXPORTERS)))),
+         (("location",), dict(nargs="?", metavar="DIR", help="the directory to write in (or -o DIR)")),
+         (("-o", "--output"), dict(metavar="DIR", help="the directory to write in")),
+         (("-a", "--app"), dict(help="application name (default: the Procfile's directory)")),
+         (("-u", "--user"), dict(help="run the processes as this user")),
+         (("--fragment",), dict(action="store_true", help="supervisord: only the programs and their group, for "
+                                "an [include] (default: a whole config)")),
+         (("--dry-run",), dict(action="store_true", help="print the files instead of writing them"))]),
+    ("version", _cmd_version, "print gaffer's version", (), []),
+]
+
+
 def _parser():
+    """The command line's parser, built from _COMMANDS and _ARGS."""
     import argparse  # here, not at the top: embedders of the Manager never pay for the command line
 
     class _ArgumentParser(argparse.ArgumentParser):
@@ -7000,138 +7238,28 @@ def _parser():
                 raise argparse.ArgumentTypeError(str(exc)) from None
         return convert
 
-    address = checked(lambda text: _parse_address(text) and text)
-    seconds = checked(lambda text: _float_setting("seconds", float(text), 0))
+    def add(parser, flags, settings):
+        settings = dict(settings)
+        if "type" in settings:
+            settings["type"] = checked(settings["type"])
+        if settings.get("nargs") == "...":
+            settings["nargs"] = argparse.REMAINDER
+        if settings.get("default") == _SUPPRESS:  # argparse tells it by identity
+            settings["default"] = argparse.SUPPRESS
+        parser.add_argument(*flags, **settings)
+
     parser = _ArgumentParser(prog="gaffer", description="Run and supervise processes (gaffer.py %s)." % __version__)
     parser.add_argument("--version", action="version", version="gaffer.py %s" % __version__)
+    for flags, settings in _ARGS["procfile"]:
+        add(parser, flags, dict(settings, default=None))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
-
-    def command(name, fn, help, client=False):
-        sub = commands.add_parser(name, help=help, description=help)
+    for name, fn, text, groups, own in _COMMANDS:
+        sub = commands.add_parser(name, help=text, description=text)
         sub.set_defaults(fn=fn)
-        if client:
-            sub.add_argument("--http", metavar="ADDR", type=address,
-                             help="the server (default $GAFFER_HTTP, else %s; unix:/path and http://HOST:PORT "
-                                  "work)" % _DEFAULT_HTTP)
-            token_options(sub, "the bearer token")
-            sub.add_argument("--json", action="store_true", help="print raw JSON")
-        return sub
-
-    def token_options(sub, what, default="$GAFFER_TOKEN"):
-        sub.add_argument("--token-file", metavar="FILE", help="%s is in FILE (its one trailing newline is "
-                         "ignored); default %s" % (what, default))
-        sub.add_argument("--token", metavar="T", help="%s, on the command line, where every local user can read "
-                         "it: prefer --token-file" % what)
-
-    def allow_host(sub):
-        sub.add_argument("--allow-host", action="append", metavar="NAME",
-                         help="also accept requests for this host name (the Host header); by default only "
-                              "the bound address, localhost and loopback IPs are served (repeatable)")
-
-    def init_option(sub):
-        sub.add_argument("--init", action="store_true",
-                         help="act as a container's init (the default as PID 1): adopt and reap orphans, "
-                              "forward SIGHUP (not to serve), SIGUSR1, SIGUSR2 and SIGQUIT to every process")
-
-    def procfile_options(sub):
-        sub.add_argument("-f", "--procfile", help="the Procfile (default ./Procfile)")
-        sub.add_argument("-e", "--env", metavar="FILE[,FILE...]",
-                         help="a .env file, or several separated by commas, the later winning (default ./.env "
-                              "when present)")
-        sub.add_argument("-c", "--concurrency", metavar="web=2,worker=1", help="processes of each type")
-        sub.add_argument("-p", "--port", type=checked(lambda text: _int_setting("port", int(text), 1, 65535)),
-                         default=5000, help="base of $PORT (default 5000)")
-        sub.add_argument("--graceful-timeout", type=seconds, default=5.0, metavar="S",
-                         help="seconds between SIGTERM and SIGKILL (default 5)")
-
-    sub = command("start", _cmd_start, "run a Procfile in the foreground, like honcho. 'start JOB... --http ADDR' "
-                  "(without -f) asks that running gaffer to start the jobs instead, and so does 'start JOB...' "
-                  "where there is no Procfile; with -f, JOBs are the Procfile's processes to run", client=True)
-    procfile_options(sub)
-    sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
-    sub.add_argument("--keep-alive", action="store_true", help="restart processes that exit (default: stop all)")
-    allow_host(sub)
-    init_option(sub)
-    sub.add_argument("processes", nargs="*", metavar="PROCESS", help="run only these")
-
-    sub = command("run", _cmd_run, "supervise one command: kept alive, N copies, prefixed output", client=False)
-    sub.add_argument("-n", type=checked(lambda text: _int_setting("copies", int(text), 1, 1000)), default=1,
-                     metavar="N", help="copies (default 1, at most 1000)")
-    sub.add_argument("--name", help="the name shown (default: the program's)")
-    sub.add_argument("--http", metavar="ADDR", type=address, help="also serve the HTTP controller")
-    token_options(sub, "the bearer token requests must carry")
-    allow_host(sub)
-    sub.add_argument("--no-color", action="store_true", help="no colours, even on a terminal")
-    sub.add_argument("--graceful-timeout", type=seconds, default=5.0, metavar="S")
-    init_option(sub)
-    sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-
-    sub = command("check", _cmd_check, "validate a Procfile (or, with -c, a daemon config) and list its jobs")
-    sub.add_argument("-f", "--procfile", default="Procfile")
-    sub.add_argument("-c", "--config", metavar="FILE", help="a JSON or INI config, as serve takes")
-
-    sub = command("serve", _cmd_serve, "run a daemon from a JSON or INI config, with the HTTP controller on")
-    sub.add_argument("-c", "--config", required=True, metavar="FILE")
-    sub.add_argument("--http", metavar="ADDR", type=address,
-                     help="address (default: the config's, else %s)" % _DEFAULT_HTTP)
-    token_options(sub, "the bearer token requests must carry", "the config's token or token_file, else "
-                  "$GAFFER_TOKEN")
-    allow_host(sub)
-    init_option(sub)
-    sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                     help="what serve logs (default info: starts, exits, loads; debug adds HTTP requests)")
-    sub.add_argument("--log-file", metavar="FILE", help="append the log there instead of to stderr")
-    sub.add_argument("--pidfile", metavar="FILE", help="write serve's pid there; refuse to start if the "
-                     "pid in it is alive; removed at exit")
-    sub.add_argument("--state", metavar="FILE", help="record what the API changes (loads, unloads, scales, "
-                     "stops, starts) there, and restore it at the next start, after the config")
-    sub.add_argument("--daemon", action="store_true", help="detach (fork, setsid, fork); the command returns "
-                     "once serve is ready, with exit code 1 and the reason if it could not start")
-
-    command("ps", _cmd_ps, "list the running processes", client=True)
-    command("shutdown", _cmd_shutdown, "stop a running serve (or start --http) gracefully", client=True)
-    sub = command("status", _cmd_status, "show every job, or one, with its state", client=True)
-    sub.add_argument("job", nargs="?", help="a job: web (in any session, when only one has it) or batch.web")
-    sub = command("scale", _cmd_scale, "set (N) or change (+N, -N) a job's number of processes", client=True)
-    sub.add_argument("job")
-    sub.add_argument("count", metavar="N|+N|-N")
-    for name, state in (("stop", "stop"), ("reload", "reload"), ("restart", "reload")):
-        sub = command(name, lambda args, state=state: _client_state(args, state),
-                      "%s a job" % name + (" (as reload: new processes replace the old)" if name == "restart" else ""),
-                      client=True)
-        sub.add_argument("job")
-    sub = command("kill", _cmd_kill, "send a signal to a job's processes or to one process", client=True)
-    sub.add_argument("target", metavar="JOB|JOB.N|PID", help="a job (web), one of its processes (web.1), a pid")
-    sub.add_argument("signal", metavar="SIG")
-    sub = command("load", _cmd_load, "load the jobs of a JSON or INI file", client=True)
-    sub.add_argument("file")
-    sub = command("unload", _cmd_unload, "unload a job", client=True)
-    sub.add_argument("job")
-    sub = command("wait", _cmd_wait, "wait until every process of a job is ready (exit 1 on timeout)",
-                  client=True)
-    sub.add_argument("job")
-    sub.add_argument("--timeout", type=seconds, default=60.0, metavar="S", help="seconds (default 60)")
-    sub = command("watch", _cmd_watch, "follow the events (optionally those under PATTERN)", client=True)
-    sub.add_argument("pattern", nargs="?")
-    sub = command("logs", _cmd_logs, "show the last lines of a job's output (exited processes too) or of one "
-                  "process's, like tail", client=True)
-    sub.add_argument("target", metavar="JOB|JOB.N|PID", help="a job (web), one of its processes as start shows "
-                     "it (web.1), or a pid")
-    sub.add_argument("label", nargs="?", help="one output label of a process (default: all; out with -f)")
-    sub.add_argument("-n", type=checked(lambda text: _int_setting("lines", int(text), 0, 1 << 20)), default=10,
-                     metavar="N", help="lines (default 10)")
-    sub.add_argument("-f", "--follow", action="store_true", help="then print new lines as they come (Ctrl-C ends)")
-
-    sub = command("export", _cmd_export, "write systemd units, a supervisord config, runit services or launchd "
-                  "property lists from a Procfile")
-    sub.add_argument("format", choices=["systemd", "supervisord", "runit", "launchd"])
-    procfile_options(sub)
-    sub.add_argument("-o", "--output", required=True, metavar="DIR")
-    sub.add_argument("-a", "--app", help="application name (default: the Procfile's directory)")
-    sub.add_argument("-u", "--user", help="run the processes as this user")
-    sub.add_argument("--fragment", action="store_true",
-                     help="supervisord: only the programs and their group, for an [include] (default: a whole config)")
-    sub.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
+        options = {flags: settings for group in groups for flags, settings in _ARGS[group]}
+        options.update(own)  # a command's own --http or --graceful-timeout over a group's
+        for flags, settings in options.items():
+            add(sub, flags, settings)
     return parser
 
 

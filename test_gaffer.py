@@ -142,16 +142,41 @@ class Recorder:
                 self.cond.wait(remaining)
 
 
+class LogRecords(logging.Handler):
+    """What gaffer logs while the suite runs (warnings and errors): kept here instead of printed."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+LOGGED = LogRecords()
+
+
 class LeakCheckedTestCase(unittest.TestCase):
-    """Checks at teardown that no child, zombie, descendant, fd or thread was left behind."""
+    """Checks at teardown that no child, zombie, descendant, fd or thread was left behind, and that
+    gaffer logged no traceback (a listener, timer or command that raised), unless the test expects one."""
+
+    tracebacks_expected = False
 
     def setUp(self):
+        self._logged_before = len(LOGGED.records)
+        self.addCleanup(self._check_no_traceback)
         self._fds_before = open_fds()
         self._threads_before = set(threading.enumerate())
         self.tmp = tempfile.mkdtemp(prefix="gaffer-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.session_leaders = set()  # os pids of processes started in a new session
         self.addCleanup(self._check_nothing_left)
+
+    def _check_no_traceback(self):
+        if not self.tracebacks_expected:
+            records = [r for r in LOGGED.records[self._logged_before:] if r.exc_info]
+            self.assertEqual(["%s\n%s" % (r.getMessage(), logging.Formatter().formatException(r.exc_info))
+                              for r in records], [], "gaffer logged a traceback")
 
     def _check_nothing_left(self):
         if HAVE_PROC:
@@ -1263,7 +1288,8 @@ class StatsTest(ManagerTestCase):
         while busy.stats["cpu"] < 30:  # two samples with time between them; the first includes start-up
             self.assertLess(time.monotonic(), deadline, "a spinning child shows cpu")
             time.sleep(0.2)
-        wait_until(lambda: idle.stats["cpu"] < 10, what="an idle child shows little cpu")
+        wait_until(lambda: idle.stats["cpu"] < 10 and idle.stats["rss"] > 1 << 20,  # past its start-up
+                   what="an idle child shows little cpu")
         stats = idle.stats
         self.assertEqual((stats["pid"], stats["os_pid"]), (2, idle.os_pid))
         self.assertGreater(stats["rss"], 1 << 20)
@@ -1564,6 +1590,13 @@ class LifecycleTest(LeakCheckedTestCase):
         zombies = lambda: [pid for pid, (ppid, _, st) in proc_table().items() if ppid == host.pid and st == "Z"]  # noqa
         wait_until(lambda: not zombies(), 3, "the host's adopted zombies reaped within a second")
         self.assertTrue(alive(app), "the app itself is left alone")
+
+    def test_a_with_block_returns_once_the_loop_thread_has_ended(self):
+        with gaffer.Manager() as m:
+            m.load(gaffer.ProcessConfig("w", PY, args=SLEEP, graceful_timeout=2))
+            self.session_leaders.add(m.list()[0].os_pid)
+        self.assertFalse(m.loop.thread.is_alive())
+        self.assertNotIn("gaffer-loop", [thread.name for thread in threading.enumerate()])
 
     def test_atexit_stops_children_of_a_host_that_forgot(self):
         host, os_pids = self.run_script(self.HOST + "print(*pids, flush=True)\n")
@@ -3642,10 +3675,15 @@ CLI_ENV = {"PYTHONPATH": os.path.dirname(GAFFER), "PYTHONDONTWRITEBYTECODE": ""}
 
 def setUpModule():
     CLI_ENV["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="gaffer-test-pycache-")
+    logger = logging.getLogger("gaffer")  # kept, not printed: a test about a log line uses assertLogs
+    logger.addHandler(LOGGED)
+    logger.propagate = False
 
 
 def tearDownModule():
     shutil.rmtree(CLI_ENV.pop("PYTHONPYCACHEPREFIX"), True)
+    logging.getLogger("gaffer").removeHandler(LOGGED)
+    logging.getLogger("gaffer").propagate = True
 
 
 class CommandLineTestCase(LeakCheckedTestCase):
@@ -3744,6 +3782,34 @@ class RunnerTest(CommandLineTestCase):
         self.assertEqual(proc.finish(), 0, "stopped on request")
         self.assertEqual(len(proc.wait_line(r"stopping")), 3)
 
+    def test_honchos_own_scenarios(self):
+        """What a user coming from honcho runs, as honcho's documentation shows it."""
+        self.write("Procfile", "web: exec sleep 60\n")
+        proc = self.spawn("start", "-c", "web=0")  # nothing to run: back at once, as honcho
+        self.assertEqual(proc.finish(), 0)
+        self.write("Procfile.dev", 'web: echo "port=$PORT name=$GAFFER_PROCESS_NAME"; exec sleep 60\n'
+                                   'quiet: echo hushed; echo done; touch said; exec sleep 60\n')
+        self.write("dev.env", "PORT=7000\n")
+        proc = self.spawn("-f", "Procfile.dev", "-e", "dev.env", "start", "--no-colour", "-q", "quiet")
+        proc.wait_line(r"web\.1 +\| port=7000 name=web\.1$")  # PORT from the .env file, the name honcho gives
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp, "said")), what="the quiet process wrote")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.finish(), 0, proc.lines)
+        self.assertFalse([line for line in proc.lines if line and "hushed" in line], "-q hides its output")
+        proc = self.spawn("start", "--no-prefix", env={"PROCFILE": "Procfile.dev", "PORT": "7100"})
+        proc.wait_line(r"^port=7100 name=web\.1$")  # $PROCFILE and $PORT from the environment, no prefix
+        proc.wait_line(r"^done$")
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.finish(), 0, proc.lines)
+        self.write(".env", "PROCFILE=Procfile.dev\n")
+        self.assertIn("valid Procfile Procfile.dev", self.cli("check").stdout, "PROCFILE from .env")
+        self.assertIn("valid Procfile Procfile", self.cli("-f", "Procfile", "check").stdout, "-f before the command")
+        self.assertEqual(self.cli("-e", "dev.env", "check").returncode, 0)
+        self.assertEqual(self.cli("version").stdout, "gaffer.py %s\n" % gaffer.__version__)
+        result = self.cli("export", "supervisord", os.path.join(self.tmp, "out"), "-a", "app")  # honcho's: no -o
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(os.listdir(os.path.join(self.tmp, "out")), ["app.conf"])
+
     def test_the_first_exit_stops_the_rest_and_gives_the_code(self):
         self.write("Procfile", """
             fail: sleep 0.5; exit 3
@@ -3791,7 +3857,7 @@ class RunnerTest(CommandLineTestCase):
             self.assertEqual(result.returncode, 0, result.stderr)
             proc.wait_line(r"web\.3 +\| usr1 on 5002", count=sent)
             try:
-                logs.wait_line(r"^usr1 on 5002$", timeout=0.2)
+                logs.wait_line(r"^\d\d:\d\d:\d\d web\.3 \| usr1 on 5002$", timeout=0.2)  # as logs -n prints it
                 break
             except AssertionError:
                 pass
@@ -3799,7 +3865,7 @@ class RunnerTest(CommandLineTestCase):
             self.fail("logs web.3 never showed its output")
         logs.terminate()
         logs.finish()
-        self.assertEqual(self.gaffer("logs", "-n", "1", "web.3", *http).stdout, "usr1 on 5002\n")
+        self.assertRegex(self.gaffer("logs", "-n", "1", "web.3", *http).stdout, r"^\d\d:\d\d:\d\d web\.3 \| usr1 on 5002\n$")
         self.assertEqual(self.gaffer("scale", "web", "2", *http).returncode, 0)  # the highest slots go
         proc.wait_line(r"web\.[34] killed by signal 15", count=2)
         self.assertFalse([line for line in proc.lines if re.search(r"web\.[12] (killed|stopping)", line)])
@@ -3928,6 +3994,9 @@ class RunnerTest(CommandLineTestCase):
             (["start", "nope"], r"no process named 'nope'"),
             (["run"], r"give the command after --"),
             (["run", "-n", "0", "--", "true"], r"-n: copies must be >= 1"),
+            (["run", "-n", "x", "--", "true"], r"^gaffer: run: argument -n: copies must be an integer, got 'x'$"),
+            (["start", "-q", "nope"], r"^gaffer: -q: no process named 'nope' \(there are web, worker\)$"),
+            (["export", "systemd"], r"give the directory to write in, as -o DIR or after the format, once"),
             (["run", "--http", "0.0.0.0:1", "--", "true"], r"refusing to serve '0.0.0.0:1' without a token"),
             (["run", "--http", "nowhere:port", "--", "true"], r"the port must be a number"),
             (["frobnicate"], r"invalid choice"),
@@ -3950,6 +4019,14 @@ class RunnerTest(CommandLineTestCase):
         self.assertEqual(len(lines), 1, result.stdout)
         self.assertRegex(lines[0], r"system +\| job 'default.binary' cannot start '/nonexistent/binary': "
                                    r"\[Errno 2\] No such file or directory")
+
+    def test_every_option_says_what_it_does(self):
+        parser = gaffer._parser()
+        commands = next(action for action in parser._actions if action.dest == "command").choices
+        for name, sub in commands.items():
+            for action in sub._actions:
+                with self.subTest(command=name, option=action.option_strings or action.dest):
+                    self.assertTrue(action.help and action.help.strip(), "--help gives it a line")
 
     def test_version_help_and_python_m(self):
         for form in ([PY, GAFFER], [PY, "-m", "gaffer"]):  # the script, and the module the other tests run
@@ -4008,6 +4085,8 @@ class ServeTest(CommandLineTestCase):
         proc.send_signal(signal.SIGHUP)
         wait_until(lambda: self.jobs() == ["default.a", "default.b", "default.d"],
                    what="reloaded config; serve printed %r" % proc.lines)
+        proc.wait_line(r"INFO gaffer: reloaded %s: 1 loaded \(default\.d\), 1 updated \(default\.b\), 1 unloaded "
+                       r"\(s\.c\)$" % re.escape(config))  # one line that counts and names them
         self.record_leaders()
         self.assertEqual(self.pids(), a_pids, "an unchanged job is untouched")
         self.assertEqual(len(self.pids("default.b")), 3)
@@ -4150,6 +4229,19 @@ class ServeTest(CommandLineTestCase):
         self.assertNotIn("Traceback", "\n".join(filter(None, server.lines)))
         server.send_signal(signal.SIGINT)
         self.assertEqual(server.finish(), 0)
+        with open(state, "w") as f:
+            f.write("{not json")
+        sock = self.sock = os.path.join(self.tmp, "d.sock")
+        result = self.gaffer("serve", "-c", config, "--state", state, "--daemon", "--http", "unix:" + sock)
+        self.addCleanup(lambda: os.path.exists(sock) and gaffer._Client("unix:" + sock, None).request(
+            "POST", "/shutdown"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stderr, r"^gaffer: state file %s is corrupt \(.*\); set aside as %s\.corrupt, "
+                                        r"starting from the config alone\n$" % (re.escape(state), re.escape(state)),
+                         "said on the terminal, not only in the log")
+        self.record_leaders()
+        self.client("shutdown")
+        wait_until(lambda: not os.path.exists(sock), what="the daemon's exit")
 
     def test_a_job_that_cannot_start_stays_visible_and_is_retried(self):
         program = os.path.join(self.tmp, "later", "tool")  # a binary that appears later, as a mount does
@@ -4191,6 +4283,14 @@ class ServeTest(CommandLineTestCase):
         self.assertIsNone(running["last_error"], "cleared by the spawn that worked")
         self.client("shutdown")
         wait_until(lambda: not os.path.exists(sock), what="the daemon's exit")
+
+    def test_logs_of_a_job_that_captures_nothing_say_why(self):
+        self.serve(self.json_config([self.job("a")]))
+        self.record_leaders()
+        for target in ("a", "a.1"):
+            result = self.client("logs", target)
+            self.assertEqual((result.stdout, result.stderr), ("", "gaffer: default.a captures no output (its "
+                                                               "redirect_output is empty): there are no lines to show\n"))
 
     def test_files_serve_writes_cannot_be_steered(self):
         victim = self.write("victim", "precious\n")
@@ -4302,7 +4402,7 @@ class ServeTest(CommandLineTestCase):
             ("unknown.json", r"unknown.json: jobs\[0\] \(a\): ProcessConfig has no setting 'numprocess'; "
                              r"did you mean 'numprocesses'"),
             ("notobject.json", r"notobject.json: the config must be a JSON object"),
-            ("badint.ini", r"badint.ini: job:a/numprocesses: invalid literal"),
+            ("badint.ini", r"badint.ini: job:a/numprocesses: numprocesses must be an integer, got 'many'"),
             ("badvalue.ini", r"badvalue.ini: job:a: numprocesses must be >= 0, got -1"),
             ("nocmd.ini", r"nocmd.ini: job:a: cmd must be a non-empty str"),
             ("missing.ini", r"cannot read config file missing.ini"),
@@ -4362,9 +4462,10 @@ class ServeTest(CommandLineTestCase):
         self.record_leaders()
         pid = self.pids()[0]
         logs = self.spawn("logs", "-f", str(pid), "--http", "unix:" + self.sock)
-        logs.wait_line(r"^tick$", count=2)
+        logs.wait_line(r"^\d\d:\d\d:\d\d a\.\d \| tick$", count=2)  # as logs -n and start print lines
         wait_until(lambda: len(self.client("logs", "-n", "2", str(pid)).stdout.splitlines()) == 2)
-        self.assertEqual(self.client("logs", "-n", "2", str(pid)).stdout, "tick\ntick\n")  # as tail -n 2
+        self.assertRegex(self.client("logs", "-n", "2", str(pid)).stdout,
+                         r"^(\d\d:\d\d:\d\d a\.\d \| tick\n){2}$")  # as tail -n 2
 
         watch = self.spawn("watch", "job.default", "--http", "unix:" + self.sock)
         wait_until(lambda: self.client("kill", "a", "CONT") and [l for l in watch.lines if l and "kill" in l],
@@ -4677,7 +4778,11 @@ class ServeTest(CommandLineTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertRegex(result.stderr, r"^gaffer: cannot reach gaffer at 127.0.0.1:1: .*refused")
         import http.server
-        other = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+
+        class Other(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):  # quiet: the suite's output holds no log lines
+                pass
+        other = http.server.HTTPServer(("127.0.0.1", 0), Other)
         server = threading.Thread(target=other.serve_forever)
         server.start()
         try:
