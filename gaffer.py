@@ -3260,8 +3260,21 @@ class Manager:
             jobs.append({"name": job.name, "state": state, "cmd": " ".join([job.config.cmd] + job.config.args),
                          "running": len(procs), "ready": self._ready_count(job), "target": job.numprocesses,
                          "restarts": job.restarts, "last_exit": job.last_exit, "last_error": job.last_error,
-                         "processes": rows})
+                         "processes": rows, "slots": self._empty_slots(job)})
         return jobs
+
+    def _empty_slots(self, job):
+        """The job's slots that no process holds now, each with why: [{slot, state, delay}], state
+        "backoff" (delay: the seconds until its respawn), "exited" (its restart policy left it empty),
+        "waiting" (for a dependency) or "starting"."""
+        if not job.active:
+            return []
+        empty = sorted(set(range(1, job.numprocesses + 1)).difference(job.held))
+        delays = sorted(round(max(0.0, b.timer.when - self.loop.time()), 3) for b in job.backoff)
+        waiting = "waiting" if self._waiting_for(job) else "starting"
+        states = ([("backoff", delay) for delay in delays] + [("exited", None)] * job.retired
+                  + [(waiting, None)] * len(empty))
+        return [{"slot": slot, "state": state, "delay": delay} for slot, (state, delay) in zip(empty, states)]
 
     @staticmethod
     def _job_lines(job, count, pid=None):
@@ -6678,20 +6691,29 @@ def _report(args, result, text):
         print(text)
 
 
+def _one_line(text):
+    """A command as one line of a table: its newlines and other control characters escaped (\\n)."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
 def _uptime(create_time):
     seconds = int(max(0, time.time() - create_time)) if isinstance(create_time, (int, float)) else 0
     return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
 
 
 def _cmd_ps(args):
-    rows = []  # one per process, and one per job that has none (stopped, fatal, scaled to 0)
+    rows = []  # one per slot (its process, or why it is empty), and one per job that has none (stopped...)
     jobs = _client(args).request("GET", "/status")["jobs"]
     for job in jobs:
-        fields = {key: job[key] for key in ("state", "restarts", "last_exit", "cmd")}
-        rows += [dict(fields, job=job["name"], **proc) for proc in job["processes"]]
-        if not job["processes"]:
-            rows.append(dict(fields, job=job["name"], pid=None, os_pid=None, slot=None, status=None,
-                             create_time=None, cpu=None, mem=None))
+        fields = {key: job[key] for key in ("restarts", "last_exit", "cmd")}
+        nobody = dict(pid=None, os_pid=None, status=None, create_time=None, cpu=None, mem=None)
+        slots = [dict(fields, job=job["name"], **proc, state="running" if proc["status"] == "ready" else
+                      proc["status"]) for proc in job["processes"]]
+        slots += [dict(fields, **nobody, job=job["name"], slot=empty["slot"], state=empty["state"])
+                  for empty in job.get("slots", ())]
+        rows += sorted(slots, key=lambda row: (not row["slot"], row["slot"]))
+        if not slots:
+            rows.append(dict(fields, **nobody, job=job["name"], slot=None, state=job["state"]))
     if args.json:
         _print_json(rows)
         return 0
@@ -6699,10 +6721,10 @@ def _cmd_ps(args):
     for r in rows:
         running = r["pid"] is not None
         name = "%s.%d" % (r["job"], r["slot"]) if r["slot"] else r["job"]
-        table.append((name, r["state"] if not running or r["status"] == "ready" else r["status"],
+        table.append((name, r["state"],
                       str(r["pid"]) if running else "-", str(r["os_pid"]) if running else "-",
                       _uptime(r["create_time"]) if running else "-", str(r["cpu"]) if running else "-",
-                      str(r["mem"]) if running else "-", str(r["restarts"]), r["last_exit"] or "-", r["cmd"]))
+                      str(r["mem"]) if running else "-", str(r["restarts"]), r["last_exit"] or "-", _one_line(r["cmd"])))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -6724,7 +6746,7 @@ def _cmd_status(args):
                         return 0
                     print("%s.%s: %s, pid %d, os pid %d, up %s, cpu %s%%, mem %s%%: %s" % (
                         job["name"], proc["slot"] or "commit", proc["status"], pid, proc["os_pid"],
-                        _uptime(proc["create_time"]), proc["cpu"], proc["mem"], job["cmd"]))
+                        _uptime(proc["create_time"]), proc["cpu"], proc["mem"], _one_line(job["cmd"])))
                     return 0
         raise _Failure("process %s not found (404)" % args.job)
     if args.job:
@@ -6738,7 +6760,7 @@ def _cmd_status(args):
     for job in jobs:
         print("%s: %s, %d of %d running, %d ready, %d restarts, last exit %s, pids %s: %s%s" % (
             job["name"], job["state"], job["running"], job["target"], job["ready"], job["restarts"],
-            job["last_exit"] or "-", " ".join(str(p["pid"]) for p in job["processes"]) or "-", job["cmd"],
+            job["last_exit"] or "-", " ".join(str(p["pid"]) for p in job["processes"]) or "-", _one_line(job["cmd"]),
             "; last error: %s" % job["last_error"] if job.get("last_error") else ""))
     return 0
 

@@ -4270,7 +4270,7 @@ class ServeTest(CommandLineTestCase):
         self.assertEqual(client.request("GET", "/jobs/default/late")["last_error"], jobs["default.late"]["last_error"])
         self.session_leaders.add(jobs["default.a"]["processes"][0]["os_pid"])
         ps = self.client("ps").stdout
-        self.assertRegex(ps, r"default\.late +backoff ")
+        self.assertRegex(ps, r"default\.late\.1 +backoff ", "its slot has a row")
         self.assertIn("default.late: job 'default.late' cannot start", ps, "ps says why")
         os.mkdir(os.path.dirname(program))
         with open(program, "w") as f:
@@ -4283,6 +4283,18 @@ class ServeTest(CommandLineTestCase):
         self.assertIsNone(running["last_error"], "cleared by the spawn that worked")
         self.client("shutdown")
         wait_until(lambda: not os.path.exists(sock), what="the daemon's exit")
+
+    def test_ps_has_a_row_per_slot_each_with_its_own_state(self):
+        crash = "import os, sys, time\nif os.environ['GAFFER_PROCESS_NAME'] == 'w.2':\n    sys.exit(1)\ntime.sleep(60)"
+        self.serve(self.json_config([self.job("w", args=["-S", "-c", crash], numprocesses=2, backoff_max=60)]))
+        wait_until(lambda: re.search(r"default\.w\.2 +backoff ", self.client("ps").stdout),
+                   what="the crash-looping slot in backoff")
+        ps = self.client("ps").stdout
+        rows = {line.split()[0]: line.split()[1] for line in ps.splitlines()[1:]}
+        self.assertEqual(rows, {"default.w.1": "running", "default.w.2": "backoff"}, ps)
+        status = json.loads(self.client("status", "--json").stdout)[0]
+        self.assertEqual((status["state"], [row["slot"] for row in status["slots"]]), ("backoff", [2]))
+        self.session_leaders.update(proc["os_pid"] for proc in status["processes"])
 
     def test_logs_of_a_job_that_captures_nothing_say_why(self):
         self.serve(self.json_config([self.job("a")]))
