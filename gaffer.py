@@ -3260,7 +3260,8 @@ class Manager:
             jobs.append({"name": job.name, "state": state, "cmd": " ".join([job.config.cmd] + job.config.args),
                          "running": len(procs), "ready": self._ready_count(job), "target": job.numprocesses,
                          "restarts": job.restarts, "last_exit": job.last_exit, "last_error": job.last_error,
-                         "processes": rows, "slots": self._empty_slots(job)})
+                         "processes": rows, "slots": self._empty_slots(job),
+                         "outputs": list(dict.fromkeys(job.config.redirect_output))})
         return jobs
 
     def _empty_slots(self, job):
@@ -7343,7 +7344,7 @@ _DASHBOARD = r"""<!doctype html>
   #logs pre { background: #1e1e1e; color: #ddd; padding: .8em; height: 22em; overflow: auto; margin: .4em 0 0;
               font: 12px/1.4 ui-monospace, monospace; white-space: pre-wrap; }
   #status { color: #888; margin-left: 1em; font-size: .9em; }
-  #error { color: #b00; }
+  #error, td.error { color: #b00; } td.error { white-space: normal; }
   #login { display: none; margin-bottom: 1em; }
   .pid { color: #36c; text-decoration: underline; cursor: pointer; }
 </style>
@@ -7457,7 +7458,7 @@ function render(jobs) {
   for (const job of jobs) {
     const row = document.createElement("tr");
     row.className = "job" + (following && following.job === job.name ? " chosen" : "");
-    row.addEventListener("click", () => followJob(job.name));
+    row.addEventListener("click", () => followJob(job.name, job.outputs));
     cell(row, job.name);
     const badge = document.createElement("span");
     badge.className = "state " + job.state;
@@ -7476,10 +7477,14 @@ function render(jobs) {
       link.className = "pid";
       link.textContent = p.slot ? job.name.slice(job.name.indexOf(".") + 1) + "." + p.slot : String(p.pid);
       link.title = "pid " + p.pid + ", os pid " + p.os_pid + ", " + p.status;
-      link.addEventListener("click", (e) => { e.stopPropagation(); followProcess(job.name, p); });
+      link.addEventListener("click", (e) => { e.stopPropagation(); followProcess(job.name, p, job.outputs); });
       pids.append(link, " ");
     }
-    cell(row, job.last_exit || "-");
+    const last = cell(row, job.last_exit || "-");
+    if (job.last_error) {  // why it cannot start: said, not only a state
+      last.textContent = job.last_error;
+      last.className = "error";
+    }
     const actions = cell(row, "");
     const path = jobPath(job.name);
     button(actions, "start", () => api("POST", path + "/state", {state: "start"}));
@@ -7512,6 +7517,7 @@ function showLogs(title, job, path, format) {
   const text = $("logs-text");
   text.textContent = "";
   refresh();
+  if (!path) return;
   events(path, (event, data) => {
     const atBottom = text.scrollTop + text.clientHeight >= text.scrollHeight - 4;
     text.append(format(event, data));
@@ -7520,9 +7526,14 @@ function showLogs(title, job, path, format) {
   }, following.signal).catch((err) => { if (err.name !== "AbortError") showError(err); });
 }
 
-function followJob(name) {
+function followJob(name, outputs) {
   history.replaceState(null, "", "#logs=" + encodeURIComponent(name));
   const short = name.slice(name.indexOf(".") + 1);
+  if (outputs && !outputs.length) {  // nothing would ever come: say why
+    showLogs("logs of " + name, name, null);
+    $("logs-text").textContent = name + " captures no output: set its redirect_output (or log_file) to see it here.";
+    return;
+  }
   showLogs("logs of " + name, name, jobPath(name) + "/logs?lines=200&follow=1", (event, data) => {
     const line = JSON.parse(data);
     if (event === "overflow") return "[" + line.dropped + " lines dropped: this page read too slowly]\n";
@@ -7530,9 +7541,10 @@ function followJob(name) {
   });
 }
 
-function followProcess(name, process) {
+function followProcess(name, process, outputs) {
+  if (!outputs.length) { followJob(name, outputs); return; }
   showLogs("output of process " + process.pid + " (" + name + ")", name,
-           "/" + process.pid + "/streams/out?tail=200", (event, data) => data);
+           "/" + process.pid + "/streams/" + encodeURIComponent(outputs[0]) + "?tail=200", (event, data) => data);
 }
 
 $("logs-close").addEventListener("click", () => {

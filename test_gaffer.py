@@ -3599,7 +3599,8 @@ class HttpTokenTest(HttpTestCase):
         self.assertEqual(self.ok("GET", "/")["name"], "gaffer")
         # What the page calls, each as it calls it: the same API as any client.
         for fragment in ('"/version"', '"/status"', '"/watch"', '"/state", {state: "start"}', '"/numprocesses", {scale:',
-                         '"/logs?lines=200&follow=1"', '"/streams/out?tail=200"', '"Bearer " + token'):
+                         '"/logs?lines=200&follow=1"', '"/streams/" + encodeURIComponent(outputs[0]) + "?tail=200"',
+                         '"Bearer " + token'):
             self.assertIn(fragment, script)
         self.load("w", code="import time\nprint('hello', flush=True)\ntime.sleep(60)", redirect_output=["out"])
         self.assertEqual(self.ok("GET", "/version")["name"], "gaffer")
