@@ -1463,6 +1463,7 @@ def _escaped(leaders, marks):
 # read its fixed attributes or go through the manager.
 
 class _State(enum.Enum):
+    NEW = "new"             # made, not spawned yet
     STARTING = "starting"   # spawned; its readiness check has not passed yet
     READY = "ready"
     STOPPING = "stopping"
@@ -1470,12 +1471,21 @@ class _State(enum.Enum):
 
 
 _TRANSITIONS = {
-    _State.STARTING: {_State.READY, _State.STOPPING, _State.EXITED},
+    _State.NEW: {_State.STARTING},                                    # spawn
+    _State.STARTING: {_State.READY, _State.STOPPING, _State.EXITED},  # ready, stop_process or reap, exit
     _State.READY: {_State.STOPPING, _State.EXITED},
     _State.STOPPING: {_State.EXITED},
     _State.EXITED: set(),
 }
 _ALIVE = frozenset({_State.STARTING, _State.READY})  # counted, signalled, listed
+# The event of each move, and the topics it goes out on ({job}: session.name, {pid}: the manager's id).
+_MOVE_EVENTS = {
+    "spawn": ("spawn", "job.{job}.spawn", "proc.{pid}.spawn"),
+    "ready": ("ready", "job.{job}.ready", "proc.{pid}.ready"),
+    "stop_process": ("stop_process", "proc.{pid}.stop"),
+    "reap": ("reap", "job.{job}.reap", "proc.{pid}.reap"),
+    "exit": ("exit", "job.{job}.exit", "proc.{pid}.exit"),
+}
 
 
 def _allow_sender(path, uid):
@@ -1783,7 +1793,7 @@ class Process:
         self.streams = {label: Stream(self, label) for label in config.custom_streams}
         self._manager = manager
         self._job = job
-        self._state = _State.STARTING
+        self._state = _State.NEW
         self.notify_status = None  # the last STATUS= a notify check received
         self._spawned_at = None    # loop time of the spawn
         self._ready_timer = None   # ready_timeout, or the delay: check
@@ -1921,8 +1931,8 @@ class Process:
             self._manager._mark_ready(self)
 
     def _awaits_output(self):
-        """Its readiness check is an output: regex, not passed yet."""
-        return self._state is _State.STARTING and self._reads_ready
+        """Its readiness check is an output: regex, not passed yet (and it has not exited)."""
+        return self._state is _State.STARTING and self._reads_ready and not self._reaped
 
     def _on_notify(self, mask):
         """sd_notify datagrams: READY=1 marks the process ready, WATCHDOG=1 says it is alive, STATUS=... is kept."""
@@ -1952,9 +1962,14 @@ class Process:
             except OSError:
                 pass
 
+    @property
+    def _reaped(self):
+        """The child exited and was reaped: its pid may be another process's by now."""
+        return self._popen is not None and self._popen.returncode is not None
+
     def _finish(self):
-        """The child was reaped: deliver its last output, close its descriptors, forget its timers."""
-        self._set_state(_State.EXITED)  # STARTING|READY|STOPPING -> EXITED
+        """The child was reaped: deliver its last output, close its descriptors, forget its timers.  Its
+        move to EXITED, with the exit event, comes after (Manager._move)."""
         for timer in (self._ready_timer, self._check_timer):
             if timer is not None:
                 timer.cancel()
@@ -2150,14 +2165,34 @@ def _human(n):
 # -- Job state -----------------------------------------------------------------
 # What the manager knows of each loaded job.  Loop thread only.
 
+class _JobState(enum.Enum):
+    STOPPED = "stopped"     # not running, as asked (or not started yet)
+    STARTING = "starting"   # running: a slot has no ready process yet, or it waits for a dependency
+    RUNNING = "running"     # running: every slot has a ready process
+    BACKOFF = "backoff"     # running: a slot's respawn waits out its backoff
+    RETRYING = "retrying"   # flapping stopped it; it starts again after flapping.retry_in
+    FATAL = "fatal"         # flapping stopped it for good, until it is started by hand
+
+    @property
+    def shown(self):
+        """What status(), ps and the dashboard say: a flapping retry is a backoff too."""
+        return "backoff" if self is _JobState.RETRYING else self.value
+
+
+_ACTIVE_JOB = frozenset({_JobState.STARTING, _JobState.RUNNING, _JobState.BACKOFF})  # exits are replaced
+
+
 @dataclasses.dataclass(eq=False)
 class _Job:
     session: str
     config: ProcessConfig
     #: processes kept alive (scale changes it; reload goes back to config.numprocesses)
     numprocesses: int
-    #: exits are replaced while True
-    active: bool = False
+    #: the lifecycle (Manager._job_to changes it, and nothing else)
+    state: _JobState = _JobState.STOPPED
+    #: processes of the job in STARTING, and counted processes in READY (Manager._move counts them)
+    starting: int = 0
+    ready: int = 0
     #: pid -> Process counted against numprocesses, oldest first
     running: dict = dataclasses.field(default_factory=dict)
     #: pid -> Process started by commit(), never restarted
@@ -2170,8 +2205,6 @@ class _Job:
     flap_retries: int = 0
     #: the restart after a flap
     restart_timer: _Timer | None = None
-    #: flapping stopped it for good (its retries used up), until it is started by hand
-    fatal: bool = False
     #: the next batch of a large spawn, on the next loop turn
     spawn_timer: _Timer | None = None
     #: what a call that waits (load, scale, start_job) spawned in its earlier batches: a failure stops them all
@@ -2203,6 +2236,17 @@ class _Job:
     def name(self):
         return "%s.%s" % (self.session, self.config.name)
 
+    @property
+    def active(self):
+        """Exits are replaced: it runs (starting, running or backing off)."""
+        return self.state in _ACTIVE_JOB
+
+    def count_move(self, proc, was, state):
+        """Keep the counts of starting and ready processes as a process moves (Manager._move)."""
+        self.starting += (state is _State.STARTING) - (was is _State.STARTING)
+        if state is _State.READY and proc.pid in self.running:
+            self.ready += 1
+
     def free_slot(self):
         """The lowest slot no counted process holds, in O(log n)."""
         while self.freed and self.freed[0] in self.held:
@@ -2218,6 +2262,8 @@ class _Job:
     def leave(self, proc):
         """The process no longer counts (it stops or exited): its slot is given back."""
         self.stopping.pop(proc.pid, None)
+        if proc._state is _State.READY and proc.pid in self.running:
+            self.ready -= 1
         if self.running.pop(proc.pid, None) is None:
             self.running_out.pop(proc.pid, None)
         elif self.held[proc.slot] > 1:
@@ -2232,8 +2278,7 @@ class _Job:
         return list(self.running.values()) + list(self.running_out.values())
 
     def __repr__(self):
-        return "<Job %r %s running=%d/%d>" % (self.name, "active" if self.active else "stopped",
-                                             len(self.running), self.numprocesses)
+        return "<Job %r %s running=%d/%d>" % (self.name, self.state.name, len(self.running), self.numprocesses)
 
 
 def _tcp_listeners():
@@ -3059,9 +3104,33 @@ class Manager:
     def _publish_job(self, job, event, **fields):
         self._publish({"name": job.name, **fields}, event, "job.%s.%s" % (job.name, event))
 
-    def _publish_proc(self, proc, event, **fields):
+    def _move(self, proc, state, event, **fields):
+        """The one place a process changes state: the move (checked against _TRANSITIONS), the job's
+        counts and state, then the event of that move (_MOVE_EVENTS) with the process's fields."""
+        was = proc._state
+        proc._set_state(state)
+        proc._job.count_move(proc, was, state)
+        self._refresh(proc._job)
         msg = {"name": proc.name, "pid": proc.pid, "os_pid": proc.os_pid, "slot": proc.slot, **fields}
-        self._publish(msg, event, "job.%s.%s" % (proc.name, event), "proc.%d.%s" % (proc.pid, event))
+        if event == "stop_process":  # as the seed sent it
+            del msg["os_pid"]
+        self._publish(msg, *[topic.format(job=proc.name, pid=proc.pid) for topic in _MOVE_EVENTS[event]])
+
+    def _job_to(self, job, state, announce=True):
+        """The one place a job's state changes.  An active state is worked out from the job's slots and
+        processes (RUNNING, STARTING or BACKOFF); start and stop go out when it starts or stops running
+        (unless announce is off: the caller says it, after what it does)."""
+        if state in _ACTIVE_JOB:
+            state = (_JobState.BACKOFF if job.backoff else
+                     _JobState.STARTING if job.starting or len(job.running) < job.numprocesses else _JobState.RUNNING)
+        was, job.state = job.state, state
+        if announce and (was in _ACTIVE_JOB) != (state in _ACTIVE_JOB):
+            self._publish_job(job, "start" if state in _ACTIVE_JOB else "stop")
+
+    def _refresh(self, job):
+        """A running job's processes or slots changed: its state follows."""
+        if job.state in _ACTIVE_JOB:
+            self._job_to(job, _JobState.RUNNING)
 
     # -- _do_* bodies (loop thread)
 
@@ -3155,7 +3224,7 @@ class Manager:
         job = self._job(name)
         self._check_cycle(job.session, config)
         self._set_limits(job, config)
-        old = (job.config, job.numprocesses, job.active)
+        old = (job.config, job.numprocesses, job.state)
         respawn = any(getattr(job.config, key) != getattr(config, key) for key in _SPAWN_SETTINGS)
         job.config = config
         job.numprocesses = max(config.numprocesses, job.numprocesses)
@@ -3170,12 +3239,14 @@ class Manager:
                         proc.config, proc.graceful_timeout = config, config.graceful_timeout
                     self._manage(job, strict=True)
             except ProcessError:
-                job.config, job.numprocesses, job.active = old
+                job.config, job.numprocesses = old[:2]
+                self._job_to(job, old[2])
                 raise
         self._publish({"name": job.name}, "update")
 
         def undo(exc):
-            job.config, job.numprocesses, job.active = old
+            job.config, job.numprocesses = old[:2]
+            self._job_to(job, old[2])
             return exc
 
         return self._once_spawned(job, None, undo)
@@ -3244,14 +3315,7 @@ class Manager:
         jobs = []
         for job in self._all_jobs():
             procs = sorted(job.processes(), key=_by_slot)
-            if not job.active:
-                state = "backoff" if job.restart_timer else "fatal" if job.fatal else "stopped"
-            elif job.backoff:
-                state = "backoff"
-            elif len(job.running) < job.numprocesses or any(p._state is _State.STARTING for p in procs):
-                state = "starting"
-            else:
-                state = "running"
+            state = job.state.shown  # kept by _job_to: nothing here works it out again
             rows = []
             for proc in procs:
                 stats = proc._sample()
@@ -3592,7 +3656,7 @@ class Manager:
         if (config.max_rss or config.max_age) and self._sample_timer is None:
             self._sample_timer = self.loop.call_later(self.stats_interval, self._on_sample)
         self._guard(proc)
-        self._publish_proc(proc, "spawn")
+        self._move(proc, _State.STARTING, "spawn")  # NEW -> STARTING
         self._start_check(proc)
         return proc
 
@@ -3697,17 +3761,16 @@ class Manager:
         # output: and notify: the process's own reads move it (Process._on_output, _on_notify)
 
     def _mark_ready(self, proc):
-        if proc._state is not _State.STARTING:
+        if proc._state is not _State.STARTING or proc._reaped:
             return
-        proc._set_state(_State.READY)  # STARTING -> READY
         for timer in (proc._ready_timer, proc._check_timer):
             if timer is not None:
                 timer.cancel()
         proc._ready_timer = proc._check_timer = None
         proc._check_pending = False
-        if proc.config.health is not None:
+        self._move(proc, _State.READY, "ready", elapsed=round(self.loop.time() - proc._spawned_at, 6))
+        if proc.config.health is not None and proc._state is _State.READY:  # (a listener may have stopped it)
             self._arm_health(proc)
-        self._publish_proc(proc, "ready", elapsed=round(self.loop.time() - proc._spawned_at, 6))
         job = proc._job
         if job.rollout is not None and job.rollout.surge == proc.pid:
             self._surge_ready(job, proc)
@@ -3845,8 +3908,9 @@ class Manager:
         graph = {job.name: _dep_names(job.session, job.config) for job in self._all_jobs()}
         _refuse_cycle(graph, session, config)
 
-    def _ready_count(self, job):
-        return sum(1 for proc in job.running.values() if proc._state is _State.READY)
+    @staticmethod
+    def _ready_count(job):
+        return job.ready
 
     def _check_ready_waiters(self):
         """Wake the wait_ready() callers whose job is ready, gone, stopped, or whose manager stopped."""
@@ -3876,10 +3940,8 @@ class Manager:
         self._forget_slots(job)
         job.exits.clear()
         job.flap_retries = 0
-        job.fatal = False
-        if not job.active:
-            job.active = True
-            self._publish_job(job, "start")
+        if not job.active:  # STOPPED, RETRYING or FATAL -> running
+            self._job_to(job, _JobState.RUNNING)
 
     def _start_job(self, job):
         self._activate(job)
@@ -3901,16 +3963,25 @@ class Manager:
         job.backoff.clear()
         job.retired = 0
 
-    def _stop_job(self, job):
+    def _stop_job(self, job, state=_JobState.STOPPED):
+        """Stop every process of the job, none replaced: STOPPED, or RETRYING or FATAL after a flap."""
         job.rollout = None
         self._forget_slots(job)
-        was_active, job.active = job.active, False
+        was_active = job.active
+        self._job_to(job, state, announce=False)
         for proc in job.processes():
             self._stop(proc, "stop_process")
-        if was_active:
+        if was_active:  # after the stop_process events, as it always was
             self._publish_job(job, "stop")
 
     def _manage(self, job, strict=False):
+        """Bring the job's running count to its target (see _fill); the job's state follows."""
+        try:
+            self._fill(job, strict)
+        finally:
+            self._refresh(job)
+
+    def _fill(self, job, strict=False):
         """Bring the job's running count to its target.
 
         strict (a caller waits): a spawn failure stops what this call spawned and raises,
@@ -3936,7 +4007,7 @@ class Manager:
             return  # spawned once every job it depends on is ready (_release_dependents)
         spawned = job.spawning if strict and job.spawning is not None else []
         job.spawning, count, started = None, 0, time.monotonic()
-        while job.active and self._slots_taken(job) < job.numprocesses and not job.restart_timer:
+        while job.active and self._slots_taken(job) < job.numprocesses:
             if count and time.monotonic() - started > _SPAWN_SLICE:  # the rest on the next turns
                 if job.spawn_timer is None:
                     job.spawn_timer = self.loop.call_later(0, self._on_spawn_batch, job)
@@ -3992,7 +4063,7 @@ class Manager:
 
     def _respawn(self, job, streak):
         """Fill one slot whose process exited, now: the new process carries the slot's quick-exit streak."""
-        if (not job.active or self._state is not _Lifecycle.RUNNING or job.restart_timer
+        if (not job.active or self._state is not _Lifecycle.RUNNING
                 or self._slots_taken(job) >= job.numprocesses or self._waiting_for(job)):
             return
         try:
@@ -4018,6 +4089,7 @@ class Manager:
         backoff = _Backoff(streak, _backoff_delay(streak, job.config.backoff_max) if delay is None else delay)
         backoff.timer = self.loop.call_later(backoff.delay, self._on_backoff_due, job, backoff)
         job.backoff.append(backoff)
+        self._refresh(job)
         self._publish({"name": job.name, "delay": round(backoff.delay, 3)}, "backoff", "job.%s.backoff" % job.name)
 
     def _on_backoff_due(self, job, backoff):
@@ -4025,6 +4097,7 @@ class Manager:
             job.backoff.remove(backoff)
             if self._loaded(job):
                 self._respawn(job, backoff.streak)
+            self._refresh(job)
 
     def _replace(self, job, previous=None):
         """Replace every counted process: spawn the new ones first, then stop the old.
@@ -4108,19 +4181,14 @@ class Manager:
         job = proc._job
         job.leave(proc)
         job.stopping[proc.pid] = proc
-        proc._set_state(_State.STOPPING)
         self._signal(proc, proc.config.stop_signal, proc.config.stop_children)
         proc._kill_timer = self.loop.call_later(proc.graceful_timeout, self._on_graceful_timeout, proc)
         if proc.config.stop_children:
             self._sweep_later(proc)
-        if event == "reap":
-            self._publish_proc(proc, "reap")
-        else:
-            self._publish({"name": proc.name, "pid": proc.pid, "slot": proc.slot}, "stop_process",
-                          "proc.%d.stop" % proc.pid)
+        self._move(proc, _State.STOPPING, event)  # STARTING|READY -> STOPPING
 
     def _signal(self, proc, signum, group):
-        if proc._state is not _State.EXITED:  # only then is the pid surely still ours
+        if not proc._reaped:  # only then is the pid surely still ours
             _send_signal(proc.os_pid, signum, group)
             if group and proc._cgroup is not None:
                 self._signal_escaped(proc._cgroup, proc.os_pid, signum)
@@ -4149,13 +4217,13 @@ class Manager:
             return False
         job.exits.clear()
         self._publish({"name": job.name}, "flap", "job.%s.flap" % job.name)
-        self._stop_job(job)
+        retry = job.flap_retries < flapping.max_retry
+        self._stop_job(job, _JobState.RETRYING if retry else _JobState.FATAL)
         self._check_ready_waiters()
-        if job.flap_retries < flapping.max_retry:
+        if retry:
             job.flap_retries += 1
             job.restart_timer = self.loop.call_later(flapping.retry_in, self._on_flap_retry, job)
         else:
-            job.fatal = True
             _log.error("%s is flapping; stopped after %d retries", job.name, job.flap_retries)
         return True
 
@@ -4233,8 +4301,8 @@ class Manager:
             streak = proc._streak + 1 if quick else 0
             delay = _backoff_delay(streak, proc.config.backoff_max)
         job.last_exit = "signal %d" % term_signal if term_signal else "exit %d" % exit_status
-        self._publish_proc(proc, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
-                           dropped_input=dropped, respawn=respawn, delay=None if delay is None else round(delay, 3))
+        self._move(proc, _State.EXITED, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
+                   dropped_input=dropped, respawn=respawn, delay=None if delay is None else round(delay, 3))
         self._forget(proc)
         for waiter in list(self._reap_waiters):
             waiter[0].discard(proc.pid)
@@ -4268,7 +4336,7 @@ class Manager:
     def _on_graceful_timeout(self, proc):
         """A stopping process outlived graceful_timeout: SIGKILL (its group and cgroup too, with stop_children)."""
         proc._kill_timer = None
-        if proc._state is not _State.EXITED:
+        if not proc._reaped:
             _send_signal(proc.os_pid, signal.SIGKILL, proc.config.stop_children)
             if proc.config.stop_children and proc._cgroup is not None:
                 _cgroup_kill(proc._cgroup)
@@ -4496,8 +4564,7 @@ class Manager:
         job.restart_timer = None
         if self._state is not _Lifecycle.RUNNING or not self._loaded(job):
             return
-        job.active = True
-        self._publish_job(job, "start")
+        self._job_to(job, _JobState.RUNNING)  # RETRYING -> running
         self._manage(job)
 
     def _on_loop_closed(self):
