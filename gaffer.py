@@ -1808,7 +1808,6 @@ class Process:
         self._reads_ready = isinstance(config.ready, str) and config.ready.startswith("output:")
         self._logs = {}            # label -> _LogFile, where the job has a log_file
         self._notify = None        # the datagram socket of a notify check
-        self._streak = 0           # quick exits of its slot before it, in a row
         self._max_age = None       # config.max_age plus this process's share of max_age_variance
         self._signalled = False    # the manager sent it a signal (kill, killall): not a failure
         self._popen = None
@@ -2182,55 +2181,67 @@ class _JobState(enum.Enum):
 _ACTIVE_JOB = frozenset({_JobState.STARTING, _JobState.RUNNING, _JobState.BACKOFF})  # exits are replaced
 
 
-@dataclasses.dataclass(eq=False)
+class _Slot:
+    """One of a job's numprocesses places, which outlives its processes: its number (the process's
+    slot and $PORT), its processes (the newest last: two while one replaces the other), its quick-exit
+    streak, and either the timer of a respawn waiting out its backoff, or whether the restart policy
+    retired it.  Only the job (_Job) and its slot engine (Manager) change it."""
+
+    __slots__ = ("number", "procs", "streak", "timer", "retired")
+
+    def __init__(self, number):
+        self.number = number
+        self.procs = []
+        self.streak = 0      # quick exits in a row of the processes in this slot
+        self.timer = None    # the respawn after a backoff
+        self.retired = False
+
+    @property
+    def idle(self):
+        """No process, no respawn due, not retired: a spawn may take it."""
+        return not self.procs and self.timer is None and not self.retired
+
+    @property
+    def state(self):
+        """running (it has a process), backoff, exited (retired) or idle."""
+        return ("running" if self.procs else "backoff" if self.timer is not None else
+                "exited" if self.retired else "idle")
+
+    def __repr__(self):
+        return "<Slot %d %s streak=%d>" % (self.number, self.state, self.streak)
+
+
 class _Job:
-    session: str
-    config: ProcessConfig
-    #: processes kept alive (scale changes it; reload goes back to config.numprocesses)
-    numprocesses: int
-    #: the lifecycle (Manager._job_to changes it, and nothing else)
-    state: _JobState = _JobState.STOPPED
-    #: processes of the job in STARTING, and counted processes in READY (Manager._move counts them)
-    starting: int = 0
-    ready: int = 0
-    #: pid -> Process counted against numprocesses, oldest first
-    running: dict = dataclasses.field(default_factory=dict)
-    #: pid -> Process started by commit(), never restarted
-    running_out: dict = dataclasses.field(default_factory=dict)
-    #: pid -> Process asked to stop and not yet reaped
-    stopping: dict = dataclasses.field(default_factory=dict)
-    #: times of recent unasked-for exits, for flapping
-    exits: collections.deque = dataclasses.field(default_factory=collections.deque)
-    #: flapping retries used since the job was last started by hand
-    flap_retries: int = 0
-    #: the restart after a flap
-    restart_timer: _Timer | None = None
-    #: the next batch of a large spawn, on the next loop turn
-    spawn_timer: _Timer | None = None
-    #: what a call that waits (load, scale, start_job) spawned in its earlier batches: a failure stops them all
-    spawning: list | None = None
-    #: respawns waiting out their backoff: each holds a slot (_Backoff)
-    backoff: list = dataclasses.field(default_factory=list)
-    #: slots left empty by the restart policy, until start_job, reload or scale
-    retired: int = 0
-    #: respawns after an exit nobody asked for
-    restarts: int = 0
-    #: how its last process ended: "exit 3", "signal 9", or None
-    last_exit: str | None = None
-    #: why its last spawn failed (a binary or cwd missing), until one succeeds
-    last_error: str | None = None
-    #: a rolling replacement under way: pids of the old processes, and the new one awaited
-    rollout: "_Rollout | None" = None
-    #: the last exited processes with output in their tail (Manager.logs reads them)
-    history: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=_HISTORY))
-    #: LOGS channels -> the pid whose lines they follow (None: every process's): each new line goes to them
-    followers: dict = dataclasses.field(default_factory=dict)
-    #: lines a log file could not take (a full disk)
-    log_dropped: int = 0
-    #: slot -> how many counted processes hold it (two while one replaces the other)
-    held: dict = dataclasses.field(default_factory=dict)
-    #: slots given back, lowest first (a heap; some may be held again since)
-    freed: list = dataclasses.field(default_factory=list)
+    """What the manager knows of a loaded job: its config, its count and slots, its lifecycle, its
+    processes, and what they left (history, restarts, last exit).  Loop thread only."""
+
+    def __init__(self, session, config, numprocesses):
+        self.session = session
+        self.config = config
+        self.state = _JobState.STOPPED  # the lifecycle (Manager._job_to changes it, and nothing else)
+        self.starting = 0             # processes of the job in STARTING (Manager._move counts them)
+        self.ready = 0                # counted processes in READY
+        self.running = {}             # pid -> Process counted against numprocesses, oldest first
+        self.running_out = {}         # pid -> Process started by commit(), never restarted
+        self.stopping = {}            # pid -> Process asked to stop and not yet reaped
+        self.slots = {}               # number -> _Slot, for 1..numprocesses and above while one is busy
+        self.idle = []                # numbers of idle slots, lowest first (a heap; some may be busy since)
+        self.backoff = set()          # slots whose respawn waits out a backoff
+        self.retired = set()          # slots the restart policy left empty, until start_job, reload or scale
+        self.exits = collections.deque()  # times of recent unasked-for exits, for flapping
+        self.flap_retries = 0         # flapping retries used since the job was last started by hand
+        self.restart_timer = None     # the start after a flap
+        self.spawn_timer = None       # the next batch of a large spawn, on the next loop turn
+        self.spawning = None          # what a call that waits spawned in earlier batches: a failure stops them
+        self.restarts = 0             # respawns after an exit nobody asked for
+        self.last_exit = None         # how its last process ended: "exit 3", "signal 9", or None
+        self.last_error = None        # why its last spawn failed (a binary or cwd missing), until one succeeds
+        self.rollout = None           # a rolling replacement under way (_Rollout)
+        self.history = collections.deque(maxlen=_HISTORY)  # the last exited processes with output in their tail
+        self.followers = {}           # LOGS channel -> the pid it follows (None: every process): each new line
+        self.log_dropped = 0          # lines a log file could not take (a full disk)
+        self._count = 0
+        self.numprocesses = numprocesses
 
     @property
     def name(self):
@@ -2241,38 +2252,90 @@ class _Job:
         """Exits are replaced: it runs (starting, running or backing off)."""
         return self.state in _ACTIVE_JOB
 
+    @property
+    def numprocesses(self):
+        """The processes kept alive (scale changes it; reload goes back to config.numprocesses)."""
+        return self._count
+
+    @numprocesses.setter
+    def numprocesses(self, count):
+        self._count = count
+        for number in range(1, count + 1):  # the new slots, idle
+            if number not in self.slots:
+                self.slots[number] = _Slot(number)
+                heapq.heappush(self.idle, number)
+        for number in [n for n in self.slots if n > count and self.slots[n].idle]:  # those past it go
+            del self.slots[number]
+
     def count_move(self, proc, was, state):
         """Keep the counts of starting and ready processes as a process moves (Manager._move)."""
         self.starting += (state is _State.STARTING) - (was is _State.STARTING)
         if state is _State.READY and proc.pid in self.running:
             self.ready += 1
 
-    def free_slot(self):
-        """The lowest slot no counted process holds, in O(log n)."""
-        while self.freed and self.freed[0] in self.held:
-            heapq.heappop(self.freed)
-        # Each slot up to the highest held is held or in freed: with none freed, they are 1..len(held).
-        return self.freed[0] if self.freed else len(self.held) + 1
+    def take(self, number=None):
+        """A slot for a new process: `number` (a respawn refills the slot that emptied, a replacement
+        takes its old process's), else the lowest idle slot, in O(log n)."""
+        if number is None:
+            while self.idle and not (self.idle[0] in self.slots and self.slots[self.idle[0]].idle):
+                heapq.heappop(self.idle)
+            number = self.idle[0] if self.idle else next(n for n in itertools.count(1) if n not in self.slots)
+        slot = self.slots.get(number)
+        if slot is None:  # past numprocesses (a rollout's process in a slot that is going), or a new one
+            slot = self.slots[number] = _Slot(number)
+        return slot
 
     def enter(self, proc):
         """A new process counts, in its slot."""
         self.running[proc.pid] = proc
-        self.held[proc.slot] = self.held.get(proc.slot, 0) + 1
+        self.slots[proc.slot].procs.append(proc)
 
     def leave(self, proc):
-        """The process no longer counts (it stops or exited): its slot is given back."""
+        """The process no longer counts (it stops or exited): its slot may be idle again."""
         self.stopping.pop(proc.pid, None)
         if proc._state is _State.READY and proc.pid in self.running:
             self.ready -= 1
         if self.running.pop(proc.pid, None) is None:
             self.running_out.pop(proc.pid, None)
-        elif self.held[proc.slot] > 1:
-            self.held[proc.slot] -= 1
-        else:
-            del self.held[proc.slot]
-            heapq.heappush(self.freed, proc.slot)
-            if len(self.freed) > 2 * len(self.held) + 64:  # stale entries (held again since): drop them
-                self.freed = sorted(set(self.freed).difference(self.held))
+            return
+        slot = self.slots[proc.slot]
+        slot.procs.remove(proc)
+        self.settle(slot)
+
+    def settle(self, slot):
+        """A slot that may have become idle: offered to the next spawn, or gone if past numprocesses."""
+        if slot.idle:
+            if slot.number > self._count:
+                self.slots.pop(slot.number, None)
+            else:
+                heapq.heappush(self.idle, slot.number)
+                if len(self.idle) > 2 * len(self.slots) + 64:  # stale entries (busy again since): drop them
+                    self.idle = sorted(n for n, s in self.slots.items() if s.idle)
+
+    def back_off(self, slot, timer):
+        slot.timer = timer
+        self.backoff.add(slot)
+
+    def due(self, slot):
+        """A slot's backoff ended (its respawn is due, or it was cancelled)."""
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+        self.backoff.discard(slot)
+        self.settle(slot)
+
+    def retire(self, slot):
+        slot.retired = True
+        self.retired.add(slot)
+
+    def unretire(self, slot):
+        slot.retired = False
+        self.retired.discard(slot)
+        self.settle(slot)
+
+    def taken(self):
+        """Counted processes, respawns waiting out a backoff, and slots the restart policy left empty."""
+        return len(self.running) + len(self.backoff) + len(self.retired)
 
     def processes(self):
         return list(self.running.values()) + list(self.running_out.values())
@@ -2448,15 +2511,6 @@ def _refuse_cycle(graph, session, config):
             seen.add(dep)
             path.append(dep)
             todo.append(iter(graph.get(dep, ())))
-
-
-class _Backoff:
-    """A slot whose process exited quickly: its respawn waits `delay` (the timer), then carries the streak on."""
-
-    def __init__(self, streak, delay):
-        self.streak = streak
-        self.delay = delay
-        self.timer = None
 
 
 def _backoff_delay(streak, backoff_max):
@@ -3264,7 +3318,8 @@ class Manager:
         if not job.active:  # at the count it had: a scale is not undone by a stop and a start
             self._start_job(job)
         elif job.retired:  # running: fill what the restart policy left empty
-            job.retired = 0
+            for slot in list(job.retired):
+                job.unretire(slot)
             self._manage(job, strict=True)
         return self._once_spawned(job, None, undo)
 
@@ -3290,7 +3345,8 @@ class Manager:
             raise ProcessError(400, "job %r may run at most %d processes (max_processes), asked for %d"
                                % (job.name, job.config.max_processes, target))
         job.numprocesses = max(0, target)
-        job.retired = 0  # scale fills the slots the restart policy left empty
+        for slot in list(job.retired):  # scale fills the slots the restart policy left empty
+            job.unretire(slot)
         was_active = job.active
         if not job.active and job.numprocesses > before:
             self._activate(job)  # scaling up asks for processes: a stopped job starts, as in the seed
@@ -3334,12 +3390,10 @@ class Manager:
         "waiting" (for a dependency) or "starting"."""
         if not job.active:
             return []
-        empty = sorted(set(range(1, job.numprocesses + 1)).difference(job.held))
-        delays = sorted(round(max(0.0, b.timer.when - self.loop.time()), 3) for b in job.backoff)
         waiting = "waiting" if self._waiting_for(job) else "starting"
-        states = ([("backoff", delay) for delay in delays] + [("exited", None)] * job.retired
-                  + [(waiting, None)] * len(empty))
-        return [{"slot": slot, "state": state, "delay": delay} for slot, (state, delay) in zip(empty, states)]
+        return [{"slot": slot.number, "state": waiting if slot.idle else slot.state,
+                 "delay": round(max(0.0, slot.timer.when - self.loop.time()), 3) if slot.timer else None}
+                for number, slot in sorted(job.slots.items()) if not slot.procs and number <= job.numprocesses]
 
     @staticmethod
     def _job_lines(job, count, pid=None):
@@ -3397,7 +3451,7 @@ class Manager:
             "waiting_for": self._waiting_for(job) if job.active else [],
             "restarts": job.restarts, "last_exit": job.last_exit, "last_error": job.last_error,
             "containment": "group" if self._cgroups is None else "cgroup",
-            "backoff": sorted(round(max(0.0, b.timer.when - self.loop.time()), 3) for b in job.backoff),
+            "backoff": sorted(round(max(0.0, slot.timer.when - self.loop.time()), 3) for slot in job.backoff),
             "log_dropped": job.log_dropped,
         }
 
@@ -3625,7 +3679,7 @@ class Manager:
         if once:
             slot = 0
         elif slot is None:
-            slot = job.free_slot()
+            slot = job.take().number
         if job.config.port is not None and job.config.port + slot - 1 > 65535:
             raise ProcessError(400, "job %r cannot start a process in slot %d: its $PORT would be %d, past 65535"
                                % (job.name, slot, job.config.port + slot - 1))
@@ -3645,6 +3699,7 @@ class Manager:
         if once:
             job.running_out[proc.pid] = proc
         else:
+            job.take(slot)
             job.enter(proc)
         if self._cgroups is not None:
             proc._cgroup = self._cgroups.contain(job, proc)
@@ -3958,10 +4013,10 @@ class Manager:
         if job.restart_timer is not None:
             job.restart_timer.cancel()
             job.restart_timer = None
-        for backoff in job.backoff:
-            backoff.timer.cancel()
-        job.backoff.clear()
-        job.retired = 0
+        for slot in list(job.backoff):
+            job.due(slot)
+        for slot in list(job.retired):
+            job.unretire(slot)
 
     def _stop_job(self, job, state=_JobState.STOPPED):
         """Stop every process of the job, none replaced: STOPPED, or RETRYING or FATAL after a flap."""
@@ -3991,10 +4046,11 @@ class Manager:
         if not job.active or self._state is not _Lifecycle.RUNNING:
             return
         surge = job.rollout is not None and job.rollout.surge in job.running
-        while job.retired and self._slots_taken(job) > job.numprocesses:
-            job.retired -= 1
-        while job.backoff and self._slots_taken(job) > job.numprocesses:
-            job.backoff.pop().timer.cancel()
+        for slots, free in ((job.retired, job.unretire), (job.backoff, job.due)):  # the highest first
+            for slot in sorted(slots, key=lambda slot: -slot.number):
+                if job.taken() <= job.numprocesses:
+                    break
+                free(slot)
         excess = len(job.running) - job.numprocesses - surge
         if excess > 0:  # the highest slots go, the oldest first among equals: web.1 and its $PORT stay
             keep = job.rollout.surge if surge else None
@@ -4007,15 +4063,16 @@ class Manager:
             return  # spawned once every job it depends on is ready (_release_dependents)
         spawned = job.spawning if strict and job.spawning is not None else []
         job.spawning, count, started = None, 0, time.monotonic()
-        while job.active and self._slots_taken(job) < job.numprocesses:
+        while job.active and job.taken() < job.numprocesses:
             if count and time.monotonic() - started > _SPAWN_SLICE:  # the rest on the next turns
                 if job.spawn_timer is None:
                     job.spawn_timer = self.loop.call_later(0, self._on_spawn_batch, job)
                 if strict:
                     job.spawning = spawned
                 return
+            slot = job.take()
             try:
-                spawned.append(self._spawn(job))
+                spawned.append(self._spawn(job, slot=slot.number))
                 count += 1
             except ProcessError as exc:
                 if strict:
@@ -4023,7 +4080,7 @@ class Manager:
                     for proc in spawned:
                         self._stop(proc, "stop_process")
                     raise
-                self._spawn_failed(job, exc, streak=0)
+                self._spawn_failed(job, exc, slot)
                 return
 
     def _on_spawn_batch(self, job):
@@ -4057,47 +4114,43 @@ class Manager:
         self._spawn_waiters.append((job, future, result, undo))
         return future
 
-    def _slots_taken(self, job):
-        """Counted processes, respawns waiting out a backoff, and slots the restart policy left empty."""
-        return len(job.running) + len(job.backoff) + job.retired
-
-    def _respawn(self, job, streak):
-        """Fill one slot whose process exited, now: the new process carries the slot's quick-exit streak."""
-        if (not job.active or self._state is not _Lifecycle.RUNNING
-                or self._slots_taken(job) >= job.numprocesses or self._waiting_for(job)):
+    def _respawn(self, job, slot):
+        """Refill a slot whose process exited, now: its $PORT and quick-exit streak are the slot's."""
+        if (not job.active or self._state is not _Lifecycle.RUNNING or slot.number > job.numprocesses
+                or not slot.idle or job.taken() >= job.numprocesses or self._waiting_for(job)):
             return
         try:
-            self._spawn(job)._streak = streak
+            self._spawn(job, slot=slot.number)
         except ProcessError as exc:
-            self._spawn_failed(job, exc, streak)
+            self._spawn_failed(job, exc, slot)
 
     def _spawn_error(self, job, exc):
         """A process of the job could not be spawned: the reason is kept (info's last_error) and published."""
         job.last_error = exc.reason
         self._publish_job(job, "spawn_error", reason=exc.reason)
 
-    def _spawn_failed(self, job, exc, streak):
+    def _spawn_failed(self, job, exc, slot):
         """A spawn the OS refused (a binary gone, say) is a quick exit of its slot, on the same schedule;
         never retried at once, so it waits 0.1 s at least."""
         self._spawn_error(job, exc)
         _log.error("%s", exc.reason)
         if job.active and not self._flapped(job):
-            self._back_off(job, max(streak + 1, 2))
+            slot.streak = max(slot.streak + 1, 2)
+            self._back_off(job, slot)
 
-    def _back_off(self, job, streak, delay=None):
-        """Hold a slot for a respawn after its backoff delay, and publish backoff (name, delay)."""
-        backoff = _Backoff(streak, _backoff_delay(streak, job.config.backoff_max) if delay is None else delay)
-        backoff.timer = self.loop.call_later(backoff.delay, self._on_backoff_due, job, backoff)
-        job.backoff.append(backoff)
+    def _back_off(self, job, slot, delay=None):
+        """Hold a slot for its respawn after the backoff of its streak, and publish backoff (name, delay)."""
+        delay = _backoff_delay(slot.streak, job.config.backoff_max) if delay is None else delay
+        job.back_off(slot, self.loop.call_later(delay, self._on_backoff_due, job, slot))
         self._refresh(job)
-        self._publish({"name": job.name, "delay": round(backoff.delay, 3)}, "backoff", "job.%s.backoff" % job.name)
+        self._publish({"name": job.name, "delay": round(delay, 3)}, "backoff", "job.%s.backoff" % job.name)
 
-    def _on_backoff_due(self, job, backoff):
-        if backoff in job.backoff:
-            job.backoff.remove(backoff)
-            if self._loaded(job):
-                self._respawn(job, backoff.streak)
-            self._refresh(job)
+    def _on_backoff_due(self, job, slot):
+        slot.timer = None  # fired: due() has nothing to cancel
+        job.due(slot)
+        if self._loaded(job):
+            self._respawn(job, slot)
+        self._refresh(job)
 
     def _replace(self, job, previous=None):
         """Replace every counted process: spawn the new ones first, then stop the old.
@@ -4295,11 +4348,12 @@ class Manager:
         exit_status, term_signal = _exit_status(proc._popen.returncode)
         unasked = not asked and not proc.once and job.active
         respawn = unasked and self._wants_respawn(proc, exit_status, term_signal)
-        streak = delay = None
+        slot, delay = job.slots.get(proc.slot) if not proc.once else None, None  # None: a slot scaled away
+        respawn = respawn and slot is not None
         if respawn:  # its slot's quick-exit streak says when: at once, or after a backoff
             quick = self.loop.time() - proc._spawned_at < proc.config.min_uptime
-            streak = proc._streak + 1 if quick else 0
-            delay = _backoff_delay(streak, proc.config.backoff_max)
+            slot.streak = slot.streak + 1 if quick else 0
+            delay = _backoff_delay(slot.streak, proc.config.backoff_max)
         job.last_exit = "signal %d" % term_signal if term_signal else "exit %d" % exit_status
         self._move(proc, _State.EXITED, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
                    dropped_input=dropped, respawn=respawn, delay=None if delay is None else round(delay, 3))
@@ -4309,14 +4363,15 @@ class Manager:
             if not waiter[0]:
                 self._reap_waiters.remove(waiter)
                 self._run_callback(waiter[1])
-        if unasked and not respawn:
-            job.retired += 1  # the restart policy leaves this slot empty until start_job, reload or scale
+        if unasked and not respawn and slot is not None and slot.idle:
+            job.retire(slot)  # the restart policy leaves this slot empty until start_job, reload or scale
+            self._refresh(job)
         elif respawn and job.active and not self._flapped(job):
             job.restarts += 1
-            if streak <= 1:
-                self._respawn(job, streak)
+            if slot.streak <= 1:
+                self._respawn(job, slot)
             else:
-                self._back_off(job, streak, delay)
+                self._back_off(job, slot, delay)
         if self.subreaper:
             self._reap_adopted()  # its orphans are ours now
         if self._stop_pending:

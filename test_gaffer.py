@@ -649,6 +649,28 @@ class ManagerTest(ManagerTestCase):
             with self.assertRaisesRegex(ValueError, r"^port must be "):
                 gaffer.ProcessConfig("x", "true", port=bad)
 
+    def test_a_slot_keeps_its_port_and_its_streak_across_respawns(self):
+        code = ("import os, sys, time\nif os.environ['GAFFER_PROCESS_NAME'] == 'w.2':\n    sys.exit(int(sys.argv[1]))\n"
+                "time.sleep(60)")  # slot 2 exits (with the status given), slots 1 and 3 run
+        self.load("w", 3, args=["-S", "-c", code, "0"], port=8000, restart="on-failure")
+        self.rec.wait_for("exit", slot=2)  # a success: its slot stays empty
+        third = [p for p in self.m.list("w") if p.slot == 3][0]
+        spawns = len(self.rec.matching("spawn"))
+        os.kill(third.os_pid, signal.SIGKILL)  # not a signal the manager sent: on-failure respawns it
+        self.rec.wait_for("exit", pid=third.pid)
+        respawned = self.rec.wait_for("spawn", count=spawns + 1)[spawns]
+        self.assertEqual((respawned["slot"], self.m.get_process(respawned["pid"]).env["PORT"]), (3, "8002"),
+                         "the slot that emptied is refilled, with its port, though slot 2 was free too")
+        self.load("c", 3, args=["-S", "-c", code.replace("w.2", "c.2"), "1"], port=9000, min_uptime=0.2,
+                  backoff_max=60)  # slot 2 crash-loops
+        delays = [msg["delay"] for msg in self.rec.wait_for("backoff", count=3, name="default.c")]
+        self.assertLess(delays[0], delays[2], "slot 2's streak grows: its respawns wait longer")
+        third = [p for p in self.m.list("c") if p.slot == 3][0]
+        wait_until(lambda: time.time() - third.create_time > 0.3, what="slot 3 up past min_uptime")
+        os.kill(third.os_pid, signal.SIGKILL)
+        msg = self.rec.wait_for("exit", pid=third.pid)[0]
+        self.assertEqual((msg["respawn"], msg["delay"]), (True, 0.0), "at once: the streak is slot 2's, not 3's")
+
     def test_slots_stay_unique_and_low_through_churn(self):
         import random
         rng = random.Random(7)
