@@ -1808,7 +1808,6 @@ class Process:
         self._reads_ready = isinstance(config.ready, str) and config.ready.startswith("output:")
         self._logs = {}            # label -> _LogFile, where the job has a log_file
         self._notify = None        # the datagram socket of a notify check
-        self._max_age = None       # config.max_age plus this process's share of max_age_variance
         self._signalled = False    # the manager sent it a signal (kill, killall): not a failure
         self._popen = None
         self._pipes = []
@@ -1817,7 +1816,6 @@ class Process:
         self._io = EventEmitter()
         self._streams = {}        # label -> _Pipe of each custom stream
         self._cgroup = None       # the cgroup directory of its own, where the manager has cgroups
-        self._last_sample = None  # (cpu seconds, monotonic time) of the previous stats sample
 
     def __repr__(self):
         return "<Process %r pid=%s os_pid=%s %s>" % (self.name, self.pid, self.os_pid, self._state.name)
@@ -1992,29 +1990,6 @@ class Process:
             _log.warning("%r exited with %d bytes of input still queued; dropped", self, dropped)
         return dropped
 
-    def _sample(self, tick=False):
-        """Resource use now: cpu % since the sampler's previous tick (before its first: since the start),
-        memory, threads.  Only a tick (the sampler's timer) moves that baseline: an on-demand call
-        (status, stats) reads without changing what a monitor sees next."""
-        stats = {"pid": self.pid, "os_pid": self.os_pid}
-        raw = _proc_stat(self.os_pid)
-        if raw is None:
-            stats.update(dict.fromkeys(_STAT_KEYS, "N/A"))
-            return stats
-        cpu_seconds, threads, vms, rss, age = raw
-        now = time.monotonic()
-        if self._last_sample is None:
-            cpu = cpu_seconds / age if age > 0 else 0.0
-        else:
-            elapsed = now - self._last_sample[1]
-            cpu = (cpu_seconds - self._last_sample[0]) / elapsed if elapsed > 0 else 0.0
-        if tick:
-            self._last_sample = (cpu_seconds, now)
-        stats.update(cpu=round(cpu * 100, 1), mem=round(rss * 100 / _mem_total(), 2), rss=rss, vms=vms,
-                     mem_info1=_human(rss), mem_info2=_human(vms),
-                     ctime="%d:%05.2f" % divmod(cpu_seconds, 60), num_threads=threads)
-        return stats
-
     def _info(self):
         return {
             "pid": self.pid, "name": self.name, "slot": self.slot, "cmd": self.cmd, "args": list(self.args),
@@ -2052,7 +2027,18 @@ class Process:
     @property
     def stats(self):
         """Resource use: pid, os_pid, cpu %, mem %, rss, vms, mem_info1/2, ctime, num_threads ("N/A" off Linux)."""
-        return self._manager._call(self._sample)
+        return self._manager._call(self._manager._sampler.sample, self)
+
+    def _recent(self, count):
+        """{label: the last `count` lines of that output, as bytes} (loop thread): what a STREAM starts with."""
+        recent = {}
+        for label, output in self._outputs.items():
+            lines = [line + b"\n" for _, line in output.lines()][-count:]
+            if lines and output.partial:  # the rest of that line comes as it is written
+                lines[-1] = lines[-1][:-1]
+            if lines:
+                recent[label] = b"".join(lines)
+        return recent
 
     def tail(self, label=None, lines=None):
         """The last `lines` lines (all that are kept: ProcessConfig.tail_bytes) of an output label, or of
@@ -2063,11 +2049,11 @@ class Process:
 
     def monitor(self, listener):
         """Call ``listener("stat", stats)`` every Manager.stats_interval seconds until unmonitor() or exit."""
-        self._manager._call(self._manager._do_monitor, self, listener)
+        self._manager._call(self._manager._sampler.watch, self, listener)
 
     def unmonitor(self, listener):
         """Stop a monitor() listener."""
-        self._manager._call(self._manager._do_unmonitor, self, listener)
+        self._manager._call(self._manager._sampler.unwatch, self, listener)
 
     def kill(self, sig):
         """Send a signal (number or name) to the process."""
@@ -2340,6 +2326,15 @@ class _Job:
     def processes(self):
         return list(self.running.values()) + list(self.running_out.values())
 
+    def lines(self, count, pid=None):
+        """The last `count` lines of its processes' outputs (or of process `pid`), exited ones included:
+        [{time, pid, slot, label, line}], oldest first."""
+        procs = self.processes() + list(self.stopping.values()) + list(self.history)
+        if pid is not None:
+            procs = [proc for proc in procs if proc.pid == pid]
+        return [{"time": when, "pid": proc.pid, "slot": proc.slot, "label": label,
+                 "line": line.decode("utf-8", "replace")} for when, proc, label, line in _last_lines(procs, count)]
+
     def __repr__(self):
         return "<Job %r %s running=%d/%d>" % (self.name, self.state.name, len(self.running), self.numprocesses)
 
@@ -2605,6 +2600,351 @@ for base in sys.argv[3:]:  # the manager's cgroups, deepest first
 """
 
 
+# -- The sampler (_Sampler) ------------------------------------------------------------
+# One timer reads /proc for everything that needs it, and only while something does.  Loop thread.
+
+class _Sampler:
+    """Monitors, STATS channels, max_rss and max_age all read the processes' use through here: one
+    timer, running only while something needs it, and one reading of each process per tick.  Only a
+    tick moves a process's cpu baseline: an on-demand sample (status, stats) computes without writing,
+    so it never changes what a monitor sees next."""
+
+    def __init__(self, loop, interval, limited, on_limit):
+        self.interval = interval
+        self._loop = loop
+        self._limited = limited    # limited() -> the jobs with a max_rss or max_age and processes
+        self._on_limit = on_limit  # on_limit(proc, reason): it passed its max_rss or max_age
+        self._timer = None
+        self._monitors = {}        # _Job or Process -> its listeners
+        self._baselines = {}       # Process -> (cpu seconds, monotonic time) at its last tick
+        self._deadlines = {}       # Process -> its max_age, plus its share of max_age_variance
+
+    def watch(self, target, listener):
+        """Call listener("stat", msg) each tick, for a process or every process of a job."""
+        if not callable(listener):
+            raise TypeError("listener must be callable, got %r" % (listener,))
+        self._monitors.setdefault(target, []).append(listener)
+        self._arm()
+
+    def unwatch(self, target, listener):
+        listeners = self._monitors.get(target, [])
+        if listener in listeners:
+            listeners.remove(listener)
+        if not listeners:
+            self._monitors.pop(target, None)
+            self._idle()
+
+    def track(self, proc):
+        """A new process: its max_age deadline, and the timer if its job has limits."""
+        config = proc.config
+        if config.max_age is not None:
+            import random
+            self._deadlines[proc] = config.max_age + random.uniform(0, config.max_age_variance)
+        if config.max_rss or config.max_age:
+            self._arm()
+
+    def forget(self, target):
+        """A process exited or a job was unloaded: its monitors, baseline and deadline go."""
+        self._baselines.pop(target, None)
+        self._deadlines.pop(target, None)
+        if self._monitors.pop(target, None) is not None:
+            self._idle()
+
+    def sample(self, proc, tick=False):
+        """Resource use now: cpu % since the process's last tick (before its first: since its start),
+        memory and threads; "N/A" where the platform cannot tell."""
+        stats = {"pid": proc.pid, "os_pid": proc.os_pid}
+        raw = _proc_stat(proc.os_pid)
+        if raw is None:
+            stats.update(dict.fromkeys(_STAT_KEYS, "N/A"))
+            return stats
+        cpu_seconds, threads, vms, rss, age = raw
+        now, last = time.monotonic(), self._baselines.get(proc)
+        if last is None:
+            cpu = cpu_seconds / age if age > 0 else 0.0
+        else:
+            elapsed = now - last[1]
+            cpu = (cpu_seconds - last[0]) / elapsed if elapsed > 0 else 0.0
+        if tick:
+            self._baselines[proc] = (cpu_seconds, now)
+        stats.update(cpu=round(cpu * 100, 1), mem=round(rss * 100 / _mem_total(), 2), rss=rss, vms=vms,
+                     mem_info1=_human(rss), mem_info2=_human(vms),
+                     ctime="%d:%05.2f" % divmod(cpu_seconds, 60), num_threads=threads)
+        return stats
+
+    def _needed(self):
+        return bool(self._monitors) or bool(self._limited())
+
+    def _arm(self):
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.interval, self._tick)
+
+    def _idle(self):
+        if self._timer is not None and not self._needed():
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self):
+        self._timer = None
+        samples = {}  # one reading of each process per tick, whoever needs it (its job, itself, a limit)
+
+        def reading(proc):
+            if proc not in samples:
+                samples[proc] = dict(self.sample(proc, tick=True), name=proc.name)
+            return samples[proc]
+        now = self._loop.time()
+        for job in self._limited():  # one process of a job past its limits is replaced at a time
+            for proc in list(job.running.values()):
+                reason = self._over(proc, now, reading) if proc._state is _State.READY else None
+                if reason is not None:
+                    self._on_limit(proc, reason)
+                    break
+        for target, listeners in list(self._monitors.items()):
+            for proc in (target.processes() if isinstance(target, _Job) else [target]):
+                msg = reading(proc)
+                for listener in list(listeners):
+                    try:
+                        listener("stat", msg)
+                    except Exception:
+                        _log.exception("stats listener %r failed", listener)
+        if self._needed():
+            self._arm()
+
+    def _over(self, proc, now, reading):
+        """Why a process passed its max_age or max_rss, or None."""
+        deadline, age = self._deadlines.get(proc), now - proc._spawned_at
+        if deadline is not None and age > deadline:
+            return "age %.1fs > %gs" % (age, deadline)
+        rss = reading(proc)["rss"] if proc.config.max_rss else None
+        if isinstance(rss, int) and rss > proc.config.max_rss:
+            return "rss %s > %s" % (_human(rss), _human(proc.config.max_rss))
+        return None
+
+
+# -- Pub/sub channels (_Topics) -------------------------------------------------------
+# A channel is fed on the loop thread and read from any thread: by callbacks bound to it, or by
+# get() and iteration, with a bounded buffer in between.  _Topics (loop thread) makes them, hooked
+# to what feeds them, and closes them when their owner ends.
+
+_CHANNEL_MAX_BYTES = 8 << 20
+_MESSAGE_COST = 256  # what a message counts for in a channel's buffer, besides its data
+
+
+class _StatsCallbacks(EventEmitter):
+    """STATS channels call their callbacks with the message alone."""
+
+    @staticmethod
+    def _invoke(listener, evtype, msg):
+        listener(msg)
+
+
+class Channel:
+    """A subscription to one topic of a manager (Manager.subscribe).
+
+    Messages go to the callbacks bound to them, on the loop thread:
+    ``bind(event, cb)`` / ``bind_all(cb)`` call ``cb(evtype, msg)`` (STATS
+    channels: ``bind(cb)``, ``cb(msg)``; STREAM channels: the event is the
+    output label).  A message no callback takes is kept for ``get()`` and
+    iteration, from any thread, up to `max_bytes` (8 MiB by default; each
+    message counts as its data plus 256 bytes).  Past that, messages are
+    dropped and counted in ``dropped``; the reader then gets an
+    ``("overflow", {"dropped": n, "topic": ...})`` message where the gap is.
+    A channel closes when its process exits, its job is unloaded, the manager
+    stops, or on close(); iteration then ends and get() raises EOFError.
+    """
+
+    def __init__(self, loop, topic, owner, hook, release, max_bytes=_CHANNEL_MAX_BYTES, msg_only=False):
+        self.topic = topic
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self.closed = False
+        self.owner = owner        # what feeds it, whose end closes it: a job, a process, or None (the manager)
+        self._loop = loop
+        self._release = release   # release(channel) on the loop thread, once closed: _Topics forgets it
+        self._callbacks = _StatsCallbacks() if msg_only else EventEmitter()
+        # _cond guards _queue, _queued_bytes, _lost and closed: the loop puts, readers take.
+        self._cond = threading.Condition()
+        self._queue = collections.deque()  # (evtype, msg, cost)
+        self._queued_bytes = 0
+        self._lost = 0  # dropped since the reader last heard of it
+        self.unhook = hook(self)  # hooked to what feeds it as it is made; unhook() undoes it
+
+    def __repr__(self):
+        return "<Channel %r%s queued=%d dropped=%d>" % (self.topic, " closed" if self.closed else "",
+                                                        len(self._queue), self.dropped)
+
+    def bind(self, event, callback=None):
+        """Call ``callback(evtype, msg)`` for messages of `event` (a prefix works); ``bind(cb)`` binds all."""
+        if callback is None:
+            event, callback = ".", event
+        self._callbacks.subscribe(event, callback)
+
+    def bind_all(self, callback):
+        """Call ``callback(evtype, msg)`` for every message."""
+        self._callbacks.subscribe(".", callback)
+
+    def unbind(self, event, callback=None):
+        """Undo a bind() or bind_all()."""
+        if callback is None:
+            event, callback = ".", event
+        self._callbacks.unsubscribe(event, callback)
+
+    def get(self, timeout=None):
+        """Return the next ``(evtype, msg)`` not taken by a callback.
+
+        Raises:
+            queue.Empty: nothing came within `timeout` seconds.
+            EOFError: the channel is closed and everything was read.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._queue or self.closed, timeout):
+                raise queue.Empty
+            if not self._queue:
+                raise EOFError("channel %r is closed" % self.topic)
+            evtype, msg, cost = self._queue.popleft()
+            self._queued_bytes -= cost
+            return evtype, msg
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.get()
+            except EOFError:
+                return
+
+    def close(self):
+        """Stop the channel (any thread); what was queued can still be read."""
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            self._note_loss()
+            self._cond.notify_all()
+        if self._loop.in_loop_thread():
+            self._release(self)
+        else:
+            self._loop.call_soon_threadsafe(self._release, self)
+
+    def _put(self, evtype, msg):
+        """Deliver a message (loop thread): to the callbacks, else to the queue."""
+        if self.closed or self._callbacks.publish(evtype, msg):
+            return
+        cost = _MESSAGE_COST + len(msg.get("data", b"")) + len(msg.get("line", ""))  # what it holds
+        with self._cond:
+            if self._queued_bytes + cost > self.max_bytes:
+                if not self._lost:
+                    _log.warning("channel %r is full (%d bytes unread): dropping messages", self.topic,
+                                 self._queued_bytes)
+                self._lost += 1
+                self.dropped += 1
+                return
+            self._note_loss()
+            self._queue.append((evtype, dict(msg, event=evtype), cost))
+            self._queued_bytes += cost
+            self._cond.notify()
+
+    def _note_loss(self):
+        """Tell the reader, where the gap is, how many messages it lost.  Caller holds _cond."""
+        if self._lost:
+            msg = {"event": "overflow", "topic": self.topic, "dropped": self._lost}
+            self._queue.append(("overflow", msg, _MESSAGE_COST))
+            self._queued_bytes += _MESSAGE_COST
+            self._lost = 0
+
+
+class _Topics:
+    """The manager's pub/sub channels (Manager.subscribe): each hooked, as it is made, to what feeds
+    it (the events, a process's output, the sampler, a job's lines), and closed when its owner ends.
+    Loop thread only."""
+
+    SOURCES = "EVENTS, JOB, PROCESS, STATS, STREAM or LOGS"
+
+    def __init__(self, manager):
+        self._manager = manager
+        self._channels = {}  # owner (a _Job, a Process, or None: the manager) -> its open channels
+
+    def __len__(self):
+        return sum(map(len, self._channels.values()))
+
+    def subscribe(self, topic, max_bytes, tail):
+        """A channel on `topic`, first given the last `tail` lines (LOGS, STREAM) in this same loop turn."""
+        m = self._manager
+        if not isinstance(topic, str):
+            raise ProcessError(400, "a topic is a str such as 'EVENTS' or 'JOB:default.web', got %r" % (topic,))
+        source, _, target = topic.partition(":")
+        source = source.upper()
+        if source == "EVENTS":
+            owner, hook = None, self._events_hook(m.events, target or ".", "")
+        elif source == "JOB":
+            owner = m._job(target)
+            hook = self._events_hook(m.events, "job." + owner.name, "job.%s." % owner.name)
+        elif source in ("PROCESS", "STREAM"):
+            if not _is_number(target):
+                raise ProcessError(400, "%s needs a process id, got %r" % (source, target))
+            owner = m._process(int(target))
+            hook = (self._events_hook(m.events, "proc.%d" % owner.pid, "proc.%d." % owner.pid) if source == "PROCESS"
+                    else self._events_hook(owner._io, ".", ""))
+        elif source in ("STATS", "LOGS"):
+            owner = m._process(int(target)) if _is_number(target) else m._job(target)
+            hook = self._lines_hook(owner) if source == "LOGS" else self._stats_hook(owner)
+        else:
+            raise ProcessError(400, "unknown topic source %r in %r: use %s" % (source, topic, self.SOURCES))
+        channel = Channel(m.loop, topic, owner, hook, self.release, max_bytes, msg_only=source == "STATS")
+        if tail and source == "LOGS":  # history first, then what comes: both on this turn of the loop
+            job = owner if isinstance(owner, _Job) else owner._job
+            for row in job.lines(tail, None if owner is job else owner.pid):
+                channel._put("line", row)
+        elif tail and source == "STREAM":
+            for label, data in owner._recent(tail).items():
+                channel._put(label, {"name": owner.name, "pid": owner.pid, "data": data})
+        self._channels.setdefault(owner, set()).add(channel)
+        return channel
+
+    @staticmethod
+    def _events_hook(emitter, pattern, strip):
+        def hook(channel):
+            listener = (lambda evtype, msg: channel._put(evtype[len(strip):], msg)) if strip else channel._put
+            emitter.subscribe(pattern, listener)
+            return lambda: emitter.unsubscribe(pattern, listener)
+        return hook
+
+    @staticmethod
+    def _lines_hook(owner):
+        """LOGS: a job's lines, or one process's (its job's, filtered)."""
+        job, only = (owner, None) if isinstance(owner, _Job) else (owner._job, owner.pid)
+
+        def hook(channel):
+            job.followers[channel] = only
+            return lambda: job.followers.pop(channel, None)
+        return hook
+
+    def _stats_hook(self, owner):
+        sampler = self._manager._sampler
+
+        def hook(channel):  # STATS: fed by the sampler
+            sampler.watch(owner, channel._put)
+            return lambda: sampler.unwatch(owner, channel._put)
+        return hook
+
+    def release(self, channel):
+        """Unhook a channel that closed from what feeds it."""
+        channels = self._channels.get(channel.owner, set())
+        if channel in channels:
+            channels.discard(channel)
+            if not channels:
+                del self._channels[channel.owner]
+            channel.unhook()
+
+    def close(self, owner):
+        """Its owner ended (a process exited, a job was unloaded): its channels close."""
+        for channel in list(self._channels.get(owner, ())):
+            channel.close()
+
+    def close_all(self):
+        for owner in list(self._channels):
+            self.close(owner)
+
+
 # -- Manager -------------------------------------------------------------------
 # The public API first (any thread), then the _do_* bodies and the _on_*
 # handlers, which run on the loop thread and own all the state.
@@ -2648,7 +2988,6 @@ class Manager:
             raise ValueError("subreaper must be False, True or 'init', got %r" % (subreaper,))
         self.cgroups = cgroups
         self.subreaper = subreaper
-        self.stats_interval = _float_setting("stats_interval", stats_interval, 0.001)
         self.guardian = _bool_setting("guardian", guardian)
         self.loop = loop or Loop(clock)
         self.events = EventEmitter()
@@ -2666,9 +3005,9 @@ class Manager:
         self._apps = []
         self._stop_callbacks = []
         self._reap_waiters = []   # (set of pids, callback)
-        self._monitors = {}       # _Job or Process -> stats listeners
-        self._sample_timer = None
-        self._channels = {}       # _Job, Process or None (the manager) -> pub/sub channels fed by it
+        self._sampler = _Sampler(self.loop, _float_setting("stats_interval", stats_interval, 0.001),
+                                 self._limited_jobs, self._recycle)
+        self._topics = _Topics(self)  # the pub/sub channels
         self._stopped = threading.Event()
         self._run_wakeups = []    # sockets that run() sleeps on, written to when the loop ends
         self._ready_waiters = []  # _ReadyWaiter of wait_ready() callers
@@ -2827,6 +3166,15 @@ class Manager:
             wake_r.close()
             wake_w.close()
         self.loop.thread.join(5)  # with Manager(): returns once the loop thread has ended
+
+    @property
+    def stats_interval(self):
+        """Seconds between two samples of the processes, for monitor(), STATS channels and the limits."""
+        return self._sampler.interval
+
+    @stats_interval.setter
+    def stats_interval(self, seconds):
+        self._sampler.interval = _float_setting("stats_interval", seconds, 0.001)
 
     @property
     def active(self):
@@ -3002,7 +3350,7 @@ class Manager:
         """The last `lines` lines of output of the job's processes (or of its process `pid`), exited ones
         included (the last 10 of them), oldest first: ``[{time, pid, slot, label, line}]``."""
         lines = _int_setting("lines", lines, 0)
-        return self._call(lambda: self._job_lines(self._job(name), lines, pid))
+        return self._call(lambda: self._job(name).lines(lines, pid))
 
     def reopen_logs(self):
         """Open every log file again, as after a logrotate that moved them away (SIGUSR1 to serve)."""
@@ -3082,11 +3430,11 @@ class Manager:
 
         Processes spawned later are included; msg is the process stats plus name.
         """
-        self._call(lambda: self._do_monitor(self._job(name), listener))
+        self._call(lambda: self._sampler.watch(self._job(name), listener))
 
     def unmonitor(self, listener, name):
         """Stop a monitor() listener."""
-        self._call(lambda: self._do_unmonitor(self._job(name), listener))
+        self._call(lambda: self._sampler.unwatch(self._job(name), listener))
 
     def subscribe(self, topic, max_bytes=None, tail=0):
         """Open a pub/sub channel on a topic; see Channel.
@@ -3103,7 +3451,7 @@ class Manager:
             ProcessNotFound: an unknown job or pid.
         """
         tail = _int_setting("tail", tail, 0)
-        return self._call(self._do_subscribe, topic, max_bytes or _CHANNEL_MAX_BYTES, tail)
+        return self._call(self._topics.subscribe, topic, max_bytes or _CHANNEL_MAX_BYTES, tail)
 
     def unsubscribe(self, topic, channel):
         """Close a channel opened by subscribe(topic)."""
@@ -3374,7 +3722,7 @@ class Manager:
             state = job.state.shown  # kept by _job_to: nothing here works it out again
             rows = []
             for proc in procs:
-                stats = proc._sample()
+                stats = self._sampler.sample(proc)
                 rows.append({"pid": proc.pid, "os_pid": proc.os_pid, "slot": proc.slot, "status": proc.status,
                              "create_time": proc.create_time, "cpu": stats["cpu"], "mem": stats["mem"]})
             jobs.append({"name": job.name, "state": state, "cmd": " ".join([job.config.cmd] + job.config.args),
@@ -3394,14 +3742,6 @@ class Manager:
         return [{"slot": slot.number, "state": waiting if slot.idle else slot.state,
                  "delay": round(max(0.0, slot.timer.when - self.loop.time()), 3) if slot.timer else None}
                 for number, slot in sorted(job.slots.items()) if not slot.procs and number <= job.numprocesses]
-
-    @staticmethod
-    def _job_lines(job, count, pid=None):
-        procs = job.processes() + list(job.stopping.values()) + list(job.history)
-        if pid is not None:
-            procs = [proc for proc in procs if proc.pid == pid]
-        return [{"time": when, "pid": proc.pid, "slot": proc.slot, "label": label,
-                 "line": line.decode("utf-8", "replace")} for when, proc, label, line in _last_lines(procs, count)]
 
     def _do_reopen_logs(self):
         for log in list(self._log_files.values()):
@@ -3504,7 +3844,7 @@ class Manager:
 
     def _do_stats(self, name):
         job = self._job(name)
-        stats = [proc._sample() for proc in job.processes()]
+        stats = [self._sampler.sample(proc) for proc in job.processes()]
         result = {"name": job.name, "stats": stats, "restarts": job.restarts}
         for key in ("cpu", "mem"):
             values = [s[key] for s in stats if s[key] != "N/A"]
@@ -3513,97 +3853,14 @@ class Manager:
             result["min_" + key] = min(values) if values else "N/A"
         return result
 
-    def _do_monitor(self, target, listener):
-        if not callable(listener):
-            raise TypeError("listener must be callable, got %r" % (listener,))
-        self._monitors.setdefault(target, []).append(listener)
-        if self._sample_timer is None:
-            self._sample_timer = self.loop.call_later(self.stats_interval, self._on_sample)
-
-    def _do_unmonitor(self, target, listener):
-        listeners = self._monitors.get(target, [])
-        if listener in listeners:
-            listeners.remove(listener)
-        if not listeners:
-            self._monitors.pop(target, None)
-            self._idle_sampler()
-
-    def _idle_sampler(self):
-        if self._sample_timer is not None and not self._sampling_needed():
-            self._sample_timer.cancel()
-            self._sample_timer = None
-
     def _limited_jobs(self):
-        """Jobs with a max_rss or max_age and processes to hold to it."""
+        """Jobs with a max_rss or max_age and processes to hold to it (the sampler asks)."""
         return [job for job in self._all_jobs() if (job.config.max_rss or job.config.max_age) and job.running]
-
-    def _sampling_needed(self):
-        return bool(self._monitors) or bool(self._limited_jobs())
-
-    def _do_subscribe(self, topic, max_bytes, tail=0):
-        if not isinstance(topic, str):
-            raise ProcessError(400, "a topic is a str such as 'EVENTS' or 'JOB:default.web', got %r" % (topic,))
-        source, _, target = topic.partition(":")
-        source = source.upper()
-        channel = Channel(self, topic, max_bytes, msg_only=source == "STATS")
-        if source == "EVENTS":
-            owner, emitter, pattern, strip = None, self.events, target or ".", ""
-        elif source == "JOB":
-            owner = self._job(target)
-            emitter, pattern, strip = self.events, "job." + owner.name, "job.%s." % owner.name
-        elif source in ("PROCESS", "STREAM"):
-            if not _is_number(target):
-                raise ProcessError(400, "%s needs a process id, got %r" % (source, target))
-            owner = self._process(int(target))
-            emitter, pattern, strip = ((self.events, "proc.%d" % owner.pid, "proc.%d." % owner.pid)
-                                       if source == "PROCESS" else (owner._io, ".", ""))
-        elif source in ("STATS", "LOGS"):
-            owner = self._process(int(target)) if _is_number(target) else self._job(target)
-            emitter = None
-        else:
-            raise ProcessError(400, "unknown topic source %r in %r: use EVENTS, JOB, PROCESS, STATS, STREAM or LOGS"
-                               % (source, topic))
-        if tail and source == "LOGS":  # history first, then what comes: both on this turn of the loop
-            for row in (self._job_lines(owner, tail) if isinstance(owner, _Job)
-                        else self._job_lines(owner._job, tail, owner.pid)):
-                channel._put("line", row)
-        elif tail and source == "STREAM":
-            for label, output in owner._outputs.items():
-                lines = [line + b"\n" for _, line in output.lines()][-tail:]
-                if lines and output.partial:  # the rest of that line comes as it is written
-                    lines[-1] = lines[-1][:-1]
-                if lines:
-                    channel._put(label, {"name": owner.name, "pid": owner.pid, "data": b"".join(lines)})
-        if source == "LOGS":  # a job's lines, or one process's (its job's, filtered)
-            job, only = (owner, None) if isinstance(owner, _Job) else (owner._job, owner.pid)
-            job.followers[channel] = only
-            channel._undo = lambda: job.followers.pop(channel, None)
-        elif emitter is None:  # STATS: fed by the sampler
-            self._do_monitor(owner, channel._put)
-            channel._undo = lambda: self._do_unmonitor(owner, channel._put)
-        else:
-            listener = (lambda evtype, msg: channel._put(evtype[len(strip):], msg)) if strip else channel._put
-            emitter.subscribe(pattern, listener)
-            channel._undo = lambda: emitter.unsubscribe(pattern, listener)
-        channel._owner = owner
-        self._channels.setdefault(owner, set()).add(channel)
-        return channel
-
-    def _release(self, channel):
-        """Unhook a channel from what feeds it (loop thread)."""
-        channels = self._channels.get(channel._owner, set())
-        if channel in channels:
-            channels.discard(channel)
-            if not channels:
-                del self._channels[channel._owner]
-            channel._undo()
 
     def _forget(self, owner):
         """A process exited or a job was unloaded: its monitors end and its channels close."""
-        self._monitors.pop(owner, None)
-        self._idle_sampler()
-        for channel in list(self._channels.get(owner, ())):
-            channel.close()
+        self._sampler.forget(owner)
+        self._topics.close(owner)
 
     def _running_process(self, pid):
         proc = self._process(pid)
@@ -3704,12 +3961,7 @@ class Manager:
         if self._cgroups is not None:
             proc._cgroup = self._cgroups.contain(job, proc)
         self._reaper.watch(proc._popen, functools.partial(self._on_exit, proc))
-        config = job.config
-        if config.max_age is not None:
-            import random
-            proc._max_age = config.max_age + random.uniform(0, config.max_age_variance)
-        if (config.max_rss or config.max_age) and self._sample_timer is None:
-            self._sample_timer = self.loop.call_later(self.stats_interval, self._on_sample)
+        self._sampler.track(proc)
         self._guard(proc)
         self._move(proc, _State.STARTING, "spawn")  # NEW -> STARTING
         self._start_check(proc)
@@ -4300,8 +4552,7 @@ class Manager:
             callbacks, self._stop_callbacks = self._stop_callbacks, []
             for callback in callbacks:
                 self._run_callback(lambda: callback(self))
-            for owner in list(self._channels):
-                self._forget(owner)
+            self._topics.close_all()
             self._dismiss_guardian()
             self.loop.stop()
 
@@ -4571,49 +4822,17 @@ class Manager:
             self._orphan_timer = self.loop.call_at(min(now + self._orphan_delay, max(due, now)), self._on_orphan_check)
         self._check_stopped()
 
-    def _on_sample(self):
-        """One timer for monitors, STATS channels and the recycling limits; it runs only while one needs it."""
-        self._sample_timer = None
-        for job in self._limited_jobs():
-            self._recycle(job)
-        samples = {}  # one reading of each process per tick, whoever monitors it (its job, itself, both)
-        for target, listeners in list(self._monitors.items()):
-            for proc in (target.processes() if isinstance(target, _Job) else [target]):
-                if proc.pid not in samples:
-                    samples[proc.pid] = dict(proc._sample(tick=True), name=proc.name)
-                msg = samples[proc.pid]
-                for listener in list(listeners):
-                    try:
-                        listener("stat", msg)
-                    except Exception:
-                        _log.exception("stats listener %r failed", listener)
-        if self._sampling_needed() and self._sample_timer is None:
-            self._sample_timer = self.loop.call_later(self.stats_interval, self._on_sample)
-
-    def _recycle(self, job):
-        """Replace a ready process over its max_rss or max_age: a new one first, then it (one per job at a time)."""
+    def _recycle(self, proc, reason):
+        """The sampler found a ready process past its max_rss or max_age: a new one first, then it."""
+        job = proc._job
         if job.rollout is not None or not job.active or self._state is not _Lifecycle.RUNNING:
             return
-        now = self.loop.time()
-        for proc in list(job.running.values()):
-            if proc._state is not _State.READY:
-                continue
-            reason = None
-            if proc._max_age is not None and now - proc._spawned_at > proc._max_age:
-                reason = "age %.1fs > %gs" % (now - proc._spawned_at, proc._max_age)
-            elif proc.config.max_rss:
-                raw = _proc_stat(proc.os_pid)
-                if raw is not None and raw[3] > proc.config.max_rss:
-                    reason = "rss %s > %s" % (_human(raw[3]), _human(proc.config.max_rss))
-            if reason is not None:
-                self._publish({"name": job.name, "pid": proc.pid, "reason": reason}, "recycle",
-                              "job.%s.recycle" % job.name)
-                job.rollout = _Rollout([proc.pid], job.config)
-                try:
-                    self._roll(job)
-                except ProcessError:
-                    pass  # published as spawn_error and rollout_failed; the next sample tries again
-                return
+        self._publish({"name": job.name, "pid": proc.pid, "reason": reason}, "recycle", "job.%s.recycle" % job.name)
+        job.rollout = _Rollout([proc.pid], job.config)
+        try:
+            self._roll(job)
+        except ProcessError:
+            pass  # published as spawn_error and rollout_failed; the next tick tries again
 
     def _on_flap_retry(self, job):
         job.restart_timer = None
@@ -4658,136 +4877,6 @@ class Manager:
                 wake.send(b"\0")
             except OSError:
                 pass
-
-
-# -- Pub/sub channels ------------------------------------------------------------
-# A channel is fed on the loop thread and read from any thread: by callbacks
-# bound to it, or by get() and iteration, with a bounded buffer in between.
-
-_CHANNEL_MAX_BYTES = 8 << 20
-_MESSAGE_COST = 256  # what a message counts for in a channel's buffer, besides its data
-
-
-class _StatsCallbacks(EventEmitter):
-    """STATS channels call their callbacks with the message alone."""
-
-    @staticmethod
-    def _invoke(listener, evtype, msg):
-        listener(msg)
-
-
-class Channel:
-    """A subscription to one topic of a manager (Manager.subscribe).
-
-    Messages go to the callbacks bound to them, on the loop thread:
-    ``bind(event, cb)`` / ``bind_all(cb)`` call ``cb(evtype, msg)`` (STATS
-    channels: ``bind(cb)``, ``cb(msg)``; STREAM channels: the event is the
-    output label).  A message no callback takes is kept for ``get()`` and
-    iteration, from any thread, up to `max_bytes` (8 MiB by default; each
-    message counts as its data plus 256 bytes).  Past that, messages are
-    dropped and counted in ``dropped``; the reader then gets an
-    ``("overflow", {"dropped": n, "topic": ...})`` message where the gap is.
-    A channel closes when its process exits, its job is unloaded, the manager
-    stops, or on close(); iteration then ends and get() raises EOFError.
-    """
-
-    def __init__(self, manager, topic, max_bytes=_CHANNEL_MAX_BYTES, msg_only=False):
-        self.topic = topic
-        self.max_bytes = max_bytes
-        self.dropped = 0
-        self.closed = False
-        self._manager = manager
-        self._callbacks = _StatsCallbacks() if msg_only else EventEmitter()
-        # _cond guards _queue, _queued_bytes, _lost and closed: the loop puts, readers take.
-        self._cond = threading.Condition()
-        self._queue = collections.deque()  # (evtype, msg, cost)
-        self._queued_bytes = 0
-        self._lost = 0  # dropped since the reader last heard of it
-        self._owner = None
-        self._undo = lambda: None
-
-    def __repr__(self):
-        return "<Channel %r%s queued=%d dropped=%d>" % (self.topic, " closed" if self.closed else "",
-                                                        len(self._queue), self.dropped)
-
-    def bind(self, event, callback=None):
-        """Call ``callback(evtype, msg)`` for messages of `event` (a prefix works); ``bind(cb)`` binds all."""
-        if callback is None:
-            event, callback = ".", event
-        self._callbacks.subscribe(event, callback)
-
-    def bind_all(self, callback):
-        """Call ``callback(evtype, msg)`` for every message."""
-        self._callbacks.subscribe(".", callback)
-
-    def unbind(self, event, callback=None):
-        """Undo a bind() or bind_all()."""
-        if callback is None:
-            event, callback = ".", event
-        self._callbacks.unsubscribe(event, callback)
-
-    def get(self, timeout=None):
-        """Return the next ``(evtype, msg)`` not taken by a callback.
-
-        Raises:
-            queue.Empty: nothing came within `timeout` seconds.
-            EOFError: the channel is closed and everything was read.
-        """
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._queue or self.closed, timeout):
-                raise queue.Empty
-            if not self._queue:
-                raise EOFError("channel %r is closed" % self.topic)
-            evtype, msg, cost = self._queue.popleft()
-            self._queued_bytes -= cost
-            return evtype, msg
-
-    def __iter__(self):
-        while True:
-            try:
-                yield self.get()
-            except EOFError:
-                return
-
-    def close(self):
-        """Stop the channel (any thread); what was queued can still be read."""
-        with self._cond:
-            if self.closed:
-                return
-            self.closed = True
-            self._note_loss()
-            self._cond.notify_all()
-        manager = self._manager
-        if manager.loop.in_loop_thread():
-            manager._release(self)
-        else:
-            manager.loop.call_soon_threadsafe(manager._release, self)
-
-    def _put(self, evtype, msg):
-        """Deliver a message (loop thread): to the callbacks, else to the queue."""
-        if self.closed or self._callbacks.publish(evtype, msg):
-            return
-        cost = _MESSAGE_COST + len(msg.get("data", b"")) + len(msg.get("line", ""))  # what it holds
-        with self._cond:
-            if self._queued_bytes + cost > self.max_bytes:
-                if not self._lost:
-                    _log.warning("channel %r is full (%d bytes unread): dropping messages", self.topic,
-                                 self._queued_bytes)
-                self._lost += 1
-                self.dropped += 1
-                return
-            self._note_loss()
-            self._queue.append((evtype, dict(msg, event=evtype), cost))
-            self._queued_bytes += cost
-            self._cond.notify()
-
-    def _note_loss(self):
-        """Tell the reader, where the gap is, how many messages it lost.  Caller holds _cond."""
-        if self._lost:
-            msg = {"event": "overflow", "topic": self.topic, "dropped": self._lost}
-            self._queue.append(("overflow", msg, _MESSAGE_COST))
-            self._queued_bytes += _MESSAGE_COST
-            self._lost = 0
 
 
 @atexit.register

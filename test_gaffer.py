@@ -1374,7 +1374,7 @@ class StatsTest(ManagerTestCase):
         self.assertEqual(len(seen.events), before, "no sample after unmonitor")
         self.m.kill(1, "KILL")
         self.rec.wait_for("exit", pid=1)
-        self.assertEqual(self.m.loop.call(lambda: (self.m._monitors, self.m._sample_timer)), ({}, None),
+        self.assertEqual(self.m.loop.call(lambda: (self.m._sampler._monitors, self.m._sampler._timer)), ({}, None),
                          "a process's monitors end with it; no timer runs for nobody")
 
 
@@ -1477,7 +1477,7 @@ class PubSubTest(ManagerTestCase):
             with self.subTest(topic=topic), self.assertRaises(gaffer.ProcessError) as cm:
                 self.m.subscribe(topic)
             self.assertEqual(cm.exception.errno, errno)
-        self.assertEqual(self.m.loop.call(lambda: self.m._channels), {}, "nothing half-made")
+        self.assertEqual(self.m.loop.call(lambda: len(self.m._topics)), 0, "nothing half-made")
 
     def test_stop_closes_every_channel(self):
         self.load("w")
@@ -2481,11 +2481,11 @@ class RecycleTest(ManagerTestCase):
 
     def test_no_limit_no_sampling(self):
         self.load("w")
-        self.assertIsNone(self.m._sample_timer, "nothing samples /proc when nothing needs it")
+        self.assertIsNone(self.m._sampler._timer, "nothing samples /proc when nothing needs it")
         self.m.load(gaffer.ProcessConfig("r", PY, args=SLEEP, max_rss="1G", graceful_timeout=2))
-        self.assertIsNotNone(self.m._sample_timer)
+        self.assertIsNotNone(self.m._sampler._timer)
         self.m.unload("r")
-        wait_until(lambda: self.m._sample_timer is None, what="the sampler stops with the last limited job")
+        wait_until(lambda: self.m._sampler._timer is None, what="the sampler stops with the last limited job")
 
 
 # -- Health checks: a ready process checked every health_interval, replaced when it fails ----
