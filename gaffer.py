@@ -1794,20 +1794,9 @@ class Process:
         self._manager = manager
         self._job = job
         self._state = _State.NEW
-        self.notify_status = None  # the last STATUS= a notify check received
         self._spawned_at = None    # loop time of the spawn
-        self._ready_timer = None   # ready_timeout, or the delay: check
-        self._check_timer = None   # the next check, the timeout of the one running, or the watchdog's
-        self._check_delay = 0.0    # between readiness tries: short at first, then longer
-        self._check_try = 0        # counts the checks sent to a worker: a late answer is not the current one
-        self._check_pending = False  # the current check has neither answered nor timed out
-        self._check_busy = False   # a worker still runs this process's last check
-        self._health_passed = 0    # health checks passed (WATCHDOG=1 pings in notify mode)
-        self._health_failures = 0  # failed health checks in a row
         self._outputs = {}         # label -> _Output of each output label
-        self._reads_ready = isinstance(config.ready, str) and config.ready.startswith("output:")
         self._logs = {}            # label -> _LogFile, where the job has a log_file
-        self._notify = None        # the datagram socket of a notify check
         self._signalled = False    # the manager sent it a signal (kill, killall): not a failure
         self._popen = None
         self._pipes = []
@@ -1825,8 +1814,9 @@ class Process:
         """How the command line shows it: its job's name and slot (web.1); a commit's has its job's name."""
         return "%s.%d" % (self.config.name, self.slot) if self.slot else self.config.name
 
-    def _spawn(self, loop):
-        """Start the OS process (Popen raises in the parent if exec or cwd fails)."""
+    def _spawn(self, loop, prepare):
+        """Start the OS process (Popen raises in the parent if exec or cwd fails); prepare(process, env,
+        uid) first adds what its checks need (_Checks.prepare)."""
         config = self.config
         labels = config.redirect_output
         stderr = subprocess.DEVNULL
@@ -1840,13 +1830,7 @@ class Process:
         ours, theirs = {}, []
         self._outputs = {label: _Output(label, config.tail_bytes) for label in labels}
         try:
-            if "notify" in (config.ready, config.health):  # a socket of its own: what arrives there is from it
-                self._notify = ours[None] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._notify.bind(self._manager._notify_path(self.pid))
-                _allow_sender(self._notify.getsockname(), user)
-                env["NOTIFY_SOCKET"] = self._notify.getsockname()
-                if config.health == "notify":  # as systemd sets it: sd_watchdog_enabled() reads it
-                    env["WATCHDOG_USEC"] = str(int(config.health_interval * 1e6))
+            prepare(self, env, user)
             self._logs = self._manager._open_logs(self)
             for label in config.custom_streams:
                 parent_end, child_end = socket.socketpair()
@@ -1860,7 +1844,6 @@ class Process:
                 stdin=subprocess.PIPE if config.redirect_input else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if labels else subprocess.DEVNULL, stderr=stderr)
         except BaseException:
-            self._unlink_notify()  # first: its path is read from the open socket
             for sock in ours.values():
                 sock.close()
             self._manager._release_logs(self)
@@ -1871,9 +1854,6 @@ class Process:
         self.os_pid = self._popen.pid
         self.create_time = time.time()
         self._spawned_at = loop.time()
-        if ours.pop(None, None) is not None:
-            self._notify.setblocking(False)
-            loop.set_events(self._notify, selectors.EVENT_READ, self._on_notify)
         on_read = self._on_output
         popen = self._popen
         if popen.stdout is not None:
@@ -1897,7 +1877,8 @@ class Process:
         output = self._outputs.get(label)  # None for a custom stream: raw bytes only
         if output is not None:
             now = time.time()
-            block = output.feed(data, now, bool(self._logs or self._job.followers or self._awaits_output()))
+            block = output.feed(data, now, bool(self._logs or self._job.followers or
+                                                self._manager._checks.wants_lines(self)))
             if block:
                 self._on_lines(label, block, now)
 
@@ -1914,7 +1895,8 @@ class Process:
                 prefix += ("%s.%d | " % (self.config.name, self.slot)).encode()
             written = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n" if prefix else block
             self._job.log_dropped += log.write(written)
-        followers, awaits = self._job.followers, self._awaits_output()
+        checks = self._manager._checks
+        followers, awaits = self._job.followers, checks.wants_lines(self)
         if not followers and not awaits:
             return
         lines = [line.decode("utf-8", "replace") for line in block[:-1].split(b"\n")]
@@ -1924,40 +1906,8 @@ class Process:
             for line in lines:
                 channel._put("line", {"time": now, "pid": self.pid, "slot": self.slot, "label": label,
                                       "line": line})
-        if awaits and any(re.search(self.config.ready[7:], line) for line in lines):
-            self._manager._mark_ready(self)
-
-    def _awaits_output(self):
-        """Its readiness check is an output: regex, not passed yet (and it has not exited)."""
-        return self._state is _State.STARTING and self._reads_ready and not self._reaped
-
-    def _on_notify(self, mask):
-        """sd_notify datagrams: READY=1 marks the process ready, WATCHDOG=1 says it is alive, STATUS=... is kept."""
-        for _ in range(64):  # a child that sends without pause must not hold the loop: the rest waits
-            if self._notify is None:
-                return
-            try:
-                data = self._notify.recv(4096)
-            except OSError:  # BlockingIOError: all read
-                return
-            for line in data.decode("utf-8", "replace").split("\n"):
-                key, _, value = line.partition("=")
-                if key == "STATUS":
-                    self.notify_status = value
-                elif line == "READY=1" and self._state is _State.STARTING and self.config.ready == "notify":
-                    self._manager._mark_ready(self)
-                elif line == "WATCHDOG=1" and self._state is _State.READY and self.config.health == "notify":
-                    self._manager._on_health(self, True, None)
-
-    def _unlink_notify(self):
-        if self._notify is not None:
-            path = self._notify.getsockname()
-            self._notify.close()
-            self._notify = None
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if awaits:
+            checks.saw_lines(self, lines)
 
     @property
     def _reaped(self):
@@ -1967,13 +1917,6 @@ class Process:
     def _finish(self):
         """The child was reaped: deliver its last output, close its descriptors, forget its timers.  Its
         move to EXITED, with the exit event, comes after (Manager._move)."""
-        for timer in (self._ready_timer, self._check_timer):
-            if timer is not None:
-                timer.cancel()
-        if self._notify is not None:
-            self._on_notify(selectors.EVENT_READ)  # a STATUS= sent just before exiting
-            self._manager.loop.set_events(self._notify, 0)
-            self._unlink_notify()
         for pipe in self._pipes:
             pipe.drain()
         now = time.time()
@@ -1998,8 +1941,7 @@ class Process:
             "redirect_output": list(self.config.redirect_output),
             "redirect_input": self.config.redirect_input,
             "custom_streams": list(self.config.custom_streams), "active": self.active,
-            "status": self.status, "ready": self.ready, "notify_status": self.notify_status,
-            "health_passed": self._health_passed, "health_failures": self._health_failures,
+            "status": self.status, "ready": self.ready, **self._manager._checks.report(self),
         }
 
     # -- any thread
@@ -2600,6 +2542,270 @@ for base in sys.argv[3:]:  # the manager's cgroups, deepest first
 """
 
 
+# -- Checks (_Checks): readiness and health -------------------------------------------------
+# When a process moves to READY, and whether it stays healthy: the checks, their bounded pool of
+# workers, a record of each process's checks, and the notify sockets.  Loop thread.
+
+class _CheckRecord:
+    """What _Checks knows of one process's checks."""
+
+    __slots__ = ("ready_timer", "timer", "delay", "attempt", "pending", "busy", "passed", "failures", "notify",
+                 "status", "reads")
+
+    def __init__(self):
+        self.ready_timer = None  # ready_timeout
+        self.timer = None        # the next try, the delay: check, the timeout of a health check, or the watchdog's
+        self.delay = 0.0         # between readiness tries: short at first, then longer
+        self.attempt = 0         # counts the tries sent to a worker: a late answer is not the current one
+        self.pending = False     # the current try has neither answered nor timed out
+        self.busy = False        # a worker still runs this process's last try
+        self.passed = 0          # health checks passed (WATCHDOG=1 pings in notify mode)
+        self.failures = 0        # failed health checks in a row
+        self.notify = None       # the datagram socket of a notify check
+        self.status = None       # the last STATUS= it sent there
+        self.reads = False       # its readiness check reads its output (output:REGEX)
+
+
+class _Checks:
+    """Readiness and health checks.  tcp, http and callable tries run on a bounded pool of worker
+    threads (none may block the loop), each answer or timeout posted back as a command; delay: is a
+    timer; output: reads the process's lines; notify reads a datagram socket of the process's own.
+    A ready process's health is checked every health_interval.  The manager is told when to move a
+    process (ready), or to replace it (not ready in time, unhealthy)."""
+
+    def __init__(self, manager):
+        self._manager = manager
+        self._loop = manager.loop
+        self._records = {}      # Process -> _CheckRecord, from its spawn to its exit
+        self._pool = None       # the worker threads, made on first use
+        self._notify_dir = None  # where notify sockets are bound, made on first use
+
+    def prepare(self, proc, env, uid):
+        """Before its spawn: the process's record, and its notify socket (NOTIFY_SOCKET, WATCHDOG_USEC in env),
+        which the process's user (uid) may send to and nobody else."""
+        record = self._records[proc] = _CheckRecord()
+        config = proc.config
+        record.reads = isinstance(config.ready, str) and config.ready.startswith("output:")
+        if "notify" in (config.ready, config.health):  # a socket of its own: what arrives there is from it
+            record.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            record.notify.bind(self._notify_path(proc.pid))
+            _allow_sender(record.notify.getsockname(), uid)
+            env["NOTIFY_SOCKET"] = record.notify.getsockname()
+            if config.health == "notify":  # as systemd sets it: sd_watchdog_enabled() reads it
+                env["WATCHDOG_USEC"] = str(int(config.health_interval * 1e6))
+
+    def start(self, proc):
+        """Spawned: arm what will move it to READY, and the ready_timeout that bounds the wait."""
+        record, check = self._records[proc], proc.config.ready
+        if record.notify is not None:
+            record.notify.setblocking(False)
+            self._loop.set_events(record.notify, selectors.EVENT_READ, functools.partial(self._on_notify, proc))
+        if check is None:
+            self._manager._mark_ready(proc)
+            return
+        record.ready_timer = self._loop.call_later(proc.config.ready_timeout, self._on_ready_timeout, proc)
+        if isinstance(check, str) and check.startswith("delay:"):
+            record.timer = self._loop.call_later(float(check[6:]), self._manager._mark_ready, proc)
+        elif callable(check) or check.startswith(("tcp:", "http")):
+            record.delay = _CHECK_DELAY_MIN
+            self._run(proc)
+        # output: and notify: the process's own lines and datagrams move it (saw_lines, _on_notify)
+
+    def wants_lines(self, proc):
+        """Its readiness check reads its output, and has not passed yet."""
+        record = self._records.get(proc)
+        return record is not None and record.reads and proc._state is _State.STARTING and not proc._reaped
+
+    def saw_lines(self, proc, lines):
+        if self.wants_lines(proc) and any(re.search(proc.config.ready[7:], line) for line in lines):
+            self._manager._mark_ready(proc)
+
+    def ready(self, proc):
+        """It moved to READY: the readiness check ends, its health checks begin."""
+        record = self._records[proc]
+        self._cancel(record)
+        if proc.config.health is not None and proc._state is _State.READY:  # (a listener may have stopped it)
+            self._arm_health(proc, record)
+
+    def report(self, proc):
+        """What the process's info says of its checks."""
+        record = self._records.get(proc) or _CheckRecord()
+        return {"notify_status": record.status, "health_passed": record.passed, "health_failures": record.failures}
+
+    def finish(self, proc):
+        """It exited (or never spawned): its last datagrams read, its timers and socket gone."""
+        record = self._records.pop(proc, None)
+        if record is None:
+            return
+        self._cancel(record)
+        if record.notify is not None:
+            if proc._popen is not None:
+                self._read_notify(proc, record)  # a STATUS= sent just before exiting
+                self._loop.set_events(record.notify, 0)
+            path = record.notify.getsockname()
+            record.notify.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def close(self, loop_closed=False):
+        """The loop ended: the workers go (a try in progress ends within its timeout), and the sockets'
+        directory (with what processes killed after a crash left in it)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        for record in self._records.values():
+            if record.notify is not None:
+                record.notify.close()
+        if self._notify_dir is not None:
+            try:
+                for entry in os.listdir(self._notify_dir):
+                    os.unlink(os.path.join(self._notify_dir, entry))
+                os.rmdir(self._notify_dir)
+            except OSError as exc:  # removed by a /tmp cleaner, say: run() must still return
+                _log.warning("cannot remove %s: %s", self._notify_dir, exc)
+
+    @staticmethod
+    def _cancel(record):
+        for timer in (record.ready_timer, record.timer):
+            if timer is not None:
+                timer.cancel()
+        record.ready_timer = record.timer = None
+        record.pending = False
+
+    def _notify_path(self, pid):
+        """Where a notify process's socket is bound: a directory of the manager's own, made on first use."""
+        if self._notify_dir is None or not os.path.isdir(self._notify_dir):  # a /tmp cleaner may take it
+            import tempfile
+            self._notify_dir = tempfile.mkdtemp(prefix="gaffer-notify-")
+            os.chmod(self._notify_dir, 0o711)  # a process dropped to another user reaches its own socket
+        return os.path.join(self._notify_dir, "%d.sock" % pid)
+
+    def _on_notify(self, proc, mask):
+        record = self._records.get(proc)
+        if record is not None:
+            self._read_notify(proc, record)
+
+    def _read_notify(self, proc, record):
+        """sd_notify datagrams: READY=1 makes it ready, WATCHDOG=1 says it is alive, STATUS=... is kept."""
+        for _ in range(64):  # a child that sends without pause must not hold the loop: the rest waits
+            try:
+                data = record.notify.recv(4096)
+            except OSError:  # BlockingIOError: all read
+                return
+            for line in data.decode("utf-8", "replace").split("\n"):
+                key, _, value = line.partition("=")
+                if key == "STATUS":
+                    record.status = value
+                elif line == "READY=1" and proc._state is _State.STARTING and proc.config.ready == "notify":
+                    self._manager._mark_ready(proc)
+                elif line == "WATCHDOG=1" and proc._state is _State.READY and proc.config.health == "notify":
+                    self._on_health(proc, True, None)
+
+    def _run(self, proc):
+        """One try of a tcp, http or callable check, readiness or health, on a worker thread.  Its
+        answer, or its timeout first, comes back to _on_answer."""
+        record = self._records.get(proc)
+        if record is None:
+            return
+        record.timer = None
+        if proc._state is _State.STARTING:
+            check, timeout = proc.config.ready, _CHECK_TIMEOUT
+        elif proc._state is _State.READY:
+            check, timeout = proc.config.health, proc.config.health_timeout
+        else:
+            return
+        record.attempt += 1
+        record.pending = True
+        attempt = record.attempt
+        if record.busy:  # a callable that has not returned yet: it gets no second thread
+            self._on_answer(proc, attempt, False, "the previous check is still running")
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(_CHECK_WORKERS, thread_name_prefix="gaffer-check")
+        record.busy = True
+        owner = proc.os_pid if isinstance(check, str) and self._shares_port(proc, check) else None
+        future = self._pool.submit(_check_once, check, proc, timeout, owner)
+        future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._on_done, proc, attempt, f))
+        if proc._state is _State.READY:  # a readiness check has ready_timeout for a bound
+            record.timer = self._loop.call_later(timeout, self._on_answer, proc, attempt, False,
+                                                 "no answer within %gs" % timeout)
+
+    @staticmethod
+    def _shares_port(proc, check):
+        """Whether another live process of the job answers the same check (its slot's old process in a
+        rollout or reload, on the same $PORT): then only a listener of proc's own counts."""
+        target = _expand(check, proc.env)
+        return any(other is not proc and other._state is not _State.EXITED and _expand(check, other.env) == target
+                   for other in proc._job.processes() + list(proc._job.stopping.values()))
+
+    def _on_done(self, proc, attempt, future):
+        record = self._records.get(proc)
+        if record is None:
+            return
+        record.busy = False
+        try:
+            passed, reason = future.result(), "the check returned False"
+        except Exception as exc:  # refused, unreachable, an error status, or the callable raised
+            passed, reason = False, str(exc) or type(exc).__name__
+        self._on_answer(proc, attempt, bool(passed), reason)
+
+    def _on_answer(self, proc, attempt, passed, reason):
+        """The current try answered or timed out: a starting process is ready or not yet, a ready one
+        healthy or not."""
+        record = self._records.get(proc)
+        if record is None or attempt != record.attempt or not record.pending:
+            return  # it answered after its timeout, or the process moved on
+        record.pending = False
+        if record.timer is not None:
+            record.timer.cancel()
+            record.timer = None
+        if proc._state is _State.READY:
+            self._on_health(proc, passed, reason)
+        elif proc._state is not _State.STARTING:
+            return
+        elif passed:
+            self._manager._mark_ready(proc)
+        else:  # not ready yet: try again quickly at first, then about every _CHECK_DELAY_MAX
+            _log.debug("readiness check of %r: %s", proc, reason)
+            record.delay = min(record.delay * 2, _CHECK_DELAY_MAX)
+            record.timer = self._loop.call_later(record.delay, self._run, proc)
+
+    def _arm_health(self, proc, record):
+        """The next health check in health_interval; in notify mode, the deadline of the next WATCHDOG=1."""
+        interval = proc.config.health_interval
+        if proc.config.health == "notify":
+            record.timer = self._loop.call_later(interval, self._on_health, proc, False,
+                                                 "no WATCHDOG=1 within %gs" % interval)
+        else:
+            record.timer = self._loop.call_later(interval, self._run, proc)
+
+    def _on_health(self, proc, passed, reason):
+        """A health check passed or failed: health_retries failures in a row, and the manager replaces it."""
+        record = self._records.get(proc)
+        if record is None or proc._state is not _State.READY:
+            return
+        if record.timer is not None:
+            record.timer.cancel()
+            record.timer = None
+        record.passed += passed
+        record.failures = 0 if passed else record.failures + 1
+        if record.failures < proc.config.health_retries:
+            self._arm_health(proc, record)
+            return
+        _log.warning("%r failed %d health checks in a row (%s): replaced", proc, record.failures, reason)
+        self._manager._unhealthy(proc, reason)
+
+    def _on_ready_timeout(self, proc):
+        record = self._records.get(proc)
+        if record is None or proc._state is not _State.STARTING:
+            return
+        record.ready_timer = None
+        _log.warning("%r was not ready within %gs: replaced", proc, proc.config.ready_timeout)
+        self._manager._not_ready(proc)
+
+
 # -- The sampler (_Sampler) ------------------------------------------------------------
 # One timer reads /proc for everything that needs it, and only while something does.  Loop thread.
 
@@ -3011,8 +3217,7 @@ class Manager:
         self._stopped = threading.Event()
         self._run_wakeups = []    # sockets that run() sleeps on, written to when the loop ends
         self._ready_waiters = []  # _ReadyWaiter of wait_ready() callers
-        self._checker = None      # the worker threads of tcp, http and callable checks
-        self._notify_dir = None   # where notify sockets are bound
+        self._checks = _Checks(self)  # readiness and health
         self._guardian = None     # (Popen, _Pipe to its stdin) of the guardian, started with the first spawn
         self._guarded = {}        # target (-pgid, or a pid) -> the line that told the guardian of it
         self._guardian_since = 0.0  # loop time the guardian started
@@ -3942,8 +4147,9 @@ class Manager:
                                % (job.name, slot, job.config.port + slot - 1))
         proc = Process(self, next(self._pids), job, once, env, graceful_timeout, slot)
         try:
-            proc._spawn(self.loop)
+            proc._spawn(self.loop, self._checks.prepare)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self._checks.finish(proc)
             raise ProcessError(400, "job %r cannot start %r: %s" % (job.name, job.config.cmd, exc)) from exc
         self._procs[proc.pid] = proc
         job.last_error = None
@@ -3964,7 +4170,7 @@ class Manager:
         self._sampler.track(proc)
         self._guard(proc)
         self._move(proc, _State.STARTING, "spawn")  # NEW -> STARTING
-        self._start_check(proc)
+        self._checks.start(proc)
         return proc
 
     # -- the guardian (loop thread): told of each process, so that it can stop them if the manager dies
@@ -4053,123 +4259,21 @@ class Manager:
 
     # -- readiness (loop thread): STARTING -> READY, or a stop at ready_timeout
 
-    def _start_check(self, proc):
-        """Arm what will move a new process to READY, and the ready_timeout that bounds the wait."""
-        check = proc.config.ready
-        if check is None:
-            self._mark_ready(proc)
-            return
-        proc._ready_timer = self.loop.call_later(proc.config.ready_timeout, self._on_ready_timeout, proc)
-        if isinstance(check, str) and check.startswith("delay:"):
-            proc._check_timer = self.loop.call_later(float(check[6:]), self._mark_ready, proc)
-        elif callable(check) or check.startswith(("tcp:", "http")):
-            proc._check_delay = _CHECK_DELAY_MIN
-            self._run_check(proc)
-        # output: and notify: the process's own reads move it (Process._on_output, _on_notify)
-
     def _mark_ready(self, proc):
+        """Its readiness check passed (_Checks): STARTING -> READY, and what waited for it goes on."""
         if proc._state is not _State.STARTING or proc._reaped:
             return
-        for timer in (proc._ready_timer, proc._check_timer):
-            if timer is not None:
-                timer.cancel()
-        proc._ready_timer = proc._check_timer = None
-        proc._check_pending = False
         self._move(proc, _State.READY, "ready", elapsed=round(self.loop.time() - proc._spawned_at, 6))
-        if proc.config.health is not None and proc._state is _State.READY:  # (a listener may have stopped it)
-            self._arm_health(proc)
+        self._checks.ready(proc)
         job = proc._job
         if job.rollout is not None and job.rollout.surge == proc.pid:
             self._surge_ready(job, proc)
         self._check_ready_waiters()
         self._release_dependents()
 
-    def _run_check(self, proc):
-        """One try of a tcp, http or callable check, readiness or health, on a worker thread:
-        none may block the loop.  Its answer, or its timeout first, comes back to _on_check."""
-        proc._check_timer = None
-        if proc._state is _State.STARTING:
-            check, timeout = proc.config.ready, _CHECK_TIMEOUT
-        elif proc._state is _State.READY:
-            check, timeout = proc.config.health, proc.config.health_timeout
-        else:
-            return
-        proc._check_try += 1
-        proc._check_pending = True
-        attempt = proc._check_try
-        if proc._check_busy:  # a callable that has not returned yet: it gets no second thread
-            self._on_check(proc, attempt, False, "the previous check is still running")
-            return
-        if self._checker is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._checker = ThreadPoolExecutor(_CHECK_WORKERS, thread_name_prefix="gaffer-check")
-        proc._check_busy = True
-        owner = proc.os_pid if isinstance(check, str) and self._shares_port(proc, check) else None
-        future = self._checker.submit(_check_once, check, proc, timeout, owner)
-        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._on_check_done, proc, attempt, f))
-        if proc._state is _State.READY:  # a readiness check has ready_timeout for a bound
-            proc._check_timer = self.loop.call_later(timeout, self._on_check, proc, attempt, False,
-                                                     "no answer within %gs" % timeout)
-
-    def _shares_port(self, proc, check):
-        """Whether another live process of the job answers the same check (its slot's old process in a
-        rollout or reload, on the same $PORT): then only a listener of proc's own counts."""
-        target = _expand(check, proc.env)
-        return any(other is not proc and other._state is not _State.EXITED and _expand(check, other.env) == target
-                   for other in proc._job.processes() + list(proc._job.stopping.values()))
-
-    def _on_check_done(self, proc, attempt, future):
-        proc._check_busy = False
-        try:
-            passed, reason = future.result(), "the check returned False"
-        except Exception as exc:  # refused, unreachable, an error status, or the callable raised
-            passed, reason = False, str(exc) or type(exc).__name__
-        self._on_check(proc, attempt, bool(passed), reason)
-
-    def _on_check(self, proc, attempt, passed, reason):
-        """The current check answered or timed out: a ready process is ready, a ready one healthy or not."""
-        if attempt != proc._check_try or not proc._check_pending:
-            return  # it answered after its timeout, or the process moved on
-        proc._check_pending = False
-        if proc._check_timer is not None:
-            proc._check_timer.cancel()
-            proc._check_timer = None
-        if proc._state is _State.READY:
-            self._on_health(proc, passed, reason)
-        elif proc._state is not _State.STARTING:
-            return
-        elif passed:
-            self._mark_ready(proc)
-        else:  # not ready yet: try again quickly at first, then about every _CHECK_DELAY_MAX
-            _log.debug("readiness check of %r: %s", proc, reason)
-            proc._check_delay = min(proc._check_delay * 2, _CHECK_DELAY_MAX)
-            proc._check_timer = self.loop.call_later(proc._check_delay, self._run_check, proc)
-
-    # -- health (loop thread): a ready process checked every health_interval, replaced when it fails
-
-    def _arm_health(self, proc):
-        """The next health check in health_interval; in notify mode, the deadline of the next WATCHDOG=1."""
-        interval = proc.config.health_interval
-        if proc.config.health == "notify":
-            proc._check_timer = self.loop.call_later(interval, self._on_health, proc, False,
-                                                     "no WATCHDOG=1 within %gs" % interval)
-        else:
-            proc._check_timer = self.loop.call_later(interval, self._run_check, proc)
-
-    def _on_health(self, proc, passed, reason):
-        """A health check passed or failed: health_retries failures in a row replace the process."""
-        if proc._state is not _State.READY:
-            return
-        if proc._check_timer is not None:
-            proc._check_timer.cancel()
-            proc._check_timer = None
-        proc._health_passed += passed
-        proc._health_failures = 0 if passed else proc._health_failures + 1
-        if proc._health_failures < proc.config.health_retries:
-            self._arm_health(proc)
-            return
+    def _unhealthy(self, proc, reason):
+        """It failed health_retries checks in a row (_Checks): replaced."""
         job = proc._job
-        _log.warning("%r failed %d health checks in a row (%s): replaced", proc, proc._health_failures, reason)
         self._publish({"name": proc.name, "pid": proc.pid, "reason": reason}, "unhealthy",
                       "job.%s.unhealthy" % proc.name)
         counted = proc.pid in job.running
@@ -4178,11 +4282,8 @@ class Manager:
             job.restarts += 1
             self._manage(job)
 
-    def _on_ready_timeout(self, proc):
-        proc._ready_timer = None
-        if proc._state is not _State.STARTING:
-            return
-        _log.warning("%r was not ready within %gs: replaced", proc, proc.config.ready_timeout)
+    def _not_ready(self, proc):
+        """It was not ready within ready_timeout (_Checks): stopped and respawned, or its rollout fails."""
         self._publish({"name": proc.name, "pid": proc.pid}, "ready_timeout", "job.%s.ready_timeout" % proc.name)
         job = proc._job
         if job.rollout is not None and job.rollout.surge == proc.pid:
@@ -4233,14 +4334,6 @@ class Manager:
                 continue
             self._ready_waiters.remove(waiter)
             waiter.done.set()
-
-    def _notify_path(self, pid):
-        """Where a notify process's socket is bound: a directory of the manager's own, made on first use."""
-        if self._notify_dir is None or not os.path.isdir(self._notify_dir):  # a /tmp cleaner may take it
-            import tempfile
-            self._notify_dir = tempfile.mkdtemp(prefix="gaffer-notify-")
-            os.chmod(self._notify_dir, 0o711)  # a process dropped to another user reaches its own socket
-        return os.path.join(self._notify_dir, "%d.sock" % pid)
 
     def _activate(self, job):
         """Mark a job started by hand: flapping history, backoffs and retired slots are forgotten."""
@@ -4588,6 +4681,7 @@ class Manager:
             self._forget_group(proc.os_pid, self._target(proc), cgroup)
         if proc.config.stop_children:  # asked or not (a daemon may fork after the stop's look), cgroup or not
             self._sweep_later(proc)  # (one may fork before the move): what left its group ends with it
+        self._checks.finish(proc)  # its last STATUS=, its timers and socket
         dropped = proc._finish()
         del self._procs[proc.pid]
         job = proc._job
@@ -4862,15 +4956,7 @@ class Manager:
         if self._guardian is not None:
             self._dismiss_guardian(loop_closed=True)
         self._reaper.close()  # the pidfds of what it watched (after a crash, children it killed)
-        if self._checker is not None:
-            self._checker.shutdown(wait=False)  # a tcp or http check in progress ends within its timeout
-        if self._notify_dir is not None:
-            try:
-                for entry in os.listdir(self._notify_dir):  # left by processes killed after a crash
-                    os.unlink(os.path.join(self._notify_dir, entry))
-                os.rmdir(self._notify_dir)
-            except OSError as exc:  # removed by a /tmp cleaner, say: run() must still return
-                _log.warning("cannot remove %s: %s", self._notify_dir, exc)
+        self._checks.close()
         self._stopped.set()
         for wake in list(self._run_wakeups):
             try:

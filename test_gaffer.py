@@ -2088,7 +2088,7 @@ class ReadinessTest(ManagerTestCase):
         self.assert_ready_after("w", 0.3)
         info = self.m.get_process(1).info
         self.assertEqual(info["notify_status"], "serving")
-        notify_dir = self.m._notify_dir
+        notify_dir = self.m._checks._notify_dir
         self.assertEqual(len(os.listdir(notify_dir)), 1)
         self.m.stop_job("w")
         self.rec.wait_for("exit", pid=1)
