@@ -1142,7 +1142,9 @@ class Loop:
 # given (Popen.poll, never waitpid(-1)) and call on_exit() on the loop thread.
 
 class _PollReaper:
-    """Polls its own children with waitpid(pid, WNOHANG), fast after a spawn or a signal, then backing off."""
+    """The one child watcher: the Popens the manager spawned and the children it adopted (_Adopted),
+    each reaped alone (poll(): waitpid(pid, WNOHANG)), never waitpid(-1).  This one polls, fast after
+    a spawn or a signal, then backing off."""
 
     def __init__(self, loop):
         self._loop = loop
@@ -1182,6 +1184,26 @@ class _PollReaper:
         if self._children and self._timer is None:
             self._delay = min(self._delay * 2, _POLL_MAX)
             self._timer = self._loop.call_later(self._delay, self._poll)
+
+
+class _Adopted:
+    """A child the manager did not spawn but adopted as a subreaper: watched and reaped as a Popen is."""
+
+    __slots__ = ("pid", "returncode")
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped meanwhile
+                pid, status = self.pid, 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status) if status else 0
+        return self.returncode
 
 
 def _some_child_exited():
@@ -1801,10 +1823,8 @@ class Process:
         self._popen = None
         self._pipes = []
         self._stdin = None
-        self._kill_timer = None
         self._io = EventEmitter()
         self._streams = {}        # label -> _Pipe of each custom stream
-        self._cgroup = None       # the cgroup directory of its own, where the manager has cgroups
 
     def __repr__(self):
         return "<Process %r pid=%s os_pid=%s %s>" % (self.name, self.pid, self.os_pid, self._state.name)
@@ -1825,7 +1845,7 @@ class Process:
         user, group, groups = _credentials(config)
         env = dict(self.env)
         # Inherited by its descendants, so that they can be found even once they left its group.
-        env.update(GAFFER_JOB=self.name, GAFFER_PROCESS="%s/%d" % (self._manager._token, self.pid),
+        env.update(GAFFER_JOB=self.name, GAFFER_PROCESS=self._manager._containment.mark(self),
                    GAFFER_PROCESS_NAME=self.label)  # web.1, as honcho's HONCHO_PROCESS_NAME
         ours, theirs = {}, []
         self._outputs = {label: _Output(label, config.tail_bytes) for label in labels}
@@ -2542,6 +2562,441 @@ for base in sys.argv[3:]:  # the manager's cgroups, deepest first
 """
 
 
+# -- Containment (_Containment) ------------------------------------------------------------------
+# Whatever a process starts stops with it: its process group, its cgroup, what left both (found
+# through /proc), the groups it leaves behind, the guardian, and the orphans a subreaper adopts.
+
+class _Held:
+    """What _Containment knows of one process: its cgroup, and the SIGKILL due at its graceful_timeout."""
+
+    __slots__ = ("cgroup", "kill_timer")
+
+    def __init__(self, cgroup):
+        self.cgroup = cgroup
+        self.kill_timer = None
+
+
+class _Containment:
+    """Every stop path goes through here: stop(proc) sends the stop signal where it goes (the group,
+    and what left it but not the cgroup) and SIGKILLs at graceful_timeout; signal(proc, sig) for
+    kill and killall; exited(proc) follows what a process left (its group or cgroup, kept until empty
+    or SIGKILLed at the same deadline, and what left both).  The guardian is told of every group and
+    cgroup; a subreaper reaps what it adopts.  It builds the GAFFER_PROCESS mark.  Loop thread only."""
+
+    def __init__(self, manager, cgroups, subreaper, guardian):
+        self.cgroups_setting = cgroups  # "auto", True or False (Manager(cgroups=...))
+        self.subreaper = subreaper
+        self.guardian_wanted = guardian
+        self.cgroups = None             # _Cgroups, made at start where the system allows
+        # Names the manager on the machine (GAFFER_PROCESS, its cgroup): PID 1 is in every container.
+        self.token = "%d-%d-%s" % (os.getpid(), next(_serials), os.urandom(3).hex())
+        self._manager = manager
+        self._loop = manager.loop
+        self._reaper = manager._reaper
+        self._held = {}                 # Process -> _Held, from its spawn to its exit
+        self._orphans = {}              # pgid -> (deadline, killed) of a group whose leader exited first
+        self._orphan_cgroups = {}       # pgid of such a group -> (the cgroup of its exited leader, its job)
+        self._orphan_timer = None
+        self._orphan_delay = _ORPHAN_POLL_MIN
+        self._sweeps = []               # processes stopped or ended since the last sweep
+        self._sweep_timer = None
+        self._sweep_next = 0.0          # loop time before which no sweep starts: spaced by what the last cost
+        self._led = collections.OrderedDict()  # os pids of recent processes (each led a session): the subreaper's
+        self._adopted = set()           # os pids of adopted children watched until they exit
+        self._adoption_timer = None
+        self._guardian = None           # (Popen, _Pipe to its stdin)
+        self._guarded = {}              # target (-pgid, or a pid) -> the line that told the guardian of it
+        self._guardian_since = 0.0
+        self._guardian_timer = None     # the start of a guardian after one died
+        self._unloaded = set()          # jobs unloaded while processes of theirs were in cgroups
+
+    @property
+    def kind(self):
+        return "group" if self.cgroups is None else "cgroup"
+
+    @property
+    def idle(self):
+        """No group left behind to wait for: a manager stop may finish."""
+        return not self._orphans
+
+    def start(self):
+        """At the manager's start: a subreaper if asked, and the manager's cgroup where it can be made."""
+        if self.subreaper:
+            try:
+                _set_subreaper()
+            except OSError as exc:
+                if os.getpid() != 1:  # PID 1 adopts orphans anyway
+                    raise RuntimeError("subreaper=%r: %s" % (self.subreaper, exc)) from None
+        self.cgroups = _Cgroups.create(self.cgroups_setting, self.token)
+
+    def mark(self, proc):
+        """The GAFFER_PROCESS value a process and its descendants carry: which process of which manager."""
+        return "%s/%d" % (self.token, proc.pid)
+
+    def set_limits(self, job, config):
+        """Write the job's cgroup limits; ValueError (nothing changed) if this system cannot enforce them."""
+        limits = [name for name in _LIMIT_FILES if getattr(config, name) is not None]
+        if self.cgroups is not None:
+            self.cgroups.set_limits(job, config)
+        elif limits:
+            raise ValueError("%s needs cgroup containment, which this manager does not have (cgroups=%r%s)"
+                             % (limits[0], self.cgroups_setting, ", GAFFER_NO_CGROUP is set"
+                                if os.environ.get("GAFFER_NO_CGROUP", "") not in ("", "0") else ""))
+
+    def held(self, proc):
+        """A new process: moved into its cgroup (where the manager has them), and told to the guardian."""
+        cgroup = self.cgroups.contain(proc._job, proc) if self.cgroups is not None else None
+        self._held[proc] = _Held(cgroup)
+        if self.subreaper:  # its session, which its descendants keep unless they setsid(): how a zombie is known
+            self._led[proc.os_pid] = None
+            if len(self._led) > _LED_SESSIONS:
+                self._led.popitem(last=False)
+            if self._adoption_timer is None:
+                self._adoption_timer = self._loop.call_later(1.0, self.reap_adopted)
+        self._guard(proc)
+
+    def cgroup(self, proc):
+        held = self._held.get(proc)
+        return held.cgroup if held is not None else None
+
+    # -- the stop paths: one signal, one kill, one question of what is left
+
+    def stop(self, proc):
+        """The stop signal to where it goes, SIGKILL at graceful_timeout, and a look for what left its group."""
+        self.signal(proc, proc.config.stop_signal, proc.config.stop_children)
+        held = self._held[proc]
+        held.kill_timer = self._loop.call_later(proc.graceful_timeout, self._kill, proc)
+        if proc.config.stop_children:
+            self._sweep_later(proc)
+
+    def signal(self, proc, signum, group):
+        """Send a signal to a process, or its group and what left the group but not its cgroup."""
+        if not proc._reaped:  # only then is the pid surely still ours
+            _send_signal(proc.os_pid, signum, group)
+            cgroup = self.cgroup(proc)
+            if group and cgroup is not None:
+                self._signal_escaped(cgroup, proc.os_pid, signum)
+            self._reaper.expect_exit()
+
+    def _kill(self, proc):
+        """A stopping process outlived graceful_timeout: SIGKILL (its group and cgroup too, with stop_children)."""
+        held = self._held.get(proc)
+        if held is None:
+            return
+        held.kill_timer = None
+        if not proc._reaped:
+            _send_signal(proc.os_pid, signal.SIGKILL, proc.config.stop_children)
+            if proc.config.stop_children and held.cgroup is not None:
+                _cgroup_kill(held.cgroup)
+            self._reaper.expect_exit()
+
+    def kill_all(self, procs):
+        """SIGKILL every process and every group left behind now (a second Ctrl-C)."""
+        for proc in procs:
+            self.signal(proc, signal.SIGKILL, proc.config.stop_children)
+        for pgid in list(self._orphans):
+            self._orphans[pgid] = (0.0, False)  # due now
+        self._watch_orphans()
+
+    def exited(self, proc, asked):
+        """A process was reaped: what is left of its group or cgroup is asked too (unless it was asked
+        with it) and SIGKILLed at the same deadline; what left both is looked for."""
+        held = self._held.pop(proc)
+        kill_timer, cgroup = held.kill_timer, held.cgroup
+        if kill_timer is not None:
+            kill_timer.cancel()
+        if proc.config.stop_children and self._leftovers({proc.os_pid: cgroup}):
+            if kill_timer is None:
+                _send_signal(proc.os_pid, proc.config.stop_signal, group=True)
+                if cgroup is not None:
+                    self._signal_escaped(cgroup, proc.os_pid, proc.config.stop_signal)
+            deadline = kill_timer.when if kill_timer is not None else self._loop.time() + proc.graceful_timeout
+            self._orphans[proc.os_pid] = (deadline, False)
+            if cgroup is not None:
+                self._orphan_cgroups[proc.os_pid] = (cgroup, proc._job)
+            self._watch_orphans()
+        else:
+            self._forget_group(proc.os_pid, self._target(proc), cgroup, proc._job)
+        if proc.config.stop_children:  # asked or not (a daemon may fork after the stop's look), cgroup or not
+            self._sweep_later(proc)   # (one may fork before the move): what left its group ends with it
+        if self.subreaper:
+            self.reap_adopted()  # its orphans are ours now
+
+    def unloaded(self, job):
+        """The job was unloaded: its cgroup goes, now or with the last of its processes."""
+        if self.cgroups is None:
+            return
+        if any(held.cgroup for proc, held in self._held.items() if proc._job is job):
+            self._unloaded.add(job)
+        else:
+            self.cgroups.release(self.cgroups.job_dir(job))
+
+    @staticmethod
+    def _signal_escaped(cgroup, pgid, signum):
+        """Signal what left the process group (setsid) but not the cgroup; the group had it already."""
+        for pid in _cgroup_members(cgroup):
+            try:
+                if os.getpgid(pid) != pgid:
+                    os.kill(pid, signum)
+            except OSError:  # exited meanwhile
+                pass
+
+    @staticmethod
+    def _leftovers(groups):
+        """The groups among {pgid: its cgroup or None} that still hold a live process: the one question
+        each containment layer answers, the process group through /proc, the cgroup through cgroup.procs."""
+        live = _live_groups(groups)
+        live.update(pgid for pgid, cgroup in groups.items() if _cgroup_members(cgroup))
+        return live
+
+    def _forget_group(self, pgid, target, cgroup, job=None):
+        """A process's group and cgroup are empty (or given up on): the guardian forgets them, the cgroup goes."""
+        self._unguard(target)
+        if cgroup is not None:
+            self._orphan_cgroups.pop(pgid, None)
+            self.cgroups.release(cgroup)
+            if job in self._unloaded and not any(p._job is job for p in self._held) and not any(
+                    other is job for _, other in self._orphan_cgroups.values()):
+                self._unloaded.discard(job)
+                self.cgroups.release(self.cgroups.job_dir(job))  # the last one out of an unloaded job
+
+    def _watch_orphans(self):
+        """Recheck the groups left behind soon, then less and less often: no descriptor tells when one empties."""
+        self._orphan_delay = _ORPHAN_POLL_MIN
+        if self._orphan_timer is not None:
+            self._orphan_timer.cancel()
+        self._orphan_timer = self._loop.call_later(_ORPHAN_POLL_MIN, self._on_orphan_check)
+
+    def _on_orphan_check(self):
+        """Forget the groups that emptied, SIGKILL those past their deadline, give up on those SIGKILL left."""
+        self._orphan_timer = None
+        now = self._loop.time()
+        live = self._leftovers({pgid: self._orphan_cgroups.get(pgid, (None,))[0] for pgid in self._orphans})
+        for pgid, (deadline, killed) in list(self._orphans.items()):
+            cgroup, job = self._orphan_cgroups.get(pgid, (None, None))
+            if pgid not in live:
+                del self._orphans[pgid]
+                self._forget_group(pgid, -pgid, cgroup, job)
+            elif now < deadline:
+                continue
+            elif not killed:
+                _send_signal(pgid, signal.SIGKILL, group=True)
+                if cgroup is not None:
+                    _cgroup_kill(cgroup)
+                self._orphans[pgid] = (now + _ORPHAN_GIVE_UP, True)
+            else:  # zombies that no one reaps (a PID namespace without init, say): a stop must still finish
+                _log.warning("process group %d is still there %gs after SIGKILL; no longer waiting for it",
+                             pgid, _ORPHAN_GIVE_UP)
+                del self._orphans[pgid]
+                self._forget_group(pgid, -pgid, cgroup, job)
+        if self._orphans:
+            self._orphan_delay = min(self._orphan_delay * 2, _ORPHAN_POLL_MAX)
+            due = min(deadline for deadline, _ in self._orphans.values())
+            self._orphan_timer = self._loop.call_at(min(now + self._orphan_delay, max(due, now)), self._on_orphan_check)
+        self._manager._check_stopped()
+
+    # -- what left the group: found through /proc, one look for many stops and exits
+
+    def _sweep_later(self, proc):
+        """Look for what left proc's group soon: one look through /proc for all that stopped or ended
+        meanwhile (the looks spaced by their cost)."""
+        if not sys.platform.startswith("linux"):
+            return
+        self._sweeps.append(proc)
+        if self._sweep_timer is None:
+            self._sweep_timer = self._loop.call_at(max(self._loop.time(), self._sweep_next), self._sweep)
+
+    def _sweep(self):
+        """Stop what left the processes' groups (setsid), found through /proc: all of it without a cgroup,
+        and with one what forked and left before the process was moved into it."""
+        self._sweep_timer = None
+        procs, self._sweeps = {p.os_pid: p for p in self._sweeps}, []
+        marks = {("GAFFER_PROCESS=%s\0" % self.mark(p)).encode(): p.os_pid for p in procs.values()}
+        started = time.monotonic()
+        try:
+            escaped = _escaped({os_pid: p._state is not _State.EXITED for os_pid, p in procs.items()}, marks)
+        except OSError as exc:  # no /proc
+            _log.debug("cannot look for escaped descendants: %s", exc)
+            return
+        finally:  # a look costs what /proc holds: at most a tenth of the loop's time goes to it
+            self._sweep_next = self._loop.time() + max(_SWEEP_SPACING, 10 * (time.monotonic() - started))
+        for pgid, leader in escaped.items():
+            proc = procs[leader]
+            if pgid in self._orphans or pgid in self._cgroup_groups(proc):
+                continue
+            _send_signal(pgid, proc.config.stop_signal, group=True)
+            held = self._held.get(proc)
+            timer = held.kill_timer if held is not None else None
+            deadline = timer.when if timer is not None else self._loop.time() + proc.graceful_timeout
+            self._orphans[pgid] = (deadline, False)  # killed at the same deadline as their leader
+            self._guard(proc, -pgid)
+        if escaped:
+            self._watch_orphans()
+
+    def _cgroup_groups(self, proc):
+        """The process groups in a process's cgroup: signalled with it already."""
+        groups = set()
+        for pid in _cgroup_members(self.cgroup(proc)):
+            try:
+                groups.add(os.getpgid(pid))
+            except OSError:
+                pass
+        return groups
+
+    # -- the subreaper: adopted orphans reaped
+
+    def reap_adopted(self):
+        """As a subreaper: reap the orphans that reparented to this process.
+
+        With subreaper="init" (PID 1, the command line's --init), every child the manager did
+        not spawn.  Otherwise only the descendants of its processes: a pid that the host
+        program's own subprocess calls own is never touched.  An adopted process still running
+        is watched by the child watcher and reaped when it exits.
+        """
+        if self._adoption_timer is not None:
+            self._adoption_timer.cancel()
+            self._adoption_timer = None
+        try:
+            children = _own_children()
+        except OSError:
+            return
+        ours = {proc.os_pid for proc in self._held} | self._adopted
+        if self._guardian is not None:
+            ours.add(self._guardian[0].pid)
+        for pid in children - ours:
+            if self.subreaper != "init" and not self._descends(pid):
+                continue
+            adopted = _Adopted(pid)
+            if adopted.poll() is None:
+                self._adopted.add(pid)
+                self._reaper.watch(adopted, functools.partial(self._adopted.discard, pid))
+        # No descriptor tells that an orphan was adopted, and SIGCHLD is the main thread's (run()'s):
+        # a host that never calls run() still has its adopted zombies reaped within a second.
+        if self._held or self._adopted:
+            self._adoption_timer = self._loop.call_later(1.0, self.reap_adopted)
+
+    def _descends(self, pid):
+        """Whether an adopted child descends from a process of this manager: it is in a session one of them
+        led (what a zombie still shows), carries the GAFFER_PROCESS mark (a live one) or sits in its cgroup."""
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                sid = int(f.read().rpartition(b")")[2].split()[3])
+        except (OSError, ValueError, IndexError):
+            return False
+        if sid != pid and sid in self._led:  # not the leader itself: a pid reused by a leader of the host's
+            return True
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                if ("GAFFER_PROCESS=%s/" % self.token).encode() in f.read():
+                    return True
+            with open("/proc/%d/cgroup" % pid) as f:  # the manager's cgroup is named by its token
+                return self.cgroups is not None and "/gaffer-%s/" % self.token in f.read()
+        except OSError:
+            return False
+
+    # -- the guardian: told of each group, so that it can stop them if the manager dies
+
+    @staticmethod
+    def _target(proc):
+        """What the stop signal goes to: the process group (-pgid), or the process alone."""
+        return -proc.os_pid if proc.config.stop_children else proc.os_pid
+
+    def _guard(self, proc, target=None):
+        """Tell the guardian of a process group to stop if the manager dies: the process's own (with its
+        cgroup), or `target`, a group (-pgid) that left it.  What it is told is also kept here, so that
+        a guardian started after one that died learns every group and cgroup."""
+        cgroup = self.cgroup(proc) if target is None else None
+        target = self._target(proc) if target is None else target
+        line = ("+ %d %d %r %s\n" % (target, proc.config.stop_signal, proc.graceful_timeout, cgroup or "-")).encode()
+        self._guarded[target] = line
+        if self._guardian is not None:
+            self._guardian[1].write(line)
+        else:
+            self._start_guardian()  # told everything, this line too
+
+    def _unguard(self, target):
+        if self._guarded.pop(target, None) is not None and self._guardian is not None:
+            self._guardian[1].write(b"- %d\n" % target)
+
+    def _start_guardian(self):
+        if not self.guardian_wanted or not sys.executable or self._guardian_timer is not None:
+            return  # an embedded interpreter may not know its own program; a restart may be due
+        bases = [self.cgroups.base] if self.cgroups is not None else []
+        try:  # its code in its environment: ps shows a short line that says what it is
+            popen = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _GUARDIAN_BOOT, "gaffer guardian of pid %d" % os.getpid(),
+                 self.token, *bases], env={"GAFFER_GUARDIAN": _GUARDIAN}, stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)  # out of reach of a kill of the host's group
+        except (OSError, subprocess.SubprocessError) as exc:
+            _log.warning("cannot start the guardian (%s); processes are not guarded", exc)
+            return
+        self._guardian = (popen, _Pipe(self._loop, popen.stdin))
+        self._guardian_since = self._loop.time()
+        self._reaper.watch(popen, functools.partial(self._on_guardian_exit, popen))
+        for line in list(self._guarded.values()):
+            self._guardian[1].write(line)
+
+    def _on_guardian_exit(self, popen):
+        """The guardian died (the OOM killer, a stray kill -9): another one now, at most one a second."""
+        if self._guardian is None or self._guardian[0] is not popen:
+            return  # dismissed
+        _log.warning("the guardian (pid %d) exited with status %s; another is started", popen.pid, popen.returncode)
+        self._guardian[1].close()
+        self._guardian = None
+        delay = max(0.0, self._guardian_since + 1.0 - self._loop.time())
+        self._guardian_timer = self._loop.call_later(delay, self._revive_guardian)
+
+    def _revive_guardian(self):
+        self._guardian_timer = None
+        if self._guardian is None and self._guarded and self._manager.started:
+            self._start_guardian()
+
+    def dismiss(self, loop_closed=False):
+        """The manager stopped its jobs itself: the guardian exits without a signal sent."""
+        guardian, self._guardian = self._guardian, None
+        if self._guardian_timer is not None:
+            self._guardian_timer.cancel()
+            self._guardian_timer = None
+        self._guarded.clear()
+        if guardian is not None:
+            popen, pipe = guardian
+            if not loop_closed:  # after a crash the selector is gone: the reaper's close() has its pidfd
+                self._reaper.forget(popen)
+            try:
+                os.set_blocking(pipe.fd, True)  # after what is queued, if anything is: it reads on
+                os.write(pipe.fd, b"".join(pipe._pending) + b"bye\n")
+            except OSError:  # it is gone: the reaper saw it or will
+                pass
+            if loop_closed:
+                pipe.file.close()
+            else:
+                pipe.close()
+            try:
+                popen.wait(5)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+
+    def close(self, procs):
+        """The loop ended: normally nothing is left; after a crash, kill what is, then wait for all of it
+        against one deadline (not a wait per process in turn)."""
+        for proc in procs:
+            _send_signal(proc.os_pid, signal.SIGKILL, proc.config.stop_children)
+        for pgid in list(self._orphans):
+            _send_signal(pgid, signal.SIGKILL, group=True)
+        deadline = time.monotonic() + 1.0
+        for proc in procs:
+            try:
+                proc._popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        if self.cgroups is not None:
+            self.cgroups.remove()  # what is still in one (after a crash) is killed
+        if self._guardian is not None:
+            self.dismiss(loop_closed=True)
+
+
 # -- Checks (_Checks): readiness and health -------------------------------------------------
 # When a process moves to READY, and whether it stays healthy: the checks, their bounded pool of
 # workers, a record of each process's checks, and the notify sockets.  Loop thread.
@@ -3198,41 +3653,26 @@ class Manager:
         self.loop = loop or Loop(clock)
         self.events = EventEmitter()
         self.use_pidfd = _HAVE_PIDFD and os.environ.get("GAFFER_NO_PIDFD", "") in ("", "0")
-        self._reaper = (_PidfdReaper if self.use_pidfd else _PollReaper)(self.loop)
+        # The parts, each owning its state (DESIGN.md, "Growing the core"):
+        self._reaper = (_PidfdReaper if self.use_pidfd else _PollReaper)(self.loop)  # the child watcher
+        self._containment = _Containment(self, cgroups, subreaper, self.guardian)
+        self._checks = _Checks(self)  # readiness and health
+        self._sampler = _Sampler(self.loop, _float_setting("stats_interval", stats_interval, 0.001),
+                                 self._limited_jobs, self._recycle)
+        self._topics = _Topics(self)  # the pub/sub channels
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
         self._log_files = {}      # path -> _LogFile, shared by the processes whose log_file names it
         self._stop_pending = []   # jobs a manager stop has yet to stop, after their dependents
-        self._orphan_groups = {}  # pgid -> (deadline, killed) of a group whose leader was reaped first
-        self._orphan_timer = None
-        self._orphan_delay = _ORPHAN_POLL_MIN
         self._pids = itertools.count(1)
         self._apps = []
         self._stop_callbacks = []
         self._reap_waiters = []   # (set of pids, callback)
-        self._sampler = _Sampler(self.loop, _float_setting("stats_interval", stats_interval, 0.001),
-                                 self._limited_jobs, self._recycle)
-        self._topics = _Topics(self)  # the pub/sub channels
         self._stopped = threading.Event()
         self._run_wakeups = []    # sockets that run() sleeps on, written to when the loop ends
         self._ready_waiters = []  # _ReadyWaiter of wait_ready() callers
-        self._checks = _Checks(self)  # readiness and health
-        self._guardian = None     # (Popen, _Pipe to its stdin) of the guardian, started with the first spawn
-        self._guarded = {}        # target (-pgid, or a pid) -> the line that told the guardian of it
-        self._guardian_since = 0.0  # loop time the guardian started
-        self._guardian_timer = None  # the start of a guardian after one died
-        self._cgroups = None      # _Cgroups, made at start where the system allows
-        self._orphan_cgroups = {}  # pgid of an orphan group -> the cgroup of its reaped leader
-        # Names it on the machine (in GAFFER_PROCESS of its processes, and its cgroup): PID 1 is in every container.
-        self._token = "%d-%d-%s" % (os.getpid(), next(_serials), os.urandom(3).hex())
-        self._sweeps = []         # processes stopped or ended since the last sweep, whose escaped descendants are sought
-        self._sweep_timer = None  # the next sweep
-        self._sweep_next = 0.0    # loop time before which no sweep starts: spaced by what the last one cost
         self._spawn_waiters = []  # (job, Future, result, undo) of calls that return once a large spawn is done
-        self._adopted = {}        # os pid -> pidfd of an adopted descendant, reaped when it exits (subreaper)
-        self._led = collections.OrderedDict()  # os pids of recent processes (each led a session), for the subreaper
-        self._adoption_timer = None  # the next look for adopted children (subreaper)
 
     def __repr__(self):
         # Any thread: each list() copies a loop-owned dict in one step, never iterating it live.
@@ -3260,13 +3700,7 @@ class Manager:
             raise RuntimeError("manager was already started")
         if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
             _log.warning("SIGCHLD is ignored: the kernel reaps children itself and exit codes will read 0")
-        if self.subreaper:
-            try:
-                _set_subreaper()
-            except OSError as exc:
-                if os.getpid() != 1:  # PID 1 adopts orphans anyway
-                    raise RuntimeError("subreaper=%r: %s" % (self.subreaper, exc)) from None
-        self._cgroups = _Cgroups.create(self.cgroups, self._token)
+        self._containment.start()
         self._state = _Lifecycle.RUNNING
         _managers.add(self)
         self.loop.start(self._on_loop_closed)
@@ -3357,7 +3791,7 @@ class Manager:
             previous[signum] = signal.signal(signum, on_signal)
         if self.subreaper:  # an orphan that exits is a child of ours: reap it now
             previous[signal.SIGCHLD] = signal.signal(
-                signal.SIGCHLD, lambda signum, frame: self.loop.call_soon_threadsafe(self._reap_adopted))
+                signal.SIGCHLD, lambda signum, frame: self.loop.call_soon_threadsafe(self._containment.reap_adopted))
         try:
             if on_start is not None:
                 on_start()
@@ -3777,7 +4211,7 @@ class Manager:
             raise ProcessConflict("job %r is already loaded" % ("%s.%s" % (session, config.name)))
         self._check_cycle(session, config)
         job = _Job(session, config, config.numprocesses)
-        self._set_limits(job, config)
+        self._containment.set_limits(job, config)
         self._sessions.setdefault(session, jobs)[config.name] = job
         self._publish({"name": job.name}, "load")
         if start and retry:  # what cannot spawn backs off and is tried again, as a respawn is
@@ -3796,16 +4230,6 @@ class Manager:
                 raise undo(exc) from exc
             return self._once_spawned(job, None, undo)
 
-    def _set_limits(self, job, config):
-        """Write the job's cgroup limits; ValueError (nothing changed) if this system cannot enforce them."""
-        limits = [name for name in _LIMIT_FILES if getattr(config, name) is not None]
-        if self._cgroups is not None:
-            self._cgroups.set_limits(job, config)
-        elif limits:
-            raise ValueError("%s needs cgroup containment, which this manager does not have (cgroups=%r%s)"
-                             % (limits[0], self.cgroups, ", GAFFER_NO_CGROUP is set"
-                                if os.environ.get("GAFFER_NO_CGROUP", "") not in ("", "0") else ""))
-
     def _do_unload(self, name):
         self._unload(self._job(name))
 
@@ -3815,8 +4239,7 @@ class Manager:
         del jobs[job.config.name]
         if not jobs:
             del self._sessions[job.session]
-        if self._cgroups is not None and not any(p._cgroup for p in self._procs.values() if p._job is job):
-            self._cgroups.release(self._cgroups.job_dir(job))  # else the last of its processes removes it
+        self._containment.unloaded(job)
         self._publish({"name": job.name}, "unload")
         self._forget(job)
         self._check_ready_waiters()
@@ -3830,7 +4253,7 @@ class Manager:
     def _do_update(self, config, name, start):
         job = self._job(name)
         self._check_cycle(job.session, config)
-        self._set_limits(job, config)
+        self._containment.set_limits(job, config)
         old = (job.config, job.numprocesses, job.state)
         respawn = any(getattr(job.config, key) != getattr(config, key) for key in _SPAWN_SETTINGS)
         job.config = config
@@ -3995,7 +4418,7 @@ class Manager:
             "ready": self._ready_count(job), "numprocesses": job.numprocesses,
             "waiting_for": self._waiting_for(job) if job.active else [],
             "restarts": job.restarts, "last_exit": job.last_exit, "last_error": job.last_error,
-            "containment": "group" if self._cgroups is None else "cgroup",
+            "containment": self._containment.kind,
             "backoff": sorted(round(max(0.0, slot.timer.when - self.loop.time()), 3) for slot in job.backoff),
             "log_dropped": job.log_dropped,
         }
@@ -4014,7 +4437,7 @@ class Manager:
     def _do_kill(self, pid, signum):
         proc = self._running_process(pid)
         proc._signalled = True
-        self._signal(proc, signum, group=False)
+        self._containment.signal(proc, signum, group=False)
         msg = {"name": proc.name, "pid": proc.pid, "signum": signum}
         self._publish(msg, "job.%s.kill" % proc.name, "proc.%d.kill" % proc.pid)
 
@@ -4022,7 +4445,7 @@ class Manager:
         job = self._job(name)
         for proc in job.processes():
             proc._signalled = True
-            self._signal(proc, signum, group=False)
+            self._containment.signal(proc, signum, group=False)
             self._publish({"name": proc.name, "pid": proc.pid, "signum": signum}, "proc.%d.kill" % proc.pid)
         self._publish({"name": job.name, "signum": signum}, "job.%s.kill" % job.name)
 
@@ -4104,11 +4527,7 @@ class Manager:
 
     def _do_kill_all(self):
         """SIGKILL every process and every leftover group now (a second Ctrl-C)."""
-        for proc in list(self._procs.values()):
-            self._signal(proc, signal.SIGKILL, proc.config.stop_children)
-        for pgid in list(self._orphan_groups):
-            self._orphan_groups[pgid] = (0.0, False)  # due now
-        self._watch_orphans()
+        self._containment.kill_all(list(self._procs.values()))
 
     def _do_restart(self, callback):
         if self._state is not _Lifecycle.RUNNING:
@@ -4153,111 +4572,17 @@ class Manager:
             raise ProcessError(400, "job %r cannot start %r: %s" % (job.name, job.config.cmd, exc)) from exc
         self._procs[proc.pid] = proc
         job.last_error = None
-        if self.subreaper:  # its session, which its descendants keep unless they setsid(): how a zombie is known
-            self._led[proc.os_pid] = None
-            if len(self._led) > _LED_SESSIONS:
-                self._led.popitem(last=False)
-            if self._adoption_timer is None:
-                self._adoption_timer = self.loop.call_later(1.0, self._reap_adopted)
         if once:
             job.running_out[proc.pid] = proc
         else:
             job.take(slot)
             job.enter(proc)
-        if self._cgroups is not None:
-            proc._cgroup = self._cgroups.contain(job, proc)
+        self._containment.held(proc)
         self._reaper.watch(proc._popen, functools.partial(self._on_exit, proc))
         self._sampler.track(proc)
-        self._guard(proc)
         self._move(proc, _State.STARTING, "spawn")  # NEW -> STARTING
         self._checks.start(proc)
         return proc
-
-    # -- the guardian (loop thread): told of each process, so that it can stop them if the manager dies
-
-    @staticmethod
-    def _target(proc):
-        """What the stop signal goes to: the process group (-pgid), or the process alone."""
-        return -proc.os_pid if proc.config.stop_children else proc.os_pid
-
-    def _guard(self, proc, target=None):
-        """Tell the guardian of a process group to stop if the manager dies: the process's own (with its
-        cgroup), or `target`, a group (-pgid) that left it.  What it is told is also kept here, so that
-        a guardian started after one that died learns every group and cgroup."""
-        cgroup = proc._cgroup if target is None else None
-        target = self._target(proc) if target is None else target
-        line = ("+ %d %d %r %s\n" % (target, proc.config.stop_signal, proc.graceful_timeout, cgroup or "-")).encode()
-        self._guarded[target] = line
-        if self._guardian is not None:
-            self._guardian[1].write(line)
-        else:
-            self._start_guardian()  # told everything, this line too
-
-    def _unguard(self, target):
-        if self._guarded.pop(target, None) is not None and self._guardian is not None:
-            self._guardian[1].write(b"- %d\n" % target)
-
-    def _start_guardian(self):
-        if not self.guardian or not sys.executable or self._guardian_timer is not None:
-            return  # an embedded interpreter may not know its own program; a restart may be due
-        bases = [self._cgroups.base] if self._cgroups is not None else []
-        try:  # its code in its environment: ps shows a short line that says what it is
-            popen = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _GUARDIAN_BOOT, "gaffer guardian of pid %d" % os.getpid(),
-                 self._token, *bases], env={"GAFFER_GUARDIAN": _GUARDIAN}, stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True)  # out of reach of a kill of the host's group
-        except (OSError, subprocess.SubprocessError) as exc:
-            _log.warning("cannot start the guardian (%s); processes are not guarded", exc)
-            return
-        self._guardian = (popen, _Pipe(self.loop, popen.stdin))
-        self._guardian_since = self.loop.time()
-        self._reaper.watch(popen, functools.partial(self._on_guardian_exit, popen))
-        for line in list(self._guarded.values()):
-            self._guardian[1].write(line)
-
-    def _on_guardian_exit(self, popen):
-        """The guardian died (the OOM killer, a stray kill -9): another one now, at most one a second."""
-        if self._guardian is None or self._guardian[0] is not popen:
-            return  # dismissed
-        _log.warning("the guardian (pid %d) exited with status %s; another is started", popen.pid, popen.returncode)
-        self._guardian[1].close()
-        self._guardian = None
-        delay = max(0.0, self._guardian_since + 1.0 - self.loop.time())
-        self._guardian_timer = self.loop.call_later(delay, self._revive_guardian)
-
-    def _revive_guardian(self):
-        self._guardian_timer = None
-        if self._guardian is None and self._guarded and self._state is not _Lifecycle.STOPPED:
-            self._start_guardian()
-
-    def _dismiss_guardian(self, loop_closed=False):
-        """The manager stopped its jobs itself: the guardian exits without a signal sent."""
-        guardian, self._guardian = self._guardian, None
-        if self._guardian_timer is not None:
-            self._guardian_timer.cancel()
-            self._guardian_timer = None
-        self._guarded.clear()
-        if guardian is not None:
-            popen, pipe = guardian
-            if not loop_closed:  # after a crash the selector is gone: the reaper's close() has its pidfd
-                self._reaper.forget(popen)
-            try:
-                os.set_blocking(pipe.fd, True)  # after what is queued, if anything is: it reads on
-                os.write(pipe.fd, b"".join(pipe._pending) + b"bye\n")
-            except OSError:  # it is gone: the reaper saw it or will
-                pass
-            if loop_closed:
-                pipe.file.close()
-            else:
-                pipe.close()
-            try:
-                popen.wait(5)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait()
-
-    # -- readiness (loop thread): STARTING -> READY, or a stop at ready_timeout
 
     def _mark_ready(self, proc):
         """Its readiness check passed (_Checks): STARTING -> READY, and what waited for it goes on."""
@@ -4579,28 +4904,8 @@ class Manager:
         job = proc._job
         job.leave(proc)
         job.stopping[proc.pid] = proc
-        self._signal(proc, proc.config.stop_signal, proc.config.stop_children)
-        proc._kill_timer = self.loop.call_later(proc.graceful_timeout, self._on_graceful_timeout, proc)
-        if proc.config.stop_children:
-            self._sweep_later(proc)
+        self._containment.stop(proc)
         self._move(proc, _State.STOPPING, event)  # STARTING|READY -> STOPPING
-
-    def _signal(self, proc, signum, group):
-        if not proc._reaped:  # only then is the pid surely still ours
-            _send_signal(proc.os_pid, signum, group)
-            if group and proc._cgroup is not None:
-                self._signal_escaped(proc._cgroup, proc.os_pid, signum)
-            self._reaper.expect_exit()
-
-    @staticmethod
-    def _signal_escaped(cgroup, pgid, signum):
-        """Signal what left the process group (setsid) but not the cgroup; the group had it already."""
-        for pid in _cgroup_members(cgroup):
-            try:
-                if os.getpgid(pid) != pgid:
-                    os.kill(pid, signum)
-            except OSError:  # exited meanwhile
-                pass
 
     def _flapped(self, job):
         """Record an unasked-for exit; if the job is flapping, stop it, publish flap, maybe schedule a retry."""
@@ -4633,7 +4938,7 @@ class Manager:
             self._run_callback(callback)
 
     def _check_stopped(self):
-        if (self._state is _Lifecycle.STOPPING and not self._procs and not self._orphan_groups
+        if (self._state is _Lifecycle.STOPPING and not self._procs and self._containment.idle
                 and not self._stop_pending):
             self._state = _Lifecycle.STOPPED  # what the apps and callbacks see: no longer started
             self._check_ready_waiters()
@@ -4646,7 +4951,7 @@ class Manager:
             for callback in callbacks:
                 self._run_callback(lambda: callback(self))
             self._topics.close_all()
-            self._dismiss_guardian()
+            self._containment.dismiss()
             self.loop.stop()
 
     @staticmethod
@@ -4661,26 +4966,7 @@ class Manager:
     def _on_exit(self, proc):
         """The reaper saw the process exit: finish it, publish exit, replace it if its job runs."""
         asked = proc._state is _State.STOPPING
-        kill_timer, proc._kill_timer = proc._kill_timer, None
-        if kill_timer is not None:
-            kill_timer.cancel()
-        cgroup = proc._cgroup
-        if proc.config.stop_children and self._leftovers({proc.os_pid: cgroup}):
-            # The leader is gone but some of its group (or its cgroup) is not: ask them too (unless
-            # they were asked with it), and kill them at the same deadline as the leader.
-            if kill_timer is None:
-                _send_signal(proc.os_pid, proc.config.stop_signal, group=True)
-                if cgroup is not None:
-                    self._signal_escaped(cgroup, proc.os_pid, proc.config.stop_signal)
-            deadline = kill_timer.when if kill_timer is not None else self.loop.time() + proc.graceful_timeout
-            self._orphan_groups[proc.os_pid] = (deadline, False)
-            if cgroup is not None:
-                self._orphan_cgroups[proc.os_pid] = cgroup
-            self._watch_orphans()
-        else:
-            self._forget_group(proc.os_pid, self._target(proc), cgroup)
-        if proc.config.stop_children:  # asked or not (a daemon may fork after the stop's look), cgroup or not
-            self._sweep_later(proc)  # (one may fork before the move): what left its group ends with it
+        self._containment.exited(proc, asked)  # what it left in its group or cgroup
         self._checks.finish(proc)  # its last STATUS=, its timers and socket
         dropped = proc._finish()
         del self._procs[proc.pid]
@@ -4717,8 +5003,6 @@ class Manager:
                 self._respawn(job, slot)
             else:
                 self._back_off(job, slot, delay)
-        if self.subreaper:
-            self._reap_adopted()  # its orphans are ours now
         if self._stop_pending:
             self._stop_next()
         self._check_stopped()
@@ -4733,188 +5017,11 @@ class Manager:
             return not proc._signalled
         return exit_status not in proc.config.success_codes
 
-    def _on_graceful_timeout(self, proc):
-        """A stopping process outlived graceful_timeout: SIGKILL (its group and cgroup too, with stop_children)."""
-        proc._kill_timer = None
-        if not proc._reaped:
-            _send_signal(proc.os_pid, signal.SIGKILL, proc.config.stop_children)
-            if proc.config.stop_children and proc._cgroup is not None:
-                _cgroup_kill(proc._cgroup)
-            self._reaper.expect_exit()
-
-    def _reap_adopted(self):
-        """As a subreaper: reap the orphans that reparented to this process.
-
-        With subreaper="init" (PID 1, the command line's --init), every child the manager did
-        not spawn.  Otherwise only the descendants of its processes, known by the GAFFER_PROCESS
-        mark they inherit: a pid that the host program's own subprocess calls own is never touched.
-        An adopted process still running is watched (a pidfd) and reaped when it exits.
-        """
-        if self._adoption_timer is not None:
-            self._adoption_timer.cancel()
-            self._adoption_timer = None
-        try:
-            children = _own_children()
-        except OSError:
-            return
-        ours = {proc.os_pid for proc in self._procs.values()} | set(self._adopted)
-        if self._guardian is not None:
-            ours.add(self._guardian[0].pid)
-        for pid in children - ours:
-            if self.subreaper != "init" and not self._descends(pid):
-                continue
-            try:
-                reaped, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # reaped by its owner meanwhile
-                continue
-            if reaped == 0:
-                self._watch_adopted(pid)
-        # No descriptor tells that an orphan was adopted, and SIGCHLD is the main thread's (run()'s):
-        # a host that never calls run() still has its adopted zombies reaped within a second.
-        if self._procs or self._adopted:
-            self._adoption_timer = self.loop.call_later(1.0, self._reap_adopted)
-
-    def _descends(self, pid):
-        """Whether an adopted child descends from a process of this manager: it is in a session one of them
-        led (what a zombie still shows), carries the GAFFER_PROCESS mark (a live one) or sits in its cgroup."""
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as f:
-                sid = int(f.read().rpartition(b")")[2].split()[3])
-        except (OSError, ValueError, IndexError):
-            return False
-        if sid != pid and sid in self._led:  # not the leader itself: a pid reused by a leader of the host's
-            return True
-        try:
-            with open("/proc/%d/environ" % pid, "rb") as f:
-                if ("GAFFER_PROCESS=%s/" % self._token).encode() in f.read():
-                    return True
-            with open("/proc/%d/cgroup" % pid) as f:  # the manager's cgroup is named by its token
-                return self._cgroups is not None and "/gaffer-%s/" % self._token in f.read()
-        except OSError:
-            return False
-
-    def _watch_adopted(self, pid):
-        if not self.use_pidfd:
-            return  # reaped the next time the manager looks (an exit of its own, or SIGCHLD in run())
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return
-        self._adopted[pid] = pidfd
-
-        def exited(mask):
-            self.loop.set_events(pidfd, 0)
-            os.close(self._adopted.pop(pid))
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-
-        self.loop.set_events(pidfd, selectors.EVENT_READ, exited)
-
     def _forward(self, signum):
         """Init mode: a signal sent to gaffer goes on to every process it runs, where its stop signal goes
         (its group, with stop_children: a Procfile's shell and the program it runs)."""
         for proc in list(self._procs.values()):
-            self._signal(proc, signum, proc.config.stop_children)
-
-    def _sweep_later(self, proc):
-        """Look for what left proc's group soon: one look through /proc for all that stopped or ended
-        meanwhile (the looks spaced by their cost)."""
-        if not sys.platform.startswith("linux"):
-            return
-        self._sweeps.append(proc)
-        if self._sweep_timer is None:
-            self._sweep_timer = self.loop.call_at(max(self.loop.time(), self._sweep_next), self._sweep)
-
-    def _sweep(self):
-        """Stop what left the stopped processes' groups (setsid), found through /proc: all of it without
-        a cgroup, and with one what forked and left before the process was moved into it."""
-        self._sweep_timer = None
-        procs, self._sweeps = {p.os_pid: p for p in self._sweeps}, []
-        marks = {("GAFFER_PROCESS=%s/%d\0" % (self._token, p.pid)).encode(): p.os_pid for p in procs.values()}
-        started = time.monotonic()
-        try:
-            escaped = _escaped({os_pid: p._state is not _State.EXITED for os_pid, p in procs.items()}, marks)
-        except OSError as exc:  # no /proc
-            _log.debug("cannot look for escaped descendants: %s", exc)
-            return
-        finally:  # a look costs what /proc holds: at most a tenth of the loop's time goes to it
-            self._sweep_next = self.loop.time() + max(_SWEEP_SPACING, 10 * (time.monotonic() - started))
-        for pgid, leader in escaped.items():
-            proc = procs[leader]
-            if pgid in self._orphan_groups or pgid in self._cgroup_groups(proc):
-                continue
-            _send_signal(pgid, proc.config.stop_signal, group=True)
-            deadline = proc._kill_timer.when if proc._kill_timer else self.loop.time() + proc.graceful_timeout
-            self._orphan_groups[pgid] = (deadline, False)  # killed at the same deadline as their leader
-            self._guard(proc, -pgid)
-        if escaped:
-            self._watch_orphans()
-
-    @staticmethod
-    def _cgroup_groups(proc):
-        """The process groups in a process's cgroup: signalled with it already."""
-        groups = set()
-        for pid in _cgroup_members(proc._cgroup):
-            try:
-                groups.add(os.getpgid(pid))
-            except OSError:
-                pass
-        return groups
-
-    @staticmethod
-    def _leftovers(groups):
-        """The groups among {pgid: its cgroup or None} that still hold a live process: the one question
-        each containment layer answers, the process group through /proc, the cgroup through cgroup.procs."""
-        live = _live_groups(groups)
-        live.update(pgid for pgid, cgroup in groups.items() if _cgroup_members(cgroup))
-        return live
-
-    def _forget_group(self, pgid, target, cgroup):
-        """A process's group and cgroup are empty (or given up on): the guardian forgets them, the cgroup goes."""
-        self._unguard(target)
-        if cgroup is not None:
-            self._orphan_cgroups.pop(pgid, None)
-            self._cgroups.release(cgroup)
-            job_dir = os.path.dirname(cgroup)
-            if not any(job_dir == self._cgroups.job_dir(job) for job in self._all_jobs()):
-                self._cgroups.release(job_dir)  # its job was unloaded: the last one out removes it
-
-    def _watch_orphans(self):
-        """Recheck the orphaned groups soon, then less and less often: no descriptor tells when a group empties."""
-        self._orphan_delay = _ORPHAN_POLL_MIN
-        if self._orphan_timer is not None:
-            self._orphan_timer.cancel()
-        self._orphan_timer = self.loop.call_later(_ORPHAN_POLL_MIN, self._on_orphan_check)
-
-    def _on_orphan_check(self):
-        """Forget the groups that emptied, SIGKILL those past their deadline, give up on those SIGKILL left."""
-        self._orphan_timer = None
-        now = self.loop.time()
-        live = self._leftovers({pgid: self._orphan_cgroups.get(pgid) for pgid in self._orphan_groups})
-        for pgid, (deadline, killed) in list(self._orphan_groups.items()):
-            cgroup = self._orphan_cgroups.get(pgid)
-            if pgid not in live:
-                del self._orphan_groups[pgid]
-                self._forget_group(pgid, -pgid, cgroup)
-            elif now < deadline:
-                continue
-            elif not killed:
-                _send_signal(pgid, signal.SIGKILL, group=True)
-                if cgroup is not None:
-                    _cgroup_kill(cgroup)
-                self._orphan_groups[pgid] = (now + _ORPHAN_GIVE_UP, True)
-            else:  # zombies that no one reaps (a PID namespace without init, say): a stop must still finish
-                _log.warning("process group %d is still there %gs after SIGKILL; no longer waiting for it",
-                             pgid, _ORPHAN_GIVE_UP)
-                del self._orphan_groups[pgid]
-                self._forget_group(pgid, -pgid, cgroup)
-        if self._orphan_groups:
-            self._orphan_delay = min(self._orphan_delay * 2, _ORPHAN_POLL_MAX)
-            due = min(deadline for deadline, _ in self._orphan_groups.values())
-            self._orphan_timer = self.loop.call_at(min(now + self._orphan_delay, max(due, now)), self._on_orphan_check)
-        self._check_stopped()
+            self._containment.signal(proc, signum, proc.config.stop_children)
 
     def _recycle(self, proc, reason):
         """The sampler found a ready process past its max_rss or max_age: a new one first, then it."""
@@ -4939,22 +5046,9 @@ class Manager:
         """Last words of the loop thread: normally nothing is left; after a crash, kill what is."""
         self._state = _Lifecycle.STOPPED
         _managers.discard(self)
-        for proc in list(self._procs.values()):
-            _send_signal(proc.os_pid, signal.SIGKILL, proc.config.stop_children)
-            try:
-                proc._popen.wait(1)
-            except subprocess.TimeoutExpired:
-                pass
-        for pgid in list(self._orphan_groups):
-            _send_signal(pgid, signal.SIGKILL, group=True)
-        if self._cgroups is not None:
-            self._cgroups.remove()  # what is still in one (after a crash) is killed
-        for pidfd in self._adopted.values():  # the selector that watched them is closed
-            os.close(pidfd)
+        self._containment.close(list(self._procs.values()))
         for _, future, result, _ in self._spawn_waiters:  # their spawns ended with the manager
             future.set_result(result)
-        if self._guardian is not None:
-            self._dismiss_guardian(loop_closed=True)
         self._reaper.close()  # the pidfds of what it watched (after a crash, children it killed)
         self._checks.close()
         self._stopped.set()

@@ -210,7 +210,7 @@ class ManagerTestCase(LeakCheckedTestCase):
         if self.no_pidfd:
             self.assertFalse(self.m.use_pidfd)
         if self.no_cgroup:
-            self.assertIsNone(self.m._cgroups)
+            self.assertIsNone(self.m._containment.cgroups)
 
     def make_apps(self):
         return []
@@ -1878,7 +1878,7 @@ class EscapeTest(ManagerTestCase):
 
     def test_a_setsid_daemon_that_ignores_sigterm_is_stopped_with_its_job(self):
         daemon = self.start_daemon()
-        expected = "cgroup" if self.m._cgroups is not None else "group"
+        expected = "cgroup" if self.m._containment.cgroups is not None else "group"
         self.assertEqual(self.m.info("w")["containment"], expected)
         self.m.stop_job("w")
         self.rec.wait_for("exit", pid=1)
@@ -1903,7 +1903,7 @@ class EscapeTest(ManagerTestCase):
         self.assertTrue(alive(other), "another job's process is left alone")
 
     def test_cgroups_are_removed_with_the_job_and_limits_are_refused_with_a_reason(self):
-        cgroups = self.m._cgroups
+        cgroups = self.m._containment.cgroups
         if cgroups is None:
             with self.assertRaisesRegex(ValueError, "memory_max needs cgroup containment, which this manager"):
                 self.m.load(gaffer.ProcessConfig("limited", PY, args=SLEEP, memory_max="64M"))

@@ -168,8 +168,8 @@ def trial(variant, n, idle, respawns):
     idle_cpu = (cpu_seconds() - cpu0) / (time.monotonic() - wall0) * 100
     rss = rss_mib()
     guardian_rss = 0.0
-    if variant != "bare" and manager._guardian is not None:
-        with open("/proc/%d/status" % manager._guardian[0].pid) as f:
+    if variant != "bare" and manager._containment._guardian is not None:
+        with open("/proc/%d/status" % manager._containment._guardian[0].pid) as f:
             guardian_rss = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
     t0 = time.perf_counter()

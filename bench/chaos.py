@@ -423,7 +423,7 @@ class Chaos:
 
     def marked(self):
         """{os pid: manager pid} of every live process that carries this manager's GAFFER_PROCESS mark."""
-        mark, found = ("GAFFER_PROCESS=%s/" % self.manager._token).encode(), {}
+        mark, found = ("GAFFER_PROCESS=%s/" % self.manager._containment.token).encode(), {}
         for pid, (_, _, state) in proc_table().items():
             try:
                 with open("/proc/%d/environ" % pid, "rb") as f:
