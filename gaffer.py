@@ -1676,6 +1676,51 @@ class _LogFile:
         self.fd, self.size = None, 0
 
 
+class _LogFiles:
+    """The log files of the manager's processes, by path: the processes whose log_file names the same
+    file share it, and the last one out closes it.  Loop thread only."""
+
+    def __init__(self):
+        self._files = {}  # path -> _LogFile
+
+    def open(self, proc):
+        """{label: _LogFile} of a new process, opened (or shared) now; OSError names the file."""
+        config, logs = proc.config, {}
+        if config.log_file is None:
+            return logs
+        try:
+            for label in dict.fromkeys(config.redirect_output):
+                path = config.log_file
+                if path != "-":
+                    path = os.path.abspath(path.format(session=proc._job.session, name=config.name, slot=proc.slot,
+                                                       pid=proc.pid, label=label))
+                log = self._files.get(path)
+                if log is None:
+                    try:
+                        log = self._files[path] = _LogFile(path, config.log_max_bytes, config.log_backups)
+                    except OSError as exc:
+                        raise OSError("cannot open log file %s: %s" % (path, exc.strerror or exc)) from None
+                log.users += 1
+                logs[label] = log
+        except OSError:
+            self.release(logs)
+            raise
+        return logs
+
+    def release(self, logs):
+        """A process is done with its {label: _LogFile}."""
+        for log in logs.values():
+            log.users -= 1
+            if not log.users:
+                log.close()
+                del self._files[log.path]
+
+    def reopen(self):
+        """Open every file again, as after a logrotate that moved them away."""
+        for log in list(self._files.values()):
+            log.reopen()
+
+
 class _Pipe:
     """One non-blocking descriptor of a process in the selector: a pipe, or a socketpair end.
 
@@ -1851,7 +1896,7 @@ class Process:
         self._outputs = {label: _Output(label, config.tail_bytes) for label in labels}
         try:
             prepare(self, env, user)
-            self._logs = self._manager._open_logs(self)
+            self._logs = self._manager._log_files.open(self)
             for label in config.custom_streams:
                 parent_end, child_end = socket.socketpair()
                 ours[label] = parent_end
@@ -1866,7 +1911,8 @@ class Process:
         except BaseException:
             for sock in ours.values():
                 sock.close()
-            self._manager._release_logs(self)
+            self._manager._log_files.release(self._logs)
+            self._logs = {}
             raise
         finally:
             for sock in theirs:
@@ -1944,7 +1990,8 @@ class Process:
             rest = output.close(now)
             if rest:
                 self._on_lines(label, rest, now)
-        self._manager._release_logs(self)
+        self._manager._log_files.release(self._logs)
+        self._logs = {}
         dropped = 0
         for pipe in self._pipes:
             pipe.close()
@@ -2288,6 +2335,55 @@ class _Job:
     def processes(self):
         return list(self.running.values()) + list(self.running_out.values())
 
+    def status(self, sample, now, waiting):
+        """What status() says of it; sample(proc) gives a process's use, `waiting` the dependencies missing."""
+        rows = []
+        for proc in sorted(self.processes(), key=_by_slot):
+            stats = sample(proc)
+            rows.append({"pid": proc.pid, "os_pid": proc.os_pid, "slot": proc.slot, "status": proc.status,
+                         "create_time": proc.create_time, "cpu": stats["cpu"], "mem": stats["mem"]})
+        return {"name": self.name, "state": self.state.shown, "cmd": " ".join([self.config.cmd] + self.config.args),
+                "running": len(rows), "ready": self.ready, "target": self.numprocesses,
+                "restarts": self.restarts, "last_exit": self.last_exit, "last_error": self.last_error,
+                "processes": rows, "slots": self.empty_slots(now, waiting),
+                "outputs": list(dict.fromkeys(self.config.redirect_output))}
+
+    def empty_slots(self, now, waiting):
+        """Its slots that no process holds now, each with why: [{slot, state, delay}], state "backoff"
+        (delay: the seconds until its respawn), "exited" (its restart policy left it empty), "waiting"
+        (for a dependency) or "starting"."""
+        if not self.active:
+            return []
+        idle = "waiting" if waiting else "starting"
+        return [{"slot": slot.number, "state": idle if slot.idle else slot.state,
+                 "delay": round(max(0.0, slot.timer.when - now), 3) if slot.timer else None}
+                for number, slot in sorted(self.slots.items()) if not slot.procs and number <= self._count]
+
+    def info(self, now, waiting):
+        """What info() says of it (the seed's keys first)."""
+        return {
+            "name": self.name, "active": self.active, "running": len(self.running) + len(self.running_out),
+            "running_out": len(self.running_out), "max_processes": self._count,
+            "processes": [p.pid for p in sorted(self.processes(), key=_by_slot)], "config": self.config.to_dict(),
+            "ready": self.ready, "numprocesses": self._count, "waiting_for": waiting if self.active else [],
+            "restarts": self.restarts, "last_exit": self.last_exit, "last_error": self.last_error,
+            "backoff": sorted(round(max(0.0, slot.timer.when - now), 3) for slot in self.backoff),
+            "log_dropped": self.log_dropped,
+        }
+
+    def flapping(self, now):
+        """Count an exit nobody asked for: whether the job is flapping (flapping.attempts within window)."""
+        flapping = self.config.flapping
+        if flapping is None:
+            return False
+        self.exits.append(now)
+        while now - self.exits[0] > flapping.window:
+            self.exits.popleft()
+        if len(self.exits) < flapping.attempts:
+            return False
+        self.exits.clear()
+        return True
+
     def lines(self, count, pid=None):
         """The last `count` lines of its processes' outputs (or of process `pid`), exited ones included:
         [{time, pid, slot, label, line}], oldest first."""
@@ -2486,15 +2582,6 @@ class _Rollout:
         self.old = old            # pids of the processes to replace, lowest slot first
         self.previous = previous  # the config they run: the job's again if the rollout fails
         self.surge = None         # the new process awaited, counted beyond numprocesses until ready
-
-
-class _ReadyWaiter:
-    """A wait_ready() caller: the loop sets `error` (or not), then `done`."""
-
-    def __init__(self):
-        self.job = None
-        self.error = None
-        self.done = threading.Event()
 
 
 # -- Guardian --------------------------------------------------------------------
@@ -3261,6 +3348,95 @@ class _Checks:
         self._manager._not_ready(proc)
 
 
+# -- Dependencies (_Dependencies) ----------------------------------------------------------
+# Who waits for whom to be ready: depends_on between jobs, and the wait_ready() callers.  Loop thread.
+
+class _ReadyWaiter:
+    """A wait_ready() caller: the loop sets `error` (or not), then `done`."""
+
+    def __init__(self):
+        self.job = None
+        self.error = None
+        self.done = threading.Event()
+
+
+class _Dependencies:
+    """depends_on between the manager's jobs: what a job waits for, which jobs to fill once one is
+    ready, the cycles refused, and the order of a manager stop (dependents first); and the callers of
+    wait_ready(), woken when their job is ready, stopped or gone."""
+
+    def __init__(self, manager):
+        self._manager = manager
+        self._waiters = []  # _ReadyWaiter of wait_ready() callers
+
+    @staticmethod
+    def of(job):
+        """[(session, name)] of what the job depends on: a bare name is in the job's own session."""
+        return [_split_name(dep, job.session) for dep in job.config.depends_on]
+
+    def waiting_for(self, job):
+        """Names of the jobs this one depends on that are not loaded, active and ready."""
+        waiting, sessions = [], self._manager._sessions
+        for session, name in self.of(job):
+            dep = sessions.get(session, {}).get(name)
+            if dep is None or not dep.active or dep.ready < dep.numprocesses:
+                waiting.append("%s.%s" % (session, name))
+        return waiting
+
+    def release(self):
+        """A job became ready, started or changed its count: fill what waited for it."""
+        for job in self._manager._all_jobs():
+            if job.config.depends_on and job.active and len(job.running) < job.numprocesses:
+                self._manager._manage(job)
+
+    def refuse_cycle(self, session, config):
+        """ValueError naming the cycle if loading `config` in `session` would close one."""
+        graph = {job.name: _dep_names(job.session, job.config) for job in self._manager._all_jobs()}
+        _refuse_cycle(graph, session, config)
+
+    def next_to_stop(self, pending, live):
+        """Of the jobs a manager stop has yet to stop, those no other job (pending, or with a process
+        left) depends on: dependents first."""
+        if not any(job.config.depends_on for job in pending):
+            return list(pending)
+        others = pending + list(live)
+        return [job for job in pending if not any((job.session, job.config.name) in self.of(other)
+                                                  for other in others if other is not job)]
+
+    def wait(self, job, waiter):
+        """A wait_ready() caller: woken once the job is ready (or stopped, or gone)."""
+        if not job.active:
+            raise ProcessError(409, "job %r is stopped" % job.name)
+        waiter.job = job
+        self._waiters.append(waiter)
+        self.wake()
+
+    def forget(self, waiter):
+        """A wait_ready() timed out: stop waking it; return how far the job got."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        job = waiter.job
+        waiting = self.waiting_for(job)
+        return "%d of %d processes ready%s" % (job.ready, job.numprocesses,
+                                               "; waiting for %s" % ", ".join(waiting) if waiting else "")
+
+    def wake(self):
+        """Wake the wait_ready() callers whose job is ready, gone, stopped, or whose manager stopped."""
+        m = self._manager
+        for waiter in list(self._waiters):
+            job = waiter.job
+            if not m.active:
+                waiter.error = RuntimeError("manager is not running")
+            elif not m._loaded(job):
+                waiter.error = ProcessNotFound("job %r was unloaded" % job.name)
+            elif not job.active:
+                waiter.error = ProcessError(409, "job %r is stopped" % job.name)
+            elif job.ready < job.numprocesses:
+                continue
+            self._waiters.remove(waiter)
+            waiter.done.set()
+
+
 # -- The sampler (_Sampler) ------------------------------------------------------------
 # One timer reads /proc for everything that needs it, and only while something does.  Loop thread.
 
@@ -3621,6 +3797,44 @@ _SCALE = r"\s*([=+-]?)\s*([0-9]+)\s*"
 _managers = weakref.WeakSet()  # started and not yet stopped, for the atexit hook
 
 
+def _wait_in_main_thread(manager, on_start):
+    """Manager.run() in the main thread: SIGINT and SIGTERM become stop() (a second one kills), and as a
+    subreaper SIGCHLD reaps adopted children, until the manager has stopped.  The kernel may hand a
+    signal to any thread; Python runs handlers in the main thread only, and only once it wakes.  So the
+    main thread sleeps on the signal wakeup fd, which the loop also writes to when it ends."""
+    previous, signals = {}, []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if len(signals) == 1:
+            manager.stop()
+        else:
+            manager.loop.call_soon_threadsafe(manager._do_kill_all)
+
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    manager._run_wakeups.append(wake_w)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, on_signal)
+    if manager.subreaper:  # an orphan that exits is a child of ours: reap it now
+        reap = manager._containment.reap_adopted
+        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD,
+                                                 lambda signum, frame: manager.loop.call_soon_threadsafe(reap))
+    try:
+        if on_start is not None:
+            on_start()
+        while not manager._stopped.is_set():
+            wake_r.recv(512)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(old_fd)
+        manager._run_wakeups.remove(wake_w)
+        wake_r.close()
+        wake_w.close()
+
+
 class Manager:
     """Keeps jobs of processes alive; every method may be called from any thread.
 
@@ -3660,10 +3874,11 @@ class Manager:
         self._sampler = _Sampler(self.loop, _float_setting("stats_interval", stats_interval, 0.001),
                                  self._limited_jobs, self._recycle)
         self._topics = _Topics(self)  # the pub/sub channels
+        self._deps = _Dependencies(self)  # depends_on, and the wait_ready() callers
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
-        self._log_files = {}      # path -> _LogFile, shared by the processes whose log_file names it
+        self._log_files = _LogFiles()
         self._stop_pending = []   # jobs a manager stop has yet to stop, after their dependents
         self._pids = itertools.count(1)
         self._apps = []
@@ -3671,7 +3886,6 @@ class Manager:
         self._reap_waiters = []   # (set of pids, callback)
         self._stopped = threading.Event()
         self._run_wakeups = []    # sockets that run() sleeps on, written to when the loop ends
-        self._ready_waiters = []  # _ReadyWaiter of wait_ready() callers
         self._spawn_waiters = []  # (job, Future, result, undo) of calls that return once a large spawn is done
 
     def __repr__(self):
@@ -3764,46 +3978,12 @@ class Manager:
             raise RuntimeError("manager was never started")
         if self.loop.in_loop_thread():
             raise RuntimeError("run() on the loop thread (in a listener or callback) would wait for itself")
-        previous = {}
-        signals = []
-
-        def on_signal(signum, frame):
-            signals.append(signum)
-            if len(signals) == 1:
-                self.stop()
-            else:
-                self.loop.call_soon_threadsafe(self._do_kill_all)
-
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
+            _wait_in_main_thread(self, on_start)
+        else:
             if on_start is not None:
                 on_start()
             self._stopped.wait()
-            self.loop.thread.join(5)  # its last words are said: what returns from run() has no thread left
-            return
-        # The kernel may hand a signal to any thread; Python runs handlers in the main thread only,
-        # and only once it wakes.  So the main thread sleeps on the signal wakeup fd, which the
-        # loop also writes to when it ends.
-        wake_r, wake_w = socket.socketpair()
-        wake_w.setblocking(False)
-        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        self._run_wakeups.append(wake_w)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-        if self.subreaper:  # an orphan that exits is a child of ours: reap it now
-            previous[signal.SIGCHLD] = signal.signal(
-                signal.SIGCHLD, lambda signum, frame: self.loop.call_soon_threadsafe(self._containment.reap_adopted))
-        try:
-            if on_start is not None:
-                on_start()
-            while not self._stopped.is_set():
-                wake_r.recv(512)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            signal.set_wakeup_fd(old_fd)
-            self._run_wakeups.remove(wake_w)
-            wake_r.close()
-            wake_w.close()
         self.loop.thread.join(5)  # with Manager(): returns once the loop thread has ended
 
     @property
@@ -3888,10 +4068,10 @@ class Manager:
         if timeout is not None:
             timeout = _float_setting("timeout", timeout, 0)
         waiter = _ReadyWaiter()
-        self._call(self._do_wait_ready, name, waiter)
+        self._call(lambda: self._deps.wait(self._job(name), waiter))
         if not waiter.done.wait(timeout):
             try:
-                progress = self._call(self._forget_waiter, waiter)
+                progress = self._call(self._deps.forget, waiter)
             except RuntimeError:
                 progress = "the manager stopped"
             if not waiter.done.is_set():
@@ -3902,7 +4082,7 @@ class Manager:
     def not_ready(self):
         """Return the active jobs (``"session.name"``) whose counted processes are not all ready."""
         return self._call(lambda: [job.name for job in self._all_jobs()
-                                   if job.active and self._ready_count(job) < job.numprocesses])
+                                   if job.active and job.ready < job.numprocesses])
 
     def unload(self, name_or_config, sessionid=None):
         """Remove a job, stopping its processes.
@@ -3993,7 +4173,7 @@ class Manager:
 
     def reopen_logs(self):
         """Open every log file again, as after a logrotate that moved them away (SIGUSR1 to serve)."""
-        self._call(self._do_reopen_logs)
+        self._call(self._log_files.reopen)
 
     def stats(self, name):
         """Return ``{name, stats: [per process], cpu, max_cpu, min_cpu, mem, max_mem, min_mem}``.
@@ -4182,22 +4362,6 @@ class Manager:
     def _loaded(self, job):
         return self._sessions.get(job.session, {}).get(job.config.name) is job
 
-    def _do_wait_ready(self, name, waiter):
-        waiter.job = self._job(name)
-        if not waiter.job.active:
-            raise ProcessError(409, "job %r is stopped" % waiter.job.name)
-        self._ready_waiters.append(waiter)
-        self._check_ready_waiters()
-
-    def _forget_waiter(self, waiter):
-        """A wait_ready() timed out: stop waking it; return how far the job got."""
-        if waiter in self._ready_waiters:
-            self._ready_waiters.remove(waiter)
-        job = waiter.job
-        waiting = self._waiting_for(job)
-        return "%d of %d processes ready%s" % (self._ready_count(job), job.numprocesses,
-                                               "; waiting for %s" % ", ".join(waiting) if waiting else "")
-
     def _do_jobs(self, sessionid):
         if sessionid is None:
             return [job.name for job in self._all_jobs()]
@@ -4209,7 +4373,7 @@ class Manager:
         jobs = self._sessions.get(session, {})
         if config.name in jobs:
             raise ProcessConflict("job %r is already loaded" % ("%s.%s" % (session, config.name)))
-        self._check_cycle(session, config)
+        self._deps.refuse_cycle(session, config)
         job = _Job(session, config, config.numprocesses)
         self._containment.set_limits(job, config)
         self._sessions.setdefault(session, jobs)[config.name] = job
@@ -4217,7 +4381,7 @@ class Manager:
         if start and retry:  # what cannot spawn backs off and is tried again, as a respawn is
             self._activate(job)
             self._manage(job)
-            self._release_dependents()
+            self._deps.release()
         elif start:
             def undo(exc):
                 if self._loaded(job):  # a listener may have unloaded it already
@@ -4242,7 +4406,7 @@ class Manager:
         self._containment.unloaded(job)
         self._publish({"name": job.name}, "unload")
         self._forget(job)
-        self._check_ready_waiters()
+        self._deps.wake()
 
     def _do_reload(self, name):
         job = self._job(name)
@@ -4252,7 +4416,7 @@ class Manager:
 
     def _do_update(self, config, name, start):
         job = self._job(name)
-        self._check_cycle(job.session, config)
+        self._deps.refuse_cycle(job.session, config)
         self._containment.set_limits(job, config)
         old = (job.config, job.numprocesses, job.state)
         respawn = any(getattr(job.config, key) != getattr(config, key) for key in _SPAWN_SETTINGS)
@@ -4288,7 +4452,7 @@ class Manager:
         def undo(exc):
             if not was_active:
                 self._stop_job(job)
-                self._check_ready_waiters()
+                self._deps.wake()
             return exc
 
         if not job.active:  # at the count it had: a scale is not undone by a stop and a start
@@ -4302,7 +4466,7 @@ class Manager:
     def _do_stop_job(self, name):
         job = self._job(name)
         self._stop_job(job)
-        self._check_ready_waiters()
+        self._deps.wake()
 
     def _do_commit(self, name, graceful_timeout, env):
         job = self._job(name)
@@ -4339,89 +4503,17 @@ class Manager:
             except ProcessError as exc:
                 raise undo(exc) from None
         self._publish({"name": job.name}, "update")
-        self._check_ready_waiters()
-        self._release_dependents()
+        self._deps.wake()
+        self._deps.release()
         return self._once_spawned(job, job.numprocesses, undo)
 
     def _do_status(self):
-        jobs = []
-        for job in self._all_jobs():
-            procs = sorted(job.processes(), key=_by_slot)
-            state = job.state.shown  # kept by _job_to: nothing here works it out again
-            rows = []
-            for proc in procs:
-                stats = self._sampler.sample(proc)
-                rows.append({"pid": proc.pid, "os_pid": proc.os_pid, "slot": proc.slot, "status": proc.status,
-                             "create_time": proc.create_time, "cpu": stats["cpu"], "mem": stats["mem"]})
-            jobs.append({"name": job.name, "state": state, "cmd": " ".join([job.config.cmd] + job.config.args),
-                         "running": len(procs), "ready": self._ready_count(job), "target": job.numprocesses,
-                         "restarts": job.restarts, "last_exit": job.last_exit, "last_error": job.last_error,
-                         "processes": rows, "slots": self._empty_slots(job),
-                         "outputs": list(dict.fromkeys(job.config.redirect_output))})
-        return jobs
-
-    def _empty_slots(self, job):
-        """The job's slots that no process holds now, each with why: [{slot, state, delay}], state
-        "backoff" (delay: the seconds until its respawn), "exited" (its restart policy left it empty),
-        "waiting" (for a dependency) or "starting"."""
-        if not job.active:
-            return []
-        waiting = "waiting" if self._waiting_for(job) else "starting"
-        return [{"slot": slot.number, "state": waiting if slot.idle else slot.state,
-                 "delay": round(max(0.0, slot.timer.when - self.loop.time()), 3) if slot.timer else None}
-                for number, slot in sorted(job.slots.items()) if not slot.procs and number <= job.numprocesses]
-
-    def _do_reopen_logs(self):
-        for log in list(self._log_files.values()):
-            log.reopen()
-
-    def _open_logs(self, proc):
-        """{label: _LogFile} of a new process, opened (or shared) now; OSError names the file."""
-        config, logs = proc.config, {}
-        if config.log_file is None:
-            return logs
-        try:
-            for label in dict.fromkeys(config.redirect_output):
-                path = config.log_file
-                if path != "-":
-                    path = os.path.abspath(path.format(session=proc._job.session, name=config.name, slot=proc.slot,
-                                                       pid=proc.pid, label=label))
-                log = self._log_files.get(path)
-                if log is None:
-                    try:
-                        log = self._log_files[path] = _LogFile(path, config.log_max_bytes, config.log_backups)
-                    except OSError as exc:
-                        raise OSError("cannot open log file %s: %s" % (path, exc.strerror or exc)) from None
-                log.users += 1
-                logs[label] = log
-        except OSError:
-            proc._logs = logs
-            self._release_logs(proc)
-            raise
-        return logs
-
-    def _release_logs(self, proc):
-        logs, proc._logs = proc._logs, {}
-        for log in logs.values():
-            log.users -= 1
-            if not log.users:
-                log.close()
-                del self._log_files[log.path]
+        return [job.status(self._sampler.sample, self.loop.time(), self._deps.waiting_for(job))
+                for job in self._all_jobs()]
 
     def _do_info(self, name):
         job = self._job(name)
-        return {
-            "name": job.name, "active": job.active,
-            "running": len(job.running) + len(job.running_out),
-            "running_out": len(job.running_out), "max_processes": job.numprocesses,
-            "processes": [p.pid for p in sorted(job.processes(), key=_by_slot)], "config": job.config.to_dict(),
-            "ready": self._ready_count(job), "numprocesses": job.numprocesses,
-            "waiting_for": self._waiting_for(job) if job.active else [],
-            "restarts": job.restarts, "last_exit": job.last_exit, "last_error": job.last_error,
-            "containment": self._containment.kind,
-            "backoff": sorted(round(max(0.0, slot.timer.when - self.loop.time()), 3) for slot in job.backoff),
-            "log_dropped": job.log_dropped,
-        }
+        return dict(job.info(self.loop.time(), self._deps.waiting_for(job)), containment=self._containment.kind)
 
     def _do_stop_process(self, pid):
         proc = self._running_process(pid)
@@ -4512,18 +4604,9 @@ class Manager:
 
     def _stop_next(self):
         """Manager stop: stop each job once no job that depends on it has a process left (dependents first)."""
-        pending = self._stop_pending
-        if not any(job.config.depends_on for job in pending):
-            self._stop_pending = []
-            for job in pending:
-                self._stop_job(job)
-            return
-        live = {proc._job for proc in self._procs.values()}
-        for job in list(pending):
-            key = (job.session, job.config.name)
-            if not any(key in self._dep_jobs(other) for other in pending + list(live) if other is not job):
-                pending.remove(job)
-                self._stop_job(job)
+        for job in self._deps.next_to_stop(self._stop_pending, {proc._job for proc in self._procs.values()}):
+            self._stop_pending.remove(job)
+            self._stop_job(job)
 
     def _do_kill_all(self):
         """SIGKILL every process and every leftover group now (a second Ctrl-C)."""
@@ -4593,8 +4676,8 @@ class Manager:
         job = proc._job
         if job.rollout is not None and job.rollout.surge == proc.pid:
             self._surge_ready(job, proc)
-        self._check_ready_waiters()
-        self._release_dependents()
+        self._deps.wake()
+        self._deps.release()
 
     def _unhealthy(self, proc, reason):
         """It failed health_retries checks in a row (_Checks): replaced."""
@@ -4617,49 +4700,6 @@ class Manager:
         self._stop(proc, "stop_process")
         self._manage(proc._job)
 
-    def _dep_jobs(self, job):
-        """[(session, name)] of what the job depends on: a bare name is in the job's own session."""
-        return [_split_name(dep, job.session) for dep in job.config.depends_on]
-
-    def _waiting_for(self, job):
-        """Names of the jobs this one depends on that are not loaded, active and ready."""
-        waiting = []
-        for session, name in self._dep_jobs(job):
-            dep = self._sessions.get(session, {}).get(name)
-            if dep is None or not dep.active or self._ready_count(dep) < dep.numprocesses:
-                waiting.append("%s.%s" % (session, name))
-        return waiting
-
-    def _release_dependents(self):
-        """A job became ready, started or changed its count: spawn what waited for it."""
-        for job in self._all_jobs():
-            if job.config.depends_on and job.active and len(job.running) < job.numprocesses:
-                self._manage(job)
-
-    def _check_cycle(self, session, config):
-        """ValueError naming the cycle if loading `config` in `session` would close one."""
-        graph = {job.name: _dep_names(job.session, job.config) for job in self._all_jobs()}
-        _refuse_cycle(graph, session, config)
-
-    @staticmethod
-    def _ready_count(job):
-        return job.ready
-
-    def _check_ready_waiters(self):
-        """Wake the wait_ready() callers whose job is ready, gone, stopped, or whose manager stopped."""
-        for waiter in list(self._ready_waiters):
-            job = waiter.job
-            if self._state is not _Lifecycle.RUNNING:
-                waiter.error = RuntimeError("manager is not running")
-            elif not self._loaded(job):
-                waiter.error = ProcessNotFound("job %r was unloaded" % job.name)
-            elif not job.active:
-                waiter.error = ProcessError(409, "job %r is stopped" % job.name)
-            elif self._ready_count(job) < job.numprocesses:
-                continue
-            self._ready_waiters.remove(waiter)
-            waiter.done.set()
-
     def _activate(self, job):
         """Mark a job started by hand: flapping history, backoffs and retired slots are forgotten."""
         self._forget_slots(job)
@@ -4674,9 +4714,9 @@ class Manager:
             self._manage(job, strict=True)
         except ProcessError:
             self._stop_job(job)
-            self._check_ready_waiters()
+            self._deps.wake()
             raise
-        self._release_dependents()  # a job of 0 processes is ready at once
+        self._deps.release()  # a job of 0 processes is ready at once
 
     def _forget_slots(self, job):
         """Cancel the pending restart and respawns, and empty the retired slots."""
@@ -4729,8 +4769,8 @@ class Manager:
                     break
                 self._stop(proc, "reap")
                 excess -= 1
-        if self._waiting_for(job):
-            return  # spawned once every job it depends on is ready (_release_dependents)
+        if self._deps.waiting_for(job):
+            return  # filled once every job it depends on is ready (_Dependencies.release)
         spawned = job.spawning if strict and job.spawning is not None else []
         job.spawning, count, started = None, 0, time.monotonic()
         while job.active and job.taken() < job.numprocesses:
@@ -4787,7 +4827,7 @@ class Manager:
     def _respawn(self, job, slot):
         """Refill a slot whose process exited, now: its $PORT and quick-exit streak are the slot's."""
         if (not job.active or self._state is not _Lifecycle.RUNNING or slot.number > job.numprocesses
-                or not slot.idle or job.taken() >= job.numprocesses or self._waiting_for(job)):
+                or not slot.idle or job.taken() >= job.numprocesses or self._deps.waiting_for(job)):
             return
         try:
             self._spawn(job, slot=slot.number)
@@ -4909,20 +4949,13 @@ class Manager:
 
     def _flapped(self, job):
         """Record an unasked-for exit; if the job is flapping, stop it, publish flap, maybe schedule a retry."""
+        if not job.flapping(self.loop.time()):
+            return False
         flapping = job.config.flapping
-        if flapping is None:
-            return False
-        now = self.loop.time()
-        job.exits.append(now)
-        while now - job.exits[0] > flapping.window:
-            job.exits.popleft()
-        if len(job.exits) < flapping.attempts:
-            return False
-        job.exits.clear()
         self._publish({"name": job.name}, "flap", "job.%s.flap" % job.name)
         retry = job.flap_retries < flapping.max_retry
         self._stop_job(job, _JobState.RETRYING if retry else _JobState.FATAL)
-        self._check_ready_waiters()
+        self._deps.wake()
         if retry:
             job.flap_retries += 1
             job.restart_timer = self.loop.call_later(flapping.retry_in, self._on_flap_retry, job)
@@ -4941,7 +4974,7 @@ class Manager:
         if (self._state is _Lifecycle.STOPPING and not self._procs and self._containment.idle
                 and not self._stop_pending):
             self._state = _Lifecycle.STOPPED  # what the apps and callbacks see: no longer started
-            self._check_ready_waiters()
+            self._deps.wake()
             for app in reversed(self._apps):
                 try:
                     app.stop()
