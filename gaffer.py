@@ -2038,6 +2038,22 @@ class Process:
         """Resource use: pid, os_pid, cpu %, mem %, rss, vms, mem_info1/2, ctime, num_threads ("N/A" off Linux)."""
         return self._manager._call(self._manager._sampler.sample, self)
 
+    def _send(self, chunks, stream):
+        """Queue chunks for its stdin, or a custom stream (loop thread); ProcessError if it has none open."""
+        if stream is None:
+            pipe = self._stdin
+            if pipe is None:
+                raise ProcessError(400, "process %d of %r has no stdin pipe (redirect_input is off)"
+                                   % (self.pid, self.name))
+        else:
+            pipe = self._streams.get(stream)
+            if pipe is None:
+                raise ProcessError(404, "process %d of %r has no stream %r" % (self.pid, self.name, stream))
+        if pipe.closed:
+            raise ProcessError(400, "the %s of process %d is closed" % (stream or "stdin", self.pid))
+        for chunk in chunks:
+            pipe.write(chunk)
+
     def _recent(self, count):
         """{label: the last `count` lines of that output, as bytes} (loop thread): what a STREAM starts with."""
         recent = {}
@@ -2371,6 +2387,17 @@ class _Job:
             "log_dropped": self.log_dropped,
         }
 
+    def stats(self, sample):
+        """What stats() says of it: each process's use, their sums and extremes ("N/A" without processes)."""
+        stats = [sample(proc) for proc in self.processes()]
+        result = {"name": self.name, "stats": stats, "restarts": self.restarts}
+        for key in ("cpu", "mem"):
+            values = [s[key] for s in stats if s[key] != "N/A"]
+            result[key] = round(sum(values), 2) if values else "N/A"
+            result["max_" + key] = max(values) if values else "N/A"
+            result["min_" + key] = min(values) if values else "N/A"
+        return result
+
     def flapping(self, now):
         """Count an exit nobody asked for: whether the job is flapping (flapping.attempts within window)."""
         flapping = self.config.flapping
@@ -2573,15 +2600,6 @@ def _backoff_delay(streak, backoff_max):
     import random  # only a crash loop needs it
     delay = min(_BACKOFF_FIRST * 2.0 ** min(streak - 2, 64), backoff_max)
     return delay * random.uniform(1 - _BACKOFF_JITTER, 1 + _BACKOFF_JITTER)
-
-
-class _Rollout:
-    """A job's processes replaced one at a time: a new one, ready, then an old one stopped."""
-
-    def __init__(self, old, previous):
-        self.old = old            # pids of the processes to replace, lowest slot first
-        self.previous = previous  # the config they run: the job's again if the rollout fails
-        self.surge = None         # the new process awaited, counted beyond numprocesses until ready
 
 
 # -- Guardian --------------------------------------------------------------------
@@ -3782,6 +3800,121 @@ class _Topics:
             self.close(owner)
 
 
+# -- Rolling replacement (_Rollouts) ----------------------------------------------------
+# A job's processes replaced while it serves: new ones first, then the old; with a readiness check,
+# one at a time, each old one stopped once a new one is ready.  Loop thread.
+
+class _Rollout:
+    """A job's processes replaced one at a time: a new one, ready, then an old one stopped."""
+
+    def __init__(self, old, previous):
+        self.old = old            # pids of the processes to replace, lowest slot first
+        self.previous = previous  # the config they run: the job's again if the rollout fails
+        self.surge = None         # the new process awaited, counted beyond numprocesses until ready
+
+
+class _Rollouts:
+    """reload, update, restart and recycling replace processes through here, with the manager's
+    spawn and stop.  A rollout (job.rollout) that fails gives the job back the config it ran."""
+
+    def __init__(self, manager):
+        self._manager = manager
+
+    def replace(self, job, previous=None):
+        """Replace every counted process: spawn the new ones first, then stop the old.
+
+        With a readiness check, one at a time (roll): each old process is stopped only once a new
+        one is ready.  If a new one cannot be spawned, the new ones are stopped, the old kept, and
+        ProcessError raised.
+        """
+        m = self._manager
+        if job.rollout is not None:  # the newer one wins; a failure goes back to what ran before both
+            config, previous = job.config, job.rollout.previous
+            self.failed(job, "replaced by a newer rollout")
+            job.config = config
+        if job.config.ready is not None and job.running:
+            job.rollout = _Rollout([p.pid for p in sorted(job.running.values(), key=lambda p: p.slot)],
+                                   previous or job.config)
+            self.roll(job)
+            return
+        old = sorted(job.running.values(), key=lambda p: p.slot)  # fewer new ones take the lowest slots
+        new = []
+        try:
+            while len(new) < job.numprocesses:  # each new process takes an old one's slot, and its $PORT
+                new.append(m._spawn(job, slot=old[len(new)].slot if len(new) < len(old) else None))
+        except ProcessError as exc:
+            m._spawn_error(job, exc)
+            for proc in new:
+                m._stop(proc, "stop_process")
+            raise
+        for proc in old:
+            m._stop(proc, "stop_process")
+
+    def recycle(self, proc, reason):
+        """The sampler found a ready process past its max_rss or max_age: a new one first, then it."""
+        m, job = self._manager, proc._job
+        if job.rollout is not None or not job.active or not m.active:
+            return
+        m._publish_job(job, "recycle", pid=proc.pid, reason=reason)
+        job.rollout = _Rollout([proc.pid], job.config)
+        try:
+            self.roll(job)
+        except ProcessError:
+            pass  # published as spawn_error and rollout_failed; the next tick tries again
+
+    def roll(self, job):
+        """The next step of a rollout: spawn one new process, or, with enough ready, stop the last old ones."""
+        m, rollout = self._manager, job.rollout
+        old = [pid for pid in rollout.old if pid in job.running]
+        if len(job.running) - len(old) >= job.numprocesses:
+            for pid in old:
+                m._stop(job.running[pid], "stop_process")
+            job.rollout = None
+            m._publish_job(job, "rollout")
+            return
+        try:  # the new process takes the slot of the old one that goes when it is ready
+            surge = m._spawn(job, slot=job.running[old[0]].slot if old else None)
+        except ProcessError as exc:
+            m._spawn_error(job, exc)
+            self.failed(job, exc.reason)
+            raise
+        rollout.surge = surge.pid
+        if surge._state is _State.READY:  # no readiness check: ready as it spawned
+            self.ready(job, surge)
+
+    def ready(self, job, proc):
+        """A process is ready: if it is the rollout's new one, one old one goes, then the next step."""
+        if job.rollout is None or job.rollout.surge != proc.pid:
+            return
+        job.rollout.surge = None
+        old = [pid for pid in job.rollout.old if pid in job.running]
+        if old:
+            self._manager._stop(job.running[old[0]], "stop_process")
+        try:
+            self.roll(job)
+        except ProcessError:
+            pass  # published as rollout_failed
+
+    def lost(self, job, proc, reason):
+        """A process exited or missed its ready_timeout: if it was the rollout's new one, the rollout fails."""
+        if job.rollout is not None and job.rollout.surge == proc.pid:
+            self.failed(job, reason)
+            return True
+        return False
+
+    def failed(self, job, reason):
+        """The new process did not become ready: it goes, the old ones keep serving."""
+        m = self._manager
+        rollout, job.rollout = job.rollout, None
+        job.config = rollout.previous  # what the old processes run, and what replaces them if they exit
+        surge = job.running.get(rollout.surge)
+        if surge is not None:
+            m._stop(surge, "stop_process")
+        _log.error("rollout of %s stopped: %s", job.name, reason)
+        m._publish_job(job, "rollout_failed", reason=reason)
+        m._forget_reaped(rollout.old)  # a restart() waits for these no longer
+
+
 # -- Manager -------------------------------------------------------------------
 # The public API first (any thread), then the _do_* bodies and the _on_*
 # handlers, which run on the loop thread and own all the state.
@@ -3872,9 +4005,10 @@ class Manager:
         self._containment = _Containment(self, cgroups, subreaper, self.guardian)
         self._checks = _Checks(self)  # readiness and health
         self._sampler = _Sampler(self.loop, _float_setting("stats_interval", stats_interval, 0.001),
-                                 self._limited_jobs, self._recycle)
+                                 self._limited_jobs, lambda proc, reason: self._rollouts.recycle(proc, reason))
         self._topics = _Topics(self)  # the pub/sub channels
         self._deps = _Dependencies(self)  # depends_on, and the wait_ready() callers
+        self._rollouts = _Rollouts(self)  # reload, update and restart, one at a time with a check
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
@@ -4377,7 +4511,7 @@ class Manager:
         job = _Job(session, config, config.numprocesses)
         self._containment.set_limits(job, config)
         self._sessions.setdefault(session, jobs)[config.name] = job
-        self._publish({"name": job.name}, "load")
+        self._publish(dict(name=job.name), "load")
         if start and retry:  # what cannot spawn backs off and is tried again, as a respawn is
             self._activate(job)
             self._manage(job)
@@ -4412,7 +4546,7 @@ class Manager:
         job = self._job(name)
         job.numprocesses = job.config.numprocesses
         self._activate(job)
-        self._replace(job)
+        self._rollouts.replace(job)
 
     def _do_update(self, config, name, start):
         job = self._job(name)
@@ -4427,7 +4561,7 @@ class Manager:
         if job.active:
             try:
                 if respawn:
-                    self._replace(job, previous=old[0])
+                    self._rollouts.replace(job, previous=old[0])
                 else:  # read after spawn only (timeouts, signals, flapping...): applied in place
                     for proc in job.running.values():
                         proc.config, proc.graceful_timeout = config, config.graceful_timeout
@@ -4526,36 +4660,21 @@ class Manager:
             self._stop(proc, "stop_process")
         self._manage(job)
 
-    def _do_kill(self, pid, signum):
+    def _do_kill(self, pid, signum, job_too=True):
         proc = self._running_process(pid)
-        proc._signalled = True
+        proc._signalled = True  # not a failure for the restart policy
         self._containment.signal(proc, signum, group=False)
-        msg = {"name": proc.name, "pid": proc.pid, "signum": signum}
-        self._publish(msg, "job.%s.kill" % proc.name, "proc.%d.kill" % proc.pid)
+        self._publish({"name": proc.name, "pid": proc.pid, "signum": signum},
+                      *(["job.%s.kill" % proc.name] if job_too else []), "proc.%d.kill" % proc.pid)
 
     def _do_killall(self, name, signum):
         job = self._job(name)
         for proc in job.processes():
-            proc._signalled = True
-            self._containment.signal(proc, signum, group=False)
-            self._publish({"name": proc.name, "pid": proc.pid, "signum": signum}, "proc.%d.kill" % proc.pid)
+            self._do_kill(proc.pid, signum, job_too=False)
         self._publish({"name": job.name, "signum": signum}, "job.%s.kill" % job.name)
 
     def _do_send(self, pid, chunks, stream):
-        proc = self._running_process(pid)
-        if stream is None:
-            pipe = proc._stdin
-            if pipe is None:
-                raise ProcessError(400, "process %d of %r has no stdin pipe (redirect_input is off)"
-                                   % (pid, proc.name))
-        else:
-            pipe = proc._streams.get(stream)
-            if pipe is None:
-                raise ProcessError(404, "process %d of %r has no stream %r" % (pid, proc.name, stream))
-        if pipe.closed:
-            raise ProcessError(400, "the %s of process %d is closed" % (stream or "stdin", pid))
-        for chunk in chunks:
-            pipe.write(chunk)
+        self._running_process(pid)._send(chunks, stream)
 
     def _do_list(self, name):
         if name is None:
@@ -4563,15 +4682,7 @@ class Manager:
         return self._job(name).processes()
 
     def _do_stats(self, name):
-        job = self._job(name)
-        stats = [self._sampler.sample(proc) for proc in job.processes()]
-        result = {"name": job.name, "stats": stats, "restarts": job.restarts}
-        for key in ("cpu", "mem"):
-            values = [s[key] for s in stats if s[key] != "N/A"]
-            result[key] = round(sum(values), 2) if values else "N/A"
-            result["max_" + key] = max(values) if values else "N/A"
-            result["min_" + key] = min(values) if values else "N/A"
-        return result
+        return self._job(name).stats(self._sampler.sample)
 
     def _limited_jobs(self):
         """Jobs with a max_rss or max_age and processes to hold to it (the sampler asks)."""
@@ -4625,7 +4736,7 @@ class Manager:
             if job.active and self._loaded(job) and self._state is _Lifecycle.RUNNING:
                 old.update(job.running)
                 try:
-                    self._replace(job)
+                    self._rollouts.replace(job)
                 except ProcessError as exc:
                     _log.error("restart of %s kept its old processes: %s", job.name, exc)
                     old.difference_update(job.running)
@@ -4673,17 +4784,14 @@ class Manager:
             return
         self._move(proc, _State.READY, "ready", elapsed=round(self.loop.time() - proc._spawned_at, 6))
         self._checks.ready(proc)
-        job = proc._job
-        if job.rollout is not None and job.rollout.surge == proc.pid:
-            self._surge_ready(job, proc)
+        self._rollouts.ready(proc._job, proc)
         self._deps.wake()
         self._deps.release()
 
     def _unhealthy(self, proc, reason):
         """It failed health_retries checks in a row (_Checks): replaced."""
         job = proc._job
-        self._publish({"name": proc.name, "pid": proc.pid, "reason": reason}, "unhealthy",
-                      "job.%s.unhealthy" % proc.name)
+        self._publish_job(job, "unhealthy", pid=proc.pid, reason=reason)
         counted = proc.pid in job.running
         self._stop(proc, "stop_process")
         if counted and job.active:
@@ -4692,10 +4800,10 @@ class Manager:
 
     def _not_ready(self, proc):
         """It was not ready within ready_timeout (_Checks): stopped and respawned, or its rollout fails."""
-        self._publish({"name": proc.name, "pid": proc.pid}, "ready_timeout", "job.%s.ready_timeout" % proc.name)
         job = proc._job
-        if job.rollout is not None and job.rollout.surge == proc.pid:
-            self._rollout_failed(job, "new process %d was not ready within %gs" % (proc.pid, proc.config.ready_timeout))
+        self._publish_job(job, "ready_timeout", pid=proc.pid)
+        if self._rollouts.lost(job, proc, "new process %d was not ready within %gs"
+                               % (proc.pid, proc.config.ready_timeout)):
             return
         self._stop(proc, "stop_process")
         self._manage(proc._job)
@@ -4853,7 +4961,7 @@ class Manager:
         delay = _backoff_delay(slot.streak, job.config.backoff_max) if delay is None else delay
         job.back_off(slot, self.loop.call_later(delay, self._on_backoff_due, job, slot))
         self._refresh(job)
-        self._publish({"name": job.name, "delay": round(delay, 3)}, "backoff", "job.%s.backoff" % job.name)
+        self._publish_job(job, "backoff", delay=round(delay, 3))
 
     def _on_backoff_due(self, job, slot):
         slot.timer = None  # fired: due() has nothing to cancel
@@ -4861,81 +4969,6 @@ class Manager:
         if self._loaded(job):
             self._respawn(job, slot)
         self._refresh(job)
-
-    def _replace(self, job, previous=None):
-        """Replace every counted process: spawn the new ones first, then stop the old.
-
-        With a readiness check, one at a time (_roll): each old process is stopped only
-        once a new one is ready.  If a new one cannot be spawned, the new ones are
-        stopped, the old kept, and ProcessError raised.
-        """
-        if job.rollout is not None:  # the newer one wins; a failure goes back to what ran before both
-            config, previous = job.config, job.rollout.previous
-            self._rollout_failed(job, "replaced by a newer rollout")
-            job.config = config
-        if job.config.ready is not None and job.running:
-            job.rollout = _Rollout([p.pid for p in sorted(job.running.values(), key=lambda p: p.slot)],
-                                   previous or job.config)
-            self._roll(job)
-            return
-        old = sorted(job.running.values(), key=lambda p: p.slot)  # fewer new ones take the lowest slots
-        new = []
-        try:
-            while len(new) < job.numprocesses:  # each new process takes an old one's slot, and its $PORT
-                new.append(self._spawn(job, slot=old[len(new)].slot if len(new) < len(old) else None))
-        except ProcessError as exc:
-            self._spawn_error(job, exc)
-            for proc in new:
-                self._stop(proc, "stop_process")
-            raise
-        for proc in old:
-            self._stop(proc, "stop_process")
-
-    def _roll(self, job):
-        """The next step of a rollout: spawn one new process, or, with enough ready, stop the last old ones."""
-        rollout = job.rollout
-        old = [pid for pid in rollout.old if pid in job.running]
-        if len(job.running) - len(old) >= job.numprocesses:
-            for pid in old:
-                self._stop(job.running[pid], "stop_process")
-            job.rollout = None
-            self._publish({"name": job.name}, "rollout", "job.%s.rollout" % job.name)
-            return
-        try:  # the new process takes the slot of the old one that goes when it is ready
-            surge = self._spawn(job, slot=job.running[old[0]].slot if old else None)
-        except ProcessError as exc:
-            self._spawn_error(job, exc)
-            self._rollout_failed(job, exc.reason)
-            raise
-        rollout.surge = surge.pid
-        if surge._state is _State.READY:  # no readiness check: ready as it spawned
-            self._surge_ready(job, surge)
-
-    def _surge_ready(self, job, proc):
-        """A rollout's new process is ready: one old one goes, then the next step."""
-        job.rollout.surge = None
-        old = [pid for pid in job.rollout.old if pid in job.running]
-        if old:
-            self._stop(job.running[old[0]], "stop_process")
-        try:
-            self._roll(job)
-        except ProcessError:
-            pass  # published as rollout_failed
-
-    def _rollout_failed(self, job, reason):
-        """The new process did not become ready: it goes, the old ones keep serving."""
-        rollout, job.rollout = job.rollout, None
-        job.config = rollout.previous  # what the old processes run, and what replaces them if they exit
-        surge = job.running.get(rollout.surge)
-        if surge is not None:
-            self._stop(surge, "stop_process")
-        _log.error("rollout of %s stopped: %s", job.name, reason)
-        self._publish({"name": job.name, "reason": reason}, "rollout_failed", "job.%s.rollout_failed" % job.name)
-        for pids, callback in list(self._reap_waiters):  # a restart() waits for these no longer
-            pids.difference_update(rollout.old)
-            if not pids:
-                self._reap_waiters.remove((pids, callback))
-                self._run_callback(callback)
 
     def _stop(self, proc, event):
         """Ask a process to stop (STARTING|READY -> STOPPING) and arm its SIGKILL; event is stop_process or reap."""
@@ -4952,7 +4985,7 @@ class Manager:
         if not job.flapping(self.loop.time()):
             return False
         flapping = job.config.flapping
-        self._publish({"name": job.name}, "flap", "job.%s.flap" % job.name)
+        self._publish_job(job, "flap")
         retry = job.flap_retries < flapping.max_retry
         self._stop_job(job, _JobState.RETRYING if retry else _JobState.FATAL)
         self._deps.wake()
@@ -4962,6 +4995,14 @@ class Manager:
         else:
             _log.error("%s is flapping; stopped after %d retries", job.name, job.flap_retries)
         return True
+
+    def _forget_reaped(self, pids):
+        """restart() callbacks wait for these pids no longer (a rollout failed: they keep running)."""
+        for waiting, callback in list(self._reap_waiters):
+            waiting.difference_update(pids)
+            if not waiting:
+                self._reap_waiters.remove((waiting, callback))
+                self._run_callback(callback)
 
     def _when_reaped(self, pids, callback):
         pids = {pid for pid in pids if pid in self._procs}
@@ -5007,8 +5048,7 @@ class Manager:
         job.leave(proc)
         if any(output.tail for output in proc._outputs.values()):
             job.history.append(proc)  # its last words stay readable (logs) after it is gone
-        if job.rollout is not None and job.rollout.surge == proc.pid:
-            self._rollout_failed(job, "new process %d exited before it was ready" % proc.pid)
+        self._rollouts.lost(job, proc, "new process %d exited before it was ready" % proc.pid)
         exit_status, term_signal = _exit_status(proc._popen.returncode)
         unasked = not asked and not proc.once and job.active
         respawn = unasked and self._wants_respawn(proc, exit_status, term_signal)
@@ -5055,18 +5095,6 @@ class Manager:
         (its group, with stop_children: a Procfile's shell and the program it runs)."""
         for proc in list(self._procs.values()):
             self._containment.signal(proc, signum, proc.config.stop_children)
-
-    def _recycle(self, proc, reason):
-        """The sampler found a ready process past its max_rss or max_age: a new one first, then it."""
-        job = proc._job
-        if job.rollout is not None or not job.active or self._state is not _Lifecycle.RUNNING:
-            return
-        self._publish({"name": job.name, "pid": proc.pid, "reason": reason}, "recycle", "job.%s.recycle" % job.name)
-        job.rollout = _Rollout([proc.pid], job.config)
-        try:
-            self._roll(job)
-        except ProcessError:
-            pass  # published as spawn_error and rollout_failed; the next tick tries again
 
     def _on_flap_retry(self, job):
         job.restart_timer = None
