@@ -2344,6 +2344,21 @@ class _Job:
         self.retired.discard(slot)
         self.settle(slot)
 
+    def excess(self):
+        """Past its count (a scale-down): the retired and backing-off slots above it are freed, and the
+        processes to stop returned, the highest slots first (the oldest first among equals: web.1 and its
+        $PORT stay); a rollout's new process, counted beyond the count until ready, is kept."""
+        for slots, free in ((self.retired, self.unretire), (self.backoff, self.due)):
+            for slot in sorted(slots, key=lambda slot: -slot.number):
+                if self.taken() <= self._count:
+                    break
+                free(slot)
+        surge = self.rollout.surge if self.rollout is not None and self.rollout.surge in self.running else None
+        excess = len(self.running) - self._count - (surge is not None)
+        if excess <= 0:
+            return []
+        return sorted((p for p in self.running.values() if p.pid != surge), key=lambda p: (-p.slot, p.pid))[:excess]
+
     def taken(self):
         """Counted processes, respawns waiting out a backoff, and slots the restart policy left empty."""
         return len(self.running) + len(self.backoff) + len(self.retired)
@@ -3800,6 +3815,67 @@ class _Topics:
             self.close(owner)
 
 
+# -- Large spawns in batches (_Batches) ------------------------------------------------------------
+# A call that spawns many processes spawns 20 ms of them a loop turn, reaping and other calls in
+# between; the caller waits for a Future of the whole.  Loop thread.
+
+class _Batches:
+    """The spawns of a large load, scale or start_job: the slot engine spawns _SPAWN_SLICE seconds of
+    them a loop turn; the call that asked gets a Future, done when the last batch is, or failed (after
+    undo) if one fails, as if all had been spawned at once."""
+
+    def __init__(self, manager):
+        self._manager = manager
+        self._waiters = []  # (job, Future, result, undo) of calls that return once a large spawn is done
+
+    def more(self, job):
+        """A batch ended before the job was full: the next one on the next loop turn."""
+        if job.spawn_timer is None:
+            job.spawn_timer = self._manager.loop.call_later(0, self.next, job)
+
+    def next(self, job):
+        """The next batch.  For a call that waits, a failure stops what the call spawned, undoes the call
+        and raises in the caller."""
+        m = self._manager
+        if job.spawn_timer is not None:
+            job.spawn_timer.cancel()
+            job.spawn_timer = None
+        waiters = [w for w in self._waiters if w[0] is job]
+        try:
+            if m._loaded(job):
+                m._manage(job, strict=job.spawning is not None)
+        except ProcessError as exc:
+            for waiter in waiters:
+                self._waiters.remove(waiter)
+                waiter[1].set_exception(waiter[3](exc))
+            return
+        if job.spawn_timer is None:
+            job.spawning = None
+            for waiter in waiters:
+                self._waiters.remove(waiter)
+                waiter[1].set_result(waiter[2])
+
+    def done(self, job, result, undo=lambda exc: exc):
+        """`result` now, or, while the job's spawn goes on in batches, a Future of it for when it is done;
+        if a later batch fails, undo(exc) puts the job back and returns the error to raise."""
+        if job.spawn_timer is None:
+            return result
+        future = Future()
+        future.set_running_or_notify_cancel()
+        self._waiters.append((job, future, result, undo))
+        return future
+
+    def finish_all(self):
+        """On the loop thread, a call cannot wait for later turns: every batch now."""
+        while self._waiters:
+            self.next(self._waiters[0][0])
+
+    def close(self):
+        for _, future, result, _ in self._waiters:  # their spawns ended with the manager
+            future.set_result(result)
+        self._waiters.clear()
+
+
 # -- Rolling replacement (_Rollouts) ----------------------------------------------------
 # A job's processes replaced while it serves: new ones first, then the old; with a readiness check,
 # one at a time, each old one stopped once a new one is ready.  Loop thread.
@@ -3819,6 +3895,7 @@ class _Rollouts:
 
     def __init__(self, manager):
         self._manager = manager
+        self._waiters = []  # (pids, callback) of restart() calls: called once those are reaped
 
     def replace(self, job, previous=None):
         """Replace every counted process: spawn the new ones first, then stop the old.
@@ -3902,6 +3979,29 @@ class _Rollouts:
             return True
         return False
 
+    def restart(self, callback):
+        """Manager.restart(): every running job's processes replaced; callback once the old are reaped."""
+        m, old = self._manager, set()
+        for job in m._all_jobs():
+            if job.active and m._loaded(job) and m.active:
+                old.update(job.running)
+                try:
+                    self.replace(job)
+                except ProcessError as exc:
+                    _log.error("restart of %s kept its old processes: %s", job.name, exc)
+                    old.difference_update(job.running)
+        if callback is not None:
+            self._waiters.append(({pid for pid in old if pid in m._procs}, lambda: callback(m)))
+            self.reaped(None)
+
+    def reaped(self, pid):
+        """A process was reaped (None: none, look again): the restart() callbacks that waited for it run."""
+        for waiting, callback in list(self._waiters):
+            waiting.discard(pid)
+            if not waiting:
+                self._waiters.remove((waiting, callback))
+                self._manager._run_callback(callback)
+
     def failed(self, job, reason):
         """The new process did not become ready: it goes, the old ones keep serving."""
         m = self._manager
@@ -3912,7 +4012,9 @@ class _Rollouts:
             m._stop(surge, "stop_process")
         _log.error("rollout of %s stopped: %s", job.name, reason)
         m._publish_job(job, "rollout_failed", reason=reason)
-        m._forget_reaped(rollout.old)  # a restart() waits for these no longer
+        for waiting, _ in self._waiters:  # a restart() waits for these no longer
+            waiting.difference_update(rollout.old)
+        self.reaped(None)
 
 
 # -- Manager -------------------------------------------------------------------
@@ -4009,6 +4111,7 @@ class Manager:
         self._topics = _Topics(self)  # the pub/sub channels
         self._deps = _Dependencies(self)  # depends_on, and the wait_ready() callers
         self._rollouts = _Rollouts(self)  # reload, update and restart, one at a time with a check
+        self._batches = _Batches(self)  # large spawns, 20 ms of them a loop turn
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
@@ -4017,10 +4120,8 @@ class Manager:
         self._pids = itertools.count(1)
         self._apps = []
         self._stop_callbacks = []
-        self._reap_waiters = []   # (set of pids, callback)
         self._stopped = threading.Event()
         self._run_wakeups = []    # sockets that run() sleeps on, written to when the loop ends
-        self._spawn_waiters = []  # (job, Future, result, undo) of calls that return once a large spawn is done
 
     def __repr__(self):
         # Any thread: each list() copies a loop-owned dict in one step, never iterating it live.
@@ -4422,8 +4523,7 @@ class Manager:
             return self.loop.call(fn, *args)
         result = fn(*args)
         if isinstance(result, Future):  # a large spawn, from a listener: finished now, the loop is ours anyway
-            while self._spawn_waiters:
-                self._on_spawn_batch(self._spawn_waiters[0][0])
+            self._batches.finish_all()
             return result.result()
         return result
 
@@ -4526,7 +4626,7 @@ class Manager:
                 self._start_job(job)
             except ProcessError as exc:
                 raise undo(exc) from exc
-            return self._once_spawned(job, None, undo)
+            return self._batches.done(job, None, undo)
 
     def _do_unload(self, name):
         self._unload(self._job(name))
@@ -4577,7 +4677,7 @@ class Manager:
             self._job_to(job, old[2])
             return exc
 
-        return self._once_spawned(job, None, undo)
+        return self._batches.done(job, None, undo)
 
     def _do_start_job(self, name):
         job = self._job(name)
@@ -4595,7 +4695,7 @@ class Manager:
             for slot in list(job.retired):
                 job.unretire(slot)
             self._manage(job, strict=True)
-        return self._once_spawned(job, None, undo)
+        return self._batches.done(job, None, undo)
 
     def _do_stop_job(self, name):
         job = self._job(name)
@@ -4639,7 +4739,7 @@ class Manager:
         self._publish({"name": job.name}, "update")
         self._deps.wake()
         self._deps.release()
-        return self._once_spawned(job, job.numprocesses, undo)
+        return self._batches.done(job, job.numprocesses, undo)
 
     def _do_status(self):
         return [job.status(self._sampler.sample, self.loop.time(), self._deps.waiting_for(job))
@@ -4731,17 +4831,7 @@ class Manager:
                 app.restart()
             except Exception:
                 _log.exception("app %r failed to restart", app)
-        old = set()
-        for job in self._all_jobs():
-            if job.active and self._loaded(job) and self._state is _Lifecycle.RUNNING:
-                old.update(job.running)
-                try:
-                    self._rollouts.replace(job)
-                except ProcessError as exc:
-                    _log.error("restart of %s kept its old processes: %s", job.name, exc)
-                    old.difference_update(job.running)
-        if callback is not None:
-            self._when_reaped(old, lambda: callback(self))
+        self._rollouts.restart(callback)
 
     # -- the machinery (loop thread)
 
@@ -4863,28 +4953,15 @@ class Manager:
         """
         if not job.active or self._state is not _Lifecycle.RUNNING:
             return
-        surge = job.rollout is not None and job.rollout.surge in job.running
-        for slots, free in ((job.retired, job.unretire), (job.backoff, job.due)):  # the highest first
-            for slot in sorted(slots, key=lambda slot: -slot.number):
-                if job.taken() <= job.numprocesses:
-                    break
-                free(slot)
-        excess = len(job.running) - job.numprocesses - surge
-        if excess > 0:  # the highest slots go, the oldest first among equals: web.1 and its $PORT stay
-            keep = job.rollout.surge if surge else None
-            for proc in sorted((p for p in job.running.values() if p.pid != keep), key=lambda p: (-p.slot, p.pid)):
-                if excess == 0:
-                    break
-                self._stop(proc, "reap")
-                excess -= 1
+        for proc in job.excess():
+            self._stop(proc, "reap")
         if self._deps.waiting_for(job):
             return  # filled once every job it depends on is ready (_Dependencies.release)
         spawned = job.spawning if strict and job.spawning is not None else []
         job.spawning, count, started = None, 0, time.monotonic()
         while job.active and job.taken() < job.numprocesses:
             if count and time.monotonic() - started > _SPAWN_SLICE:  # the rest on the next turns
-                if job.spawn_timer is None:
-                    job.spawn_timer = self.loop.call_later(0, self._on_spawn_batch, job)
+                self._batches.more(job)
                 if strict:
                     job.spawning = spawned
                 return
@@ -4900,37 +4977,6 @@ class Manager:
                     raise
                 self._spawn_failed(job, exc, slot)
                 return
-
-    def _on_spawn_batch(self, job):
-        """The next batch of a large spawn.  For a call that waits, a failure stops what the call
-        spawned, undoes the call and raises in the caller, as if it had all been spawned at once."""
-        if job.spawn_timer is not None:
-            job.spawn_timer.cancel()
-            job.spawn_timer = None
-        waiters = [w for w in self._spawn_waiters if w[0] is job]
-        try:
-            if self._loaded(job):
-                self._manage(job, strict=job.spawning is not None)
-        except ProcessError as exc:
-            for waiter in waiters:
-                self._spawn_waiters.remove(waiter)
-                waiter[1].set_exception(waiter[3](exc))
-            return
-        if job.spawn_timer is None:
-            job.spawning = None
-            for waiter in waiters:
-                self._spawn_waiters.remove(waiter)
-                waiter[1].set_result(waiter[2])
-
-    def _once_spawned(self, job, result, undo=lambda exc: exc):
-        """`result` now, or, while the job's spawn goes on in batches, a Future of it for when it is done;
-        if a later batch fails, undo(exc) puts the job back and returns the error to raise."""
-        if job.spawn_timer is None:
-            return result
-        future = Future()
-        future.set_running_or_notify_cancel()
-        self._spawn_waiters.append((job, future, result, undo))
-        return future
 
     def _respawn(self, job, slot):
         """Refill a slot whose process exited, now: its $PORT and quick-exit streak are the slot's."""
@@ -4996,21 +5042,6 @@ class Manager:
             _log.error("%s is flapping; stopped after %d retries", job.name, job.flap_retries)
         return True
 
-    def _forget_reaped(self, pids):
-        """restart() callbacks wait for these pids no longer (a rollout failed: they keep running)."""
-        for waiting, callback in list(self._reap_waiters):
-            waiting.difference_update(pids)
-            if not waiting:
-                self._reap_waiters.remove((waiting, callback))
-                self._run_callback(callback)
-
-    def _when_reaped(self, pids, callback):
-        pids = {pid for pid in pids if pid in self._procs}
-        if pids:
-            self._reap_waiters.append((pids, callback))
-        else:
-            self._run_callback(callback)
-
     def _check_stopped(self):
         if (self._state is _Lifecycle.STOPPING and not self._procs and self._containment.idle
                 and not self._stop_pending):
@@ -5062,11 +5093,7 @@ class Manager:
         self._move(proc, _State.EXITED, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
                    dropped_input=dropped, respawn=respawn, delay=None if delay is None else round(delay, 3))
         self._forget(proc)
-        for waiter in list(self._reap_waiters):
-            waiter[0].discard(proc.pid)
-            if not waiter[0]:
-                self._reap_waiters.remove(waiter)
-                self._run_callback(waiter[1])
+        self._rollouts.reaped(proc.pid)
         if unasked and not respawn and slot is not None and slot.idle:
             job.retire(slot)  # the restart policy leaves this slot empty until start_job, reload or scale
             self._refresh(job)
@@ -5108,8 +5135,7 @@ class Manager:
         self._state = _Lifecycle.STOPPED
         _managers.discard(self)
         self._containment.close(list(self._procs.values()))
-        for _, future, result, _ in self._spawn_waiters:  # their spawns ended with the manager
-            future.set_result(result)
+        self._batches.close()
         self._reaper.close()  # the pidfds of what it watched (after a crash, children it killed)
         self._checks.close()
         self._stopped.set()
