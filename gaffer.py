@@ -198,7 +198,7 @@ def _signum(value, setting="signal"):
 _NAME = r"[A-Za-z0-9_@-]{1,128}"  # patterns stay strings: re compiles and caches them on first use
 
 
-def _check_name(setting, value):
+def _valid_name(setting, value):
     """A job or session name: 1 to 128 ASCII letters, digits, '_', '-' or '@' (safe in paths, topics and logs)."""
     if not isinstance(value, str) or not value:
         raise ValueError("%s must be a non-empty str, got %r" % (setting, value))
@@ -513,7 +513,15 @@ class ProcessConfig:
         self._normalise()
 
     def _normalise(self):
-        _check_name("name", self.name)
+        """Check every setting and give it its one form, in groups: what runs, how many and how they
+        stop, when they are ready and healthy, what their output becomes."""
+        self._normalise_command()
+        self._normalise_processes()
+        self._normalise_policies()
+        self._normalise_output()
+
+    def _normalise_command(self):
+        _valid_name("name", self.name)
         if not isinstance(self.cmd, str) or not self.cmd.strip():
             raise ValueError("cmd must be a non-empty str, got %r" % (self.cmd,))
         if not self.shell:
@@ -543,6 +551,8 @@ class ProcessConfig:
             if not isinstance(self.cwd, (str, os.PathLike)) or not os.fspath(self.cwd):
                 raise ValueError("cwd must be a path, got %r" % (self.cwd,))
             self.cwd = os.fspath(self.cwd)
+
+    def _normalise_processes(self):
         self.numprocesses = _int_setting("numprocesses", self.numprocesses, 0)
         self.max_processes = _int_setting("max_processes", self.max_processes, 1)
         if self.numprocesses > self.max_processes:
@@ -565,6 +575,8 @@ class ProcessConfig:
                 raise ValueError("custom_streams: label %r is used twice" % (label,))
         self.graceful_timeout = _float_setting("graceful_timeout", self.graceful_timeout, 0)
         self.stop_signal = _signum(self.stop_signal, "stop_signal")
+
+    def _normalise_policies(self):
         self.ready = _ready_check("ready", self.ready, self.redirect_output)
         self.ready_timeout = _float_setting("ready_timeout", self.ready_timeout, 0.001)
         self.depends_on = _depends_on(self.depends_on, self.name)
@@ -587,6 +599,8 @@ class ProcessConfig:
         self.memory_max = None if self.memory_max is None else _size_setting("memory_max", self.memory_max)
         self.cpu_max = None if self.cpu_max is None else _float_setting("cpu_max", self.cpu_max, 0.01, 10000)
         self.pids_max = None if self.pids_max is None else _int_setting("pids_max", self.pids_max, 1)
+
+    def _normalise_output(self):
         if self.log_file is not None:
             _log_template(self.log_file)
             if not self.redirect_output:  # a log file of nothing would surprise: capture both
@@ -677,9 +691,9 @@ def _depends_on(value, name):
         if not isinstance(dep, str):
             raise ValueError("depends_on must hold job names, got %r" % (dep,))
         session, _, job = dep.rpartition(".")
-        _check_name("depends_on", job)
+        _valid_name("depends_on", job)
         if session:
-            _check_name("depends_on", session)
+            _valid_name("depends_on", session)
         if dep == name:
             raise ValueError("depends_on: job %r cannot depend on itself" % name)
     return list(value)
@@ -2520,7 +2534,7 @@ def _children_of(pid):
     return children
 
 
-def _check_once(check, process, timeout, owner=None):
+def _probe_once(check, process, timeout, owner=None):
     """One try of a tcp, http or callable check (on a worker thread): True if it passed.
 
     A tcp or http try ends within `timeout`, whatever the server does: accepting and
@@ -2913,7 +2927,7 @@ class _Containment:
             self._orphan_delay = min(self._orphan_delay * 2, _ORPHAN_POLL_MAX)
             due = min(deadline for deadline, _ in self._orphans.values())
             self._orphan_timer = self._loop.call_at(min(now + self._orphan_delay, max(due, now)), self._on_orphan_check)
-        self._manager._check_stopped()
+        self._manager._stop_if_done()
 
     # -- what left the group: found through /proc, one look for many stops and exits
 
@@ -3301,7 +3315,7 @@ class _Checks:
             self._pool = ThreadPoolExecutor(_CHECK_WORKERS, thread_name_prefix="gaffer-check")
         record.busy = True
         owner = proc.os_pid if isinstance(check, str) and self._shares_port(proc, check) else None
-        future = self._pool.submit(_check_once, check, proc, timeout, owner)
+        future = self._pool.submit(_probe_once, check, proc, timeout, owner)
         future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._on_done, proc, attempt, f))
         if proc._state is _State.READY:  # a readiness check has ready_timeout for a bound
             record.timer = self._loop.call_later(timeout, self._on_answer, proc, attempt, False,
@@ -4044,7 +4058,7 @@ def _wait_in_main_thread(manager, on_start):
         if len(signals) == 1:
             manager.stop()
         else:
-            manager.loop.call_soon_threadsafe(manager._do_kill_all)
+            manager.loop.call_soon_threadsafe(manager._kill_everything)
 
     wake_r, wake_w = socket.socketpair()
     wake_w.setblocking(False)
@@ -4284,7 +4298,7 @@ class Manager:
                 loaded (the processes spawned before the failure are stopped).
         """
         config = self._config(config, env)
-        session = _check_name("sessionid", sessionid or _DEFAULT_SESSION)
+        session = _valid_name("sessionid", sessionid or _DEFAULT_SESSION)
         self._call(self._do_load, config, session, start, _bool_setting("retry", retry))
         if start and wait is not False and wait is not None:
             self.wait_ready("%s.%s" % (session, config.name), None if wait is True else wait)
@@ -4811,7 +4825,7 @@ class Manager:
         self._state = _Lifecycle.STOPPING
         self._stop_pending = [job for job in self._all_jobs() if job.active or job.processes()]
         self._stop_next()
-        self._check_stopped()
+        self._stop_if_done()
 
     def _stop_next(self):
         """Manager stop: stop each job once no job that depends on it has a process left (dependents first)."""
@@ -4819,7 +4833,7 @@ class Manager:
             self._stop_pending.remove(job)
             self._stop_job(job)
 
-    def _do_kill_all(self):
+    def _kill_everything(self):
         """SIGKILL every process and every leftover group now (a second Ctrl-C)."""
         self._containment.kill_all(list(self._procs.values()))
 
@@ -5018,8 +5032,8 @@ class Manager:
 
     def _stop(self, proc, event):
         """Ask a process to stop (STARTING|READY -> STOPPING) and arm its SIGKILL; event is stop_process or reap."""
-        if proc._state not in _ALIVE:
-            return
+        if proc._state not in _ALIVE or proc._reaped:  # reaped: its exit is being finished (a listener
+            return                                      # of its last lines may stop its job)
         job = proc._job
         job.leave(proc)
         job.stopping[proc.pid] = proc
@@ -5042,7 +5056,7 @@ class Manager:
             _log.error("%s is flapping; stopped after %d retries", job.name, job.flap_retries)
         return True
 
-    def _check_stopped(self):
+    def _stop_if_done(self):
         if (self._state is _Lifecycle.STOPPING and not self._procs and self._containment.idle
                 and not self._stop_pending):
             self._state = _Lifecycle.STOPPED  # what the apps and callbacks see: no longer started
@@ -5105,7 +5119,7 @@ class Manager:
                 self._back_off(job, slot, delay)
         if self._stop_pending:
             self._stop_next()
-        self._check_stopped()
+        self._stop_if_done()
 
     @staticmethod
     def _wants_respawn(proc, exit_status, term_signal):
@@ -5270,9 +5284,9 @@ class HttpHandler:
         self._auth = ("Bearer %s" % token).encode() if token else None
         self._server = None
         self._loop = None
-        # _lock guards _active, _connections and _streams: handler threads change them, stop() reads them.
+        # _lock guards _serving, _connections and _streams: handler threads change them, stop() reads them.
         self._lock = threading.Lock()
-        self._active = 0            # connections being served (a thread each)
+        self._serving = 0           # connections being served (a thread each)
         self._connections = set()   # their request handlers
         self._streams = set()
         self._paused = False  # loop thread: not accepting while max_connections are served
@@ -5330,7 +5344,7 @@ class HttpHandler:
         """Accept what waits, up to max_connections served at once; past that, leave them in the backlog."""
         while self._server is not None:
             with self._lock:
-                if self._active >= self.max_connections:
+                if self._serving >= self.max_connections:
                     self._loop.set_events(self._server.socket, 0)
                     self._paused = True
                     return
@@ -5416,7 +5430,7 @@ class _Server:
     def process_request(self, request, client_address):
         """Serve one connection on a thread of its own (loop thread; the accept cap counts it)."""
         with self.app._lock:
-            self.app._active += 1
+            self.app._serving += 1
         try:
             threading.Thread(target=self._serve, args=(request, client_address), name="gaffer-http",
                              daemon=True).start()
@@ -5433,7 +5447,7 @@ class _Server:
     def _closed(self):
         app = self.app
         with app._lock:
-            app._active -= 1
+            app._serving -= 1
             paused = app._paused
         if paused:  # only then has the loop anything to do
             app._loop.call_soon_threadsafe(app._on_connection_closed)
@@ -5570,7 +5584,8 @@ class _RequestHandler:
         except OSError:
             pass
 
-    def do_GET(self):
+    def _dispatch(self):
+        """Every request, whatever its method: framing, Host, Origin, token, route, body, answer."""
         import hmac
         import urllib.parse
         app = self.server.app
@@ -5578,7 +5593,7 @@ class _RequestHandler:
         self.query = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
         self.body = None
         try:
-            self._check_framing()
+            self._refuse_bad_framing()
             host = self.headers.get("Host")
             if not app._host_allowed(host):
                 raise ProcessError(403, "Host %r is not this server; to allow it, add it to allowed_hosts "
@@ -5624,9 +5639,9 @@ class _RequestHandler:
             self._send_json(*result)
 
     # Every method goes through the routes: an unknown one is a JSON 405 (or 404), never a CORS grant.
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
 
-    def _check_framing(self):
+    def _refuse_bad_framing(self):
         """Where the request ends must be beyond doubt, or a proxy in front and this server could disagree
         on it (request smuggling): one Content-Length or none, no Transfer-Encoding, no malformed or folded
         header line.  A refusal closes the connection (the body is not read)."""
@@ -6158,6 +6173,15 @@ class _Printer:
             on_broken()
 
 
+def _quiet_names(text, names):
+    """The names -q lists (comma-separated), whose output is hidden; each must be one of names."""
+    quiet = {name.strip() for name in (text or "").split(",") if name.strip()}
+    unknown = sorted(quiet.difference(names))
+    if unknown:
+        raise _UsageError("-q: no process named %r (there are %s)" % (unknown[0], ", ".join(names)))
+    return quiet
+
+
 def _run_foreground(configs, args, keep_alive):
     """Run jobs in the foreground with prefixed output until Ctrl-C (or, unless keep_alive, a first exit).
 
@@ -6177,11 +6201,7 @@ def _run_foreground(configs, args, keep_alive):
 
     printer = _Printer(sys.stdout, sys.stdout.isatty() and not args.no_color, names, lambda: stop_all(1),
                        prefix=not args.no_prefix)
-    quiet = {name.strip() for name in (args.quiet or "").split(",") if name.strip()}  # -q: their output hidden
-    unknown = sorted(quiet.difference(config.name for _, config in configs))
-    if unknown:
-        raise _UsageError("-q: no process named %r (there are %s)" % (unknown[0], ", ".join(
-            config.name for _, config in configs)))
+    quiet = _quiet_names(args.quiet, [config.name for _, config in configs])
 
     def on_exit(evtype, msg):
         printer.line("system", _event_line(evtype, msg))
@@ -6489,7 +6509,7 @@ def _read_config(path):
     Errors are _UsageError("path: where: reason").
     """
     jobs, http, token = _read_jobs(path, ())
-    return _check_config(path, jobs, http), http, token
+    return _validate_config(path, jobs, http), http, token
 
 
 def _read_jobs(path, including):
@@ -6601,7 +6621,7 @@ def _config_token(path, token, token_file):
     return _read_token_file(os.path.join(os.path.dirname(path), token_file), "%s: token_file" % path)
 
 
-def _check_config(path, jobs, http):
+def _validate_config(path, jobs, http):
     """A config (with what it includes) names each job once, and each depends_on one of them, with no cycle.
     jobs: [(session, ProcessConfig, file)]; returns [(session, ProcessConfig)]."""
     if http is not None:
@@ -6635,7 +6655,7 @@ def _json_job(job, where):
         if not isinstance(job, dict):
             raise ValueError("a job must be a JSON object, got %r" % (job,))
         job = dict(job)
-        session = _check_name("session", job.pop("session", _DEFAULT_SESSION))
+        session = _valid_name("session", job.pop("session", _DEFAULT_SESSION))
         return session, ProcessConfig.from_dict(job)
     except (TypeError, ValueError) as exc:
         raise _UsageError("%s: %s" % (where, exc)) from None
@@ -6714,7 +6734,7 @@ class _StateFile:
     @staticmethod
     def _entry(name, entry):
         session, job = _split_name(name)
-        _check_name("session", session)
+        _valid_name("session", session)
         if not isinstance(entry, dict):
             raise ValueError("its entry must be an object, got %r" % (entry,))
         if entry.get("unloaded") is True:
