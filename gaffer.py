@@ -180,6 +180,14 @@ class ProcessConflict(ProcessError):
 # -- Utilities ---------------------------------------------------------------
 # Small pure functions: signals, names, settings, environments.  Any thread.
 
+def _run_callback(callback):
+    """Call a user's callback on the loop thread: what it raises is logged, never raised into the loop."""
+    try:
+        callback()
+    except Exception:
+        _log.exception("callback %r failed", callback)
+
+
 def _signum(value, setting="signal"):
     """Return the number of a signal given as 15, "15", "TERM", "SIGTERM" or "term"."""
     if _is_number(value.strip() if isinstance(value, str) else None):
@@ -1010,6 +1018,19 @@ class Loop:
         if not self._accepting and future.cancel():
             raise RuntimeError("manager is not running")
         return future
+
+    def post(self, fn, *args):
+        """Run fn on the loop thread later, without waiting; a failure is logged.  False if the loop is gone."""
+        if self.in_loop_thread():
+            self.call_soon_threadsafe(fn, *args)  # after the event being delivered, not inside it
+            return True
+        try:
+            future = self.submit(fn, *args)
+        except RuntimeError:
+            return False
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or _log.error(
+            "%s failed", fn.__name__, exc_info=f.exception()))
+        return True
 
     def call(self, fn, *args):
         """Run fn(*args) on the loop thread and return its result (inline on the loop thread).
@@ -1994,6 +2015,16 @@ class Process:
         """The child exited and was reaped: its pid may be another process's by now."""
         return self._popen is not None and self._popen.returncode is not None
 
+    def _wants_respawn(self, exit_status, term_signal):
+        """Its restart policy, as it exited unasked: always, never, or on a failure (a bad status, or a
+        signal the manager did not send)."""
+        restart = self.config.restart
+        if restart != "on-failure":
+            return restart == "always"
+        if term_signal:
+            return not self._signalled
+        return exit_status not in self.config.success_codes
+
     def _finish(self):
         """The child was reaped: deliver its last output, close its descriptors, forget its timers.  Its
         move to EXITED, with the exit event, comes after (Manager._move)."""
@@ -2253,9 +2284,6 @@ class _Job:
         self.idle = []                # numbers of idle slots, lowest first (a heap; some may be busy since)
         self.backoff = set()          # slots whose respawn waits out a backoff
         self.retired = set()          # slots the restart policy left empty, until start_job, reload or scale
-        self.exits = collections.deque()  # times of recent unasked-for exits, for flapping
-        self.flap_retries = 0         # flapping retries used since the job was last started by hand
-        self.restart_timer = None     # the start after a flap
         self.spawn_timer = None       # the next batch of a large spawn, on the next loop turn
         self.spawning = None          # what a call that waits spawned in earlier batches: a failure stops them
         self.restarts = 0             # respawns after an exit nobody asked for
@@ -2426,19 +2454,6 @@ class _Job:
             result["max_" + key] = max(values) if values else "N/A"
             result["min_" + key] = min(values) if values else "N/A"
         return result
-
-    def flapping(self, now):
-        """Count an exit nobody asked for: whether the job is flapping (flapping.attempts within window)."""
-        flapping = self.config.flapping
-        if flapping is None:
-            return False
-        self.exits.append(now)
-        while now - self.exits[0] > flapping.window:
-            self.exits.popleft()
-        if len(self.exits) < flapping.attempts:
-            return False
-        self.exits.clear()
-        return True
 
     def lines(self, count, pid=None):
         """The last `count` lines of its processes' outputs (or of process `pid`), exited ones included:
@@ -2824,9 +2839,15 @@ class _Containment:
                 _cgroup_kill(held.cgroup)
             self._reaper.expect_exit()
 
-    def kill_all(self, procs):
+    def forward(self, signum):
+        """Init mode: a signal sent to gaffer goes on to every process it runs, where its stop signal goes
+        (its group, with stop_children: a Procfile's shell and the program it runs)."""
+        for proc in list(self._held):
+            self.signal(proc, signum, proc.config.stop_children)
+
+    def kill_everything(self):
         """SIGKILL every process and every group left behind now (a second Ctrl-C)."""
-        for proc in procs:
+        for proc in list(self._held):
             self.signal(proc, signal.SIGKILL, proc.config.stop_children)
         for pgid in list(self._orphans):
             self._orphans[pgid] = (0.0, False)  # due now
@@ -3399,12 +3420,25 @@ class _Checks:
 # Who waits for whom to be ready: depends_on between jobs, and the wait_ready() callers.  Loop thread.
 
 class _ReadyWaiter:
-    """A wait_ready() caller: the loop sets `error` (or not), then `done`."""
+    """A wait_ready() caller, in its own thread: the loop sets `error` (or not), then `done`."""
 
     def __init__(self):
         self.job = None
         self.error = None
         self.done = threading.Event()
+
+    def wait(self, manager, name, timeout):
+        """Wait (not on the loop thread) until the job is ready, or raise what stopped it or TimeoutError."""
+        manager._call(lambda: manager._deps.wait(manager._job(name), self))
+        if not self.done.wait(timeout):
+            try:
+                progress = manager._call(manager._deps.forget, self)
+            except RuntimeError:
+                progress = "the manager stopped"
+            if not self.done.is_set():
+                raise TimeoutError("job %r is not ready after %gs: %s" % (self.job.name, timeout, progress))
+        if self.error is not None:
+            raise self.error
 
 
 class _Dependencies:
@@ -3493,10 +3527,10 @@ class _Sampler:
     tick moves a process's cpu baseline: an on-demand sample (status, stats) computes without writing,
     so it never changes what a monitor sees next."""
 
-    def __init__(self, loop, interval, limited, on_limit):
+    def __init__(self, loop, interval, jobs, on_limit):
         self.interval = interval
         self._loop = loop
-        self._limited = limited    # limited() -> the jobs with a max_rss or max_age and processes
+        self._jobs = jobs          # jobs() -> every loaded job
         self._on_limit = on_limit  # on_limit(proc, reason): it passed its max_rss or max_age
         self._timer = None
         self._monitors = {}        # _Job or Process -> its listeners
@@ -3558,6 +3592,10 @@ class _Sampler:
 
     def _needed(self):
         return bool(self._monitors) or bool(self._limited())
+
+    def _limited(self):
+        """The jobs with a max_rss or max_age and processes to hold to it."""
+        return [job for job in self._jobs() if (job.config.max_rss or job.config.max_age) and job.running]
 
     def _arm(self):
         if self._timer is None:
@@ -3829,6 +3867,124 @@ class _Topics:
             self.close(owner)
 
 
+# -- Restart policy, backoff and flapping (_Respawns) -------------------------------------------
+# When a slot whose process exited on its own is refilled: at once, after a backoff that grows
+# with the slot's quick-exit streak, never (the restart policy retires the slot), or when a
+# flapping job is retried.  Loop thread only.
+
+class _Flaps:
+    """A flapping job's record: its recent unasked-for exits, the retries used, the retry's timer."""
+    __slots__ = ("exits", "retries", "timer")
+
+    def __init__(self):
+        self.exits = collections.deque()  # loop times, within flapping.window
+        self.retries = 0                  # since the job was last started by hand
+        self.timer = None
+
+
+class _Respawns:
+    """The restart decisions of every job: each slot's streak and backoff, each job's flapping."""
+
+    def __init__(self, manager):
+        self._manager = manager
+        self._loop = manager.loop
+        self._flaps = {}  # _Job -> _Flaps, once it exited unasked with flapping set
+
+    def decide(self, proc, exit_status, term_signal, unasked):
+        """A process exited (unasked: nobody stopped it, its job runs): (its slot, respawn, delay).  A quick
+        exit (before min_uptime) adds to its slot's streak, which says how long the respawn waits."""
+        slot = proc._job.slots.get(proc.slot) if not proc.once else None  # None: a slot scaled away
+        if not (unasked and slot is not None and proc._wants_respawn(exit_status, term_signal)):
+            return slot, False, None
+        quick = self._loop.time() - proc._spawned_at < proc.config.min_uptime
+        slot.streak = slot.streak + 1 if quick else 0
+        return slot, True, _backoff_delay(slot.streak, proc.config.backoff_max)
+
+    def refill(self, job, slot, unasked, respawn, delay):
+        """After the exit event: the slot respawns (now or after its backoff) unless the job flaps, or the
+        restart policy leaves it empty until start_job, reload or scale."""
+        if unasked and not respawn and slot is not None and slot.idle:
+            job.retire(slot)
+            self._manager._refresh(job)
+        elif respawn and job.active and not self._flapped(job):
+            job.restarts += 1
+            if slot.streak <= 1:
+                self._manager._respawn(job, slot)
+            else:
+                self.back_off(job, slot, delay)
+
+    def spawn_failed(self, job, exc, slot):
+        """A spawn the OS refused (a binary gone, say) is a quick exit of its slot, on the same schedule;
+        never retried at once, so it waits 0.1 s at least."""
+        self._manager._spawn_error(job, exc)
+        _log.error("%s", exc.reason)
+        if job.active and not self._flapped(job):
+            slot.streak = max(slot.streak + 1, 2)
+            self.back_off(job, slot)
+
+    def back_off(self, job, slot, delay=None):
+        """Hold a slot for its respawn after the backoff of its streak, and publish backoff (name, delay)."""
+        delay = _backoff_delay(slot.streak, job.config.backoff_max) if delay is None else delay
+        job.back_off(slot, self._loop.call_later(delay, self._due, job, slot))
+        self._manager._refresh(job)
+        self._manager._publish_job(job, "backoff", delay=round(delay, 3))
+
+    def _due(self, job, slot):
+        slot.timer = None  # fired: due() has nothing to cancel
+        job.due(slot)
+        if self._manager._loaded(job):
+            self._manager._respawn(job, slot)
+        self._manager._refresh(job)
+
+    def _flapped(self, job):
+        """Count an unasked-for exit; if the job is flapping (flapping.attempts within window), stop it,
+        publish flap, and retry it after retry_in, max_retry times at most."""
+        flapping = job.config.flapping
+        if flapping is None:
+            return False
+        flaps, now = self._flaps.setdefault(job, _Flaps()), self._loop.time()
+        flaps.exits.append(now)
+        while now - flaps.exits[0] > flapping.window:
+            flaps.exits.popleft()
+        if len(flaps.exits) < flapping.attempts:
+            return False
+        flaps.exits.clear()
+        self._manager._publish_job(job, "flap")
+        retry = flaps.retries < flapping.max_retry
+        self._manager._stop_job(job, _JobState.RETRYING if retry else _JobState.FATAL)
+        self._manager._deps.wake()
+        if retry:
+            flaps.retries += 1
+            flaps.timer = self._loop.call_later(flapping.retry_in, self._retry, job)
+        else:
+            _log.error("%s is flapping; stopped after %d retries", job.name, flaps.retries)
+        return True
+
+    def _retry(self, job):
+        self._flaps[job].timer = None
+        manager = self._manager
+        if manager._state is not _Lifecycle.RUNNING or not manager._loaded(job):
+            return
+        manager._job_to(job, _JobState.RUNNING)  # RETRYING -> running
+        manager._manage(job)
+
+    def cancel(self, job):
+        """The job stops: its flapping retry and its backoffs are cancelled, its retired slots emptied."""
+        flaps = self._flaps.get(job)
+        if flaps is not None and flaps.timer is not None:
+            flaps.timer.cancel()
+            flaps.timer = None
+        for slot in list(job.backoff):
+            job.due(slot)
+        for slot in list(job.retired):
+            job.unretire(slot)
+
+    def reset(self, job):
+        """The job is started by hand, or unloaded: that and its flapping history are forgotten too."""
+        self.cancel(job)
+        self._flaps.pop(job, None)
+
+
 # -- Large spawns in batches (_Batches) ------------------------------------------------------------
 # A call that spawns many processes spawns 20 ms of them a loop turn, reaping and other calls in
 # between; the caller waits for a Future of the whole.  Loop thread.
@@ -4014,7 +4170,7 @@ class _Rollouts:
             waiting.discard(pid)
             if not waiting:
                 self._waiters.remove((waiting, callback))
-                self._manager._run_callback(callback)
+                _run_callback(callback)
 
     def failed(self, job, reason):
         """The new process did not become ready: it goes, the old ones keep serving."""
@@ -4031,6 +4187,47 @@ class _Rollouts:
         self.reaped(None)
 
 
+# -- Apps and stop callbacks (_Apps) ---------------------------------------------------------
+# What runs beside the jobs (the HTTP controller is an app) and what waits for a stop.  start()
+# runs in the thread of Manager.start(); everything else on the loop thread, where a failing app
+# or callback is logged, never raised into the loop.
+
+class _Apps:
+    """The manager's apps (each started after the loop, restarted by restart(), stopped last, in reverse)
+    and the callbacks of stop(), called once everything has stopped."""
+
+    def __init__(self):
+        self._apps = []
+        self._stop_callbacks = []
+
+    def start(self, apps, loop, manager):
+        """Each app's start(loop, manager), in order; the first failure is raised."""
+        for app in apps:
+            app.start(loop, manager)
+            self._apps.append(app)
+
+    def restart(self):
+        for app in self._apps:
+            try:
+                app.restart()
+            except Exception:
+                _log.exception("app %r failed to restart", app)
+
+    def on_stop(self, callback):
+        self._stop_callbacks.append(callback)
+
+    def stopped(self, manager):
+        """The manager has stopped: the apps stop, then the stop() callbacks see it stopped."""
+        for app in reversed(self._apps):
+            try:
+                app.stop()
+            except Exception:
+                _log.exception("app %r failed to stop", app)
+        callbacks, self._stop_callbacks = self._stop_callbacks, []
+        for callback in callbacks:
+            _run_callback(lambda: callback(manager))
+
+
 # -- Manager -------------------------------------------------------------------
 # The public API first (any thread), then the _do_* bodies and the _on_*
 # handlers, which run on the loop thread and own all the state.
@@ -4043,6 +4240,43 @@ class _Lifecycle(enum.Enum):
 
 
 _SCALE = r"\s*([=+-]?)\s*([0-9]+)\s*"
+
+
+def _scale_change(n):
+    """scale()'s `n` as (op, amount): an int adds (> 0) or removes; "3", "+3", "-3", "=3"."""
+    if isinstance(n, int) and not isinstance(n, bool):
+        return ("-" if n < 0 else "+"), abs(n)
+    match = re.fullmatch(_SCALE, n) if isinstance(n, str) else None
+    if match is None:
+        raise ValueError("scale must be an int or a str like '3', '+3', '-3' or '=3', got %r" % (n,))
+    return match.group(1) or "+", int(match.group(2))
+
+
+def _send_chunks(lines):
+    """send()'s `lines` as a list of bytes: str (UTF-8), bytes or a list of them."""
+    if isinstance(lines, (str, bytes, bytearray, memoryview)):
+        lines = [lines]
+    elif not isinstance(lines, (list, tuple)):
+        raise TypeError("send takes str, bytes or a list of them, got %r" % (lines,))
+    chunks = []
+    for line in lines:
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        if not isinstance(line, (bytes, bytearray, memoryview)):
+            raise TypeError("send takes str, bytes or a list of them, got %r" % (line,))
+        chunks.append(bytes(line))
+    return chunks
+
+
+def _config_with_env(config, env):
+    """load()'s and update()'s config (a ProcessConfig or a dict) as a new ProcessConfig, `env` laid over its own."""
+    if isinstance(config, dict):
+        config = ProcessConfig.from_dict(config)
+    if not isinstance(config, ProcessConfig):
+        raise TypeError("config must be a ProcessConfig or a dict, got %r" % (config,))
+    data = config.to_dict()
+    data["env"] = {**data["env"], **(env or {})}
+    return ProcessConfig.from_dict(data)
 _managers = weakref.WeakSet()  # started and not yet stopped, for the atexit hook
 
 
@@ -4058,7 +4292,7 @@ def _wait_in_main_thread(manager, on_start):
         if len(signals) == 1:
             manager.stop()
         else:
-            manager.loop.call_soon_threadsafe(manager._kill_everything)
+            manager.loop.call_soon_threadsafe(manager._containment.kill_everything)
 
     wake_r, wake_w = socket.socketpair()
     wake_w.setblocking(False)
@@ -4121,19 +4355,19 @@ class Manager:
         self._containment = _Containment(self, cgroups, subreaper, self.guardian)
         self._checks = _Checks(self)  # readiness and health
         self._sampler = _Sampler(self.loop, _float_setting("stats_interval", stats_interval, 0.001),
-                                 self._limited_jobs, lambda proc, reason: self._rollouts.recycle(proc, reason))
+                                 self._all_jobs, lambda proc, reason: self._rollouts.recycle(proc, reason))
         self._topics = _Topics(self)  # the pub/sub channels
         self._deps = _Dependencies(self)  # depends_on, and the wait_ready() callers
         self._rollouts = _Rollouts(self)  # reload, update and restart, one at a time with a check
         self._batches = _Batches(self)  # large spawns, 20 ms of them a loop turn
+        self._respawns = _Respawns(self)  # restart policy, backoff, flapping
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
         self._log_files = _LogFiles()
         self._stop_pending = []   # jobs a manager stop has yet to stop, after their dependents
         self._pids = itertools.count(1)
-        self._apps = []
-        self._stop_callbacks = []
+        self._apps = _Apps()      # the HTTP controller and other apps, and the stop() callbacks
         self._stopped = threading.Event()
         self._run_wakeups = []    # sockets that run() sleeps on, written to when the loop ends
 
@@ -4167,14 +4401,12 @@ class Manager:
         self._state = _Lifecycle.RUNNING
         _managers.add(self)
         self.loop.start(self._on_loop_closed)
-        for app in apps:
-            try:
-                app.start(self.loop, self)
-            except BaseException:
-                self.stop()
-                self.run()
-                raise
-            self._apps.append(app)
+        try:
+            self._apps.start(apps, self.loop, self)
+        except BaseException:
+            self.stop()
+            self.run()
+            raise
 
     def stop(self, callback=None):
         """Stop every job gracefully, then the apps, then call ``callback(manager)``; return at once.
@@ -4183,7 +4415,7 @@ class Manager:
         that is not running calls the callback at once.  The callback sees
         ``manager.started == False``.
         """
-        if self._state is _Lifecycle.STOPPED or not self._post(self._do_stop, callback):
+        if self._state is _Lifecycle.STOPPED or not self.loop.post(self._do_stop, callback):
             if callback is not None:
                 callback(self)
 
@@ -4195,21 +4427,8 @@ class Manager:
         Raises:
             RuntimeError: the manager is not running.
         """
-        if not self._post(self._do_restart, callback):
+        if not self.loop.post(self._do_restart, callback):
             raise RuntimeError("manager is not running")
-
-    def _post(self, fn, *args):
-        """Run fn on the loop thread later, without waiting; a failure is logged.  False if the loop is gone."""
-        if self.loop.in_loop_thread():
-            self.loop.call_soon_threadsafe(fn, *args)  # after the event being delivered, not inside it
-            return True
-        try:
-            future = self.loop.submit(fn, *args)
-        except RuntimeError:
-            return False
-        future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or _log.error(
-            "%s failed", fn.__name__, exc_info=f.exception()))
-        return True
 
     def run(self, on_start=None):
         """Block until the manager has fully stopped (children gone, apps stopped, callbacks called).
@@ -4297,7 +4516,7 @@ class Manager:
             ProcessError: a process could not be spawned (and not `retry`); nothing is
                 loaded (the processes spawned before the failure are stopped).
         """
-        config = self._config(config, env)
+        config = _config_with_env(config, env)
         session = _valid_name("sessionid", sessionid or _DEFAULT_SESSION)
         self._call(self._do_load, config, session, start, _bool_setting("retry", retry))
         if start and wait is not False and wait is not None:
@@ -4316,17 +4535,7 @@ class Manager:
             raise RuntimeError("wait_ready() on the loop thread (in a listener or callback) would wait for itself")
         if timeout is not None:
             timeout = _float_setting("timeout", timeout, 0)
-        waiter = _ReadyWaiter()
-        self._call(lambda: self._deps.wait(self._job(name), waiter))
-        if not waiter.done.wait(timeout):
-            try:
-                progress = self._call(self._deps.forget, waiter)
-            except RuntimeError:
-                progress = "the manager stopped"
-            if not waiter.done.is_set():
-                raise TimeoutError("job %r is not ready after %gs: %s" % (waiter.job.name, timeout, progress))
-        if waiter.error is not None:
-            raise waiter.error
+        _ReadyWaiter().wait(self, name, timeout)
 
     def not_ready(self):
         """Return the active jobs (``"session.name"``) whose counted processes are not all ready."""
@@ -4340,7 +4549,8 @@ class Manager:
             ProcessNotFound: unknown job.
         """
         name = name_or_config.name if isinstance(name_or_config, ProcessConfig) else name_or_config
-        self._call(self._do_unload, _split_name(name, sessionid))
+        name = _split_name(name, sessionid)
+        self._call(lambda: self._unload(self._job(name)))
 
     def reload(self, name, sessionid=None):
         """Start the job at its config's count, replacing every process (new ones first)."""
@@ -4352,7 +4562,7 @@ class Manager:
         The count becomes max(new config's, current); ``start=True`` also starts a stopped job.
         If a new process cannot be spawned the job keeps its old config and processes.
         """
-        config = self._config(config, env)
+        config = _config_with_env(config, env)
         self._call(self._do_update, config, _split_name(config.name, sessionid), start)
 
     def get(self, name):
@@ -4390,14 +4600,7 @@ class Manager:
         Raises:
             ValueError: `n` is none of those forms.
         """
-        if isinstance(n, int) and not isinstance(n, bool):
-            op, amount = ("-" if n < 0 else "+"), abs(n)
-        else:
-            match = re.fullmatch(_SCALE, n) if isinstance(n, str) else None
-            if match is None:
-                raise ValueError("scale must be an int or a str like '3', '+3', '-3' or '=3', got %r" % (n,))
-            op, amount = match.group(1) or "+", int(match.group(2))
-        return self._call(self._do_scale, name, op, amount)
+        return self._call(self._do_scale, name, *_scale_change(n))
 
     def status(self):
         """Every job with its state and processes, in one call (what ``gaffer ps`` shows).
@@ -4429,7 +4632,7 @@ class Manager:
 
         cpu and mem are sums of percentages; they and the extremes are "N/A" without processes.
         """
-        return self._call(self._do_stats, name)
+        return self._call(lambda: self._job(name).stats(self._sampler.sample))
 
     def manage(self, name):
         """Bring the job back to its count now."""
@@ -4467,18 +4670,8 @@ class Manager:
 
     def send(self, pid, lines, stream=None):
         """Queue str (UTF-8), bytes or a list of them for a process's stdin or custom stream."""
-        if isinstance(lines, (str, bytes, bytearray, memoryview)):
-            lines = [lines]
-        elif not isinstance(lines, (list, tuple)):
-            raise TypeError("send takes str, bytes or a list of them, got %r" % (lines,))
-        chunks = []
-        for line in lines:
-            if isinstance(line, str):
-                line = line.encode("utf-8")
-            if not isinstance(line, (bytes, bytearray, memoryview)):
-                raise TypeError("send takes str, bytes or a list of them, got %r" % (line,))
-            chunks.append(bytes(line))
-        self._call(self._do_send, pid, chunks, stream)
+        chunks = _send_chunks(lines)
+        self._call(lambda: self._running_process(pid)._send(chunks, stream))
 
     def walk(self, callback, name=None):
         """Call ``callback(manager, process)`` for each running process (of a job), in the caller's thread."""
@@ -4540,16 +4733,6 @@ class Manager:
             self._batches.finish_all()
             return result.result()
         return result
-
-    @staticmethod
-    def _config(config, env):
-        if isinstance(config, dict):
-            config = ProcessConfig.from_dict(config)
-        if not isinstance(config, ProcessConfig):
-            raise TypeError("config must be a ProcessConfig or a dict, got %r" % (config,))
-        data = config.to_dict()
-        data["env"] = {**data["env"], **(env or {})}
-        return ProcessConfig.from_dict(data)
 
     def _job(self, name, sessionid=None):
         session, job = name if isinstance(name, tuple) else _split_name(name, sessionid)
@@ -4642,11 +4825,9 @@ class Manager:
                 raise undo(exc) from exc
             return self._batches.done(job, None, undo)
 
-    def _do_unload(self, name):
-        self._unload(self._job(name))
-
     def _unload(self, job):
         self._stop_job(job)
+        self._respawns.reset(job)
         jobs = self._sessions[job.session]
         del jobs[job.config.name]
         if not jobs:
@@ -4668,6 +4849,12 @@ class Manager:
         self._containment.set_limits(job, config)
         old = (job.config, job.numprocesses, job.state)
         respawn = any(getattr(job.config, key) != getattr(config, key) for key in _SPAWN_SETTINGS)
+
+        def undo(exc):  # the old config and count, and the state that went with them
+            job.config, job.numprocesses = old[:2]
+            self._job_to(job, old[2])
+            return exc
+
         job.config = config
         job.numprocesses = max(config.numprocesses, job.numprocesses)
         if start and not job.active:
@@ -4680,17 +4867,9 @@ class Manager:
                     for proc in job.running.values():
                         proc.config, proc.graceful_timeout = config, config.graceful_timeout
                     self._manage(job, strict=True)
-            except ProcessError:
-                job.config, job.numprocesses = old[:2]
-                self._job_to(job, old[2])
-                raise
+            except ProcessError as exc:
+                raise undo(exc) from None
         self._publish({"name": job.name}, "update")
-
-        def undo(exc):
-            job.config, job.numprocesses = old[:2]
-            self._job_to(job, old[2])
-            return exc
-
         return self._batches.done(job, None, undo)
 
     def _do_start_job(self, name):
@@ -4787,20 +4966,10 @@ class Manager:
             self._do_kill(proc.pid, signum, job_too=False)
         self._publish({"name": job.name, "signum": signum}, "job.%s.kill" % job.name)
 
-    def _do_send(self, pid, chunks, stream):
-        self._running_process(pid)._send(chunks, stream)
-
     def _do_list(self, name):
         if name is None:
             return [p for p in self._procs.values() if p._state in _ALIVE]
         return self._job(name).processes()
-
-    def _do_stats(self, name):
-        return self._job(name).stats(self._sampler.sample)
-
-    def _limited_jobs(self):
-        """Jobs with a max_rss or max_age and processes to hold to it (the sampler asks)."""
-        return [job for job in self._all_jobs() if (job.config.max_rss or job.config.max_age) and job.running]
 
     def _forget(self, owner):
         """A process exited or a job was unloaded: its monitors end and its channels close."""
@@ -4816,10 +4985,10 @@ class Manager:
     def _do_stop(self, callback):
         if self._state is _Lifecycle.STOPPED:  # posted by a stop callback, after the others ran
             if callback is not None:
-                self._run_callback(lambda: callback(self))
+                _run_callback(lambda: callback(self))
             return
         if callback is not None:
-            self._stop_callbacks.append(callback)
+            self._apps.on_stop(callback)
         if self._state is not _Lifecycle.RUNNING:
             return
         self._state = _Lifecycle.STOPPING
@@ -4833,18 +5002,10 @@ class Manager:
             self._stop_pending.remove(job)
             self._stop_job(job)
 
-    def _kill_everything(self):
-        """SIGKILL every process and every leftover group now (a second Ctrl-C)."""
-        self._containment.kill_all(list(self._procs.values()))
-
     def _do_restart(self, callback):
         if self._state is not _Lifecycle.RUNNING:
             return
-        for app in self._apps:
-            try:
-                app.restart()
-            except Exception:
-                _log.exception("app %r failed to restart", app)
+        self._apps.restart()
         self._rollouts.restart(callback)
 
     # -- the machinery (loop thread)
@@ -4914,9 +5075,7 @@ class Manager:
 
     def _activate(self, job):
         """Mark a job started by hand: flapping history, backoffs and retired slots are forgotten."""
-        self._forget_slots(job)
-        job.exits.clear()
-        job.flap_retries = 0
+        self._respawns.reset(job)
         if not job.active:  # STOPPED, RETRYING or FATAL -> running
             self._job_to(job, _JobState.RUNNING)
 
@@ -4930,20 +5089,10 @@ class Manager:
             raise
         self._deps.release()  # a job of 0 processes is ready at once
 
-    def _forget_slots(self, job):
-        """Cancel the pending restart and respawns, and empty the retired slots."""
-        if job.restart_timer is not None:
-            job.restart_timer.cancel()
-            job.restart_timer = None
-        for slot in list(job.backoff):
-            job.due(slot)
-        for slot in list(job.retired):
-            job.unretire(slot)
-
     def _stop_job(self, job, state=_JobState.STOPPED):
         """Stop every process of the job, none replaced: STOPPED, or RETRYING or FATAL after a flap."""
         job.rollout = None
-        self._forget_slots(job)
+        self._respawns.cancel(job)
         was_active = job.active
         self._job_to(job, state, announce=False)
         for proc in job.processes():
@@ -4989,7 +5138,7 @@ class Manager:
                     for proc in spawned:
                         self._stop(proc, "stop_process")
                     raise
-                self._spawn_failed(job, exc, slot)
+                self._respawns.spawn_failed(job, exc, slot)
                 return
 
     def _respawn(self, job, slot):
@@ -5000,35 +5149,12 @@ class Manager:
         try:
             self._spawn(job, slot=slot.number)
         except ProcessError as exc:
-            self._spawn_failed(job, exc, slot)
+            self._respawns.spawn_failed(job, exc, slot)
 
     def _spawn_error(self, job, exc):
         """A process of the job could not be spawned: the reason is kept (info's last_error) and published."""
         job.last_error = exc.reason
         self._publish_job(job, "spawn_error", reason=exc.reason)
-
-    def _spawn_failed(self, job, exc, slot):
-        """A spawn the OS refused (a binary gone, say) is a quick exit of its slot, on the same schedule;
-        never retried at once, so it waits 0.1 s at least."""
-        self._spawn_error(job, exc)
-        _log.error("%s", exc.reason)
-        if job.active and not self._flapped(job):
-            slot.streak = max(slot.streak + 1, 2)
-            self._back_off(job, slot)
-
-    def _back_off(self, job, slot, delay=None):
-        """Hold a slot for its respawn after the backoff of its streak, and publish backoff (name, delay)."""
-        delay = _backoff_delay(slot.streak, job.config.backoff_max) if delay is None else delay
-        job.back_off(slot, self.loop.call_later(delay, self._on_backoff_due, job, slot))
-        self._refresh(job)
-        self._publish_job(job, "backoff", delay=round(delay, 3))
-
-    def _on_backoff_due(self, job, slot):
-        slot.timer = None  # fired: due() has nothing to cancel
-        job.due(slot)
-        if self._loaded(job):
-            self._respawn(job, slot)
-        self._refresh(job)
 
     def _stop(self, proc, event):
         """Ask a process to stop (STARTING|READY -> STOPPING) and arm its SIGKILL; event is stop_process or reap."""
@@ -5040,45 +5166,15 @@ class Manager:
         self._containment.stop(proc)
         self._move(proc, _State.STOPPING, event)  # STARTING|READY -> STOPPING
 
-    def _flapped(self, job):
-        """Record an unasked-for exit; if the job is flapping, stop it, publish flap, maybe schedule a retry."""
-        if not job.flapping(self.loop.time()):
-            return False
-        flapping = job.config.flapping
-        self._publish_job(job, "flap")
-        retry = job.flap_retries < flapping.max_retry
-        self._stop_job(job, _JobState.RETRYING if retry else _JobState.FATAL)
-        self._deps.wake()
-        if retry:
-            job.flap_retries += 1
-            job.restart_timer = self.loop.call_later(flapping.retry_in, self._on_flap_retry, job)
-        else:
-            _log.error("%s is flapping; stopped after %d retries", job.name, job.flap_retries)
-        return True
-
     def _stop_if_done(self):
         if (self._state is _Lifecycle.STOPPING and not self._procs and self._containment.idle
                 and not self._stop_pending):
             self._state = _Lifecycle.STOPPED  # what the apps and callbacks see: no longer started
             self._deps.wake()
-            for app in reversed(self._apps):
-                try:
-                    app.stop()
-                except Exception:
-                    _log.exception("app %r failed to stop", app)
-            callbacks, self._stop_callbacks = self._stop_callbacks, []
-            for callback in callbacks:
-                self._run_callback(lambda: callback(self))
+            self._apps.stopped(self)
             self._topics.close_all()
             self._containment.dismiss()
             self.loop.stop()
-
-    @staticmethod
-    def _run_callback(callback):
-        try:
-            callback()
-        except Exception:
-            _log.exception("callback %r failed", callback)
 
     # -- _on_* handlers (loop thread)
 
@@ -5096,53 +5192,16 @@ class Manager:
         self._rollouts.lost(job, proc, "new process %d exited before it was ready" % proc.pid)
         exit_status, term_signal = _exit_status(proc._popen.returncode)
         unasked = not asked and not proc.once and job.active
-        respawn = unasked and self._wants_respawn(proc, exit_status, term_signal)
-        slot, delay = job.slots.get(proc.slot) if not proc.once else None, None  # None: a slot scaled away
-        respawn = respawn and slot is not None
-        if respawn:  # its slot's quick-exit streak says when: at once, or after a backoff
-            quick = self.loop.time() - proc._spawned_at < proc.config.min_uptime
-            slot.streak = slot.streak + 1 if quick else 0
-            delay = _backoff_delay(slot.streak, proc.config.backoff_max)
+        slot, respawn, delay = self._respawns.decide(proc, exit_status, term_signal, unasked)
         job.last_exit = "signal %d" % term_signal if term_signal else "exit %d" % exit_status
         self._move(proc, _State.EXITED, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
                    dropped_input=dropped, respawn=respawn, delay=None if delay is None else round(delay, 3))
         self._forget(proc)
         self._rollouts.reaped(proc.pid)
-        if unasked and not respawn and slot is not None and slot.idle:
-            job.retire(slot)  # the restart policy leaves this slot empty until start_job, reload or scale
-            self._refresh(job)
-        elif respawn and job.active and not self._flapped(job):
-            job.restarts += 1
-            if slot.streak <= 1:
-                self._respawn(job, slot)
-            else:
-                self._back_off(job, slot, delay)
+        self._respawns.refill(job, slot, unasked, respawn, delay)
         if self._stop_pending:
             self._stop_next()
         self._stop_if_done()
-
-    @staticmethod
-    def _wants_respawn(proc, exit_status, term_signal):
-        """The restart policy: always, never, or on a failure (a bad status, or a signal not ours)."""
-        restart = proc.config.restart
-        if restart != "on-failure":
-            return restart == "always"
-        if term_signal:
-            return not proc._signalled
-        return exit_status not in proc.config.success_codes
-
-    def _forward(self, signum):
-        """Init mode: a signal sent to gaffer goes on to every process it runs, where its stop signal goes
-        (its group, with stop_children: a Procfile's shell and the program it runs)."""
-        for proc in list(self._procs.values()):
-            self._containment.signal(proc, signum, proc.config.stop_children)
-
-    def _on_flap_retry(self, job):
-        job.restart_timer = None
-        if self._state is not _Lifecycle.RUNNING or not self._loaded(job):
-            return
-        self._job_to(job, _JobState.RUNNING)  # RETRYING -> running
-        self._manage(job)
 
     def _on_loop_closed(self):
         """Last words of the loop thread: normally nothing is left; after a crash, kill what is."""
@@ -6306,7 +6365,7 @@ def _forward_signals(manager, signals):
         if signum == signal.SIGUSR1:
             manager.loop.call_soon_threadsafe(manager.reopen_logs)
         if manager.subreaper == "init":
-            manager.loop.call_soon_threadsafe(manager._forward, signum)
+            manager.loop.call_soon_threadsafe(manager._containment.forward, signum)
     for signum in signals:
         if manager.subreaper == "init" or signum == signal.SIGUSR1:
             signal.signal(signum, on_signal)
