@@ -4,6 +4,35 @@ A process supervisor in one file that needs nothing but the standard library
 (Python 3.9+, Linux first-class, macOS through fallbacks).  Vendor the file or
 ``pip install .``.
 
+Contents, one banner each, in dependency order (what it owns; the thread that uses it):
+
+- Constants & platform probes: fixed numbers, pidfd support (import time).
+- Errors: ProcessError, ProcessNotFound, ProcessConflict (any thread).
+- Utilities: signals, names, settings' validators, accounts (any thread).
+- /proc: process groups, children, cpu and memory, listening sockets (any thread).
+- Configuration: FlappingInfo, ProcessConfig, a child's environment (any thread).
+- Events: EventEmitter (published on the loop thread, subscribed from any).
+- Loop: the selector, the timer heap, the command queue (the loop thread; call() from any).
+- Reaper backends: the one child watcher, pidfd or polling, and its descriptors (loop thread).
+- Cgroups (_Cgroups): a cgroup per process, its limits, cgroup.kill (loop thread).
+- Log files (_LogFiles): shared, rotated, reopened log files (loop thread).
+- Process: Process, Stream, pipes and the line splitter, the process state machine (loop thread).
+- Lifecycles, slots and jobs: the manager's and a job's lifecycle, _Slot, _Job (loop thread).
+- Guardian: the program that stops everything if the manager dies (its own process).
+- Containment (_Containment): groups, cgroups, escaped descendants, orphans, adoption (loop thread).
+- Checks (_Checks): readiness and health checks, their pool, notify sockets (loop thread).
+- Dependencies (_Dependencies): depends_on, the stop order, wait_ready() (loop thread).
+- The sampler (_Sampler): one /proc reading per tick for stats, monitors and limits (loop thread).
+- Pub/sub channels (_Topics): Channel and its hooks (fed on the loop thread, read from any).
+- Restart policy, backoff and flapping (_Respawns): when an emptied slot refills (loop thread).
+- Large spawns in batches (_Batches): 20 ms of spawning a loop turn (loop thread).
+- Rolling replacement (_Rollouts): reload, update, restart, recycling (loop thread).
+- Apps and stop callbacks (_Apps) (loop thread).
+- Manager: the public API (any thread), its commands, the slot engine and _on_exit (loop thread).
+- HTTP controller, server, app (HttpHandler) and routes (a thread per connection).
+- Procfile and the foreground runner, serve, client commands, export, main (main thread).
+- The dashboard: one page, served by the HTTP app.
+
 Quick start::
 
     import sys, gaffer
@@ -104,7 +133,7 @@ except ImportError:  # pragma: no cover - not a POSIX system
 _log = logging.getLogger("gaffer")
 
 
-# -- Constants & platform probes ---------------------------------------------
+# -- Constants & platform probes -------------------------------------------------------------------
 # Fixed numbers of the machinery, and what this platform can do, probed once.
 
 _DEFAULT_SESSION = "default"
@@ -143,7 +172,7 @@ def _pidfd_works():
 _HAVE_PIDFD = _pidfd_works()
 
 
-# -- Errors ------------------------------------------------------------------
+# -- Errors ----------------------------------------------------------------------------------------
 # One base class for what a manager refuses; the errno is an HTTP-like status.
 
 class ProcessError(Exception):
@@ -177,7 +206,7 @@ class ProcessConflict(ProcessError):
         super().__init__(409, reason)
 
 
-# -- Utilities ---------------------------------------------------------------
+# -- Utilities -------------------------------------------------------------------------------------
 # Small pure functions: signals, names, settings, environments.  Any thread.
 
 def _run_callback(callback):
@@ -186,6 +215,11 @@ def _run_callback(callback):
         callback()
     except Exception:
         _log.exception("callback %r failed", callback)
+
+
+def _is_number(text):
+    """Whether text is a decimal number in ASCII digits (str.isdigit also takes '١' and '²')."""
+    return isinstance(text, str) and text.isascii() and text.isdigit()
 
 
 def _signum(value, setting="signal"):
@@ -203,6 +237,16 @@ def _signum(value, setting="signal"):
     raise ValueError("%s must be a signal number or a name such as 'TERM', got %r" % (setting, value))
 
 
+def _job_name(session, name):
+    """A job's full name: session.name (default.web)."""
+    return "%s.%s" % (session, name)
+
+
+def _slot_label(job, slot):
+    """How a process is named to people: its job's name and slot (web.1); a commit's (slot 0) by its job's."""
+    return "%s.%d" % (job, slot) if slot else job
+
+
 _NAME = r"[A-Za-z0-9_@-]{1,128}"  # patterns stay strings: re compiles and caches them on first use
 
 
@@ -213,11 +257,6 @@ def _valid_name(setting, value):
     if not re.fullmatch(_NAME, value):
         raise ValueError("%s must be 1 to 128 ASCII letters, digits, '_', '-' or '@', got %r" % (setting, value))
     return value
-
-
-def _is_number(text):
-    """Whether text is a decimal number in ASCII digits (str.isdigit also takes '١' and '²')."""
-    return isinstance(text, str) and text.isascii() and text.isdigit()
 
 
 def _split_name(name, sessionid=None):
@@ -325,6 +364,34 @@ def _exit_status(returncode):
     return (returncode, 0) if returncode >= 0 else (0, -returncode)
 
 
+def _send_signal(pid, sig, group):
+    """Signal a process, or its whole process group; a process already gone is not an error."""
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        _log.warning("cannot send signal %d to %s %d: %s", sig, "group" if group else "process", pid, exc)
+
+
+# -- /proc: process groups, children, use, listening sockets ---------------------------------------
+# Linux's /proc (and sock_diag) read by containment, the checks and the sampler; each
+# returns what it could read and treats a process gone meanwhile as gone.  Any thread.
+
+def _proc_table():
+    """{pid: (ppid, pgid, state)} of every process, from /proc (OSError without it)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()
+            except OSError:  # gone meanwhile
+                continue
+            table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
 def _group_alive(pgid):
     try:
         os.killpg(pgid, 0)
@@ -351,33 +418,268 @@ def _live_groups(pgids):
     return {pgid for _, pgid, state in table.values() if state != b"Z" and pgid in pgids}
 
 
-def _proc_table():
-    """{pid: (ppid, pgid, state)} of every process, from /proc (OSError without it)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry, "rb") as f:
-                    fields = f.read().rpartition(b")")[2].split()
-            except OSError:  # gone meanwhile
-                continue
-            table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
-    return table
-
-
-def _send_signal(pid, sig, group):
-    """Signal a process, or its whole process group; a process already gone is not an error."""
+def _children_of(pid):
+    """The pids of a process's children, from /proc (every thread's list); [] once it is gone."""
+    children = []
     try:
-        (os.killpg if group else os.kill)(pid, sig)
-    except ProcessLookupError:
+        for tid in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                children.extend(int(child) for child in f.read().split())
+    except OSError:
         pass
-    except PermissionError as exc:
-        _log.warning("cannot send signal %d to %s %d: %s", sig, "group" if group else "process", pid, exc)
+    return children
 
 
-# -- Configuration -------------------------------------------------------------
+def _own_children():
+    """The pids of this process's children (any thread's), zombies included, from /proc."""
+    children = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/children" % tid) as f:
+                children.update(int(pid) for pid in f.read().split())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return children
+
+
+def _escaped(leaders, marks):
+    """The process groups of the descendants of `leaders` ({os pid: alive}, each leader its own group)
+    that left their group: {pgid: leader}.  Found through /proc: the children of each live leader and
+    theirs, and the processes whose environment carries one of `marks` ({b"GAFFER_PROCESS=...": leader})
+    with their own descendants, wherever they were adopted (init, a subreaper such as systemd --user).
+    An exited leader is walked from its marks only: its pid may be another program's by now.
+    """
+    table, children = _proc_table(), collections.defaultdict(list)
+    for pid, (ppid, _, _) in table.items():
+        children[ppid].append(pid)
+    roots = {leader: leader for leader, alive in leaders.items() if alive}
+    for pid, (ppid, pgid, state) in table.items():
+        if pgid not in leaders and state != b"Z":
+            try:
+                with open("/proc/%d/environ" % pid, "rb") as f:
+                    environ = f.read()
+            except OSError:  # gone, or another user's
+                continue
+            leader = next((marks[mark] for mark in marks if mark in environ), None)
+            if leader is not None:
+                roots[pid] = leader
+    found = {}
+    for root, leader in roots.items():
+        todo = [root]
+        while todo:
+            pid = todo.pop()
+            ppid, pgid, state = table.get(pid, (0, leader, b"Z"))
+            if pgid != leader and state != b"Z":
+                found.setdefault(pgid, leader)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
+_STAT_KEYS = ("cpu", "mem", "rss", "vms", "mem_info1", "mem_info2", "ctime", "num_threads")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _proc_stat(os_pid):
+    """(cpu seconds, threads, vms, rss, age in seconds) of a process from /proc, or None without /proc."""
+    try:
+        with open("/proc/%d/stat" % os_pid, "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()  # fields[0] is field 3 of proc(5)
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+    except OSError:
+        return None
+    cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return cpu, int(fields[17]), int(fields[20]), int(fields[21]) * _PAGE_SIZE, uptime - int(fields[19]) / _CLOCK_TICKS
+
+
+@functools.lru_cache(maxsize=1)
+def _mem_total():
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            if line.startswith(b"MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemTotal in /proc/meminfo")
+
+
+def _human(n):
+    """1536 -> '1.5K', as ps and top show sizes."""
+    for unit in "BKMGT":
+        if n < 1024 or unit == "T":
+            return ("%d%s" if unit == "B" else "%.1f%s") % (n, unit)
+        n /= 1024
+
+
+def _diag_listeners():
+    """_tcp_listeners() through NETLINK_SOCK_DIAG: an inet_diag_req_v2 per family, states = LISTEN."""
+    found = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as sock:  # NETLINK_SOCK_DIAG
+        for family in (socket.AF_INET, socket.AF_INET6):
+            request = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, 0, 0, 1 << 10)  # 1 << TCP_LISTEN
+            # nlmsghdr: length, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, sequence, port id
+            sock.sendto(struct.pack("=IHHII", 16 + len(request), 20, 0x301, 1, 0) + request, (0, 0))
+            done = False
+            while not done:
+                data, at = sock.recv(1 << 16), 0
+                while at + 16 <= len(data) and not done:
+                    length, kind = struct.unpack_from("=IH", data, at)
+                    if kind == 2 or length < 16:  # NLMSG_ERROR
+                        raise OSError("sock_diag refused the request")
+                    done = kind == 3  # NLMSG_DONE
+                    if not done:  # inet_diag_msg: family, state, timer, retrans, sockid (sport at 4)...
+                        port = struct.unpack_from("!H", data, at + 16 + 4)[0]
+                        waiting, _, _, inode = struct.unpack_from("=IIII", data, at + 16 + 56)
+                        found[inode] = (port, waiting)
+                    at += (length + 3) & ~3
+    return found
+
+
+def _tcp_listeners():
+    """{socket inode: (port, connections waiting to be accepted)} of this network namespace's listening
+    TCP sockets (IPv4 and IPv6), or None where neither sock_diag nor /proc tells (not Linux).  Asked
+    of the kernel through sock_diag netlink, which answers with the listeners alone: /proc/net/tcp
+    lists every TIME_WAIT socket too, and reading it can take seconds on a busy server."""
+    try:
+        return _diag_listeners()
+    except (OSError, AttributeError, struct.error):  # no AF_NETLINK (not Linux), or a seccomp filter
+        pass
+    found, read = {}, False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, "rb") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        read = True
+        for row in rows:  # sl local_address rem_address st tx_queue:rx_queue ... inode; st 0A is LISTEN
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == b"0A":
+                found[int(fields[9])] = (int(fields[1].rpartition(b":")[2], 16),
+                                         int(fields[4].partition(b":")[2], 16))
+    return found if read else None
+
+
+def _listens(owner, port):
+    """Whether process `owner` (an os pid) or one of its descendants holds a TCP socket listening on
+    `port`; None where the system cannot tell."""
+    listeners = _tcp_listeners()
+    if listeners is None:
+        return None
+    inodes = {"socket:[%d]" % inode for inode, (bound, _) in listeners.items() if bound == port}
+    todo = [owner]
+    while todo:  # the process and its descendants, through their children lists
+        pid = todo.pop()
+        try:
+            for fd in os.listdir("/proc/%d/fd" % pid):
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) in inodes:
+                    return True
+        except OSError:  # gone, or an fd closed meanwhile
+            pass
+        todo.extend(_children_of(pid))
+    return False
+
+
+# -- Configuration ---------------------------------------------------------------------------------
 # Plain dataclasses, validated and normalised when made.  Any thread; the
 # manager keeps its own copies, so changing a config after load changes nothing.
+
+_LOG_FIELDS = ("session", "name", "slot", "pid", "label")  # what a log_file path may hold
+
+
+def _log_template(value):
+    """Check a log_file: "-", or a path whose {fields} are all _LOG_FIELDS (ValueError otherwise)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("log_file must be a path or '-', got %r" % (value,))
+    try:
+        fields = [field for _, field, spec, conversion in string.Formatter().parse(value) if field is not None]
+    except ValueError as exc:
+        raise ValueError("log_file %r: %s" % (value, exc)) from None
+    for field in fields:
+        if field not in _LOG_FIELDS:
+            raise ValueError("log_file %r: unknown field {%s} (the fields are %s)"
+                             % (value, field, ", ".join("{%s}" % f for f in _LOG_FIELDS)))
+
+
+def _size_setting(setting, value):
+    """Bytes from 1048576, "200M", "1.5G", "512KiB"... (binary units, as ps and top show sizes)."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+        if match is None:
+            raise ValueError("%s must be bytes or a size such as '200M' or '1.5G', got %r" % (setting, value))
+        value = int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+    return _int_setting(setting, value, 1, 1 << 60)
+
+
+def _depends_on(value, name):
+    """Validate depends_on: a list of "job" or "session.job" (a str of them, comma-separated, works too)."""
+    if isinstance(value, str):
+        value = [item for item in re.split(r"[\s,]+", value) if item]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("depends_on must be a list of job names, got %r" % (value,))
+    for dep in value:
+        if not isinstance(dep, str):
+            raise ValueError("depends_on must hold job names, got %r" % (dep,))
+        session, _, job = dep.rpartition(".")
+        _valid_name("depends_on", job)
+        if session:
+            _valid_name("depends_on", session)
+        if dep == name:
+            raise ValueError("depends_on: job %r cannot depend on itself" % name)
+    return list(value)
+
+
+def _ready_check(setting, value, redirect_output):
+    """Validate a readiness check (see ProcessConfig.ready); return it as given."""
+    if value is None or callable(value):
+        return value
+    forms = "'tcp:[HOST:]PORT', 'http://...', 'output:REGEX', 'notify', 'delay:SECONDS' or a callable"
+    if not isinstance(value, str):
+        raise ValueError("%s must be %s, got %r" % (setting, forms, value))
+    scheme, _, rest = value.partition(":")
+    if value == "notify":
+        return value
+    if scheme == "tcp":
+        port = rest.rpartition(":")[2]
+        if not rest or not ("$" in port or (_is_number(port) and 0 < int(port) < 65536)):
+            raise ValueError("%s %r: give tcp:PORT or tcp:HOST:PORT (a port from 1 to 65535 or a $VAR)"
+                             % (setting, value))
+    elif scheme in ("http", "https"):
+        if not rest.startswith("//") or not rest[2:].split("/")[0]:
+            raise ValueError("%s %r: an URL such as 'http://127.0.0.1:$PORT/health'" % (setting, value))
+    elif scheme == "output":
+        try:
+            re.compile(rest)
+        except re.error as exc:
+            raise ValueError("%s %r: bad regex: %s" % (setting, value, exc)) from None
+        if not redirect_output:
+            raise ValueError("%s %r reads the process's output: set redirect_output too" % (setting, value))
+    elif scheme == "delay":
+        try:
+            seconds = float(rest)
+        except ValueError:
+            raise ValueError("%s %r: give delay:SECONDS" % (setting, value)) from None
+        _float_setting("%s delay" % setting, seconds, 0)
+    else:
+        raise ValueError("%s: unknown check %r; use %s" % (setting, value, forms))
+    return value
+
+
+def _env_value(setting, value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError("%s must hold strings, got %r" % (setting, value))
+
+
+def _env_setting(setting, env):
+    if not isinstance(env, dict):
+        raise ValueError("%s must be a dict, got %r" % (setting, env))
+    for key in env:
+        if not isinstance(key, str) or not key or "=" in key:
+            raise ValueError("%s: %r is not a variable name" % (setting, key))
+    return {key: _env_value("%s[%r]" % (setting, key), value) for key, value in env.items()}
+
 
 @dataclasses.dataclass
 class FlappingInfo:
@@ -662,102 +964,6 @@ _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ProcessConfig))
 _SPAWN_SETTINGS = ("cmd", "args", "env", "os_env", "uid", "gid", "umask", "cwd", "shell", "redirect_output",
                    "redirect_input", "custom_streams", "ready", "health", "log_file", "log_max_bytes",
                    "log_backups", "log_timestamps", "tail_bytes")
-_LOG_FIELDS = ("session", "name", "slot", "pid", "label")
-
-
-def _log_template(value):
-    """Check a log_file: "-", or a path whose {fields} are all _LOG_FIELDS (ValueError otherwise)."""
-    if not isinstance(value, str) or not value:
-        raise ValueError("log_file must be a path or '-', got %r" % (value,))
-    try:
-        fields = [field for _, field, spec, conversion in string.Formatter().parse(value) if field is not None]
-    except ValueError as exc:
-        raise ValueError("log_file %r: %s" % (value, exc)) from None
-    for field in fields:
-        if field not in _LOG_FIELDS:
-            raise ValueError("log_file %r: unknown field {%s} (the fields are %s)"
-                             % (value, field, ", ".join("{%s}" % f for f in _LOG_FIELDS)))
-
-
-def _size_setting(setting, value):
-    """Bytes from 1048576, "200M", "1.5G", "512KiB"... (binary units, as ps and top show sizes)."""
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
-        if match is None:
-            raise ValueError("%s must be bytes or a size such as '200M' or '1.5G', got %r" % (setting, value))
-        value = int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
-    return _int_setting(setting, value, 1, 1 << 60)
-
-
-def _depends_on(value, name):
-    """Validate depends_on: a list of "job" or "session.job" (a str of them, comma-separated, works too)."""
-    if isinstance(value, str):
-        value = [item for item in re.split(r"[\s,]+", value) if item]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError("depends_on must be a list of job names, got %r" % (value,))
-    for dep in value:
-        if not isinstance(dep, str):
-            raise ValueError("depends_on must hold job names, got %r" % (dep,))
-        session, _, job = dep.rpartition(".")
-        _valid_name("depends_on", job)
-        if session:
-            _valid_name("depends_on", session)
-        if dep == name:
-            raise ValueError("depends_on: job %r cannot depend on itself" % name)
-    return list(value)
-
-
-def _ready_check(setting, value, redirect_output):
-    """Validate a readiness check (see ProcessConfig.ready); return it as given."""
-    if value is None or callable(value):
-        return value
-    forms = "'tcp:[HOST:]PORT', 'http://...', 'output:REGEX', 'notify', 'delay:SECONDS' or a callable"
-    if not isinstance(value, str):
-        raise ValueError("%s must be %s, got %r" % (setting, forms, value))
-    scheme, _, rest = value.partition(":")
-    if value == "notify":
-        return value
-    if scheme == "tcp":
-        port = rest.rpartition(":")[2]
-        if not rest or not ("$" in port or (_is_number(port) and 0 < int(port) < 65536)):
-            raise ValueError("%s %r: give tcp:PORT or tcp:HOST:PORT (a port from 1 to 65535 or a $VAR)"
-                             % (setting, value))
-    elif scheme in ("http", "https"):
-        if not rest.startswith("//") or not rest[2:].split("/")[0]:
-            raise ValueError("%s %r: an URL such as 'http://127.0.0.1:$PORT/health'" % (setting, value))
-    elif scheme == "output":
-        try:
-            re.compile(rest)
-        except re.error as exc:
-            raise ValueError("%s %r: bad regex: %s" % (setting, value, exc)) from None
-        if not redirect_output:
-            raise ValueError("%s %r reads the process's output: set redirect_output too" % (setting, value))
-    elif scheme == "delay":
-        try:
-            seconds = float(rest)
-        except ValueError:
-            raise ValueError("%s %r: give delay:SECONDS" % (setting, value)) from None
-        _float_setting("%s delay" % setting, seconds, 0)
-    else:
-        raise ValueError("%s: unknown check %r; use %s" % (setting, value, forms))
-    return value
-
-
-def _env_setting(setting, env):
-    if not isinstance(env, dict):
-        raise ValueError("%s must be a dict, got %r" % (setting, env))
-    for key in env:
-        if not isinstance(key, str) or not key or "=" in key:
-            raise ValueError("%s: %r is not a variable name" % (setting, key))
-    return {key: _env_value("%s[%r]" % (setting, key), value) for key, value in env.items()}
-
-
-def _env_value(setting, value):
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise ValueError("%s must hold strings, got %r" % (setting, value))
 
 
 # Variables gaffer reads a secret from: never inherited by a process (a job's own env may still set them).
@@ -810,7 +1016,7 @@ def _command_line(config, env):
     return [_expand(a, env) for a in shlex.split(config.cmd)] + args
 
 
-# -- Events ------------------------------------------------------------------
+# -- Events ----------------------------------------------------------------------------------------
 # Publish/subscribe by dotted topic.  The manager publishes on its loop thread;
 # subscribing works from any thread.
 
@@ -917,7 +1123,7 @@ class EventEmitter:
         listener(evtype, *args, **kwargs)
 
 
-# -- Loop --------------------------------------------------------------------
+# -- Loop ------------------------------------------------------------------------------------------
 # The selector, the timer heap and the command queue.  Only the loop thread
 # runs callbacks and timers; submit() and call() may come from any thread.
 
@@ -1172,9 +1378,20 @@ class Loop:
                 _log.exception("timer %r failed", timer.fn)
 
 
-# -- Reaper backends -----------------------------------------------------------
+# -- Reaper backends: the one child watcher --------------------------------------------------------
 # How the loop learns that a child exited.  Both reap only the pids they were
 # given (Popen.poll, never waitpid(-1)) and call on_exit() on the loop thread.
+
+def _some_child_exited():
+    """Whether any child of this process awaits reaping: one peek (WNOWAIT reaps nothing),
+    so an idle poll costs one call whatever the number of children."""
+    try:
+        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return False
+    except (AttributeError, OSError):  # no waitid here: look at each child
+        return True
+
 
 class _PollReaper:
     """The one child watcher: the Popens the manager spawned and the children it adopted (_Adopted),
@@ -1241,17 +1458,6 @@ class _Adopted:
         return self.returncode
 
 
-def _some_child_exited():
-    """Whether any child of this process awaits reaping: one peek (WNOWAIT reaps nothing),
-    so an idle poll costs one call whatever the number of children."""
-    try:
-        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return False
-    except (AttributeError, OSError):  # no waitid here: look at each child
-        return True
-
-
 class _PidfdReaper(_PollReaper):
     """Registers a pidfd per child in the loop's selector: readable means exited, no polling.  It owns
     those descriptors (asyncio's PidfdChildWatcher is the model): forget() and close() close them."""
@@ -1289,9 +1495,9 @@ class _PidfdReaper(_PollReaper):
         super().close()
 
 
-# -- Containment: a cgroup per process where the system lets us ------------------
+# -- Cgroups (_Cgroups): a cgroup per process where the system lets us -----------------------------
 # Everything a process starts stays in its cgroup, setsid() or not, so a stop can end with
-# cgroup.kill.  Where no cgroup can be made, the process group and /proc do the work.
+# cgroup.kill.  Where no cgroup can be made, the process group and /proc do the work.  Loop thread.
 
 def _cgroup2_dir():
     """This process's cgroup v2 directory (a hybrid layout's "unified" mount too), or None."""
@@ -1467,161 +1673,9 @@ def _set_subreaper():
         raise OSError(errno, "prctl(PR_SET_CHILD_SUBREAPER): %s" % os.strerror(errno))
 
 
-def _own_children():
-    """The pids of this process's children (any thread's), zombies included, from /proc."""
-    children = set()
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open("/proc/self/task/%s/children" % tid) as f:
-                children.update(int(pid) for pid in f.read().split())
-        except OSError:  # the thread ended meanwhile
-            pass
-    return children
-
-
-_serials = itertools.count(1)  # of the managers of this process: "<os pid>-<serial>" names one on the machine
-
-
-def _escaped(leaders, marks):
-    """The process groups of the descendants of `leaders` ({os pid: alive}, each leader its own group)
-    that left their group: {pgid: leader}.  Found through /proc: the children of each live leader and
-    theirs, and the processes whose environment carries one of `marks` ({b"GAFFER_PROCESS=...": leader})
-    with their own descendants, wherever they were adopted (init, a subreaper such as systemd --user).
-    An exited leader is walked from its marks only: its pid may be another program's by now.
-    """
-    table, children = _proc_table(), collections.defaultdict(list)
-    for pid, (ppid, _, _) in table.items():
-        children[ppid].append(pid)
-    roots = {leader: leader for leader, alive in leaders.items() if alive}
-    for pid, (ppid, pgid, state) in table.items():
-        if pgid not in leaders and state != b"Z":
-            try:
-                with open("/proc/%d/environ" % pid, "rb") as f:
-                    environ = f.read()
-            except OSError:  # gone, or another user's
-                continue
-            leader = next((marks[mark] for mark in marks if mark in environ), None)
-            if leader is not None:
-                roots[pid] = leader
-    found = {}
-    for root, leader in roots.items():
-        todo = [root]
-        while todo:
-            pid = todo.pop()
-            ppid, pgid, state = table.get(pid, (0, leader, b"Z"))
-            if pgid != leader and state != b"Z":
-                found.setdefault(pgid, leader)
-            todo.extend(children.get(pid, ()))
-    return found
-
-
-# -- Process -----------------------------------------------------------------
-# One OS child and its descriptors.  The loop thread changes it; other threads
-# read its fixed attributes or go through the manager.
-
-class _State(enum.Enum):
-    NEW = "new"             # made, not spawned yet
-    STARTING = "starting"   # spawned; its readiness check has not passed yet
-    READY = "ready"
-    STOPPING = "stopping"
-    EXITED = "exited"
-
-
-_TRANSITIONS = {
-    _State.NEW: {_State.STARTING},                                    # spawn
-    _State.STARTING: {_State.READY, _State.STOPPING, _State.EXITED},  # ready, stop_process or reap, exit
-    _State.READY: {_State.STOPPING, _State.EXITED},
-    _State.STOPPING: {_State.EXITED},
-    _State.EXITED: set(),
-}
-_ALIVE = frozenset({_State.STARTING, _State.READY})  # counted, signalled, listed
-# The event of each move, and the topics it goes out on ({job}: session.name, {pid}: the manager's id).
-_MOVE_EVENTS = {
-    "spawn": ("spawn", "job.{job}.spawn", "proc.{pid}.spawn"),
-    "ready": ("ready", "job.{job}.ready", "proc.{pid}.ready"),
-    "stop_process": ("stop_process", "proc.{pid}.stop"),
-    "reap": ("reap", "job.{job}.reap", "proc.{pid}.reap"),
-    "exit": ("exit", "job.{job}.exit", "proc.{pid}.exit"),
-}
-
-
-def _allow_sender(path, uid):
-    """Let a process that runs as `uid` (None: as the manager) send to the notify socket at path, and
-    nobody else: the socket is its user's, mode 0600, in a directory that others may pass but not list."""
-    os.chmod(path, 0o600)
-    if uid is not None and uid != os.geteuid():
-        os.chown(path, uid, -1)
-
-
-class _Output:
-    """One output label of a process, cut into complete lines once, here.  The lines go on to the log
-    file, the readiness regex and the job's LOGS channels; the last `limit` bytes of them stay in
-    memory (the tail), also after the exit.  A line still unfinished after _LINE_MAX bytes is cut there."""
-
-    __slots__ = ("label", "limit", "partial", "tail", "size")
-
-    def __init__(self, label, limit):
-        self.label = label
-        self.limit = limit
-        self.partial = b""
-        self.tail = None  # deque of (time, complete lines), made when output first arrives
-        self.size = 0
-
-    def feed(self, data, now, whole=True):
-        """The complete lines that data ends (as one bytes, each with its newline), or b"".  Unless
-        whole, nobody reads them now: only what the tail keeps is cut (a flood costs no copy)."""
-        cut = data.rfind(b"\n") + 1
-        if cut:
-            block, rest = self.partial + data[:cut], data[cut:]
-        else:
-            block, rest = b"", self.partial + data
-        if len(rest) > _LINE_MAX:  # a child that never writes a newline costs bounded memory
-            end = len(rest) - len(rest) % _LINE_MAX
-            first = 0 if whole else max(0, end - _LINE_MAX * (self.limit // _LINE_MAX + 1))
-            block += b"".join(rest[at:at + _LINE_MAX] + b"\n" for at in range(first, end, _LINE_MAX))
-            rest = rest[end:]
-        self.partial = rest
-        if block and self.limit:
-            self._keep(block, now)
-        return block if whole else b""
-
-    def close(self, now):
-        """The stream ended: its unfinished last line, as a complete one (or b"")."""
-        block, self.partial = (self.partial + b"\n" if self.partial else b""), b""
-        if block and self.limit:
-            self._keep(block, now)
-        return block
-
-    def _keep(self, block, now):
-        if len(block) > self.limit:  # a big read: only its last lines that fit (or the end of its last line)
-            start = block.find(b"\n", len(block) - self.limit - 1) + 1
-            block = block[start:] if start < len(block) else block[-self.limit:]
-        if self.tail is None:
-            self.tail = collections.deque()
-        self.tail.append((now, block))
-        self.size += len(block)
-        while self.size - len(self.tail[0][1]) >= self.limit:
-            self.size -= len(self.tail.popleft()[1])
-
-    def lines(self):
-        """[(time, line without its newline)] of the tail, oldest first, with an unfinished line last."""
-        kept = [(when, line) for when, block in (self.tail or ()) for line in block[:-1].split(b"\n")]
-        return kept + ([(time.time(), self.partial)] if self.partial else [])
-
-
-def _by_slot(proc):
-    """The order processes are listed in: web.1, web.2..., then those commit() started (slot 0)."""
-    return (not proc.slot, proc.slot, proc.pid)
-
-
-def _last_lines(procs, count=None, label=None):
-    """The last `count` lines (all, for None) kept of these processes' outputs (or of one label),
-    oldest first: [(time, process, label, line)].  Loop thread."""
-    rows = [(when, proc, name, line) for proc in procs for name, output in proc._outputs.items()
-            if label in (None, name) for when, line in output.lines()]
-    rows.sort(key=lambda row: row[0])  # stable: a process's lines keep their order
-    return rows if count is None else rows[len(rows) - count:] if count else []
-
+# -- Log files (_LogFiles) -------------------------------------------------------------------------
+# A job's output written to files: opened once per path however many processes share it,
+# size-rotated, reopened on request (logrotate).  Loop thread.
 
 class _LogFile:
     """A log file that processes share: complete lines appended, renamed .1 (.1 to .2...) past
@@ -1756,6 +1810,106 @@ class _LogFiles:
             log.reopen()
 
 
+# -- Process ---------------------------------------------------------------------------------------
+# One OS child and its descriptors.  The loop thread changes it; other threads
+# read its fixed attributes or go through the manager.
+
+class _State(enum.Enum):
+    NEW = "new"             # made, not spawned yet
+    STARTING = "starting"   # spawned; its readiness check has not passed yet
+    READY = "ready"
+    STOPPING = "stopping"
+    EXITED = "exited"
+
+
+_TRANSITIONS = {
+    _State.NEW: {_State.STARTING},                                    # spawn
+    _State.STARTING: {_State.READY, _State.STOPPING, _State.EXITED},  # ready, stop_process or reap, exit
+    _State.READY: {_State.STOPPING, _State.EXITED},
+    _State.STOPPING: {_State.EXITED},
+    _State.EXITED: set(),
+}
+_ALIVE = frozenset({_State.STARTING, _State.READY})  # counted, signalled, listed
+# The event of each move, and the topics it goes out on ({job}: session.name, {pid}: the manager's id).
+_MOVE_EVENTS = {
+    "spawn": ("spawn", "job.{job}.spawn", "proc.{pid}.spawn"),
+    "ready": ("ready", "job.{job}.ready", "proc.{pid}.ready"),
+    "stop_process": ("stop_process", "proc.{pid}.stop"),
+    "reap": ("reap", "job.{job}.reap", "proc.{pid}.reap"),
+    "exit": ("exit", "job.{job}.exit", "proc.{pid}.exit"),
+}
+
+
+class _Output:
+    """One output label of a process, cut into complete lines once, here.  The lines go on to the log
+    file, the readiness regex and the job's LOGS channels; the last `limit` bytes of them stay in
+    memory (the tail), also after the exit.  A line still unfinished after _LINE_MAX bytes is cut there."""
+
+    __slots__ = ("label", "limit", "partial", "tail", "size")
+
+    def __init__(self, label, limit):
+        self.label = label
+        self.limit = limit
+        self.partial = b""
+        self.tail = None  # deque of (time, complete lines), made when output first arrives
+        self.size = 0
+
+    def feed(self, data, now, whole=True):
+        """The complete lines that data ends (as one bytes, each with its newline), or b"".  Unless
+        whole, nobody reads them now: only what the tail keeps is cut (a flood costs no copy)."""
+        cut = data.rfind(b"\n") + 1
+        if cut:
+            block, rest = self.partial + data[:cut], data[cut:]
+        else:
+            block, rest = b"", self.partial + data
+        if len(rest) > _LINE_MAX:  # a child that never writes a newline costs bounded memory
+            end = len(rest) - len(rest) % _LINE_MAX
+            first = 0 if whole else max(0, end - _LINE_MAX * (self.limit // _LINE_MAX + 1))
+            block += b"".join(rest[at:at + _LINE_MAX] + b"\n" for at in range(first, end, _LINE_MAX))
+            rest = rest[end:]
+        self.partial = rest
+        if block and self.limit:
+            self._keep(block, now)
+        return block if whole else b""
+
+    def close(self, now):
+        """The stream ended: its unfinished last line, as a complete one (or b"")."""
+        block, self.partial = (self.partial + b"\n" if self.partial else b""), b""
+        if block and self.limit:
+            self._keep(block, now)
+        return block
+
+    def _keep(self, block, now):
+        if len(block) > self.limit:  # a big read: only its last lines that fit (or the end of its last line)
+            start = block.find(b"\n", len(block) - self.limit - 1) + 1
+            block = block[start:] if start < len(block) else block[-self.limit:]
+        if self.tail is None:
+            self.tail = collections.deque()
+        self.tail.append((now, block))
+        self.size += len(block)
+        while self.size - len(self.tail[0][1]) >= self.limit:
+            self.size -= len(self.tail.popleft()[1])
+
+    def lines(self):
+        """[(time, line without its newline)] of the tail, oldest first, with an unfinished line last."""
+        kept = [(when, line) for when, block in (self.tail or ()) for line in block[:-1].split(b"\n")]
+        return kept + ([(time.time(), self.partial)] if self.partial else [])
+
+
+def _by_slot(proc):
+    """The order processes are listed in: web.1, web.2..., then those commit() started (slot 0)."""
+    return (not proc.slot, proc.slot, proc.pid)
+
+
+def _last_lines(procs, count=None, label=None):
+    """The last `count` lines (all, for None) kept of these processes' outputs (or of one label),
+    oldest first: [(time, process, label, line)].  Loop thread."""
+    rows = [(when, proc, name, line) for proc in procs for name, output in proc._outputs.items()
+            if label in (None, name) for when, line in output.lines()]
+    rows.sort(key=lambda row: row[0])  # stable: a process's lines keep their order
+    return rows if count is None else rows[len(rows) - count:] if count else []
+
+
 class _Pipe:
     """One non-blocking descriptor of a process in the selector: a pipe, or a socketpair end.
 
@@ -1865,6 +2019,38 @@ class _Pipe:
         self.file.close()
 
 
+class Stream:
+    """A custom stream of a process (ProcessConfig.custom_streams), from any thread.
+
+    The child inherited the other end of a socketpair; it finds the descriptor's
+    number in ``$GAFFER_STREAM_<LABEL>``.  write() queues bytes for the child;
+    monitor(listener) receives what it writes as ``listener(label, msg)``.
+    """
+
+    def __init__(self, process, label):
+        self.process = process
+        self.label = label
+
+    def __repr__(self):
+        return "<Stream %r of %r>" % (self.label, self.process)
+
+    def write(self, data):
+        """Queue str (UTF-8) or bytes for the child."""
+        self.process.write(data, self.label)
+
+    def writelines(self, lines):
+        """Queue each of `lines` (str or bytes), in order."""
+        self.process.writelines(lines, self.label)
+
+    def monitor(self, listener):
+        """Call ``listener(label, msg)`` with each chunk the child writes; msg has name, pid, data."""
+        self.process.monitor_io(self.label, listener)
+
+    def unmonitor(self, listener):
+        """Stop a monitor() listener."""
+        self.process.unmonitor_io(self.label, listener)
+
+
 class Process:
     """One OS child of a job.
 
@@ -1912,7 +2098,7 @@ class Process:
     @property
     def label(self):
         """How the command line shows it: its job's name and slot (web.1); a commit's has its job's name."""
-        return "%s.%d" % (self.config.name, self.slot) if self.slot else self.config.name
+        return _slot_label(self.config.name, self.slot)
 
     def _spawn(self, loop, prepare):
         """Start the OS process (Popen raises in the parent if exec or cwd fails); prepare(process, env,
@@ -1993,7 +2179,7 @@ class Process:
                 stamp = datetime.datetime.fromtimestamp(now).astimezone()
                 prefix = stamp.isoformat("T", "milliseconds").encode() + b" "
             if log.path == "-":
-                prefix += ("%s.%d | " % (self.config.name, self.slot)).encode()
+                prefix += ("%s | " % self.label).encode()
             written = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n" if prefix else block
             self._job.log_dropped += log.write(written)
         checks = self._manager._checks
@@ -2150,75 +2336,16 @@ class Process:
         self._io.unsubscribe(label, listener)
 
 
-class Stream:
-    """A custom stream of a process (ProcessConfig.custom_streams), from any thread.
+# -- Lifecycles, slots and jobs (_Slot, _Job) ------------------------------------------------------
+# The manager's lifecycle, each job's (an enum that one method changes), its slots, and what the
+# manager knows of each loaded job.  Loop thread only.
 
-    The child inherited the other end of a socketpair; it finds the descriptor's
-    number in ``$GAFFER_STREAM_<LABEL>``.  write() queues bytes for the child;
-    monitor(listener) receives what it writes as ``listener(label, msg)``.
-    """
+class _Lifecycle(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
 
-    def __init__(self, process, label):
-        self.process = process
-        self.label = label
-
-    def __repr__(self):
-        return "<Stream %r of %r>" % (self.label, self.process)
-
-    def write(self, data):
-        """Queue str (UTF-8) or bytes for the child."""
-        self.process.write(data, self.label)
-
-    def writelines(self, lines):
-        """Queue each of `lines` (str or bytes), in order."""
-        self.process.writelines(lines, self.label)
-
-    def monitor(self, listener):
-        """Call ``listener(label, msg)`` with each chunk the child writes; msg has name, pid, data."""
-        self.process.monitor_io(self.label, listener)
-
-    def unmonitor(self, listener):
-        """Stop a monitor() listener."""
-        self.process.unmonitor_io(self.label, listener)
-
-
-_STAT_KEYS = ("cpu", "mem", "rss", "vms", "mem_info1", "mem_info2", "ctime", "num_threads")
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _proc_stat(os_pid):
-    """(cpu seconds, threads, vms, rss, age in seconds) of a process from /proc, or None without /proc."""
-    try:
-        with open("/proc/%d/stat" % os_pid, "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()  # fields[0] is field 3 of proc(5)
-        with open("/proc/uptime", "rb") as f:
-            uptime = float(f.read().split()[0])
-    except OSError:
-        return None
-    cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-    return cpu, int(fields[17]), int(fields[20]), int(fields[21]) * _PAGE_SIZE, uptime - int(fields[19]) / _CLOCK_TICKS
-
-
-@functools.lru_cache(maxsize=1)
-def _mem_total():
-    with open("/proc/meminfo", "rb") as f:
-        for line in f:
-            if line.startswith(b"MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no MemTotal in /proc/meminfo")
-
-
-def _human(n):
-    """1536 -> '1.5K', as ps and top show sizes."""
-    for unit in "BKMGT":
-        if n < 1024 or unit == "T":
-            return ("%d%s" if unit == "B" else "%.1f%s") % (n, unit)
-        n /= 1024
-
-
-# -- Job state -----------------------------------------------------------------
-# What the manager knows of each loaded job.  Loop thread only.
 
 class _JobState(enum.Enum):
     STOPPED = "stopped"     # not running, as asked (or not started yet)
@@ -2298,7 +2425,7 @@ class _Job:
 
     @property
     def name(self):
-        return "%s.%s" % (self.session, self.config.name)
+        return _job_name(self.session, self.config.name)
 
     @property
     def active(self):
@@ -2468,185 +2595,7 @@ class _Job:
         return "<Job %r %s running=%d/%d>" % (self.name, self.state.name, len(self.running), self.numprocesses)
 
 
-def _tcp_listeners():
-    """{socket inode: (port, connections waiting to be accepted)} of this network namespace's listening
-    TCP sockets (IPv4 and IPv6), or None where neither sock_diag nor /proc tells (not Linux).  Asked
-    of the kernel through sock_diag netlink, which answers with the listeners alone: /proc/net/tcp
-    lists every TIME_WAIT socket too, and reading it can take seconds on a busy server."""
-    try:
-        return _diag_listeners()
-    except (OSError, AttributeError, struct.error):  # no AF_NETLINK (not Linux), or a seccomp filter
-        pass
-    found, read = {}, False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, "rb") as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        read = True
-        for row in rows:  # sl local_address rem_address st tx_queue:rx_queue ... inode; st 0A is LISTEN
-            fields = row.split()
-            if len(fields) > 9 and fields[3] == b"0A":
-                found[int(fields[9])] = (int(fields[1].rpartition(b":")[2], 16),
-                                         int(fields[4].partition(b":")[2], 16))
-    return found if read else None
-
-
-def _diag_listeners():
-    """_tcp_listeners() through NETLINK_SOCK_DIAG: an inet_diag_req_v2 per family, states = LISTEN."""
-    found = {}
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as sock:  # NETLINK_SOCK_DIAG
-        for family in (socket.AF_INET, socket.AF_INET6):
-            request = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, 0, 0, 1 << 10)  # 1 << TCP_LISTEN
-            # nlmsghdr: length, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, sequence, port id
-            sock.sendto(struct.pack("=IHHII", 16 + len(request), 20, 0x301, 1, 0) + request, (0, 0))
-            done = False
-            while not done:
-                data, at = sock.recv(1 << 16), 0
-                while at + 16 <= len(data) and not done:
-                    length, kind = struct.unpack_from("=IH", data, at)
-                    if kind == 2 or length < 16:  # NLMSG_ERROR
-                        raise OSError("sock_diag refused the request")
-                    done = kind == 3  # NLMSG_DONE
-                    if not done:  # inet_diag_msg: family, state, timer, retrans, sockid (sport at 4)...
-                        port = struct.unpack_from("!H", data, at + 16 + 4)[0]
-                        waiting, _, _, inode = struct.unpack_from("=IIII", data, at + 16 + 56)
-                        found[inode] = (port, waiting)
-                    at += (length + 3) & ~3
-    return found
-
-
-def _listens(owner, port):
-    """Whether process `owner` (an os pid) or one of its descendants holds a TCP socket listening on
-    `port`; None where the system cannot tell."""
-    listeners = _tcp_listeners()
-    if listeners is None:
-        return None
-    inodes = {"socket:[%d]" % inode for inode, (bound, _) in listeners.items() if bound == port}
-    todo = [owner]
-    while todo:  # the process and its descendants, through their children lists
-        pid = todo.pop()
-        try:
-            for fd in os.listdir("/proc/%d/fd" % pid):
-                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) in inodes:
-                    return True
-        except OSError:  # gone, or an fd closed meanwhile
-            pass
-        todo.extend(_children_of(pid))
-    return False
-
-
-def _children_of(pid):
-    """The pids of a process's children, from /proc (every thread's list); [] once it is gone."""
-    children = []
-    try:
-        for tid in os.listdir("/proc/%d/task" % pid):
-            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
-                children.extend(int(child) for child in f.read().split())
-    except OSError:
-        pass
-    return children
-
-
-def _probe_once(check, process, timeout, owner=None):
-    """One try of a tcp, http or callable check (on a worker thread): True if it passed.
-
-    A tcp or http try ends within `timeout`, whatever the server does: accepting and
-    never answering, or answering a byte at a time.  With `owner` (an os pid), an answer
-    counts only if that process or one of its descendants listens on the port (Linux):
-    during a rollout the process being replaced may still answer on the same one.
-    """
-    if callable(check):
-        return bool(check(process))
-    deadline = time.monotonic() + timeout
-
-    def left():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("no answer within %gs" % timeout)
-        return remaining
-
-    target = _expand(check, process.env)
-    try:
-        if target.startswith("tcp:"):
-            host, _, port = target[4:].rpartition(":")
-            socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
-            return _answered_by(owner, int(port))
-        import urllib.parse
-        url = urllib.parse.urlsplit(target)
-        port = url.port or (443 if url.scheme == "https" else 80)
-        sock = socket.create_connection((url.hostname, port), left())
-        try:
-            if url.scheme == "https":  # as Kubernetes probes do: the certificate is not checked
-                import ssl
-                context = ssl.create_default_context()
-                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-                sock.settimeout(left())
-                sock = context.wrap_socket(sock, server_hostname=url.hostname)
-            path = (url.path or "/") + ("?" + url.query if url.query else "")
-            sock.settimeout(left())
-            sock.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\nConnection: close\r\n\r\n" % (path, url.netloc)).encode())
-            head = b""
-            while b"\n" not in head and len(head) < 4096:  # the status line is all a check needs
-                sock.settimeout(left())
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                head += chunk
-            status = head.split(b"\n", 1)[0].split()
-            if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
-                raise ValueError("not an HTTP answer: %r" % head[:80])
-            if int(status[1]) >= 400:
-                raise ValueError("HTTP %s" % status[1].decode())
-            return _answered_by(owner, port)
-        finally:
-            sock.close()
-    except socket.timeout:  # a connect or read that reached the deadline: said the same way as left() says it
-        raise TimeoutError("no answer within %gs" % timeout) from None
-
-
-def _answered_by(owner, port):
-    """True, unless `owner` is given and /proc says that no socket of it or its descendants listens on port."""
-    if owner is not None and _listens(owner, port) is False:
-        raise ValueError("port %d answers, but not from process %d or its children: another process of the job "
-                         "(the one it replaces) listens there" % (port, owner))
-    return True
-
-
-def _dep_names(session, config):
-    """"session.job" of each job that config depends on: a bare name is in its own session."""
-    return ["%s.%s" % _split_name(dep, session) for dep in config.depends_on]
-
-
-def _refuse_cycle(graph, session, config):
-    """ValueError ("depends_on makes a cycle: a -> b -> a") if adding config to graph {name: [deps]} closes one."""
-    start = "%s.%s" % (session, config.name)
-    graph = dict(graph, **{start: _dep_names(session, config)})
-    path, todo, seen = [start], [iter(graph[start])], set()
-    while todo:  # depth first, without recursion: a chain of any length is fine
-        dep = next(todo[-1], None)
-        if dep is None:
-            todo.pop()
-            path.pop()
-        elif dep == start:
-            raise ValueError("depends_on makes a cycle: %s" % " -> ".join(path + [start]))
-        elif dep not in seen:  # each job is walked once: linear in the graph
-            seen.add(dep)
-            path.append(dep)
-            todo.append(iter(graph.get(dep, ())))
-
-
-def _backoff_delay(streak, backoff_max):
-    """Nothing after one quick exit; then 0.1 s, doubling up to backoff_max, each +-20 % at random."""
-    if streak <= 1:
-        return 0.0
-    import random  # only a crash loop needs it
-    delay = min(_BACKOFF_FIRST * 2.0 ** min(streak - 2, 64), backoff_max)
-    return delay * random.uniform(1 - _BACKOFF_JITTER, 1 + _BACKOFF_JITTER)
-
-
-# -- Guardian --------------------------------------------------------------------
+# -- Guardian --------------------------------------------------------------------------------------
 # A small process of its own session that outlives a killed manager: it learns of each
 # process group on its stdin, and when that pipe ends without "bye" (the manager died,
 # even by SIGKILL), it stops every group it knows, then kills what is left and exits.
@@ -2711,7 +2660,7 @@ for base in sys.argv[3:]:  # the manager's cgroups, deepest first
 """
 
 
-# -- Containment (_Containment) ------------------------------------------------------------------
+# -- Containment (_Containment) --------------------------------------------------------------------
 # Whatever a process starts stops with it: its process group, its cgroup, what left both (found
 # through /proc), the groups it leaves behind, the guardian, and the orphans a subreaper adopts.
 
@@ -2723,6 +2672,9 @@ class _Held:
     def __init__(self, cgroup):
         self.cgroup = cgroup
         self.kill_timer = None
+
+
+_serials = itertools.count(1)  # of the managers of this process: "<os pid>-<serial>" names one on the machine
 
 
 class _Containment:
@@ -3152,9 +3104,82 @@ class _Containment:
             self.dismiss(loop_closed=True)
 
 
-# -- Checks (_Checks): readiness and health -------------------------------------------------
+# -- Checks (_Checks): readiness and health --------------------------------------------------------
 # When a process moves to READY, and whether it stays healthy: the checks, their bounded pool of
 # workers, a record of each process's checks, and the notify sockets.  Loop thread.
+
+def _allow_sender(path, uid):
+    """Let a process that runs as `uid` (None: as the manager) send to the notify socket at path, and
+    nobody else: the socket is its user's, mode 0600, in a directory that others may pass but not list."""
+    os.chmod(path, 0o600)
+    if uid is not None and uid != os.geteuid():
+        os.chown(path, uid, -1)
+
+
+def _answered_by(owner, port):
+    """True, unless `owner` is given and /proc says that no socket of it or its descendants listens on port."""
+    if owner is not None and _listens(owner, port) is False:
+        raise ValueError("port %d answers, but not from process %d or its children: another process of the job "
+                         "(the one it replaces) listens there" % (port, owner))
+    return True
+
+
+def _probe_once(check, process, timeout, owner=None):
+    """One try of a tcp, http or callable check (on a worker thread): True if it passed.
+
+    A tcp or http try ends within `timeout`, whatever the server does: accepting and
+    never answering, or answering a byte at a time.  With `owner` (an os pid), an answer
+    counts only if that process or one of its descendants listens on the port (Linux):
+    during a rollout the process being replaced may still answer on the same one.
+    """
+    if callable(check):
+        return bool(check(process))
+    deadline = time.monotonic() + timeout
+
+    def left():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no answer within %gs" % timeout)
+        return remaining
+
+    target = _expand(check, process.env)
+    try:
+        if target.startswith("tcp:"):
+            host, _, port = target[4:].rpartition(":")
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+            return _answered_by(owner, int(port))
+        import urllib.parse
+        url = urllib.parse.urlsplit(target)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        sock = socket.create_connection((url.hostname, port), left())
+        try:
+            if url.scheme == "https":  # as Kubernetes probes do: the certificate is not checked
+                import ssl
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                sock.settimeout(left())
+                sock = context.wrap_socket(sock, server_hostname=url.hostname)
+            path = (url.path or "/") + ("?" + url.query if url.query else "")
+            sock.settimeout(left())
+            sock.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\nConnection: close\r\n\r\n" % (path, url.netloc)).encode())
+            head = b""
+            while b"\n" not in head and len(head) < 4096:  # the status line is all a check needs
+                sock.settimeout(left())
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            status = head.split(b"\n", 1)[0].split()
+            if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
+                raise ValueError("not an HTTP answer: %r" % head[:80])
+            if int(status[1]) >= 400:
+                raise ValueError("HTTP %s" % status[1].decode())
+            return _answered_by(owner, port)
+        finally:
+            sock.close()
+    except socket.timeout:  # a connect or read that reached the deadline: said the same way as left() says it
+        raise TimeoutError("no answer within %gs" % timeout) from None
+
 
 class _CheckRecord:
     """What _Checks knows of one process's checks."""
@@ -3416,8 +3441,31 @@ class _Checks:
         self._manager._not_ready(proc)
 
 
-# -- Dependencies (_Dependencies) ----------------------------------------------------------
+# -- Dependencies (_Dependencies) ------------------------------------------------------------------
 # Who waits for whom to be ready: depends_on between jobs, and the wait_ready() callers.  Loop thread.
+
+def _dep_names(session, config):
+    """"session.job" of each job that config depends on: a bare name is in its own session."""
+    return [_job_name(*_split_name(dep, session)) for dep in config.depends_on]
+
+
+def _refuse_cycle(graph, session, config):
+    """ValueError ("depends_on makes a cycle: a -> b -> a") if adding config to graph {name: [deps]} closes one."""
+    start = _job_name(session, config.name)
+    graph = dict(graph, **{start: _dep_names(session, config)})
+    path, todo, seen = [start], [iter(graph[start])], set()
+    while todo:  # depth first, without recursion: a chain of any length is fine
+        dep = next(todo[-1], None)
+        if dep is None:
+            todo.pop()
+            path.pop()
+        elif dep == start:
+            raise ValueError("depends_on makes a cycle: %s" % " -> ".join(path + [start]))
+        elif dep not in seen:  # each job is walked once: linear in the graph
+            seen.add(dep)
+            path.append(dep)
+            todo.append(iter(graph.get(dep, ())))
+
 
 class _ReadyWaiter:
     """A wait_ready() caller, in its own thread: the loop sets `error` (or not), then `done`."""
@@ -3461,7 +3509,7 @@ class _Dependencies:
         for session, name in self.of(job):
             dep = sessions.get(session, {}).get(name)
             if dep is None or not dep.active or dep.ready < dep.numprocesses:
-                waiting.append("%s.%s" % (session, name))
+                waiting.append(_job_name(session, name))
         return waiting
 
     def release(self):
@@ -3518,7 +3566,7 @@ class _Dependencies:
             waiter.done.set()
 
 
-# -- The sampler (_Sampler) ------------------------------------------------------------
+# -- The sampler (_Sampler) ------------------------------------------------------------------------
 # One timer reads /proc for everything that needs it, and only while something does.  Loop thread.
 
 class _Sampler:
@@ -3643,7 +3691,7 @@ class _Sampler:
         return None
 
 
-# -- Pub/sub channels (_Topics) -------------------------------------------------------
+# -- Pub/sub channels (_Topics) --------------------------------------------------------------------
 # A channel is fed on the loop thread and read from any thread: by callbacks bound to it, or by
 # get() and iteration, with a bounded buffer in between.  _Topics (loop thread) makes them, hooked
 # to what feeds them, and closes them when their owner ends.
@@ -3867,10 +3915,19 @@ class _Topics:
             self.close(owner)
 
 
-# -- Restart policy, backoff and flapping (_Respawns) -------------------------------------------
+# -- Restart policy, backoff and flapping (_Respawns) ----------------------------------------------
 # When a slot whose process exited on its own is refilled: at once, after a backoff that grows
 # with the slot's quick-exit streak, never (the restart policy retires the slot), or when a
 # flapping job is retried.  Loop thread only.
+
+def _backoff_delay(streak, backoff_max):
+    """Nothing after one quick exit; then 0.1 s, doubling up to backoff_max, each +-20 % at random."""
+    if streak <= 1:
+        return 0.0
+    import random  # only a crash loop needs it
+    delay = min(_BACKOFF_FIRST * 2.0 ** min(streak - 2, 64), backoff_max)
+    return delay * random.uniform(1 - _BACKOFF_JITTER, 1 + _BACKOFF_JITTER)
+
 
 class _Flaps:
     """A flapping job's record: its recent unasked-for exits, the retries used, the retry's timer."""
@@ -4046,7 +4103,7 @@ class _Batches:
         self._waiters.clear()
 
 
-# -- Rolling replacement (_Rollouts) ----------------------------------------------------
+# -- Rolling replacement (_Rollouts) ---------------------------------------------------------------
 # A job's processes replaced while it serves: new ones first, then the old; with a readiness check,
 # one at a time, each old one stopped once a new one is ready.  Loop thread.
 
@@ -4187,7 +4244,7 @@ class _Rollouts:
         self.reaped(None)
 
 
-# -- Apps and stop callbacks (_Apps) ---------------------------------------------------------
+# -- Apps and stop callbacks (_Apps) ---------------------------------------------------------------
 # What runs beside the jobs (the HTTP controller is an app) and what waits for a stop.  start()
 # runs in the thread of Manager.start(); everything else on the loop thread, where a failing app
 # or callback is logged, never raised into the loop.
@@ -4228,16 +4285,9 @@ class _Apps:
             _run_callback(lambda: callback(manager))
 
 
-# -- Manager -------------------------------------------------------------------
+# -- Manager ---------------------------------------------------------------------------------------
 # The public API first (any thread), then the _do_* bodies and the _on_*
 # handlers, which run on the loop thread and own all the state.
-
-class _Lifecycle(enum.Enum):
-    NEW = "new"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
 
 _SCALE = r"\s*([=+-]?)\s*([0-9]+)\s*"
 
@@ -4520,7 +4570,7 @@ class Manager:
         session = _valid_name("sessionid", sessionid or _DEFAULT_SESSION)
         self._call(self._do_load, config, session, start, _bool_setting("retry", retry))
         if start and wait is not False and wait is not None:
-            self.wait_ready("%s.%s" % (session, config.name), None if wait is True else wait)
+            self.wait_ready(_job_name(session, config.name), None if wait is True else wait)
 
     def wait_ready(self, name, timeout=None):
         """Return once every one of the job's counted processes is ready (see ProcessConfig.ready).
@@ -4741,7 +4791,7 @@ class Manager:
         except KeyError:
             if session not in self._sessions:
                 raise ProcessNotFound("session %r not found" % session) from None
-            raise ProcessNotFound("job %r not found" % ("%s.%s" % (session, job))) from None
+            raise ProcessNotFound("job %r not found" % _job_name(session, job)) from None
 
     def _process(self, pid):
         try:
@@ -4803,7 +4853,7 @@ class Manager:
     def _do_load(self, config, session, start, retry=False):
         jobs = self._sessions.get(session, {})
         if config.name in jobs:
-            raise ProcessConflict("job %r is already loaded" % ("%s.%s" % (session, config.name)))
+            raise ProcessConflict("job %r is already loaded" % _job_name(session, config.name))
         self._deps.refuse_cycle(session, config)
         job = _Job(session, config, config.numprocesses)
         self._containment.set_limits(job, config)
@@ -5229,10 +5279,11 @@ def _stop_at_exit():
         manager._stopped.wait(longest + 5)
 
 
-# -- Apps: the HTTP controller ------------------------------------------------------
+# -- HTTP controller: addresses, tokens, JSON ------------------------------------------------------
 # An app is any object with start(loop, manager), stop() and restart().  The HTTP
 # app accepts connections on the loop's selector (no polling thread) and serves
 # each on a thread of its own; handlers use only the public, thread-safe API.
+# These helpers parse its addresses, check its tokens and write its JSON.  Any thread.
 
 _SSE_KEEPALIVE = 15.0  # seconds between comments on an idle event stream (they also find dead clients)
 
@@ -5295,150 +5346,6 @@ def _token_problem(token, tcp):
     return None
 
 
-class HttpHandler:
-    """The app that serves a manager over HTTP/1.1 with JSON bodies (the old gafferd's routes).
-
-    Args:
-        address: "host:port", ":port", a port number or "unix:/path"; port 0 picks
-            a free port, then found in ``port``.  The host defaults to 127.0.0.1.
-        token: when set, every request needs ``Authorization: Bearer <token>``.
-            Serving an address other than loopback without a token is refused.  A
-            token is visible ASCII (33 to 126), at least 16 characters over TCP.
-        max_body: largest request body in bytes (413 past it).
-        allowed_hosts: host names accepted in the ``Host`` header besides the bound
-            address, ``localhost`` and loopback IPs (any other name is a DNS-rebinding
-            attempt: 403).  A unix socket accepts any Host.
-        allowed_origins: origins (``"https://ops.example"``) whose browser requests are
-            accepted; a request with any other ``Origin`` than the server's own is 403.
-        max_connections: connections served at once; more wait in the listen backlog.
-        request_timeout: seconds a client has to send a request (line, headers and
-            body), and the longest a keep-alive connection may stay idle.
-        on_change: called as ``on_change(method, path, body)`` on the request's thread
-            after each request that changed something succeeded, before its answer (``serve --state``).
-
-    Use: ``manager.start(apps=[HttpHandler("127.0.0.1:4999")])``.
-
-    Raises:
-        ValueError: a bad address, token or limit, or a public address without a token.
-    """
-
-    def __init__(self, address=_DEFAULT_HTTP, token=None, max_body=1 << 20, allowed_hosts=(),
-                 allowed_origins=(), max_connections=64, request_timeout=10.0, on_change=None):
-        self.family, self.address = _parse_address(address)
-        problem = None if token is None else _token_problem(token, self.family != socket.AF_UNIX)
-        if problem is not None:
-            raise ValueError("token %s" % problem)
-        if self.family != socket.AF_UNIX and not _is_loopback(self.address[0]) and not token:
-            raise ValueError("refusing to serve %r without a token: anyone who reaches it could run commands; "
-                             "give token=... or bind 127.0.0.1" % (address,))
-        self.token = token
-        self.max_body = _int_setting("max_body", max_body, 0)
-        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in _strings("allowed_hosts", allowed_hosts))
-        self.allowed_origins = frozenset(o.lower().rstrip("/") for o in _strings("allowed_origins", allowed_origins))
-        self.max_connections = _int_setting("max_connections", max_connections, 1, 10000)
-        self.request_timeout = _float_setting("request_timeout", request_timeout, 0.001)
-        self.on_change = on_change
-        self.port = None
-        self.manager = None
-        self._auth = ("Bearer %s" % token).encode() if token else None
-        self._server = None
-        self._loop = None
-        # _lock guards _serving, _connections and _streams: handler threads change them, stop() reads them.
-        self._lock = threading.Lock()
-        self._serving = 0           # connections being served (a thread each)
-        self._connections = set()   # their request handlers
-        self._streams = set()
-        self._paused = False  # loop thread: not accepting while max_connections are served
-
-    def __repr__(self):
-        return "<HttpHandler %s%s>" % (self.url, "" if self._server else " stopped")
-
-    @property
-    def url(self):
-        """The base URL to reach the server (``unix:/path`` for a unix socket)."""
-        if self.family == socket.AF_UNIX:
-            return "unix:" + self.address
-        host = self.address[0]
-        return "http://%s:%s" % ("[%s]" % host if ":" in host else host, self.port or self.address[1])
-
-    def start(self, loop, manager):
-        """Bind the address (errors raise here) and accept on the loop."""
-        self.manager, self._loop = manager, loop
-        server = _http_classes()[0](self.family, self.address, self)
-        server.socket.setblocking(False)
-        self._server = server
-        if self.family != socket.AF_UNIX:
-            self.port = server.server_address[1]
-        loop.call(loop.set_events, server.socket, selectors.EVENT_READ, self._on_accept)
-        _log.info("serving HTTP on %s", self.url)
-
-    def stop(self):
-        """Stop accepting, end every event stream and close every connection (loop thread)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        if not self._paused:
-            self._loop.set_events(server.socket, 0)
-        server.server_close()
-        if self.family == socket.AF_UNIX:
-            try:
-                os.unlink(self.address)
-            except OSError:
-                pass
-        with self._lock:
-            streams, connections = list(self._streams), list(self._connections)
-        for channel in streams:
-            channel.close()  # the stream sends what was queued, then ends
-        for handler in connections:
-            if not handler.streaming:  # wake a keep-alive connection waiting for its next request
-                try:
-                    handler.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def restart(self):
-        """Nothing to do: the routes read the manager afresh on every request."""
-
-    def _on_accept(self, mask):
-        """Accept what waits, up to max_connections served at once; past that, leave them in the backlog."""
-        while self._server is not None:
-            with self._lock:
-                if self._serving >= self.max_connections:
-                    self._loop.set_events(self._server.socket, 0)
-                    self._paused = True
-                    return
-            try:
-                request, client = self._server.get_request()
-            except OSError:  # nothing more waits, or the client left between select and accept
-                return
-            request.setblocking(True)
-            self._server.process_request(request, client)
-
-    def _on_connection_closed(self):
-        """A handler thread ended (loop thread): accept again if the cap had stopped it."""
-        if self._paused and self._server is not None:
-            self._paused = False
-            self._loop.set_events(self._server.socket, selectors.EVENT_READ, self._on_accept)
-            self._on_accept(selectors.EVENT_READ)
-
-    def _host_allowed(self, host):
-        """Whether a Host header names this server, not a name rebound to it by someone's DNS."""
-        if self.family == socket.AF_UNIX or host is None:  # HTTP/1.0 clients send none; browsers always do
-            return True
-        host = host.strip().lower()
-        name = host[1:host.find("]")] if host.startswith("[") else host.rpartition(":")[0] if ":" in host else host
-        name = name.rstrip(".")
-        if name in self.allowed_hosts or name == self.address[0].lower() or _is_loopback(name):
-            return True
-        # Bound to every address: an IP literal is one of ours (rebinding always goes through a name).
-        return self.address[0] in ("0.0.0.0", "::", "") and _is_ip(name)
-
-    def _origin_allowed(self, origin, host):
-        """Whether a browser's Origin is the server's own page or one the user allows."""
-        origin = origin.strip().lower().rstrip("/")
-        return origin in self.allowed_origins or (host is not None and origin == "http://" + host.strip().lower())
-
-
 def _strings(setting, values):
     if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
         raise ValueError("%s must be a list of non-empty str, got %r" % (setting, values))
@@ -5454,7 +5361,8 @@ def _is_ip(text):
     return True
 
 
-# -- server and connections: bounded in number and in time, answered in JSON
+# -- HTTP server and connections: bounded in number and in time, answered in JSON ------------------
+# The listening socket on the loop's selector, a thread per connection, a deadline per request.
 
 class _Server:
     """The listening half of the HTTP app, mixed into http.server.HTTPServer by _http_classes()."""
@@ -5535,6 +5443,12 @@ def _route(method, pattern, body=None):
     return register
 
 
+class _MethodNotAllowed(ProcessError):
+    def __init__(self, allowed):
+        super().__init__(405, "method not allowed; use %s" % ", ".join(allowed))
+        self.allowed = allowed
+
+
 def _find_route(method, path):
     """(function, path groups, content type of its body or None) of a request."""
     allowed = []
@@ -5547,12 +5461,6 @@ def _find_route(method, path):
     if allowed:
         raise _MethodNotAllowed(allowed)
     raise ProcessNotFound("no route for %s %s" % (method, path))
-
-
-class _MethodNotAllowed(ProcessError):
-    def __init__(self, allowed):
-        super().__init__(405, "method not allowed; use %s" % ", ".join(allowed))
-        self.allowed = allowed
 
 
 # Exceptions -> HTTP status, in one place: what the manager refuses keeps its errno.
@@ -5818,21 +5726,6 @@ class _RequestHandler:
 
 
 @functools.lru_cache(maxsize=None)
-def _dashboard():
-    """The page's bytes and its Content-Security-Policy: nothing but its own script and style (by hash),
-    and requests to this server."""
-    import base64
-    import hashlib
-
-    def digest(tag):
-        body = _DASHBOARD.split("<%s>" % tag, 1)[1].split("</%s>" % tag, 1)[0]
-        return "'sha256-%s'" % base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
-    policy = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; img-src 'self'; "
-              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'" % (digest("script"), digest("style")))
-    return _DASHBOARD.encode(), policy
-
-
-@functools.lru_cache(maxsize=None)
 def _http_classes():
     """(server class, request handler class), built on first use: embedders who never serve HTTP
     never import http.server, socketserver and email."""
@@ -5848,7 +5741,156 @@ def _http_classes():
     return HttpServer, HttpRequestHandler
 
 
-# -- routes: each calls the public, thread-safe Manager API
+# -- HTTP app (HttpHandler) ------------------------------------------------------------------------
+# What an embedder starts: the address, the token, the allowed hosts; it runs the server above on
+# the manager's loop.
+
+class HttpHandler:
+    """The app that serves a manager over HTTP/1.1 with JSON bodies (the old gafferd's routes).
+
+    Args:
+        address: "host:port", ":port", a port number or "unix:/path"; port 0 picks
+            a free port, then found in ``port``.  The host defaults to 127.0.0.1.
+        token: when set, every request needs ``Authorization: Bearer <token>``.
+            Serving an address other than loopback without a token is refused.  A
+            token is visible ASCII (33 to 126), at least 16 characters over TCP.
+        max_body: largest request body in bytes (413 past it).
+        allowed_hosts: host names accepted in the ``Host`` header besides the bound
+            address, ``localhost`` and loopback IPs (any other name is a DNS-rebinding
+            attempt: 403).  A unix socket accepts any Host.
+        allowed_origins: origins (``"https://ops.example"``) whose browser requests are
+            accepted; a request with any other ``Origin`` than the server's own is 403.
+        max_connections: connections served at once; more wait in the listen backlog.
+        request_timeout: seconds a client has to send a request (line, headers and
+            body), and the longest a keep-alive connection may stay idle.
+        on_change: called as ``on_change(method, path, body)`` on the request's thread
+            after each request that changed something succeeded, before its answer (``serve --state``).
+
+    Use: ``manager.start(apps=[HttpHandler("127.0.0.1:4999")])``.
+
+    Raises:
+        ValueError: a bad address, token or limit, or a public address without a token.
+    """
+
+    def __init__(self, address=_DEFAULT_HTTP, token=None, max_body=1 << 20, allowed_hosts=(),
+                 allowed_origins=(), max_connections=64, request_timeout=10.0, on_change=None):
+        self.family, self.address = _parse_address(address)
+        problem = None if token is None else _token_problem(token, self.family != socket.AF_UNIX)
+        if problem is not None:
+            raise ValueError("token %s" % problem)
+        if self.family != socket.AF_UNIX and not _is_loopback(self.address[0]) and not token:
+            raise ValueError("refusing to serve %r without a token: anyone who reaches it could run commands; "
+                             "give token=... or bind 127.0.0.1" % (address,))
+        self.token = token
+        self.max_body = _int_setting("max_body", max_body, 0)
+        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in _strings("allowed_hosts", allowed_hosts))
+        self.allowed_origins = frozenset(o.lower().rstrip("/") for o in _strings("allowed_origins", allowed_origins))
+        self.max_connections = _int_setting("max_connections", max_connections, 1, 10000)
+        self.request_timeout = _float_setting("request_timeout", request_timeout, 0.001)
+        self.on_change = on_change
+        self.port = None
+        self.manager = None
+        self._auth = ("Bearer %s" % token).encode() if token else None
+        self._server = None
+        self._loop = None
+        # _lock guards _serving, _connections and _streams: handler threads change them, stop() reads them.
+        self._lock = threading.Lock()
+        self._serving = 0           # connections being served (a thread each)
+        self._connections = set()   # their request handlers
+        self._streams = set()
+        self._paused = False  # loop thread: not accepting while max_connections are served
+
+    def __repr__(self):
+        return "<HttpHandler %s%s>" % (self.url, "" if self._server else " stopped")
+
+    @property
+    def url(self):
+        """The base URL to reach the server (``unix:/path`` for a unix socket)."""
+        if self.family == socket.AF_UNIX:
+            return "unix:" + self.address
+        host = self.address[0]
+        return "http://%s:%s" % ("[%s]" % host if ":" in host else host, self.port or self.address[1])
+
+    def start(self, loop, manager):
+        """Bind the address (errors raise here) and accept on the loop."""
+        self.manager, self._loop = manager, loop
+        server = _http_classes()[0](self.family, self.address, self)
+        server.socket.setblocking(False)
+        self._server = server
+        if self.family != socket.AF_UNIX:
+            self.port = server.server_address[1]
+        loop.call(loop.set_events, server.socket, selectors.EVENT_READ, self._on_accept)
+        _log.info("serving HTTP on %s", self.url)
+
+    def stop(self):
+        """Stop accepting, end every event stream and close every connection (loop thread)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        if not self._paused:
+            self._loop.set_events(server.socket, 0)
+        server.server_close()
+        if self.family == socket.AF_UNIX:
+            try:
+                os.unlink(self.address)
+            except OSError:
+                pass
+        with self._lock:
+            streams, connections = list(self._streams), list(self._connections)
+        for channel in streams:
+            channel.close()  # the stream sends what was queued, then ends
+        for handler in connections:
+            if not handler.streaming:  # wake a keep-alive connection waiting for its next request
+                try:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def restart(self):
+        """Nothing to do: the routes read the manager afresh on every request."""
+
+    def _on_accept(self, mask):
+        """Accept what waits, up to max_connections served at once; past that, leave them in the backlog."""
+        while self._server is not None:
+            with self._lock:
+                if self._serving >= self.max_connections:
+                    self._loop.set_events(self._server.socket, 0)
+                    self._paused = True
+                    return
+            try:
+                request, client = self._server.get_request()
+            except OSError:  # nothing more waits, or the client left between select and accept
+                return
+            request.setblocking(True)
+            self._server.process_request(request, client)
+
+    def _on_connection_closed(self):
+        """A handler thread ended (loop thread): accept again if the cap had stopped it."""
+        if self._paused and self._server is not None:
+            self._paused = False
+            self._loop.set_events(self._server.socket, selectors.EVENT_READ, self._on_accept)
+            self._on_accept(selectors.EVENT_READ)
+
+    def _host_allowed(self, host):
+        """Whether a Host header names this server, not a name rebound to it by someone's DNS."""
+        if self.family == socket.AF_UNIX or host is None:  # HTTP/1.0 clients send none; browsers always do
+            return True
+        host = host.strip().lower()
+        name = host[1:host.find("]")] if host.startswith("[") else host.rpartition(":")[0] if ":" in host else host
+        name = name.rstrip(".")
+        if name in self.allowed_hosts or name == self.address[0].lower() or _is_loopback(name):
+            return True
+        # Bound to every address: an IP literal is one of ours (rebinding always goes through a name).
+        return self.address[0] in ("0.0.0.0", "::", "") and _is_ip(name)
+
+    def _origin_allowed(self, origin, host):
+        """Whether a browser's Origin is the server's own page or one the user allows."""
+        origin = origin.strip().lower().rstrip("/")
+        return origin in self.allowed_origins or (host is not None and origin == "http://" + host.strip().lower())
+
+
+# -- HTTP routes: each calls the public, thread-safe Manager API -----------------------------------
+# One function per method and path, in a table; each runs on its connection's thread.
 
 @_route("GET", "/")
 def _http_index(req, m):
@@ -6074,9 +6116,9 @@ def _http_process_logs(req, m, pid):
     return 200, {"lines": process.tail(label, _query_count(req, "lines", 100))}
 
 
-# -- Procfile and command line -------------------------------------------------------
-# Procfile and .env parsing, the foreground runner (start, run), the daemon
-# (serve), the HTTP client commands and the exporters.  Main thread only.
+# -- Procfile and the foreground runner (start, run) -----------------------------------------------
+# Procfile and .env parsing, the token and manager of a command, and the foreground
+# runner (start, run).  This and every command-line section: main thread only.
 
 class _UsageError(Exception):
     """Bad input from the user: a file, a flag, a value.  Printed as one line; exit code 2."""
@@ -6085,6 +6127,38 @@ class _UsageError(Exception):
 class _Failure(Exception):
     """A failure at run time: the server unreachable, a request refused, an address in use.
     Printed as one line; exit code 1."""
+
+
+def _int_text(setting, text):
+    """An int from the command line or an INI file: one line that says so where it is none."""
+    if not _is_number(text.strip().lstrip("+-")) or text.strip()[:1] == "+":
+        raise ValueError("%s must be an integer, got %r" % (setting, text))
+    return int(text)
+
+
+def _port_text(text):
+    return _int_setting("port", _int_text("port", text), 1, 65535)
+
+
+def _copies_text(text):
+    return _int_setting("copies", _int_text("copies", text), 1, 1000)
+
+
+def _lines_text(text):
+    return _int_setting("lines", _int_text("lines", text), 0, 1 << 20)
+
+
+def _seconds_text(text):
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError("seconds must be a number, got %r" % text) from None
+    return _float_setting("seconds", seconds, 0)
+
+
+def _address_text(text):
+    _parse_address(text)
+    return text
 
 
 _PROCFILE_LINE = r"([A-Za-z0-9_-]+)\s*:\s*(.*\S)\s*"
@@ -6181,7 +6255,7 @@ def _shown_name(msg):
     name = msg["name"]
     name = name[len(_DEFAULT_SESSION) + 1:] if name.startswith(_DEFAULT_SESSION + ".") else name
     if msg.get("slot"):
-        return "%s.%d" % (name, msg["slot"])
+        return _slot_label(name, msg["slot"])
     return "%s (pid %d)" % (name, msg["pid"]) if "pid" in msg else name
 
 
@@ -6232,6 +6306,83 @@ class _Printer:
             on_broken()
 
 
+_warned = set()  # what this command has warned about on stderr already
+
+
+def _warn_once(text):
+    if text not in _warned:
+        _warned.add(text)
+        print("gaffer: warning: %s" % text, file=sys.stderr)
+
+
+def _read_token_file(path, what):
+    """The token a file holds, without its one trailing newline; a file others can read is warned about."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+            mode = os.fstat(f.fileno()).st_mode
+    except OSError as exc:
+        raise _UsageError("%s %s: %s" % (what, path, exc.strerror or exc)) from None
+    text = data.decode("utf-8", "replace")
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text:
+        raise _UsageError("%s %s is empty" % (what, path))
+    if mode & 0o044:
+        _warn_once("token file %s can be read by other users (mode %04o); chmod 600 it" % (path, mode & 0o7777))
+    return text
+
+
+def _cli_token(args, configured=None):
+    """The bearer token of a command: --token-file, --token (which every local user can read in ps:
+    warned about once), the config's token or token_file, then $GAFFER_TOKEN; None for no token."""
+    if args.token_file is not None and args.token is not None:
+        raise _UsageError("give --token or --token-file, not both")
+    if args.token_file is not None:
+        return _read_token_file(args.token_file, "--token-file")
+    if args.token is not None:
+        _warn_once("--token is visible to every user of this machine (ps, /proc/PID/cmdline); "
+                   "give --token-file FILE or $GAFFER_TOKEN instead")
+        return args.token
+    return configured or os.environ.get("GAFFER_TOKEN") or None
+
+
+def _http_app(args, address=None, token=None):
+    """The HTTP app of a serving command: its --http, token and --allow-host over the config's.  The
+    server keeps the token; $GAFFER_TOKEN leaves the environment, so nothing started from here has it."""
+    token = _cli_token(args, token)
+    os.environ.pop("GAFFER_TOKEN", None)
+    try:
+        return HttpHandler(args.http or address or _DEFAULT_HTTP, token, allowed_hosts=args.allow_host or ())
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _cli_manager(args):
+    """The commands' manager: guarded, and in init mode (--init, or as PID 1) a subreaper of everything."""
+    return Manager(subreaper="init" if args.init or os.getpid() == 1 else False)
+
+
+def _forward_signals(manager, signals):
+    """SIGUSR1 reopens the log files (after a logrotate); in init mode, these signals, sent to gaffer,
+    also go on to every process it runs."""
+    def on_signal(signum, frame):
+        if signum == signal.SIGUSR1:
+            manager.loop.call_soon_threadsafe(manager.reopen_logs)
+        if manager.subreaper == "init":
+            manager.loop.call_soon_threadsafe(manager._containment.forward, signum)
+    for signum in signals:
+        if manager.subreaper == "init" or signum == signal.SIGUSR1:
+            signal.signal(signum, on_signal)
+
+
+def _start(manager, app):
+    """Start the manager, with the HTTP app if any; an address in use is one line, not a traceback."""
+    try:
+        manager.start([app] if app else [])
+    except OSError as exc:
+        raise _Failure("cannot serve on %s: %s" % (app.url, exc.strerror or exc)) from None
+
+
 def _quiet_names(text, names):
     """The names -q lists (comma-separated), whose output is hidden; each must be one of names."""
     quiet = {name.strip() for name in (text or "").split(",") if name.strip()}
@@ -6247,7 +6398,7 @@ def _run_foreground(configs, args, keep_alive):
     configs: [(session, ProcessConfig)]; each process shows as job.slot (web.1).
     Returns the exit code: 0 when stopped on request, else the first process's that exited on its own.
     """
-    names = ["%s.%d" % (config.name, n) for _, config in configs for n in range(1, config.numprocesses + 1)]
+    names = [_slot_label(config.name, n) for _, config in configs for n in range(1, config.numprocesses + 1)]
     manager = _cli_manager(args)
     asked, first_exit = set(), []
 
@@ -6283,12 +6434,12 @@ def _run_foreground(configs, args, keep_alive):
     def load_all():  # inside run(): a Ctrl-C while the first processes start already stops them
         try:
             for session, config in configs:
-                name = "%s.%s" % (session, config.name)
+                name = _job_name(session, config.name)
                 manager.load(config, sessionid=session, start=False)
                 if config.name not in quiet:
                     channel = manager.subscribe("LOGS:" + name)  # its lines, from the very first
                     channel.bind("line", lambda evtype, msg, job=config.name: printer.line(
-                        "%s.%d" % (job, msg["slot"]), msg["line"]))
+                        _slot_label(job, msg["slot"]), msg["line"]))
                 manager.start_job(name)
         except ProcessError as exc:
             printer.line("system", str(exc))
@@ -6300,103 +6451,6 @@ def _run_foreground(configs, args, keep_alive):
 
     manager.run(on_start=load_all)
     return first_exit[0] if first_exit else 0
-
-
-def _http_app(args, address=None, token=None):
-    """The HTTP app of a serving command: its --http, token and --allow-host over the config's.  The
-    server keeps the token; $GAFFER_TOKEN leaves the environment, so nothing started from here has it."""
-    token = _cli_token(args, token)
-    os.environ.pop("GAFFER_TOKEN", None)
-    try:
-        return HttpHandler(args.http or address or _DEFAULT_HTTP, token, allowed_hosts=args.allow_host or ())
-    except ValueError as exc:
-        raise _UsageError(str(exc)) from None
-
-
-_warned = set()  # what this command has warned about on stderr already
-
-
-def _warn_once(text):
-    if text not in _warned:
-        _warned.add(text)
-        print("gaffer: warning: %s" % text, file=sys.stderr)
-
-
-def _cli_token(args, configured=None):
-    """The bearer token of a command: --token-file, --token (which every local user can read in ps:
-    warned about once), the config's token or token_file, then $GAFFER_TOKEN; None for no token."""
-    if args.token_file is not None and args.token is not None:
-        raise _UsageError("give --token or --token-file, not both")
-    if args.token_file is not None:
-        return _read_token_file(args.token_file, "--token-file")
-    if args.token is not None:
-        _warn_once("--token is visible to every user of this machine (ps, /proc/PID/cmdline); "
-                   "give --token-file FILE or $GAFFER_TOKEN instead")
-        return args.token
-    return configured or os.environ.get("GAFFER_TOKEN") or None
-
-
-def _read_token_file(path, what):
-    """The token a file holds, without its one trailing newline; a file others can read is warned about."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-            mode = os.fstat(f.fileno()).st_mode
-    except OSError as exc:
-        raise _UsageError("%s %s: %s" % (what, path, exc.strerror or exc)) from None
-    text = data.decode("utf-8", "replace")
-    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
-    if not text:
-        raise _UsageError("%s %s is empty" % (what, path))
-    if mode & 0o044:
-        _warn_once("token file %s can be read by other users (mode %04o); chmod 600 it" % (path, mode & 0o7777))
-    return text
-
-
-def _cli_manager(args):
-    """The commands' manager: guarded, and in init mode (--init, or as PID 1) a subreaper of everything."""
-    return Manager(subreaper="init" if args.init or os.getpid() == 1 else False)
-
-
-def _forward_signals(manager, signals):
-    """SIGUSR1 reopens the log files (after a logrotate); in init mode, these signals, sent to gaffer,
-    also go on to every process it runs."""
-    def on_signal(signum, frame):
-        if signum == signal.SIGUSR1:
-            manager.loop.call_soon_threadsafe(manager.reopen_logs)
-        if manager.subreaper == "init":
-            manager.loop.call_soon_threadsafe(manager._containment.forward, signum)
-    for signum in signals:
-        if manager.subreaper == "init" or signum == signal.SIGUSR1:
-            signal.signal(signum, on_signal)
-
-
-def _start(manager, app):
-    """Start the manager, with the HTTP app if any; an address in use is one line, not a traceback."""
-    try:
-        manager.start([app] if app else [])
-    except OSError as exc:
-        raise _Failure("cannot serve on %s: %s" % (app.url, exc.strerror or exc)) from None
-
-
-def _read_procfile(args):
-    """What start and export read: the Procfile's directory, its .env (-e, several with commas), and its
-    types as [(name, command, count, first $PORT)], numbered as honcho does: 5000, 5001 for web, 5100 for
-    the next type."""
-    env = _dotenv(args)
-    procfile = os.path.abspath(_procfile_path(args, env))
-    entries = _parse_procfile(procfile)
-    counts = _parse_concurrency(args.concurrency, [name for name, _ in entries])
-    base = _base_port(args, env)
-    types = []
-    for index, (name, command) in enumerate(entries):
-        count, port = counts.get(name, 1), base + 100 * index
-        last = max(count, 1)
-        if port + last - 1 > 65535:
-            raise _UsageError("%s %d: %s.%d would get $PORT %d, past 65535" % (
-                "-p" if args.port is not None else "PORT", base, name, last, port + last - 1))
-        types.append((name, command, count, port))
-    return os.path.dirname(procfile), env, types
 
 
 def _dotenv(args):
@@ -6424,6 +6478,26 @@ def _base_port(args, env):
                 raise _UsageError("PORT in %s must be a port from 1 to 65535, got %r" % (where, value))
             return int(value)
     return 5000
+
+
+def _read_procfile(args):
+    """What start and export read: the Procfile's directory, its .env (-e, several with commas), and its
+    types as [(name, command, count, first $PORT)], numbered as honcho does: 5000, 5001 for web, 5100 for
+    the next type."""
+    env = _dotenv(args)
+    procfile = os.path.abspath(_procfile_path(args, env))
+    entries = _parse_procfile(procfile)
+    counts = _parse_concurrency(args.concurrency, [name for name, _ in entries])
+    base = _base_port(args, env)
+    types = []
+    for index, (name, command) in enumerate(entries):
+        count, port = counts.get(name, 1), base + 100 * index
+        last = max(count, 1)
+        if port + last - 1 > 65535:
+            raise _UsageError("%s %d: %s.%d would get $PORT %d, past 65535" % (
+                "-p" if args.port is not None else "PORT", base, name, last, port + last - 1))
+        types.append((name, command, count, port))
+    return os.path.dirname(procfile), env, types
 
 
 def _procfile_configs(args):
@@ -6488,44 +6562,8 @@ def _cmd_run(args):
     return _run_foreground([(_DEFAULT_SESSION, config)], args, keep_alive=True)
 
 
-def _cannot_start(config):
-    """Why a job's processes cannot start here now (a missing cwd or program), or None: what check -c warns of.
-    The program is looked up as Popen looks it up: relative to cwd, or in the PATH of the process's environment."""
-    if config.cwd is not None and not os.path.isdir(config.cwd):
-        return "its cwd %s is not a directory" % config.cwd
-    program = "/bin/sh" if config.shell else shlex.split(config.cmd)[0]
-    if "$" in program:
-        return None  # known at spawn only
-    if "/" in program:
-        path = os.path.join(config.cwd or ".", program)
-        found = os.path.isfile(path) and os.access(path, os.X_OK)
-    else:
-        import shutil
-        found = shutil.which(program, path=_child_env(config).get("PATH", os.defpath)) is not None
-    return None if found else "its program %s is not found%s" % (program, "" if "/" in program else " in its PATH")
-
-
-def _cmd_check(args):
-    if args.config:
-        configs = _read_config(args.config)[0]
-        print("valid config %s: %d job%s" % (args.config, len(configs), "s" if len(configs) != 1 else ""))
-        for session, config in configs:
-            after = " (after %s)" % ", ".join(config.depends_on) if config.depends_on else ""
-            print("  %s.%s: %s%s" % (session, config.name, config.cmd, after))
-            problem = _cannot_start(config)
-            if problem is not None:  # a warning: a mount or a binary may be there when it runs
-                print("gaffer: warning: %s.%s cannot start here now: %s" % (session, config.name, problem),
-                      file=sys.stderr)
-        return 0
-    procfile = _procfile_path(args, _dotenv(args))
-    entries = _parse_procfile(procfile)
-    print("valid Procfile %s: %d process type%s" % (procfile, len(entries), "s" if len(entries) > 1 else ""))
-    for name, command in entries:
-        print("  %s: %s" % (name, command))
-    return 0
-
-
-# -- serve: a daemon from a config file
+# -- serve: a daemon from a config file ------------------------------------------------------------
+# Its config file (INI or JSON), its state file, its pidfile, the daemon itself, and check -c.
 
 _CONFIG_TYPES = {f.name: f.type for f in dataclasses.fields(ProcessConfig)}
 
@@ -6562,34 +6600,29 @@ def _ini_value(key, text):
     return text
 
 
-def _read_config(path):
-    """Read a JSON or INI daemon config: ([(session, ProcessConfig)], http address or None, token or None).
+def _config_token(path, token, token_file):
+    """A config's token: given as it is, or read from token_file (relative to the config's directory)."""
+    if token is not None and token_file is not None:
+        raise _UsageError("%s: give token or token_file, not both" % path)
+    if token_file is None:
+        if token is not None and not isinstance(token, str):
+            raise _UsageError("%s: token must be a str" % path)
+        return token
+    if not isinstance(token_file, str) or not token_file:
+        raise _UsageError("%s: token_file must be a path" % path)
+    return _read_token_file(os.path.join(os.path.dirname(path), token_file), "%s: token_file" % path)
 
-    Errors are _UsageError("path: where: reason").
-    """
-    jobs, http, token = _read_jobs(path, ())
-    return _validate_config(path, jobs, http), http, token
 
-
-def _read_jobs(path, including):
-    """([(session, ProcessConfig, file)], http, token) of a config file and of those it includes: its
-    `include` globs (a JSON list, or a line in [gaffer]) are relative to its directory."""
-    text = _read_text(path, "config file")
-    if path.endswith(".json") or text.lstrip().startswith("{"):
-        configs, http, token, include = _read_json_config(path, text)
-    else:
-        configs, http, token, include = _read_ini_config(path, text)
-    jobs = [(session, config, path) for session, config in configs]
-    for pattern in include:
-        import glob
-        found = sorted(glob.glob(os.path.join(os.path.dirname(path), pattern)))
-        if not found and not re.search(r"[*?[]", pattern):  # a file named outright must be there
-            raise _UsageError("%s: include: cannot read %s" % (path, pattern))
-        for other in found:
-            if os.path.realpath(other) in including + (os.path.realpath(path),):
-                raise _UsageError("%s: include: %s includes %s again" % (path, other, path))
-            jobs += _read_jobs(other, including + (os.path.realpath(path),))[0]
-    return jobs, http, token
+def _json_job(job, where):
+    """(session, ProcessConfig) of a JSON job: a ProcessConfig object with an optional "session"."""
+    try:
+        if not isinstance(job, dict):
+            raise ValueError("a job must be a JSON object, got %r" % (job,))
+        job = dict(job)
+        session = _valid_name("session", job.pop("session", _DEFAULT_SESSION))
+        return session, ProcessConfig.from_dict(job)
+    except (TypeError, ValueError) as exc:
+        raise _UsageError("%s: %s" % (where, exc)) from None
 
 
 def _read_json_config(path, text):
@@ -6667,17 +6700,25 @@ def _read_ini_config(path, text):
     return configs, http, token, include
 
 
-def _config_token(path, token, token_file):
-    """A config's token: given as it is, or read from token_file (relative to the config's directory)."""
-    if token is not None and token_file is not None:
-        raise _UsageError("%s: give token or token_file, not both" % path)
-    if token_file is None:
-        if token is not None and not isinstance(token, str):
-            raise _UsageError("%s: token must be a str" % path)
-        return token
-    if not isinstance(token_file, str) or not token_file:
-        raise _UsageError("%s: token_file must be a path" % path)
-    return _read_token_file(os.path.join(os.path.dirname(path), token_file), "%s: token_file" % path)
+def _read_jobs(path, including):
+    """([(session, ProcessConfig, file)], http, token) of a config file and of those it includes: its
+    `include` globs (a JSON list, or a line in [gaffer]) are relative to its directory."""
+    text = _read_text(path, "config file")
+    if path.endswith(".json") or text.lstrip().startswith("{"):
+        configs, http, token, include = _read_json_config(path, text)
+    else:
+        configs, http, token, include = _read_ini_config(path, text)
+    jobs = [(session, config, path) for session, config in configs]
+    for pattern in include:
+        import glob
+        found = sorted(glob.glob(os.path.join(os.path.dirname(path), pattern)))
+        if not found and not re.search(r"[*?[]", pattern):  # a file named outright must be there
+            raise _UsageError("%s: include: cannot read %s" % (path, pattern))
+        for other in found:
+            if os.path.realpath(other) in including + (os.path.realpath(path),):
+                raise _UsageError("%s: include: %s includes %s again" % (path, other, path))
+            jobs += _read_jobs(other, including + (os.path.realpath(path),))[0]
+    return jobs, http, token
 
 
 def _validate_config(path, jobs, http):
@@ -6690,7 +6731,7 @@ def _validate_config(path, jobs, http):
             raise _UsageError("%s: http: %s" % (path, exc)) from None
     graph, files = {}, {}
     for session, config, origin in jobs:
-        name = "%s.%s" % (session, config.name)
+        name = _job_name(session, config.name)
         if name in graph:
             again = "" if origin == files[name] else " (in %s and %s)" % (files[name], origin)
             raise _UsageError("%s: job %s is defined twice%s" % (path, name, again))
@@ -6708,22 +6749,56 @@ def _validate_config(path, jobs, http):
     return configs
 
 
-def _json_job(job, where):
-    """(session, ProcessConfig) of a JSON job: a ProcessConfig object with an optional "session"."""
-    try:
-        if not isinstance(job, dict):
-            raise ValueError("a job must be a JSON object, got %r" % (job,))
-        job = dict(job)
-        session = _valid_name("session", job.pop("session", _DEFAULT_SESSION))
-        return session, ProcessConfig.from_dict(job)
-    except (TypeError, ValueError) as exc:
-        raise _UsageError("%s: %s" % (where, exc)) from None
+def _read_config(path):
+    """Read a JSON or INI daemon config: ([(session, ProcessConfig)], http address or None, token or None).
+
+    Errors are _UsageError("path: where: reason").
+    """
+    jobs, http, token = _read_jobs(path, ())
+    return _validate_config(path, jobs, http), http, token
+
+
+def _cannot_start(config):
+    """Why a job's processes cannot start here now (a missing cwd or program), or None: what check -c warns of.
+    The program is looked up as Popen looks it up: relative to cwd, or in the PATH of the process's environment."""
+    if config.cwd is not None and not os.path.isdir(config.cwd):
+        return "its cwd %s is not a directory" % config.cwd
+    program = "/bin/sh" if config.shell else shlex.split(config.cmd)[0]
+    if "$" in program:
+        return None  # known at spawn only
+    if "/" in program:
+        path = os.path.join(config.cwd or ".", program)
+        found = os.path.isfile(path) and os.access(path, os.X_OK)
+    else:
+        import shutil
+        found = shutil.which(program, path=_child_env(config).get("PATH", os.defpath)) is not None
+    return None if found else "its program %s is not found%s" % (program, "" if "/" in program else " in its PATH")
+
+
+def _cmd_check(args):
+    if args.config:
+        configs = _read_config(args.config)[0]
+        print("valid config %s: %d job%s" % (args.config, len(configs), "s" if len(configs) != 1 else ""))
+        for session, config in configs:
+            after = " (after %s)" % ", ".join(config.depends_on) if config.depends_on else ""
+            print("  %s.%s: %s%s" % (session, config.name, config.cmd, after))
+            problem = _cannot_start(config)
+            if problem is not None:  # a warning: a mount or a binary may be there when it runs
+                print("gaffer: warning: %s.%s cannot start here now: %s" % (session, config.name, problem),
+                      file=sys.stderr)
+        return 0
+    procfile = _procfile_path(args, _dotenv(args))
+    entries = _parse_procfile(procfile)
+    print("valid Procfile %s: %d process type%s" % (procfile, len(entries), "s" if len(entries) > 1 else ""))
+    for name, command in entries:
+        print("  %s: %s" % (name, command))
+    return 0
 
 
 def _apply_config(manager, configs, path):
     """Bring the manager to a config (SIGHUP): load new jobs, unload gone ones, update changed ones, leave
     the rest; then one line that counts and names each kind.  A job that fails is one error line."""
-    wanted = {"%s.%s" % (session, config.name): (session, config) for session, config in configs}
+    wanted = {_job_name(session, config.name): (session, config) for session, config in configs}
     done = {"loaded": [], "updated": [], "unloaded": []}
     for name in manager.jobs():
         if name not in wanted:
@@ -6744,6 +6819,45 @@ def _apply_config(manager, configs, path):
             _log.error("reload of %s: %s: %s", path, name, exc)
     _log.info("reloaded %s: %s", path, ", ".join(
         "%d %s%s" % (len(names), kind, " (%s)" % ", ".join(names) if names else "") for kind, names in done.items()))
+
+
+def _temporary_file(path, mode, data):
+    """A new file beside path holding data (synced): (fd, its path).  Its name is unpredictable and it is
+    created exclusively, never through a symlink (mkstemp: O_EXCL, O_NOFOLLOW), so nobody else can plant
+    or steer it; then it gets `mode`."""
+    import tempfile
+    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                     dir=os.path.dirname(path) or ".")
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temporary)
+        raise
+    return fd, temporary
+
+
+def _replace_file(path, data, mode):
+    """Write data to path atomically (a temporary file, then a rename): a reader never sees half of it."""
+    fd, temporary = _temporary_file(path, mode, data)
+    os.close(fd)
+    try:
+        os.replace(temporary, path)
+    except OSError:
+        os.unlink(temporary)
+        raise
+
+
+def _same_file(fd, path):
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 class _StateFile:
@@ -6812,7 +6926,7 @@ class _StateFile:
         the config file's version to fall back on if it cannot be loaded (a cycle against the current
         config, say): [(session, config, start, recorded, fallback or None)]."""
         recorded = self.read()
-        from_file = {"%s.%s" % (session, config.name): (session, config) for session, config in configs}
+        from_file = {_job_name(session, config.name): (session, config) for session, config in configs}
         plan = [(session, config, True, False, None) for name, (session, config) in from_file.items()
                 if name not in recorded]
         for name, entry in recorded.items():
@@ -6832,7 +6946,7 @@ class _StateFile:
                 job = _json_value(body)["name"]
             except (ValueError, KeyError, TypeError):
                 return
-        name = "%s.%s" % (session, job)
+        name = _job_name(session, job)
         with self._lock:
             try:
                 info = manager.info(name)
@@ -6844,45 +6958,6 @@ class _StateFile:
                 _replace_file(self.path, _json_text({"jobs": self.jobs}, indent=1, sort_keys=True).encode(), 0o600)
             except OSError as exc:
                 _log.error("cannot write state file %s: %s", self.path, exc.strerror or exc)
-
-
-def _temporary_file(path, mode, data):
-    """A new file beside path holding data (synced): (fd, its path).  Its name is unpredictable and it is
-    created exclusively, never through a symlink (mkstemp: O_EXCL, O_NOFOLLOW), so nobody else can plant
-    or steer it; then it gets `mode`."""
-    import tempfile
-    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                                     dir=os.path.dirname(path) or ".")
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(temporary)
-        raise
-    return fd, temporary
-
-
-def _replace_file(path, data, mode):
-    """Write data to path atomically (a temporary file, then a rename): a reader never sees half of it."""
-    fd, temporary = _temporary_file(path, mode, data)
-    os.close(fd)
-    try:
-        os.replace(temporary, path)
-    except OSError:
-        os.unlink(temporary)
-        raise
-
-
-def _same_file(fd, path):
-    try:
-        here, there = os.fstat(fd), os.stat(path)
-    except OSError:
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 class _Pidfile:
@@ -6997,6 +7072,60 @@ def _daemonize(log_fd):
     return tell
 
 
+def _serve(args, configs, app, state, on_ready):
+    manager = _cli_manager(args)
+    for event in ("spawn", "exit", "flap", "spawn_error", "stop_process", "reap"):  # as supervisord says them
+        manager.events.subscribe(event, lambda evtype, msg: _log.info("%s", _event_line(evtype, msg)))
+    _start(manager, app)
+
+    def reload_config():
+        try:
+            configs = _read_config(args.config)[0]
+        except _UsageError as exc:
+            _log.error("reload of %s failed: %s", args.config, exc)
+            return
+        _apply_config(manager, configs, args.config)
+
+    _forward_signals(manager, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))  # SIGHUP reloads the config
+    previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
+
+    def load(session, config, start):
+        try:  # a job of the file that cannot spawn stays, retried on its backoff: never lost in silence
+            manager.load(config, sessionid=session, start=start, retry=True)
+        except (ProcessError, ValueError, TypeError) as exc:  # a cycle, a limit this machine lacks...
+            return exc
+        return None
+
+    def load_all():  # inside run(): SIGTERM while loading stops what is loaded
+        # The recorded state goes in before the first spawn: a job stopped over the API never runs.
+        plan = state.plan(configs) if state else [(s, c, True, False, None) for s, c in configs]
+        try:
+            for session, config, start, recorded, fallback in plan:
+                error = load(session, config, start)
+                name = _job_name(session, config.name)
+                if error is not None and recorded:
+                    state.refused(name, error)  # the recorded entry is skipped: the config file's job, if any
+                    error = fallback and load(session, fallback, True)
+                if error is not None:
+                    problems.append("cannot load %s: %s" % (name, error))
+                    _log.error("%s", problems[-1])
+        except RuntimeError:  # stopped by a signal while loading
+            return
+        _log.info("ready: %d jobs from %s%s", len(configs), args.config,
+                  " and %d recorded in %s" % (len(state.jobs), state.path) if state else "")
+        problems.extend("%s could not start, and is retried: %s" % (job["name"], job["last_error"])
+                        for job in manager.status() if job["last_error"])
+        on_ready(problems + (state.problems if state else []))
+
+    problems = []
+
+    try:
+        manager.run(on_start=load_all)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    return 0
+
+
 def _cmd_serve(args):
     configs, http, token = _read_config(args.config)
     app = _http_app(args, http, token)
@@ -7035,61 +7164,8 @@ def _cmd_serve(args):
             pidfile.release()
 
 
-def _serve(args, configs, app, state, on_ready):
-    manager = _cli_manager(args)
-    for event in ("spawn", "exit", "flap", "spawn_error", "stop_process", "reap"):  # as supervisord says them
-        manager.events.subscribe(event, lambda evtype, msg: _log.info("%s", _event_line(evtype, msg)))
-    _start(manager, app)
-
-    def reload_config():
-        try:
-            configs = _read_config(args.config)[0]
-        except _UsageError as exc:
-            _log.error("reload of %s failed: %s", args.config, exc)
-            return
-        _apply_config(manager, configs, args.config)
-
-    _forward_signals(manager, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))  # SIGHUP reloads the config
-    previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
-
-    def load(session, config, start):
-        try:  # a job of the file that cannot spawn stays, retried on its backoff: never lost in silence
-            manager.load(config, sessionid=session, start=start, retry=True)
-        except (ProcessError, ValueError, TypeError) as exc:  # a cycle, a limit this machine lacks...
-            return exc
-        return None
-
-    def load_all():  # inside run(): SIGTERM while loading stops what is loaded
-        # The recorded state goes in before the first spawn: a job stopped over the API never runs.
-        plan = state.plan(configs) if state else [(s, c, True, False, None) for s, c in configs]
-        try:
-            for session, config, start, recorded, fallback in plan:
-                error = load(session, config, start)
-                name = "%s.%s" % (session, config.name)
-                if error is not None and recorded:
-                    state.refused(name, error)  # the recorded entry is skipped: the config file's job, if any
-                    error = fallback and load(session, fallback, True)
-                if error is not None:
-                    problems.append("cannot load %s: %s" % (name, error))
-                    _log.error("%s", problems[-1])
-        except RuntimeError:  # stopped by a signal while loading
-            return
-        _log.info("ready: %d jobs from %s%s", len(configs), args.config,
-                  " and %d recorded in %s" % (len(state.jobs), state.path) if state else "")
-        problems.extend("%s could not start, and is retried: %s" % (job["name"], job["last_error"])
-                        for job in manager.status() if job["last_error"])
-        on_ready(problems + (state.problems if state else []))
-
-    problems = []
-
-    try:
-        manager.run(on_start=load_all)
-    finally:
-        signal.signal(signal.SIGHUP, previous)
-    return 0
-
-
-# -- client commands: talk to a running gaffer over HTTP
+# -- Client commands: talk to a running gaffer over HTTP -------------------------------------------
+# ps, status, wait, scale, kill, load, unload, watch and logs, as JSON requests and event streams.
 
 class _Client:
     """A small HTTP client of the controller: JSON requests and Server-Sent Event streams."""
@@ -7181,13 +7257,17 @@ def _resolve_job(name, names):
     session's job, else the one job of that name in any session (ambiguous: an error naming each)."""
     if "." in name or "/" in name:
         return name.replace("/", ".", 1)
-    if "%s.%s" % (_DEFAULT_SESSION, name) in names:
-        return "%s.%s" % (_DEFAULT_SESSION, name)
+    if _job_name(_DEFAULT_SESSION, name) in names:
+        return _job_name(_DEFAULT_SESSION, name)
     matches = [full for full in names if full.partition(".")[2] == name]
     if len(matches) > 1:
         raise _UsageError("job %r is in %d sessions (%s); say which, as session.job"
                           % (name, len(matches), ", ".join(matches)))
-    return matches[0] if matches else "%s.%s" % (_DEFAULT_SESSION, name)  # unknown: the server says so
+    return matches[0] if matches else _job_name(_DEFAULT_SESSION, name)  # unknown: the server says so
+
+
+def _client(args):
+    return _Client(args.http or os.environ.get("GAFFER_HTTP") or _DEFAULT_HTTP, _cli_token(args))
 
 
 def _job_path(name, args):
@@ -7233,10 +7313,6 @@ def _process_pid(target, args):
                                                                     if p["slot"])) or "none"))
 
 
-def _client(args):
-    return _Client(args.http or os.environ.get("GAFFER_HTTP") or _DEFAULT_HTTP, _cli_token(args))
-
-
 def _print_json(value):
     print(_json_text(value, indent=2, sort_keys=True))
 
@@ -7278,7 +7354,7 @@ def _cmd_ps(args):
     table = [("JOB", "STATE", "PID", "OS_PID", "UPTIME", "CPU%", "MEM%", "RESTARTS", "LAST EXIT", "COMMAND")]
     for r in rows:
         running = r["pid"] is not None
-        name = "%s.%d" % (r["job"], r["slot"]) if r["slot"] else r["job"]
+        name = _slot_label(r["job"], r["slot"])
         table.append((name, r["state"],
                       str(r["pid"]) if running else "-", str(r["os_pid"]) if running else "-",
                       _uptime(r["create_time"]) if running else "-", str(r["cpu"]) if running else "-",
@@ -7323,6 +7399,14 @@ def _cmd_status(args):
     return 0
 
 
+def _process_ready(client, pid):
+    try:
+        info = client.request("GET", "/%d" % pid)
+    except _Failure:  # it exited meanwhile
+        return False
+    return info["ready"] and not info["committed"]
+
+
 def _cmd_wait(args):
     """Exit 0 once every counted process of the job is ready; 1 on timeout, or if the job stops or goes."""
     client, path = _client(args), _job_path(args.job, args)
@@ -7341,14 +7425,6 @@ def _cmd_wait(args):
                            % (info["name"], args.timeout, ready, info["max_processes"]))
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.2)
-
-
-def _process_ready(client, pid):
-    try:
-        info = client.request("GET", "/%d" % pid)
-    except _Failure:  # it exited meanwhile
-        return False
-    return info["ready"] and not info["committed"]
 
 
 def _cmd_scale(args):
@@ -7441,8 +7517,8 @@ def _cmd_logs(args):
             print(_json_text(row), flush=True)
             return
         label = "" if row["label"] == "out" else ":" + row["label"]
-        print("%s %s.%d%s | %s" % (time.strftime("%H:%M:%S", time.localtime(row["time"])), job, row["slot"], label,
-                                   row["line"]), flush=args.follow)
+        print("%s %s%s | %s" % (time.strftime("%H:%M:%S", time.localtime(row["time"])), _slot_label(job, row["slot"]),
+                                label, row["line"]), flush=args.follow)
     if not args.follow:
         for row in client.request("GET", path)["lines"]:
             show(row)
@@ -7456,7 +7532,7 @@ def _cmd_logs(args):
     return 0
 
 
-# -- export: unit files for a system manager
+# -- export: unit files for a system manager -------------------------------------------------------
 # One function per format, from the same instances; every value is escaped in that format's own way,
 # or refused with one line that names it.  Each runs the program itself (exec), so that the system
 # manager's stop signal reaches it, and what a shell command starts is stopped with it.
@@ -7635,39 +7711,8 @@ def _cmd_export(args):
     return 0
 
 
-# -- main
-
-def _int_text(setting, text):
-    """An int from the command line or an INI file: one line that says so where it is none."""
-    if not _is_number(text.strip().lstrip("+-")) or text.strip()[:1] == "+":
-        raise ValueError("%s must be an integer, got %r" % (setting, text))
-    return int(text)
-
-
-def _port_text(text):
-    return _int_setting("port", _int_text("port", text), 1, 65535)
-
-
-def _copies_text(text):
-    return _int_setting("copies", _int_text("copies", text), 1, 1000)
-
-
-def _lines_text(text):
-    return _int_setting("lines", _int_text("lines", text), 0, 1 << 20)
-
-
-def _seconds_text(text):
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ValueError("seconds must be a number, got %r" % text) from None
-    return _float_setting("seconds", seconds, 0)
-
-
-def _address_text(text):
-    _parse_address(text)
-    return text
-
+# -- main: the command line's parser ---------------------------------------------------------------
+# Every command and option in two tables, with a help text each, then main().
 
 def _cmd_version(args):
     print("gaffer.py %s" % __version__)
@@ -7872,7 +7917,7 @@ def main(argv=None):
         return 1
 
 
-# -- The dashboard: GET / from a browser ------------------------------------------------
+# -- The dashboard: GET / from a browser -----------------------------------------------------------
 # One page, no external asset, under a strict Content-Security-Policy (its script and style are
 # allowed by their hashes).  It uses the same API as any other client.
 
@@ -8131,6 +8176,21 @@ start();
 </body>
 </html>
 """
+
+
+@functools.lru_cache(maxsize=None)
+def _dashboard():
+    """The page's bytes and its Content-Security-Policy: nothing but its own script and style (by hash),
+    and requests to this server."""
+    import base64
+    import hashlib
+
+    def digest(tag):
+        body = _DASHBOARD.split("<%s>" % tag, 1)[1].split("</%s>" % tag, 1)[0]
+        return "'sha256-%s'" % base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+    policy = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; img-src 'self'; "
+              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'" % (digest("script"), digest("style")))
+    return _DASHBOARD.encode(), policy
 
 
 if __name__ == "__main__":

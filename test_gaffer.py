@@ -1166,7 +1166,7 @@ class OutputTest(ManagerTestCase):
 
         self.m.events.subscribe("spawn", lambda e, msg: self.m.get_process(msg["pid"]).monitor_io("out", bad))
         with self.assertLogs("gaffer", logging.ERROR):
-            self.load("w", code=code, redirect_output=["out"])
+            self.load("w", code=code, redirect_output=["out"], restart="never")  # no respawn raising later
             self.rec.wait_for("exit", pid=1)
         self.assertTrue(self.output[1].endswith(b"49,"))
 
@@ -4971,8 +4971,8 @@ class ExportTest(CommandLineTestCase):
             with self.subTest(service=service):
                 directory = os.path.join(out, service)
                 runsv = subprocess.Popen(["runsv", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                self.addCleanup(runsv.wait)
-                self.addCleanup(lambda: runsv.poll() is None and runsv.kill())
+                self.addCleanup(runsv.wait, TIMEOUT)
+                self.addCleanup(lambda runsv=runsv: runsv.poll() is None and runsv.kill())  # this one's
                 pidfile = os.path.join(directory, "supervise", "pid")
                 wait_until(lambda: os.path.exists(pidfile) and read_text(pidfile).strip(), what="runsv started it")
                 leader = int(read_text(pidfile))
