@@ -2766,7 +2766,7 @@ class _Containment:
         """The stop signal to where it goes, SIGKILL at graceful_timeout, and a look for what left its group."""
         self.signal(proc, proc.config.stop_signal, proc.config.stop_children)
         held = self._held[proc]
-        held.kill_timer = self._loop.call_later(proc.graceful_timeout, self._kill, proc)
+        held.kill_timer = self._loop.call_later(proc.graceful_timeout, self.kill, proc)
         if proc.config.stop_children:
             self._sweep_later(proc)
 
@@ -2779,7 +2779,7 @@ class _Containment:
                 self._signal_escaped(cgroup, proc.os_pid, signum)
             self._reaper.expect_exit()
 
-    def _kill(self, proc):
+    def kill(self, proc):
         """A stopping process outlived graceful_timeout: SIGKILL (its group and cgroup too, with stop_children)."""
         held = self._held.get(proc)
         if held is None:
@@ -2812,7 +2812,7 @@ class _Containment:
         kill_timer, cgroup = held.kill_timer, held.cgroup
         if kill_timer is not None:
             kill_timer.cancel()
-        if proc.config.stop_children and self._leftovers({proc.os_pid: cgroup}):
+        if proc.config.stop_children and self.alive({proc.os_pid: cgroup}):
             if kill_timer is None:
                 _send_signal(proc.os_pid, proc.config.stop_signal, group=True)
                 if cgroup is not None:
@@ -2849,7 +2849,7 @@ class _Containment:
                 pass
 
     @staticmethod
-    def _leftovers(groups):
+    def alive(groups):
         """The groups among {pgid: its cgroup or None} that still hold a live process: the one question
         each containment layer answers, the process group through /proc, the cgroup through cgroup.procs."""
         live = _live_groups(groups)
@@ -2878,7 +2878,7 @@ class _Containment:
         """Forget the groups that emptied, SIGKILL those past their deadline, give up on those SIGKILL left."""
         self._orphan_timer = None
         now = self._loop.time()
-        live = self._leftovers({pgid: self._orphan_cgroups.get(pgid, (None,))[0] for pgid in self._orphans})
+        live = self.alive({pgid: self._orphan_cgroups.get(pgid, (None,))[0] for pgid in self._orphans})
         for pgid, (deadline, killed) in list(self._orphans.items()):
             cgroup, job = self._orphan_cgroups.get(pgid, (None, None))
             if pgid not in live:
@@ -7229,13 +7229,43 @@ class _Client:
         finally:
             connection.close()
 
-    def events(self, path):
-        """Yield (event, data) from a Server-Sent Events stream until the server ends it."""
-        connection, response = self._open("GET", path, timeout=None)
-        event, data = None, []
+    def events(self, path, timeout=None):
+        """Open a Server-Sent Events stream now: an _EventStream of (event, data) until the server ends it."""
+        connection, response = self._open("GET", path, timeout=timeout)
+        if response.getheader("Content-Type") != "text/event-stream":
+            connection.close()
+            raise _Failure("gaffer at %s: %s is not an event stream (Content-Type: %s)"
+                           % (self.text, path, response.getheader("Content-Type")))
+        return _EventStream(connection, response)
+
+
+class _EventStream:
+    """An open event stream: iterate it for (event, data); close() ends it, read or not.  Its lines end
+    as the SSE specification says, at CR LF, CR or LF; an event is its data lines, joined with LF."""
+
+    def __init__(self, connection, response):
+        self._connection = connection
+        self._events = self._read(response)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
         try:
-            for raw in response:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            return next(self._events)
+        except StopIteration:
+            self.close()
+            raise
+
+    def close(self):
+        self._events.close()
+        self._connection.close()
+
+    @staticmethod
+    def _read(response):
+        event, data = None, []
+        for raw in response:  # each ends with LF (the last may not: a line cut short, dropped)
+            for line in re.split(r"\r\n|\r|\n", raw.decode("utf-8", "replace"))[:-1]:
                 if line.startswith("event: "):
                     event = line[7:]
                 elif line.startswith("data: "):
@@ -7243,8 +7273,6 @@ class _Client:
                 elif not line and event is not None:
                     yield event, "\n".join(data)
                     event, data = None, []
-        finally:
-            connection.close()
 
 
 def _quote(text):
