@@ -452,7 +452,7 @@ def main():
              os.cpu_count(), platform.python_version(), args.rounds))
     probe = gaffer.Manager(guardian=False)
     probe.start()
-    print("containment here: %s" % ("a cgroup per process" if probe._cgroups else "process groups and /proc"))
+    print("containment here: %s" % ("a cgroup per process" if probe._containment.cgroups is not None else "process groups and /proc"))
     probe.stop()
     probe.run()
     if args.only in (None, "manager"):
