@@ -14,7 +14,7 @@ Contents, one banner each, in dependency order (what it owns; the thread that us
 - Events: EventEmitter (published on the loop thread, subscribed from any).
 - Loop: the selector, the timer heap, the command queue (the loop thread; call() from any).
 - Reaper backends: the one child watcher, pidfd or polling, and its descriptors (loop thread).
-- Cgroups (_Cgroups): a cgroup per process, its limits, cgroup.kill (loop thread).
+- Cgroups (_Cgroups, _Mover): a cgroup per slot, entered by the launcher; limits, cgroup.kill.
 - Log files (_LogFiles): shared, rotated, reopened log files (loop thread).
 - Process: Process, Stream, pipes and the line splitter, the process state machine (loop thread).
 - Lifecycles, slots and jobs: the manager's and a job's lifecycle, _Slot, _Job (loop thread).
@@ -1495,9 +1495,10 @@ class _PidfdReaper(_PollReaper):
         super().close()
 
 
-# -- Cgroups (_Cgroups): a cgroup per process where the system lets us -----------------------------
+# -- Cgroups (_Cgroups, _Mover): a cgroup per slot where the system lets us -------------------------
 # Everything a process starts stays in its cgroup, setsid() or not, so a stop can end with
-# cgroup.kill.  Where no cgroup can be made, the process group and /proc do the work.  Loop thread.
+# cgroup.kill.  Where no cgroup can be made, the process group and /proc do the work.  Loop thread
+# (the mover has a thread of its own).
 
 def _cgroup2_dir():
     """This process's cgroup v2 directory (a hybrid layout's "unified" mount too), or None."""
@@ -1563,7 +1564,8 @@ _LIMIT_FILES = {  # setting -> (controller, file)
 
 
 class _Cgroups:
-    """The manager's cgroup, made under the host's: a directory per job, in it one per process."""
+    """The manager's cgroup, made under the host's: a directory per job, in it one per slot (reused by the
+    slot's processes; a second one while two share a slot, or what the last left is still there)."""
 
     def __init__(self, base):
         self.base = base
@@ -1578,6 +1580,8 @@ class _Cgroups:
         try:
             if parent is None:
                 raise FileNotFoundError("no cgroup2 mount in /proc/self/mountinfo")
+            if not os.access(_LAUNCHER, os.X_OK):  # it moves each process into its cgroup
+                raise FileNotFoundError("no %s to enter a cgroup with" % _LAUNCHER)
             os.mkdir(base)
         except OSError as exc:
             if setting is True:
@@ -1613,31 +1617,14 @@ class _Cgroups:
             except OSError as exc:
                 raise ValueError("%s cannot be set in %s: %s" % (setting, path, exc)) from None
 
-    def contain(self, job, proc):
-        """Move a new process into a cgroup of its own, with what it forked before the move; return its path."""
-        leaf = os.path.join(self.job_dir(job), str(proc.pid))
+    def make(self, job, name):
+        """A new cgroup in the job's; OSError (FileExistsError if it is there) when it cannot be made."""
+        path = os.path.join(self.job_dir(job), name)
         try:
-            try:
-                os.mkdir(leaf)
-            except FileNotFoundError:  # the job's first process
-                os.makedirs(leaf)
-            procs = os.path.join(leaf, "cgroup.procs")
-            todo = [proc.os_pid]
-            while todo:  # its children, forked before the move, and theirs: after it, they are born inside
-                pid = todo.pop()
-                _write_file(procs, str(pid))
-                try:
-                    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-                        todo.extend(int(child) for child in f.read().split())
-                except OSError:
-                    pass
-        except ProcessLookupError:  # it exited already
-            pass
-        except OSError as exc:
-            _log.warning("%r stays out of a cgroup (%s): its process group contains it", proc, exc)
-            self.release(leaf)
-            return None
-        return leaf
+            os.mkdir(path)
+        except FileNotFoundError:  # the job's first process
+            os.makedirs(path)
+        return path
 
     @staticmethod
     def release(path):
@@ -1657,6 +1644,93 @@ class _Cgroups:
                 _cgroup_kill(parent)
             if not self.release(parent):
                 _log.warning("cannot remove the cgroup %s: it still holds %s", parent, _cgroup_members(parent))
+
+
+# A process enters its cgroup itself, before its program runs.  Moving a task is a cgroup v2 migration:
+# it takes the kernel's cgroup_threadgroup_rwsem for writing and, unless the mount has favordynmods,
+# waits out an RCU grace period (5 ms at p50 here, 13 at p90).  So the loop never moves one: the
+# launcher, /bin/sh between the fork and the program, writes its own pid into its cgroup and execs
+# the program, which never runs outside it, nor forks before.  A child that runs as another user
+# cannot move itself (the cgroups' common ancestor is the manager's): it stops itself, and the mover,
+# a thread of the manager's while it has work, moves it and lets it go on.  Exit status 219 (systemd's
+# for the same failure) says that a process could not enter its cgroup, and did not run.
+_ENTER_CGROUP = ('{ echo $$ >"$1"; } 2>/dev/null || { echo "gaffer: cannot enter the cgroup ${1%/*}" >&2; exit 219; }; '
+                 'shift; exec "$@"')
+_WAIT_FOR_CGROUP = 'kill -STOP $$; shift; exec "$@"'
+_LAUNCHER = "/bin/sh"
+
+
+def _check_program(program, env, cwd):
+    """Raise what Popen would if `program` cannot be executed, as the launcher's exec would only print it."""
+    if cwd is not None and not os.path.isdir(cwd):
+        return  # Popen's chdir raises, naming the cwd
+    if "/" in program:
+        candidates = [program if cwd is None else os.path.join(cwd, program)]
+    else:
+        candidates = [os.path.join(folder, program) for folder in os.get_exec_path(env)]
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return
+    code = errno.EACCES if any(os.path.exists(path) for path in candidates) else errno.ENOENT
+    raise OSError(code, os.strerror(code), program)
+
+
+class _Mover:
+    """Moves the stopped launchers of other users' processes into their cgroups, off the loop, then lets
+    them go on (SIGCONT); one that cannot be moved is killed.  One thread while there is work.  Any thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._todo = collections.deque()  # (os pid, its pidfd or None, its cgroup.procs)
+        self._thread = None
+
+    def move(self, pid, procs):
+        try:
+            pidfd = os.pidfd_open(pid)  # not yet reaped: ours; the mover waits on it, never on a reused pid
+        except (AttributeError, OSError):
+            pidfd = None
+        with self._lock:
+            self._todo.append((pid, pidfd, procs))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gaffer cgroup mover", daemon=True)
+                self._thread.start()
+
+    def _run(self):
+        while True:
+            with self._lock:
+                if not self._todo:
+                    self._thread = None
+                    return
+                pid, pidfd, procs = self._todo.popleft()
+            try:
+                self._move_one(pid, pidfd, procs)
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
+
+    @staticmethod
+    def _move_one(pid, pidfd, procs):
+        flags = os.WSTOPPED | os.WEXITED | os.WNOWAIT  # left for the reaper to reap
+        try:
+            stopped = os.waitid(os.P_PIDFD, pidfd, flags) if pidfd is not None else os.waitid(os.P_PID, pid, flags)
+        except ChildProcessError:  # exited, and reaped already
+            return
+        if stopped is None or stopped.si_code != os.CLD_STOPPED:
+            return  # killed before it stopped
+        try:
+            _write_file(procs, str(pid))
+        except OSError as exc:
+            _log.warning("process %d cannot be moved into the cgroup %s (%s): it is killed, not run outside it",
+                         pid, os.path.dirname(procs), exc)
+            _send_signal(pid, signal.SIGKILL, group=False)
+            return
+        _send_signal(pid, signal.SIGCONT, group=False)
+
+    def join(self, timeout):
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
 
 def _set_subreaper():
@@ -2070,6 +2144,9 @@ class Process:
         self.once = once
         self.graceful_timeout = config.graceful_timeout if graceful_timeout is None else graceful_timeout
         if config.port is not None and slot:
+            if config.port + slot - 1 > 65535:
+                raise ProcessError(400, "job %r cannot start a process in slot %d: its $PORT would be %d, past 65535"
+                                   % (job.name, slot, config.port + slot - 1))
             env = {"PORT": str(config.port + slot - 1), **(env or {})}
         self.env = _child_env(config, env)
         self._own_env = {**config.env, **(env or {})}  # what info shows: never the inherited environment
@@ -2123,8 +2200,11 @@ class Process:
                 ours[label] = parent_end
                 theirs.append(child_end)
                 env["GAFFER_STREAM_" + label.upper()] = str(child_end.fileno())
+            argv = self._manager._containment.launcher(self, self.argv, user)
+            if argv is not self.argv:  # the launcher execs the program, and could only print why it cannot
+                _check_program(self.argv[0], env, config.cwd)
             self._popen = subprocess.Popen(
-                self.argv, cwd=config.cwd, env=env, close_fds=True, start_new_session=True,
+                argv, cwd=config.cwd, env=env, close_fds=True, start_new_session=True,
                 pass_fds=[s.fileno() for s in theirs], user=user, group=group, extra_groups=groups,
                 umask=-1 if config.umask is None else config.umask,
                 stdin=subprocess.PIPE if config.redirect_input else subprocess.DEVNULL,
@@ -2710,6 +2790,9 @@ class _Containment:
         self._guardian_since = 0.0
         self._guardian_timer = None     # the start of a guardian after one died
         self._unloaded = set()          # jobs unloaded while processes of theirs were in cgroups
+        self._entering = {}             # Process -> (its cgroup, whether the mover moves it), until held
+        self._spares = {}               # job -> {slot number: the empty cgroup its next process enters}
+        self._mover = _Mover()
 
     @property
     def kind(self):
@@ -2717,8 +2800,8 @@ class _Containment:
 
     @property
     def idle(self):
-        """No group left behind to wait for: a manager stop may finish."""
-        return not self._orphans
+        """No group left behind to wait for, and no look for one due: a manager stop may finish."""
+        return not self._orphans and self._sweep_timer is None
 
     def start(self):
         """At the manager's start: a subreaper if asked, and the manager's cgroup where it can be made."""
@@ -2744,9 +2827,38 @@ class _Containment:
                              % (limits[0], self.cgroups_setting, ", GAFFER_NO_CGROUP is set"
                                 if os.environ.get("GAFFER_NO_CGROUP", "") not in ("", "0") else ""))
 
+    def launcher(self, proc, argv, user):
+        """The command line that runs argv in proc's cgroup, its slot's (made, or its spare reused): the
+        launcher enters it, or, as another user, stops until the mover moved it.  argv without cgroups."""
+        if self.cgroups is None:
+            return argv
+        path = self._spares.get(proc._job, {}).pop(proc.slot, None) if proc.slot else None
+        try:
+            if path is None:
+                try:
+                    path = self.cgroups.make(proc._job, str(proc.slot))
+                except FileExistsError:  # its slot's is in use: a rollout's new process, an old one's leftovers
+                    path = self.cgroups.make(proc._job, "%d.%d" % (proc.slot, proc.pid))
+        except OSError as exc:
+            _log.warning("%r stays out of a cgroup (%s): its process group contains it", proc, exc)
+            return argv
+        moved = user is not None and user != os.geteuid()
+        self._entering[proc] = (path, moved)
+        return [_LAUNCHER, "-c", _WAIT_FOR_CGROUP if moved else _ENTER_CGROUP, "gaffer",
+                os.path.join(path, "cgroup.procs")] + argv
+
+    def spawn_failed(self, proc):
+        """Popen raised: the cgroup made for the process waits for the slot's next one."""
+        path, _ = self._entering.pop(proc, (None, False))
+        if path is not None:
+            self._keep_or_release(path, proc._job, proc.slot)
+
     def held(self, proc):
-        """A new process: moved into its cgroup (where the manager has them), and told to the guardian."""
-        cgroup = self.cgroups.contain(proc._job, proc) if self.cgroups is not None else None
+        """A new process, in its cgroup (where the manager has them; the mover moves another user's), and
+        told to the guardian."""
+        cgroup, moved = self._entering.pop(proc, (None, False))
+        if moved:
+            self._mover.move(proc.os_pid, os.path.join(cgroup, "cgroup.procs"))
         self._held[proc] = _Held(cgroup)
         if self.subreaper:  # its session, which its descendants keep unless they setsid(): how a zombie is known
             self._led[proc.os_pid] = None
@@ -2767,7 +2879,7 @@ class _Containment:
         self.signal(proc, proc.config.stop_signal, proc.config.stop_children)
         held = self._held[proc]
         held.kill_timer = self._loop.call_later(proc.graceful_timeout, self.kill, proc)
-        if proc.config.stop_children:
+        if proc.config.stop_children and held.cgroup is None:  # in a cgroup, nothing leaves it
             self._sweep_later(proc)
 
     def signal(self, proc, signum, group):
@@ -2823,9 +2935,9 @@ class _Containment:
                 self._orphan_cgroups[proc.os_pid] = (cgroup, proc._job)
             self._watch_orphans()
         else:
-            self._forget_group(proc.os_pid, self._target(proc), cgroup, proc._job)
-        if proc.config.stop_children:  # asked or not (a daemon may fork after the stop's look), cgroup or not
-            self._sweep_later(proc)   # (one may fork before the move): what left its group ends with it
+            self._forget_group(proc.os_pid, self._target(proc), cgroup, proc._job, proc.slot)
+        if proc.config.stop_children and cgroup is None:  # asked or not (a daemon may fork after the stop's
+            self._sweep_later(proc)   # look): what left its group ends with it; in a cgroup, nothing leaves it
         if self.subreaper:
             self.reap_adopted()  # its orphans are ours now
 
@@ -2833,10 +2945,29 @@ class _Containment:
         """The job was unloaded: its cgroup goes, now or with the last of its processes."""
         if self.cgroups is None:
             return
+        for path in self._spares.pop(job, {}).values():
+            self.cgroups.release(path)
         if any(held.cgroup for proc, held in self._held.items() if proc._job is job):
             self._unloaded.add(job)
         else:
             self.cgroups.release(self.cgroups.job_dir(job))
+
+    def trim(self, job):
+        """The job stopped or shrank: the spare cgroups of its slots that went (or of all, stopped) go too."""
+        spares = self._spares.get(job)
+        for number in [n for n in spares or () if not job.active or n not in job.slots]:
+            self.cgroups.release(spares.pop(number))
+
+    def _keep_or_release(self, path, job, slot):
+        """An emptied cgroup: kept for the slot's next process while the slot stays, else removed."""
+        spares = self._spares.get(job, {})
+        stays = slot and job.active and slot in job.slots and slot <= job.numprocesses and job not in self._unloaded
+        if not stays and slot in spares:
+            self.cgroups.release(spares.pop(slot))
+        if stays and slot not in spares and not _cgroup_members(path):
+            self._spares.setdefault(job, spares)[slot] = path
+        else:
+            self.cgroups.release(path)
 
     @staticmethod
     def _signal_escaped(cgroup, pgid, signum):
@@ -2851,17 +2982,19 @@ class _Containment:
     @staticmethod
     def alive(groups):
         """The groups among {pgid: its cgroup or None} that still hold a live process: the one question
-        each containment layer answers, the process group through /proc, the cgroup through cgroup.procs."""
-        live = _live_groups(groups)
-        live.update(pgid for pgid, cgroup in groups.items() if _cgroup_members(cgroup))
+        each containment layer answers, the cgroup through cgroup.procs (its group is in it: the program
+        started inside), a group alone through kill(0) and /proc."""
+        live = {pgid for pgid, cgroup in groups.items() if cgroup is not None and _cgroup_members(cgroup)}
+        live.update(_live_groups([pgid for pgid, cgroup in groups.items() if cgroup is None]))
         return live
 
-    def _forget_group(self, pgid, target, cgroup, job=None):
-        """A process's group and cgroup are empty (or given up on): the guardian forgets them, the cgroup goes."""
+    def _forget_group(self, pgid, target, cgroup, job=None, slot=0):
+        """A process's group and cgroup are empty (or given up on): the guardian forgets them, the cgroup
+        waits for the slot's next process or goes."""
         self._unguard(target)
         if cgroup is not None:
             self._orphan_cgroups.pop(pgid, None)
-            self.cgroups.release(cgroup)
+            self._keep_or_release(cgroup, job, slot)
             if job in self._unloaded and not any(p._job is job for p in self._held) and not any(
                     other is job for _, other in self._orphan_cgroups.values()):
                 self._unloaded.discard(job)
@@ -2914,8 +3047,7 @@ class _Containment:
             self._sweep_timer = self._loop.call_at(max(self._loop.time(), self._sweep_next), self._sweep)
 
     def _sweep(self):
-        """Stop what left the processes' groups (setsid), found through /proc: all of it without a cgroup,
-        and with one what forked and left before the process was moved into it."""
+        """Stop what left the groups (setsid) of processes without a cgroup, found through /proc."""
         self._sweep_timer = None
         procs, self._sweeps = {p.os_pid: p for p in self._sweeps}, []
         marks = {("GAFFER_PROCESS=%s\0" % self.mark(p)).encode(): p.os_pid for p in procs.values()}
@@ -2924,12 +3056,12 @@ class _Containment:
             escaped = _escaped({os_pid: p._state is not _State.EXITED for os_pid, p in procs.items()}, marks)
         except OSError as exc:  # no /proc
             _log.debug("cannot look for escaped descendants: %s", exc)
-            return
-        finally:  # a look costs what /proc holds: at most a tenth of the loop's time goes to it
-            self._sweep_next = self._loop.time() + max(_SWEEP_SPACING, 10 * (time.monotonic() - started))
+            escaped = {}
+        # A look costs what /proc holds: at most a tenth of the loop's time goes to it.
+        self._sweep_next = self._loop.time() + max(_SWEEP_SPACING, 10 * (time.monotonic() - started))
         for pgid, leader in escaped.items():
             proc = procs[leader]
-            if pgid in self._orphans or pgid in self._cgroup_groups(proc):
+            if pgid in self._orphans:
                 continue
             _send_signal(pgid, proc.config.stop_signal, group=True)
             held = self._held.get(proc)
@@ -2939,16 +3071,7 @@ class _Containment:
             self._guard(proc, -pgid)
         if escaped:
             self._watch_orphans()
-
-    def _cgroup_groups(self, proc):
-        """The process groups in a process's cgroup: signalled with it already."""
-        groups = set()
-        for pid in _cgroup_members(self.cgroup(proc)):
-            try:
-                groups.add(os.getpgid(pid))
-            except OSError:
-                pass
-        return groups
+        self._manager._stop_if_done()  # a manager stop waits for this look
 
     # -- the subreaper: adopted orphans reaped
 
@@ -3098,6 +3221,7 @@ class _Containment:
                 proc._popen.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        self._mover.join(1.0)  # its waits end with the processes killed above
         if self.cgroups is not None:
             self.cgroups.remove()  # what is still in one (after a crash) is killed
         if self._guardian is not None:
@@ -4826,6 +4950,8 @@ class Manager:
             state = (_JobState.BACKOFF if job.backoff else
                      _JobState.STARTING if job.starting or len(job.running) < job.numprocesses else _JobState.RUNNING)
         was, job.state = job.state, state
+        if was in _ACTIVE_JOB and state not in _ACTIVE_JOB:
+            self._containment.trim(job)  # its slots' spare cgroups
         if announce and (was in _ACTIVE_JOB) != (state in _ACTIVE_JOB):
             self._publish_job(job, "start" if state in _ACTIVE_JOB else "stop")
 
@@ -4979,6 +5105,7 @@ class Manager:
                 self._manage(job, strict=True)
             except ProcessError as exc:
                 raise undo(exc) from None
+        self._containment.trim(job)  # the spare cgroups of the slots a scale-down freed
         self._publish({"name": job.name}, "update")
         self._deps.wake()
         self._deps.release()
@@ -5070,14 +5197,12 @@ class Manager:
             slot = 0
         elif slot is None:
             slot = job.take().number
-        if job.config.port is not None and job.config.port + slot - 1 > 65535:
-            raise ProcessError(400, "job %r cannot start a process in slot %d: its $PORT would be %d, past 65535"
-                               % (job.name, slot, job.config.port + slot - 1))
         proc = Process(self, next(self._pids), job, once, env, graceful_timeout, slot)
         try:
             proc._spawn(self.loop, self._checks.prepare)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             self._checks.finish(proc)
+            self._containment.spawn_failed(proc)
             raise ProcessError(400, "job %r cannot start %r: %s" % (job.name, job.config.cmd, exc)) from exc
         self._procs[proc.pid] = proc
         job.last_error = None

@@ -106,6 +106,15 @@ def alive(pid):
     return True
 
 
+def program_started(pid):
+    """True once pid runs its program: in a cgroup, gaffer's launcher (/bin/sh) first enters it, then execs."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return not f.read().startswith(b"/bin/sh\0-c\0")
+    except OSError:  # gone, or no /proc: no launcher here
+        return True
+
+
 def client(address, token=None):
     """The command line's own HTTP client of a gaffer server (JSON requests, event streams)."""
     return gaffer._Client(address, token)
@@ -1030,6 +1039,7 @@ class ManagerTest(ReapAndStopTests, ManagerTestCase):
         link = os.path.join(self.tmp, "python")
         os.symlink(PY, link)
         self.m.load(gaffer.ProcessConfig("w", link, args=SLEEP, numprocesses=1, graceful_timeout=2))
+        wait_until(lambda: program_started(self.os_pid(1)), what="the program run (through the launcher, in a cgroup)")
         os.unlink(link)
         with self.assertRaisesRegex(gaffer.ProcessError, "No such file"):
             self.m.scale("w", 2)
@@ -2045,6 +2055,58 @@ class EscapeTest(ManagerTestCase):
                                         r"(\[Errno \d+\] .+|no cgroup2 mount in /proc/self/mountinfo)$")
         with self.assertRaisesRegex(ValueError, "cgroups must be 'auto', True or False, got 'yes'"):
             gaffer.Manager(cgroups="yes")
+
+
+    def test_a_slot_s_cgroup_is_reused_by_its_respawns_and_removed_with_the_slot(self):
+        cgroups = self.m._containment.cgroups
+        if cgroups is None:
+            self.skipTest("no writable cgroup v2 hierarchy here (or GAFFER_NO_CGROUP is set)")
+        job_dir = os.path.join(cgroups.base, "default.w")
+        leaves = lambda: sorted(name for name in os.listdir(job_dir) if os.path.isdir(os.path.join(job_dir, name)))
+        cgroup_of = lambda pid: read_text("/proc/%d/cgroup" % self.os_pid(pid)).split("::")[-1].strip()
+        self.m.load(gaffer.ProcessConfig("w", PY, args=SLEEP, numprocesses=2, graceful_timeout=1))
+        wait_until(lambda: all(program_started(self.os_pid(pid)) for pid in self.m.pids("w")), what="both programs")
+        self.assertEqual([cgroup_of(pid).rsplit("/", 1)[1] for pid in self.m.pids("w")], ["1", "2"],
+                         "each process runs in its slot's cgroup, from its first instruction")
+        inode = os.stat(os.path.join(job_dir, "1")).st_ino
+        for round_ in range(3):
+            old = next(pid for pid in self.m.pids("w") if self.m.get_process(pid).slot == 1)
+            os.kill(self.os_pid(old), signal.SIGKILL)
+            new = self.rec.wait_for("spawn", count=3 + round_)[-1]["pid"]
+            wait_until(lambda: program_started(self.os_pid(new)), what="the respawned program")
+            self.assertTrue(cgroup_of(new).endswith("/default.w/1"), cgroup_of(new))
+            self.assertEqual(os.stat(os.path.join(job_dir, "1")).st_ino, inode, "the same cgroup, not made again")
+            self.assertEqual(leaves(), ["1", "2"])
+        self.m.reload("w")  # each new process next to the old one of its slot: a cgroup of its own
+        wait_until(lambda: len(self.m.pids("w")) == 2 and all(program_started(self.os_pid(pid)) for pid in self.m.pids("w"))
+                   and min(self.m.pids("w")) > new, what="the reload's new processes")
+        self.assertEqual(len({cgroup_of(pid) for pid in self.m.pids("w")}), 2, "two processes never share one")
+        self.m.scale("w", "=1")
+        slot_of = lambda leaf: leaf.split(".")[0]
+        wait_until(lambda: {slot_of(leaf) for leaf in leaves()} == {"1"}, what="slot 2's cgroups removed with the slot")
+        self.assertLessEqual(len(leaves()), 2, "a slot keeps one spare cgroup at most, beside its process's")
+        self.assertIn(cgroup_of(self.m.pids("w")[0]).rsplit("/", 1)[1], leaves(), "the one left is slot 1's")
+        self.m.stop_job("w")
+        wait_until(lambda: leaves() == [], what="the stopped job's cgroups removed")
+        self.m.unload("w")
+        wait_until(lambda: not os.path.exists(job_dir), what="the job's cgroup removed with it")
+
+    def test_after_a_thousand_respawns_no_cgroup_pidfd_or_guardian_entry_is_left(self):
+        containment = self.m._containment
+        true = shutil.which("true")
+        self.m.load(gaffer.ProcessConfig("t", true, min_uptime=0, graceful_timeout=1))
+        self.rec.wait_for("spawn", count=1000, timeout=120)
+        self.m.stop_job("t")
+        self.rec.wait_for("stop", name="default.t")
+        wait_until(lambda: not self.m.pids("t"), what="the last process reaped")
+        guardian = containment._guardian[0].pid if containment._guardian is not None else None
+        self.assertEqual(set(pidfds().values()) - {guardian}, set(), "a pidfd for each live child only")
+        self.assertEqual((containment._held, containment._guarded, containment._orphans), ({}, {}, {}))
+        if containment.cgroups is not None:
+            job_dir = os.path.join(containment.cgroups.base, "default.t")
+            self.assertEqual([name for name in os.listdir(job_dir) if os.path.isdir(os.path.join(job_dir, name))], [],
+                             "no cgroup left of the job's slot")
+            self.assertEqual(containment._spares.get(self.m._job("t"), {}), {})
 
 
 class FallbackEscapeTest(EscapeTest):
