@@ -154,7 +154,7 @@ _CHECK_WORKERS = 64                             # threads that run tcp, http and
 _SPAWN_SLICE = 0.02                             # seconds of spawning a loop turn: reaping and commands go between
 _ORPHAN_GIVE_UP = 10.0                          # seconds after SIGKILL a group may linger before it is forgotten
 _LED_SESSIONS = 4096                            # sessions of past processes a subreaper still knows its zombies by
-_SWEEP_SPACING = 0.05                           # the least time between two looks through /proc for escaped daemons
+_SWEEP_SPACING = 0.05                           # the least time between two looks through /proc (escapees, orphans)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 
 
@@ -924,7 +924,7 @@ class ProcessConfig:
 
     def to_dict(self):
         """Return the settings as a dict of plain values (JSON-ready)."""
-        return dataclasses.asdict(self)
+        return _plain(self)
 
     @classmethod
     def from_dict(cls, data):
@@ -960,6 +960,19 @@ class ProcessConfig:
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ProcessConfig))
+_FIELD_NAMES = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (ProcessConfig, FlappingInfo)}
+
+
+def _plain(value):
+    """dataclasses.asdict() for a config, in a fifth of its time (info() returns one on each call): the
+    containers copied, the settings' leaves (str, numbers, None, a callable) shared."""
+    if type(value) in _FIELD_NAMES:
+        return {name: _plain(getattr(value, name)) for name in _FIELD_NAMES[type(value)]}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 # What a process is spawned with: a change of any replaces the processes; the other settings apply in place.
 _SPAWN_SETTINGS = ("cmd", "args", "env", "os_env", "uid", "gid", "umask", "cwd", "shell", "redirect_output",
                    "redirect_input", "custom_streams", "ready", "health", "log_file", "log_max_bytes",
@@ -1534,6 +1547,20 @@ def _cgroup_members(path):
             return [int(pid) for pid in f.read().split()]
     except (OSError, ValueError):
         return []
+
+
+def _cgroup_populated(path):
+    """Whether a cgroup holds a live process (cgroup.events; a third of the cost of reading its pids)."""
+    try:
+        fd = os.open(os.path.join(path, "cgroup.events"), os.O_RDONLY)
+    except OSError:  # gone
+        return False
+    try:
+        return b"populated 1" in os.read(fd, 256)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _cgroup_kill(path):
@@ -2789,7 +2816,10 @@ class _Containment:
         self._guarded = {}              # target (-pgid, or a pid) -> the line that told the guardian of it
         self._guardian_since = 0.0
         self._guardian_timer = None     # the start of a guardian after one died
+        self._to_guardian = []          # lines for the guardian, written at the end of the turn
+        self._guardian_flush = None
         self._unloaded = set()          # jobs unloaded while processes of theirs were in cgroups
+        self._job_cgroups = collections.Counter()  # job -> its processes' cgroups not yet forgotten
         self._entering = {}             # Process -> (its cgroup, whether the mover moves it), until held
         self._spares = {}               # job -> {slot number: the empty cgroup its next process enters}
         self._mover = _Mover()
@@ -2859,6 +2889,8 @@ class _Containment:
         cgroup, moved = self._entering.pop(proc, (None, False))
         if moved:
             self._mover.move(proc.os_pid, os.path.join(cgroup, "cgroup.procs"))
+        if cgroup is not None:
+            self._job_cgroups[proc._job] += 1
         self._held[proc] = _Held(cgroup)
         if self.subreaper:  # its session, which its descendants keep unless they setsid(): how a zombie is known
             self._led[proc.os_pid] = None
@@ -2935,11 +2967,16 @@ class _Containment:
                 self._orphan_cgroups[proc.os_pid] = (cgroup, proc._job)
             self._watch_orphans()
         else:
-            self._forget_group(proc.os_pid, self._target(proc), cgroup, proc._job, proc.slot)
+            self._forget_group(proc.os_pid, self._target(proc), cgroup, proc._job, proc.slot,
+                               empty=proc.config.stop_children)  # as alive() just found
         if proc.config.stop_children and cgroup is None:  # asked or not (a daemon may fork after the stop's
             self._sweep_later(proc)   # look): what left its group ends with it; in a cgroup, nothing leaves it
-        if self.subreaper:
-            self.reap_adopted()  # its orphans are ours now
+        if self.subreaper:  # its orphans are ours now: one look for the exits of the next moments
+            due = self._loop.time() + _SWEEP_SPACING
+            if self._adoption_timer is None or self._adoption_timer.when > due:
+                if self._adoption_timer is not None:
+                    self._adoption_timer.cancel()
+                self._adoption_timer = self._loop.call_at(due, self.reap_adopted)
 
     def unloaded(self, job):
         """The job was unloaded: its cgroup goes, now or with the last of its processes."""
@@ -2947,7 +2984,7 @@ class _Containment:
             return
         for path in self._spares.pop(job, {}).values():
             self.cgroups.release(path)
-        if any(held.cgroup for proc, held in self._held.items() if proc._job is job):
+        if self._job_cgroups[job]:
             self._unloaded.add(job)
         else:
             self.cgroups.release(self.cgroups.job_dir(job))
@@ -2958,13 +2995,13 @@ class _Containment:
         for number in [n for n in spares or () if not job.active or n not in job.slots]:
             self.cgroups.release(spares.pop(number))
 
-    def _keep_or_release(self, path, job, slot):
+    def _keep_or_release(self, path, job, slot, empty=False):
         """An emptied cgroup: kept for the slot's next process while the slot stays, else removed."""
         spares = self._spares.get(job, {})
         stays = slot and job.active and slot in job.slots and slot <= job.numprocesses and job not in self._unloaded
         if not stays and slot in spares:
             self.cgroups.release(spares.pop(slot))
-        if stays and slot not in spares and not _cgroup_members(path):
+        if stays and slot not in spares and (empty or not _cgroup_populated(path)):
             self._spares.setdefault(job, spares)[slot] = path
         else:
             self.cgroups.release(path)
@@ -2984,21 +3021,23 @@ class _Containment:
         """The groups among {pgid: its cgroup or None} that still hold a live process: the one question
         each containment layer answers, the cgroup through cgroup.procs (its group is in it: the program
         started inside), a group alone through kill(0) and /proc."""
-        live = {pgid for pgid, cgroup in groups.items() if cgroup is not None and _cgroup_members(cgroup)}
+        live = {pgid for pgid, cgroup in groups.items() if cgroup is not None and _cgroup_populated(cgroup)}
         live.update(_live_groups([pgid for pgid, cgroup in groups.items() if cgroup is None]))
         return live
 
-    def _forget_group(self, pgid, target, cgroup, job=None, slot=0):
+    def _forget_group(self, pgid, target, cgroup, job=None, slot=0, empty=False):
         """A process's group and cgroup are empty (or given up on): the guardian forgets them, the cgroup
         waits for the slot's next process or goes."""
         self._unguard(target)
         if cgroup is not None:
             self._orphan_cgroups.pop(pgid, None)
-            self._keep_or_release(cgroup, job, slot)
-            if job in self._unloaded and not any(p._job is job for p in self._held) and not any(
-                    other is job for _, other in self._orphan_cgroups.values()):
-                self._unloaded.discard(job)
-                self.cgroups.release(self.cgroups.job_dir(job))  # the last one out of an unloaded job
+            self._keep_or_release(cgroup, job, slot, empty)
+            self._job_cgroups[job] -= 1
+            if not self._job_cgroups[job]:
+                del self._job_cgroups[job]
+                if job in self._unloaded:
+                    self._unloaded.discard(job)
+                    self.cgroups.release(self.cgroups.job_dir(job))  # the last one out of an unloaded job
 
     def _watch_orphans(self):
         """Recheck the groups left behind soon, then less and less often: no descriptor tells when one empties."""
@@ -3140,13 +3179,26 @@ class _Containment:
         line = ("+ %d %d %r %s\n" % (target, proc.config.stop_signal, proc.graceful_timeout, cgroup or "-")).encode()
         self._guarded[target] = line
         if self._guardian is not None:
-            self._guardian[1].write(line)
+            self._tell_guardian(line)
         else:
             self._start_guardian()  # told everything, this line too
 
     def _unguard(self, target):
         if self._guarded.pop(target, None) is not None and self._guardian is not None:
-            self._guardian[1].write(b"- %d\n" % target)
+            self._tell_guardian(b"- %d\n" % target)
+
+    def _tell_guardian(self, line):
+        """Lines for the guardian go in one write at the end of the loop's turn: a respawn's exit and spawn,
+        a start's hundreds of spawns wake it once."""
+        self._to_guardian.append(line)
+        if self._guardian_flush is None:
+            self._guardian_flush = self._loop.call_later(0, self._flush_guardian)
+
+    def _flush_guardian(self):
+        self._guardian_flush = None
+        lines, self._to_guardian = self._to_guardian, []
+        if self._guardian is not None and lines:
+            self._guardian[1].write(b"".join(lines))
 
     def _start_guardian(self):
         if not self.guardian_wanted or not sys.executable or self._guardian_timer is not None:
@@ -3164,8 +3216,8 @@ class _Containment:
         self._guardian = (popen, _Pipe(self._loop, popen.stdin))
         self._guardian_since = self._loop.time()
         self._reaper.watch(popen, functools.partial(self._on_guardian_exit, popen))
-        for line in list(self._guarded.values()):
-            self._guardian[1].write(line)
+        self._to_guardian = []  # it is told everything at once instead
+        self._guardian[1].write(b"".join(self._guarded.values()))
 
     def _on_guardian_exit(self, popen):
         """The guardian died (the OOM killer, a stray kill -9): another one now, at most one a second."""
@@ -3184,6 +3236,9 @@ class _Containment:
 
     def dismiss(self, loop_closed=False):
         """The manager stopped its jobs itself: the guardian exits without a signal sent."""
+        if self._guardian_flush is not None:
+            self._guardian_flush.cancel()
+            self._flush_guardian()
         guardian, self._guardian = self._guardian, None
         if self._guardian_timer is not None:
             self._guardian_timer.cancel()

@@ -1685,9 +1685,10 @@ class LifecycleTest(LeakCheckedTestCase):
 REPORT = """
     import json, os, socket, sys, time
     umask = os.umask(0)
+    cgroup = open("/proc/self/cgroup").read() if os.path.exists("/proc/self/cgroup") else ""
     print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()), "umask": umask,
-                      "env": {k: os.environ.get(k) for k in ("GAFFER_TOKEN", "HOME", "USER", "LOGNAME", "SHELL")}}),
-          flush=True)
+                      "env": {k: os.environ.get(k) for k in ("GAFFER_TOKEN", "HOME", "USER", "LOGNAME", "SHELL")},
+                      "cgroup": cgroup.rpartition("0::")[2].strip()}), flush=True)
     if "NOTIFY_SOCKET" in os.environ:
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
     time.sleep(60)
@@ -1751,6 +1752,18 @@ class PrivilegeTest(SecretsTest):
         report = self.report("own", cmd=self.python, uid="nobody", gid=0, os_env=False, env={"HOME": "/srv"})
         self.assertEqual((report["gid"], report["env"]["HOME"], report["env"]["USER"]), (0, "/srv", "nobody"),
                          "a gid given is kept; the job's env wins; os_env off still sets the user's variables")
+
+    def test_another_user_s_program_runs_in_its_slot_s_cgroup_from_its_first_instruction(self):
+        cgroups = self.m._containment.cgroups
+        if cgroups is None:
+            self.skipTest("no writable cgroup v2 hierarchy here (or GAFFER_NO_CGROUP is set)")
+        for name, settings in (("theirs", dict(cmd=self.python, uid="nobody")), ("ours", {})):
+            with self.subTest(name=name):
+                report = self.report(name, **settings)
+                self.assertTrue(report["cgroup"].endswith("/%s/default.%s/1" % (os.path.basename(cgroups.base), name)),
+                                "moved before its program ran (the mover for another user): %r" % report["cgroup"])
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name == "gaffer cgroup mover"],
+                   what="the mover's thread gone once it has no work")
 
     def test_health_notify_as_another_user(self):
         code = textwrap.dedent(REPORT).replace("time.sleep(60)", textwrap.dedent("""
@@ -3065,11 +3078,15 @@ class LoopSurvivalTest(ManagerTestCase):
 
     def test_a_group_emptied_after_its_leader_is_noticed_at_once(self):
         # The leader exits on SIGTERM, its child a moment later: run() must not wait for the deadline.
+        # The child waits for SIGTERM with sigwait: a Python handler misses a signal that lands between
+        # its last check and the sleep's system call, and the child would then sleep its 60 s.
         code = """
             import os, signal, sys, time
             if os.fork() == 0:
-                signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.2), os._exit(0)))
-                time.sleep(60)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+                signal.sigwait({signal.SIGTERM})
+                time.sleep(0.2)
+                os._exit(0)
             print("forked", flush=True)
             time.sleep(60)
         """

@@ -149,7 +149,8 @@ def trial(variant, n, idle, respawns):
         plain = variant == "gaffer-plain"
         manager = gaffer.Manager(guardian=not plain, cgroups=False if plain or variant == "gaffer-nocgroup" else "auto")
         manager.start()
-        config = gaffer.ProcessConfig("sleep", SLEEP[0], args=SLEEP[1:], numprocesses=n, graceful_timeout=5)
+        config = gaffer.ProcessConfig("sleep", SLEEP[0], args=SLEEP[1:], numprocesses=n, max_processes=max(n, 1000),
+                                       graceful_timeout=5)
         t0 = time.perf_counter()
         manager.load(config)
         start = time.perf_counter() - t0
@@ -532,7 +533,7 @@ def main():
              os.cpu_count(), platform.python_version(), args.rounds))
     probe = gaffer.Manager(guardian=False)
     probe.start()
-    print("containment here: %s" % ("a cgroup per process" if probe._containment.cgroups is not None else "process groups and /proc"))
+    print("containment here: %s" % ("a cgroup per slot" if probe._containment.cgroups is not None else "process groups and /proc"))
     probe.stop()
     probe.run()
     if args.only in (None, "manager"):
