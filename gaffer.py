@@ -15,6 +15,7 @@ Contents, one banner each, in dependency order (what it owns; the thread that us
 - Loop: the selector, the timer heap, the command queue (the loop thread; call() from any).
 - Reaper backends: the one child watcher, pidfd or polling, and its descriptors (loop thread).
 - Cgroups (_Cgroups, _Mover): a cgroup per slot, entered by the launcher; limits, cgroup.kill.
+- Held sockets (_Sockets): listening sockets bound once, handed over as systemd does (loop thread).
 - Log files (_LogFiles): shared, rotated, reopened log files (loop thread).
 - Process: Process, Stream, pipes and the line splitter, the process state machine (loop thread).
 - Lifecycles, slots and jobs: the manager's and a job's lifecycle, _Slot, _Job (loop thread).
@@ -754,6 +755,9 @@ class ProcessConfig:
     redirect_input: bool = False
     #: labels of extra duplex channels; the child finds each in $GAFFER_STREAM_<LABEL>
     custom_streams: list = dataclasses.field(default_factory=list)
+    #: names of sockets the manager holds (Manager.add_socket), handed to each process at descriptors 3, 4, ...
+    #: in this order, as systemd does (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID; $GAFFER_SOCKET_<NAME>)
+    sockets: list = dataclasses.field(default_factory=list)
     #: seconds between the stop signal and SIGKILL
     graceful_timeout: float = 10.0
     #: signal that asks a process to stop
@@ -880,6 +884,11 @@ class ProcessConfig:
             raise ValueError("redirect_output takes at most 2 labels (stdout, stderr), got %r"
                              % (self.redirect_output,))
         self.custom_streams = _labels("custom_streams", self.custom_streams)
+        if isinstance(self.sockets, str):  # "web, admin", as an INI file gives it
+            self.sockets = [name.strip() for name in self.sockets.split(",") if name.strip()]
+        self.sockets = _labels("sockets", self.sockets)
+        if len(set(self.sockets)) != len(self.sockets):
+            raise ValueError("sockets: each socket is named once, got %r" % (self.sockets,))
         for label in self.custom_streams:
             if self.custom_streams.count(label) > 1 or label in self.redirect_output:
                 raise ValueError("custom_streams: label %r is used twice" % (label,))
@@ -975,7 +984,7 @@ def _plain(value):
     return value
 # What a process is spawned with: a change of any replaces the processes; the other settings apply in place.
 _SPAWN_SETTINGS = ("cmd", "args", "env", "os_env", "uid", "gid", "umask", "cwd", "shell", "redirect_output",
-                   "redirect_input", "custom_streams", "ready", "health", "log_file", "log_max_bytes",
+                   "redirect_input", "custom_streams", "sockets", "ready", "health", "log_file", "log_max_bytes",
                    "log_backups", "log_timestamps", "tail_bytes")
 
 
@@ -1774,6 +1783,266 @@ def _set_subreaper():
         raise OSError(errno, "prctl(PR_SET_CHILD_SUBREAPER): %s" % os.strerror(errno))
 
 
+# -- Held sockets (_Sockets): bound once, handed to every process ----------------------------------
+# The manager binds a listening socket once and passes it to each process of the jobs that name it,
+# so the port stays open while processes come and go (systemd's and circus's way).  A process finds
+# its sockets at descriptors 3, 4, ... with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID, as
+# sd_listen_fds(3) says.  LISTEN_PID is the program's pid, which only the child knows, and /bin/sh
+# cannot move a descriptor numbered past 9: a job with sockets starts through this launcher, a
+# Python of its own (-I -S), which also enters the process's cgroup and then drops to the job's
+# user, groups and umask (an interpreter the manager can run, the user perhaps not).  Loop thread.
+
+_SOCKET_LAUNCHER = r"""
+import fcntl, os, signal, sys
+procs, mode, uid, gid, groups, umask, count = sys.argv[1:7] + [int(sys.argv[7])]
+fds, argv, first = [int(fd) for fd in sys.argv[8:8 + count]], sys.argv[8 + count:], 3 + count
+moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, first) for fd in fds]
+for key, value in list(os.environ.items()):  # a custom stream where a socket goes moves past them
+    if key.startswith("GAFFER_STREAM_") and value.isdigit() and int(value) < first:
+        os.environ[key] = str(fcntl.fcntl(int(value), fcntl.F_DUPFD, first))
+        fds.append(int(value))
+for fd in fds:
+    os.close(fd)
+for number, fd in enumerate(moved, 3):
+    os.dup2(fd, number)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+if mode == "enter":
+    try:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as exc:
+        sys.stderr.write("gaffer: cannot enter the cgroup %s: %s\n" % (os.path.dirname(procs), exc))
+        os._exit(219)
+if groups:  # as Popen drops them: supplementary groups, group, user
+    os.setgroups([int(g) for g in groups.split(",")])
+if gid:
+    os.setgid(int(gid))
+if uid:
+    os.setuid(int(uid))
+if umask:
+    os.umask(int(umask))
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    sys.stderr.write("gaffer: %s: %s\n" % (argv[0], exc.strerror))
+    os._exit(127)
+"""
+
+
+def _launch_argv(argv, procs, mode, fds, credentials=(None, None, None, None)):
+    """The command line Popen runs: argv itself, or through the launcher that enters the cgroup (mode
+    "enter", or "wait" for the mover) and, for sockets, puts `fds` at 3, 4, ... and takes on the
+    credentials (uid, gid, groups, umask; None: the manager's), which Popen then leaves alone."""
+    if fds:
+        uid, gid, groups, umask = ("" if value is None else value for value in credentials)
+        return [sys.executable, "-I", "-S", "-c", _SOCKET_LAUNCHER, procs, mode, str(uid), str(gid),
+                ",".join(map(str, groups)), str(umask), str(len(fds)), *map(str, fds)] + argv
+    if not mode:
+        return argv
+    return [_LAUNCHER, "-c", _WAIT_FOR_CGROUP if mode == "wait" else _ENTER_CGROUP, "gaffer", procs] + argv
+
+
+def _socket_env(names):
+    """What a process of a job with sockets finds in its environment (LISTEN_PID: the launcher's)."""
+    if not names:
+        return {}
+    env = {"LISTEN_FDS": str(len(names)), "LISTEN_FDNAMES": ":".join(names)}
+    env.update(("GAFFER_SOCKET_" + name.upper(), str(number)) for number, name in enumerate(names, 3))
+    return env
+
+
+def _socket_address(address):
+    """(family, what bind() takes) of "tcp://HOST:PORT" ([::] and [::1] for IPv6) or "unix:PATH"."""
+    if isinstance(address, str) and address.startswith("unix:") and len(address) > 5:
+        return socket.AF_UNIX, address[5:]
+    match = re.fullmatch(r"tcp://(\[([0-9A-Fa-f:.]+)\]|([^\[\]:/]+)):(\d{1,5})", address) \
+        if isinstance(address, str) else None
+    if match is None or int(match.group(4)) > 65535:
+        raise ValueError("a socket address is tcp://HOST:PORT ([::]:PORT for IPv6) or unix:PATH, got %r"
+                         % (address,))
+    if match.group(2) is not None:
+        return socket.AF_INET6, (match.group(2), int(match.group(4)))
+    return socket.AF_INET, (match.group(3), int(match.group(4)))
+
+
+def _bind(address, backlog, reuseport, mode, owner):
+    """A listening socket bound to `address`, and the unix socket file it made (or None); OSError."""
+    family, where = _socket_address(address)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    made = None
+    try:
+        if family == socket.AF_UNIX:
+            _remove_stale_socket(where)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as systemd: a restart rebinds at once
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(where)
+        if family == socket.AF_UNIX:
+            made = where
+            if mode is not None:
+                os.chmod(where, mode)
+            if owner is not None:
+                os.chown(where, *owner)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        if made is not None:
+            os.unlink(made)
+        raise
+    return sock, made
+
+
+def _remove_stale_socket(path):
+    """A unix socket file nothing listens on any more is replaced; one in use, or another file, is not."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FileExistsError(errno.EEXIST, "it exists and is not a socket", path)
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            return
+        except OSError:
+            return  # bind() says what is wrong
+    raise OSError(errno.EADDRINUSE, "a process listens on it", path)
+
+
+def _check_port(check, config):
+    """The port a tcp: or http(s): check connects to, as the job's first slot expands it; None if none."""
+    env = {**config.env, **_socket_env(config.sockets)}
+    if config.port is not None:
+        env["PORT"] = str(config.port)
+    target = _expand(check, env)
+    if target.startswith("tcp:"):
+        port = target.rpartition(":")[2]
+        return int(port) if port.isdigit() else None
+    if target.startswith(("http://", "https://")):
+        import urllib.parse
+        try:
+            url = urllib.parse.urlsplit(target)
+            return url.port or (443 if url.scheme == "https" else 80)
+        except ValueError:
+            return None
+    return None
+
+
+class _HeldSocket:
+    __slots__ = ("name", "address", "sock", "made")
+
+    def __init__(self, name, address, sock, made):
+        self.name, self.address, self.sock, self.made = name, address, sock, made
+
+    @property
+    def bound(self):
+        """The address as bound: the real port where 0 was asked for."""
+        if self.sock.family == socket.AF_UNIX:
+            return self.address
+        host, port = self.sock.getsockname()[:2]
+        return "tcp://%s:%d" % ("[%s]" % host if self.sock.family == socket.AF_INET6 else host, port)
+
+
+class _Sockets:
+    """The listening sockets the manager holds: bound by add_socket, kept across every restart, reload,
+    rollout and backoff of the jobs that use them, closed by remove_socket or at the manager's end."""
+
+    def __init__(self, manager):
+        self._manager = manager
+        self._held = {}  # name -> _HeldSocket
+
+    def add(self, name, address, backlog=None, reuseport=False, mode=None, owner=None):
+        """Bind now: ValueError for a bad name or address, ProcessConflict for a name in use, ProcessError
+        naming the address and the OS error when it cannot be bound (nothing is left bound)."""
+        _valid_name("socket name", name)
+        if not name.isidentifier():
+            raise ValueError("a socket name is a name such as 'web', got %r" % (name,))
+        _socket_address(address)
+        backlog = socket.SOMAXCONN if backlog is None else _int_setting("backlog", backlog, 1, 1 << 16)
+        _bool_setting("reuseport", reuseport)
+        mode = None if mode is None else _umask_setting(mode)
+        if owner is not None:
+            owner = (_account("owner", owner, lambda n: pwd.getpwnam(n).pw_uid), -1)
+        if name in self._held:
+            raise ProcessConflict("socket %r is held already (%s)" % (name, self._held[name].bound))
+        try:
+            sock, made = _bind(address, backlog, reuseport, mode, owner)
+        except OSError as exc:
+            raise ProcessError(400, "cannot bind socket %r to %s: %s" % (name, address, exc)) from None
+        held = self._held[name] = _HeldSocket(name, address, sock, made)
+        self._manager._publish({"name": name, "address": held.bound}, "socket_bound")
+        return self._describe(held)
+
+    def remove(self, name):
+        held = self._get(name)
+        users = self.users(name)
+        if users:
+            raise ProcessConflict("socket %r is in use by %s: unload them first" % (name, ", ".join(users)))
+        del self._held[name]
+        self._close(held)
+
+    def _get(self, name):
+        try:
+            return self._held[name]
+        except KeyError:
+            raise ProcessNotFound("socket %r not found" % (name,)) from None
+
+    def users(self, name):
+        return [job.name for job in self._manager._all_jobs() if name in job.config.sockets]
+
+    def check(self, config):
+        """A job's config names held sockets only, and no readiness or health check a held socket
+        answers whoever accepts: ValueError that says what to use instead."""
+        for name in config.sockets:
+            if name not in self._held:
+                raise ValueError("job %r uses the socket %r, which the manager does not hold (add_socket first)"
+                                 % (config.name, name))
+            if not sys.executable:
+                raise ValueError("job %r has sockets, which need a Python interpreter (sys.executable) to hand "
+                                 "them over" % (config.name,))
+        ports = {self._held[name].sock.getsockname()[1] for name in config.sockets
+                 if self._held[name].sock.family != socket.AF_UNIX}
+        for setting in ("ready", "health"):
+            check = getattr(config, setting)
+            port = _check_port(check, config) if isinstance(check, str) else None
+            if port in ports:
+                raise ValueError("%s %r checks port %d, which the manager's socket holds: the kernel answers it "
+                                 "whichever process accepts.  Use notify, output: or a port of the process's "
+                                 "own" % (setting, check, port))
+
+    def fds(self, names):
+        return [self._held[name].sock.fileno() for name in names]
+
+    def describe(self):
+        listeners = _tcp_listeners() or {}
+        return [self._describe(held, listeners) for held in list(self._held.values())]
+
+    def _describe(self, held, listeners=None):
+        info = {"name": held.name, "address": held.bound, "jobs": self.users(held.name)}
+        if listeners is not None and held.sock.family != socket.AF_UNIX:
+            entry = listeners.get(os.fstat(held.sock.fileno()).st_ino)
+            info["waiting"] = entry[1] if entry is not None else None
+        return info
+
+    def _close(self, held):
+        held.sock.close()
+        if held.made is not None:
+            try:
+                os.unlink(held.made)
+            except OSError:
+                pass
+        self._manager._publish({"name": held.name, "address": held.address}, "socket_closed")
+
+    def close_all(self):
+        """The manager's end: every socket closed, its unix socket file removed."""
+        for held in list(self._held.values()):
+            self._close(held)
+        self._held.clear()
+
+
 # -- Log files (_LogFiles) -------------------------------------------------------------------------
 # A job's output written to files: opened once per path however many processes share it,
 # size-rotated, reopened on request (logrotate).  Loop thread.
@@ -2175,7 +2444,7 @@ class Process:
                 raise ProcessError(400, "job %r cannot start a process in slot %d: its $PORT would be %d, past 65535"
                                    % (job.name, slot, config.port + slot - 1))
             env = {"PORT": str(config.port + slot - 1), **(env or {})}
-        self.env = _child_env(config, env)
+        self.env = _child_env(config, {**(env or {}), **_socket_env(config.sockets)})
         self._own_env = {**config.env, **(env or {})}  # what info shows: never the inherited environment
         self.argv = _command_line(config, self.env)
         self.cmd = config.cmd
@@ -2227,13 +2496,17 @@ class Process:
                 ours[label] = parent_end
                 theirs.append(child_end)
                 env["GAFFER_STREAM_" + label.upper()] = str(child_end.fileno())
-            argv = self._manager._containment.launcher(self, self.argv, user)
+            fds, umask = self._manager._sockets.fds(config.sockets), config.umask
+            entry = self._manager._containment.entry(self, None if fds else user)  # a socket launcher is root
+            argv = _launch_argv(self.argv, *entry, fds, (user, group, groups, umask))
             if argv is not self.argv:  # the launcher execs the program, and could only print why it cannot
                 _check_program(self.argv[0], env, config.cwd)
+            if fds:
+                user = group = groups = umask = None
             self._popen = subprocess.Popen(
                 argv, cwd=config.cwd, env=env, close_fds=True, start_new_session=True,
-                pass_fds=[s.fileno() for s in theirs], user=user, group=group, extra_groups=groups,
-                umask=-1 if config.umask is None else config.umask,
+                pass_fds=[s.fileno() for s in theirs] + fds, user=user, group=group, extra_groups=groups,
+                umask=-1 if umask is None else umask,
                 stdin=subprocess.PIPE if config.redirect_input else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if labels else subprocess.DEVNULL, stderr=stderr)
         except BaseException:
@@ -2554,6 +2827,12 @@ class _Job:
         for number in [n for n in self.slots if n > count and self.slots[n].idle]:  # those past it go
             del self.slots[number]
 
+    def check_count(self, target):
+        """ProcessError (nothing changed) for a count past the job's max_processes."""
+        if target > self.config.max_processes:
+            raise ProcessError(400, "job %r may run at most %d processes (max_processes), asked for %d"
+                               % (self.name, self.config.max_processes, target))
+
     def count_move(self, proc, was, state):
         """Keep the counts of starting and ready processes as a process moves (Manager._move)."""
         self.starting += (state is _State.STARTING) - (was is _State.STARTING)
@@ -2675,7 +2954,7 @@ class _Job:
             "ready": self.ready, "numprocesses": self._count, "waiting_for": waiting if self.active else [],
             "restarts": self.restarts, "last_exit": self.last_exit, "last_error": self.last_error,
             "backoff": sorted(round(max(0.0, slot.timer.when - now), 3) for slot in self.backoff),
-            "log_dropped": self.log_dropped,
+            "log_dropped": self.log_dropped, "sockets": list(self.config.sockets),
         }
 
     def stats(self, sample):
@@ -2835,6 +3114,8 @@ class _Containment:
 
     def start(self):
         """At the manager's start: a subreaper if asked, and the manager's cgroup where it can be made."""
+        if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+            _log.warning("SIGCHLD is ignored: the kernel reaps children itself and exit codes will read 0")
         if self.subreaper:
             try:
                 _set_subreaper()
@@ -2857,11 +3138,12 @@ class _Containment:
                              % (limits[0], self.cgroups_setting, ", GAFFER_NO_CGROUP is set"
                                 if os.environ.get("GAFFER_NO_CGROUP", "") not in ("", "0") else ""))
 
-    def launcher(self, proc, argv, user):
-        """The command line that runs argv in proc's cgroup, its slot's (made, or its spare reused): the
-        launcher enters it, or, as another user, stops until the mover moved it.  argv without cgroups."""
+    def entry(self, proc, user):
+        """How proc's program gets into its slot's cgroup (made, or its spare reused): (its cgroup.procs,
+        "enter": the launcher moves itself; "wait": as another user, it stops until the mover moved it),
+        or ("", "") without cgroups."""
         if self.cgroups is None:
-            return argv
+            return "", ""
         path = self._spares.get(proc._job, {}).pop(proc.slot, None) if proc.slot else None
         try:
             if path is None:
@@ -2871,11 +3153,10 @@ class _Containment:
                     path = self.cgroups.make(proc._job, "%d.%d" % (proc.slot, proc.pid))
         except OSError as exc:
             _log.warning("%r stays out of a cgroup (%s): its process group contains it", proc, exc)
-            return argv
+            return "", ""
         moved = user is not None and user != os.geteuid()
         self._entering[proc] = (path, moved)
-        return [_LAUNCHER, "-c", _WAIT_FOR_CGROUP if moved else _ENTER_CGROUP, "gaffer",
-                os.path.join(path, "cgroup.procs")] + argv
+        return os.path.join(path, "cgroup.procs"), "wait" if moved else "enter"
 
     def spawn_failed(self, proc):
         """Popen raised: the cgroup made for the process waits for the slot's next one."""
@@ -3082,8 +3363,13 @@ class _Containment:
         if not sys.platform.startswith("linux"):
             return
         self._sweeps.append(proc)
+        now = self._loop.time()
+        due = max(now, self._sweep_next) if self._held else now  # the last one out: nothing more to batch
+        if self._sweep_timer is not None and self._sweep_timer.when > due:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         if self._sweep_timer is None:
-            self._sweep_timer = self._loop.call_at(max(self._loop.time(), self._sweep_next), self._sweep)
+            self._sweep_timer = self._loop.call_at(due, self._sweep)
 
     def _sweep(self):
         """Stop what left the groups (setsid) of processes without a cgroup, found through /proc."""
@@ -3656,6 +3942,10 @@ class _ReadyWaiter:
 
     def wait(self, manager, name, timeout):
         """Wait (not on the loop thread) until the job is ready, or raise what stopped it or TimeoutError."""
+        if manager.loop.in_loop_thread():
+            raise RuntimeError("wait_ready() on the loop thread (in a listener or callback) would wait for itself")
+        if timeout is not None:
+            timeout = _float_setting("timeout", timeout, 0)
         manager._call(lambda: manager._deps.wait(manager._job(name), self))
         if not self.done.wait(timeout):
             try:
@@ -4547,6 +4837,15 @@ def _wait_in_main_thread(manager, on_start):
         wake_w.close()
 
 
+def _check_manager_settings(loop, clock, cgroups, subreaper):
+    if loop is not None and clock is not None:
+        raise ValueError("give a loop or a clock, not both")
+    if cgroups not in ("auto", True, False):
+        raise ValueError("cgroups must be 'auto', True or False, got %r" % (cgroups,))
+    if subreaper not in (False, True, "init"):
+        raise ValueError("subreaper must be False, True or 'init', got %r" % (subreaper,))
+
+
 class Manager:
     """Keeps jobs of processes alive; every method may be called from any thread.
 
@@ -4567,12 +4866,7 @@ class Manager:
     """
 
     def __init__(self, loop=None, clock=None, stats_interval=1.0, guardian=True, cgroups="auto", subreaper=False):
-        if loop is not None and clock is not None:
-            raise ValueError("give a loop or a clock, not both")
-        if cgroups not in ("auto", True, False):
-            raise ValueError("cgroups must be 'auto', True or False, got %r" % (cgroups,))
-        if subreaper not in (False, True, "init"):
-            raise ValueError("subreaper must be False, True or 'init', got %r" % (subreaper,))
+        _check_manager_settings(loop, clock, cgroups, subreaper)
         self.cgroups = cgroups
         self.subreaper = subreaper
         self.guardian = _bool_setting("guardian", guardian)
@@ -4590,6 +4884,7 @@ class Manager:
         self._rollouts = _Rollouts(self)  # reload, update and restart, one at a time with a check
         self._batches = _Batches(self)  # large spawns, 20 ms of them a loop turn
         self._respawns = _Respawns(self)  # restart policy, backoff, flapping
+        self._sockets = _Sockets(self)  # the listening sockets it holds for its jobs
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
@@ -4624,8 +4919,6 @@ class Manager:
         """
         if self._state is not _Lifecycle.NEW:
             raise RuntimeError("manager was already started")
-        if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
-            _log.warning("SIGCHLD is ignored: the kernel reaps children itself and exit codes will read 0")
         self._containment.start()
         self._state = _Lifecycle.RUNNING
         _managers.add(self)
@@ -4751,6 +5044,19 @@ class Manager:
         if start and wait is not False and wait is not None:
             self.wait_ready(_job_name(session, config.name), None if wait is True else wait)
 
+    def add_socket(self, name, address, backlog=None, reuseport=False, mode=None, owner=None):
+        """Bind a listening socket now, held for the jobs that name it in ``sockets`` (README: "Held sockets");
+        return {name, address, jobs}.  ValueError, ProcessConflict or ProcessError says why not."""
+        return self._call(self._sockets.add, name, address, backlog, reuseport, mode, owner)
+
+    def remove_socket(self, name):
+        """Close a held socket; ProcessConflict while a loaded job names it."""
+        self._call(self._sockets.remove, name)
+
+    def sockets(self):
+        """The held sockets: [{name, address (its real port), jobs, waiting (Linux: not yet accepted)}]."""
+        return self._call(self._sockets.describe)
+
     def wait_ready(self, name, timeout=None):
         """Return once every one of the job's counted processes is ready (see ProcessConfig.ready).
 
@@ -4760,10 +5066,6 @@ class Manager:
             ProcessError: the job is stopped, or was stopped meanwhile (409).
             RuntimeError: called on the loop thread (it would wait for itself), or the manager stopped.
         """
-        if self.loop.in_loop_thread():
-            raise RuntimeError("wait_ready() on the loop thread (in a listener or callback) would wait for itself")
-        if timeout is not None:
-            timeout = _float_setting("timeout", timeout, 0)
         _ReadyWaiter().wait(self, name, timeout)
 
     def not_ready(self):
@@ -5036,6 +5338,7 @@ class Manager:
         if config.name in jobs:
             raise ProcessConflict("job %r is already loaded" % _job_name(session, config.name))
         self._deps.refuse_cycle(session, config)
+        self._sockets.check(config)
         job = _Job(session, config, config.numprocesses)
         self._containment.set_limits(job, config)
         self._sessions.setdefault(session, jobs)[config.name] = job
@@ -5077,6 +5380,7 @@ class Manager:
     def _do_update(self, config, name, start):
         job = self._job(name)
         self._deps.refuse_cycle(job.session, config)
+        self._sockets.check(config)
         self._containment.set_limits(job, config)
         old = (job.config, job.numprocesses, job.state)
         respawn = any(getattr(job.config, key) != getattr(config, key) for key in _SPAWN_SETTINGS)
@@ -5139,9 +5443,7 @@ class Manager:
         job = self._job(name)
         before = job.numprocesses
         target = amount if op == "=" else before + amount if op == "+" else before - amount
-        if target > job.config.max_processes:
-            raise ProcessError(400, "job %r may run at most %d processes (max_processes), asked for %d"
-                               % (job.name, job.config.max_processes, target))
+        job.check_count(target)
         job.numprocesses = max(0, target)
         for slot in list(job.retired):  # scale fills the slots the restart policy left empty
             job.unretire(slot)
@@ -5438,15 +5740,21 @@ class Manager:
         self._state = _Lifecycle.STOPPED
         _managers.discard(self)
         self._containment.close(list(self._procs.values()))
+        self._sockets.close_all()
         self._batches.close()
         self._reaper.close()  # the pidfds of what it watched (after a crash, children it killed)
         self._checks.close()
         self._stopped.set()
-        for wake in list(self._run_wakeups):
-            try:
-                wake.send(b"\0")
-            except OSError:
-                pass
+        _wake_all(self._run_wakeups)
+
+
+def _wake_all(wakeups):
+    """The loop ended: each run() sleeping on one of these sockets wakes up."""
+    for wake in list(wakeups):
+        try:
+            wake.send(b"\0")
+        except OSError:
+            pass
 
 
 @atexit.register
@@ -6756,7 +7064,7 @@ def _ini_value(key, text):
         return text  # a size such as 200M
     if key == "success_codes":
         return [int(code) for code in re.split(r"[\s,]+", text) if code]
-    if key in ("redirect_output", "custom_streams", "depends_on"):
+    if key in ("redirect_output", "custom_streams", "depends_on", "sockets"):
         return [label for label in re.split(r"[\s,]+", text) if label]
     if key == "env":
         return dict(item.split("=", 1) if "=" in item else (item, "") for item in shlex.split(text.replace(",", " ")))

@@ -2127,6 +2127,198 @@ class FallbackEscapeTest(EscapeTest):
 
 
 
+# -- Held sockets ---------------------------------------------------------------------
+
+# A server as sd_listen_fds(3) specifies its side: LISTEN_PID must be its own pid, its sockets sit at
+# 3, 4, ... in LISTEN_FDNAMES's order.  It reports what it found, then answers each connection with
+# its pid (after `delay` seconds, then READY=1 where NOTIFY_SOCKET is set).
+SD_LISTEN_SERVER = """
+    import json, os, selectors, socket, sys, time
+    assert os.environ["LISTEN_PID"] == str(os.getpid()), "LISTEN_PID is not this process"
+    count, names = int(os.environ["LISTEN_FDS"]), os.environ["LISTEN_FDNAMES"].split(":")
+    socks = [socket.socket(fileno=3 + i) for i in range(count)]
+    print(json.dumps({"names": names, "argv": sys.argv[1:], "pid": os.getpid(), "uid": os.getuid(),
+                      "groups": sorted(os.getgroups()), "cgroup": open("/proc/self/cgroup").read().rpartition("0::")[2].strip()
+                      if os.path.exists("/proc/self/cgroup") else "",
+                      "families": [s.family.name for s in socks], "listening": [s.getsockopt(socket.SOL_SOCKET,
+                      socket.SO_ACCEPTCONN) for s in socks], "ports": [s.getsockname()[1] if s.family != socket.AF_UNIX
+                      else None for s in socks]}), flush=True)
+    time.sleep(float(os.environ.get("DELAY", "0")))
+    if "NOTIFY_SOCKET" in os.environ:
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+    selector = selectors.DefaultSelector()
+    for s in socks:
+        selector.register(s, selectors.EVENT_READ)
+    while True:
+        for key, _ in selector.select():
+            conn, _ = key.fileobj.accept()
+            conn.sendall(b"%d\\n" % os.getpid())
+            conn.close()
+"""
+
+
+def ask(address):
+    """Connect, and return what the server says (its pid)."""
+    family, where = gaffer._socket_address(address)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(where)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            data += chunk
+    return int(data)
+
+
+class SocketTest(ManagerTestCase):
+    """Listening sockets the manager binds once and hands to each process, as systemd does."""
+
+    def serve(self, name, sockets, **settings):
+        self.m.load(gaffer.ProcessConfig(name, PY, args=["-S", "-c", textwrap.dedent(SD_LISTEN_SERVER),
+                                                          "--fd", "$GAFFER_SOCKET_%s" % sockets[0].upper()],
+                                         sockets=sockets, redirect_output=["out"], graceful_timeout=2, **settings))
+
+    def report(self, pid):
+        wait_until(lambda: self.m.get_process(pid).tail(), what="the report of process %d" % pid)
+        return json.loads(self.m.get_process(pid).tail()[0])
+
+    def test_a_server_finds_its_sockets_as_sd_listen_fds_says_and_keeps_them_across_respawns(self):
+        bound = []
+        self.m.events.subscribe("socket_bound", lambda evtype, msg: bound.append(msg))
+        web = self.m.add_socket("web", "tcp://127.0.0.1:0")
+        admin = self.m.add_socket("admin", "unix:" + os.path.join(self.tmp, "admin.sock"), mode=0o600)
+        self.assertRegex(web["address"], r"^tcp://127\.0\.0\.1:\d+$", "the real port, not 0")
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.tmp, "admin.sock")).st_mode), 0o600)
+        self.assertEqual([msg["name"] for msg in bound], ["web", "admin"])
+        self.serve("w", ["web", "admin"])
+        report = self.report(1)
+        self.assertEqual(report["pid"], self.os_pid(1), "LISTEN_PID and os_pid are the program's pid")
+        self.assertEqual((report["names"], report["families"], report["listening"], report["argv"]),
+                         (["web", "admin"], ["AF_INET", "AF_UNIX"], [1, 1], ["--fd", "3"]))
+        self.assertEqual(report["ports"][0], int(web["address"].rpartition(":")[2]))
+        self.assertEqual(self.m.info("w")["sockets"], ["web", "admin"])
+        self.assertEqual(ask(web["address"]), self.os_pid(1))
+        self.assertEqual(ask(admin["address"]), self.os_pid(1))
+        os.kill(self.os_pid(1), signal.SIGKILL)
+        self.rec.wait_for("spawn", pid=2)
+        self.report(2)
+        self.assertEqual(ask(web["address"]), self.os_pid(2), "the same socket, answered by the respawn")
+        self.assertEqual([(s["name"], s["address"], s["jobs"]) for s in self.m.sockets()],
+                         [("web", web["address"], ["default.w"]), ("admin", admin["address"], ["default.w"])])
+        with self.assertRaisesRegex(gaffer.ProcessConflict, "socket 'web' is in use by default.w"):
+            self.m.remove_socket("web")
+        self.m.unload("w")
+        self.rec.wait_for("exit", pid=2)
+        self.m.remove_socket("web")
+        with self.assertRaises(ConnectionRefusedError):
+            ask(web["address"])
+        self.m.remove_socket("admin")
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "admin.sock")), "the socket file it made is removed")
+        self.assertEqual(self.m.sockets(), [])
+
+    def test_bad_sockets_are_refused_in_one_line_and_nothing_is_left_bound(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            with self.assertRaisesRegex(gaffer.ProcessError, r"^cannot bind socket 'web' to tcp://127\.0\.0\.1:%d: "
+                                                             r"\[Errno 98\] Address already in use$" % port):
+                self.m.add_socket("web", "tcp://127.0.0.1:%d" % port)
+        for address, message in (("127.0.0.1:80", "a socket address is tcp://HOST:PORT"),
+                                 ("tcp://127.0.0.1:99999", "a socket address is"), ("unix:", "a socket address is"),
+                                 ("tcp://[::1:80", "a socket address is")):
+            with self.subTest(address=address), self.assertRaisesRegex(ValueError, message):
+                self.m.add_socket("web", address)
+        self.assertEqual(self.m.sockets(), [], "nothing half-bound")
+        with self.assertRaisesRegex(ValueError, "job 'w' uses the socket 'nope', which the manager does not hold"):
+            self.serve("w", ["nope"])
+        web = self.m.add_socket("web", "tcp://127.0.0.1:0")
+        port = int(web["address"].rpartition(":")[2])
+        with self.assertRaisesRegex(ValueError, r"ready 'tcp:%d' checks port %d, which the manager's socket holds: "
+                                                r".* Use notify, output: or a port" % (port, port)):
+            self.serve("w", ["web"], ready="tcp:%d" % port)
+        with self.assertRaisesRegex(gaffer.ProcessConflict, "socket 'web' is held already"):
+            self.m.add_socket("web", "tcp://127.0.0.1:0")
+        self.assertEqual(self.m.jobs(), [], "nothing loaded")
+        with self.assertRaisesRegex(gaffer.ProcessNotFound, "socket 'nope' not found"):
+            self.m.remove_socket("nope")
+
+    def test_ipv6(self):
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6 here")
+        try:
+            web = self.m.add_socket("web", "tcp://[::1]:0")
+        except gaffer.ProcessError as exc:
+            self.skipTest("no ::1 here: %s" % exc.reason)
+        self.assertRegex(web["address"], r"^tcp://\[::1\]:\d+$")
+        self.serve("w", ["web"])
+        self.assertEqual(self.report(1)["families"], ["AF_INET6"])
+        self.assertEqual(ask(web["address"]), self.os_pid(1))
+
+    def test_reloads_over_a_held_socket_lose_no_connection(self):
+        web = self.m.add_socket("web", "tcp://127.0.0.1:0")
+        self.serve("w", ["web"], ready="notify", env={"DELAY": "0.5"}, ready_timeout=30)
+        self.m.wait_ready("w", TIMEOUT)
+        errors, answers, stop = [], [], threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                try:
+                    answers.append(ask(web["address"]))
+                except (OSError, ValueError) as exc:
+                    errors.append(exc)
+
+        client = threading.Thread(target=hammer)
+        client.start()
+        started = [self.m.get_process(self.m.pids("w")[0]).create_time]
+        try:
+            for round_ in range(5):
+                old = self.m.pids("w")[0]
+                self.m.reload("w")
+                wait_until(lambda: len(self.m.pids("w")) == 1 and self.m.pids("w")[0] != old
+                           and self.m.get_process(self.m.pids("w")[0]).status == "ready", what="reload %d" % round_)
+                self.assertGreater(self.m.get_process(self.m.pids("w")[0]).create_time, started[-1])
+                started.append(self.m.get_process(self.m.pids("w")[0]).create_time)
+                new = self.os_pid(self.m.pids("w")[0])
+                wait_until(lambda: answers and answers[-1] == new, what="the client served by the new process")
+        finally:
+            stop.set()
+            client.join(TIMEOUT)
+        self.assertEqual(errors, [], "no connection refused or reset during five reloads")
+        self.assertGreater(len(answers), 20)
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "binding a port below 1024 needs root")
+    def test_a_port_below_1024_bound_as_root_serves_a_job_run_as_nobody(self):
+        python = python_for("nobody")
+        if python is None:
+            self.skipTest("no Python interpreter here that the user nobody can run")
+        for port in range(1023, 900, -1):
+            try:
+                web = self.m.add_socket("web", "tcp://127.0.0.1:%d" % port)
+                break
+            except gaffer.ProcessError:
+                continue
+        else:
+            self.skipTest("no free port below 1024")
+        self.m.load(gaffer.ProcessConfig("w", python, args=["-S", "-c", textwrap.dedent(SD_LISTEN_SERVER)],
+                                         sockets=["web"], uid="nobody", redirect_output=["out"], graceful_timeout=2))
+        import pwd
+        report = self.report(1)
+        nobody = pwd.getpwnam("nobody")
+        self.assertEqual((report["pid"], report["uid"]), (self.os_pid(1), nobody.pw_uid),
+                         "the launcher, root, binds nothing and drops to the job's user before the exec")
+        self.assertEqual(report["groups"], sorted(set(os.getgrouplist("nobody", nobody.pw_gid))))
+        if self.m._containment.cgroups is not None:
+            self.assertTrue(report["cgroup"].endswith("/default.w/1"), report["cgroup"])
+        self.assertEqual(ask(web["address"]), self.os_pid(1))
+
+
+class FallbackSocketTest(SocketTest):
+    no_pidfd = no_cgroup = True
+
+
 # -- Readiness ------------------------------------------------------------------------
 
 def free_port():
