@@ -155,6 +155,7 @@ _CHECK_WORKERS = 64                             # threads that run tcp, http and
 _SPAWN_SLICE = 0.02                             # seconds of spawning a loop turn: reaping and commands go between
 _ORPHAN_GIVE_UP = 10.0                          # seconds after SIGKILL a group may linger before it is forgotten
 _LED_SESSIONS = 4096                            # sessions of past processes a subreaper still knows its zombies by
+_GUARDIAN_BATCH = 0.02                          # with cgroups, the guardian is told of new processes this late at most
 _SWEEP_SPACING = 0.05                           # the least time between two looks through /proc (escapees, orphans)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 
@@ -443,19 +444,21 @@ def _own_children():
     return children
 
 
-def _escaped(leaders, marks):
+def _escaped(leaders, marks, ours=frozenset()):
     """The process groups of the descendants of `leaders` ({os pid: alive}, each leader its own group)
     that left their group: {pgid: leader}.  Found through /proc: the children of each live leader and
     theirs, and the processes whose environment carries one of `marks` ({b"GAFFER_PROCESS=...": leader})
     with their own descendants, wherever they were adopted (init, a subreaper such as systemd --user).
-    An exited leader is walked from its marks only: its pid may be another program's by now.
+    An exited leader is walked from its marks only: its pid may be another program's by now.  A process
+    in a group of `ours` (the groups the manager's live processes lead) left nothing: its environment,
+    the costly part of a look, is not read.
     """
     table, children = _proc_table(), collections.defaultdict(list)
     for pid, (ppid, _, _) in table.items():
         children[ppid].append(pid)
     roots = {leader: leader for leader, alive in leaders.items() if alive}
     for pid, (ppid, pgid, state) in table.items():
-        if pgid not in leaders and state != b"Z":
+        if pgid not in leaders and pgid not in ours and state != b"Z":
             try:
                 with open("/proc/%d/environ" % pid, "rb") as f:
                     environ = f.read()
@@ -758,6 +761,8 @@ class ProcessConfig:
     #: names of sockets the manager holds (Manager.add_socket), handed to each process at descriptors 3, 4, ...
     #: in this order, as systemd does (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID; $GAFFER_SOCKET_<NAME>)
     sockets: list = dataclasses.field(default_factory=list)
+    #: with sockets: a start spawns nothing until a first connection arrives on one of them (state listening)
+    on_demand: bool = False
     #: seconds between the stop signal and SIGKILL
     graceful_timeout: float = 10.0
     #: signal that asks a process to stop
@@ -889,6 +894,8 @@ class ProcessConfig:
         self.sockets = _labels("sockets", self.sockets)
         if len(set(self.sockets)) != len(self.sockets):
             raise ValueError("sockets: each socket is named once, got %r" % (self.sockets,))
+        if _bool_setting("on_demand", self.on_demand) and not self.sockets:
+            raise ValueError("on_demand needs sockets: a first connection on one of them starts the job")
         for label in self.custom_streams:
             if self.custom_streams.count(label) > 1 or label in self.redirect_output:
                 raise ValueError("custom_streams: label %r is used twice" % (label,))
@@ -1953,6 +1960,8 @@ class _Sockets:
     def __init__(self, manager):
         self._manager = manager
         self._held = {}  # name -> _HeldSocket
+        self._listening = {}  # name -> [on_demand jobs that a connection on it starts], while it is watched
+        self._woken = set()  # on_demand jobs started by a connection, until they stop
 
     def add(self, name, address, backlog=None, reuseport=False, mode=None, owner=None):
         """Bind now: ValueError for a bad name or address, ProcessConflict for a name in use, ProcessError
@@ -2016,6 +2025,46 @@ class _Sockets:
     def fds(self, names):
         return [self._held[name].sock.fileno() for name in names]
 
+    def defer(self, job):
+        """An on_demand job being started spawns nothing yet: it listens (the loop watches its sockets)
+        until a first connection, which waits in the backlog for a process that it starts."""
+        if not job.config.on_demand or job in self._woken:
+            return False
+        for name in job.config.sockets:
+            jobs = self._listening.setdefault(name, [])
+            if job not in jobs:
+                jobs.append(job)
+            self._manager.loop.set_events(self._held[name].sock, selectors.EVENT_READ,
+                                          functools.partial(self._on_connection, name))
+        return True
+
+    def undefer(self, job):
+        """The job stopped: a start makes it listen again."""
+        self._woken.discard(job)
+        for name in job.config.sockets:
+            jobs = self._listening.get(name, [])
+            if job in jobs:
+                jobs.remove(job)
+            if not jobs and self._listening.pop(name, None) is not None and name in self._held:
+                self._manager.loop.set_events(self._held[name].sock, 0)
+
+    def _on_connection(self, name, mask):
+        """A first connection: every job that listens on the socket starts, at its count."""
+        jobs = self._listening.pop(name, [])
+        self._manager.loop.set_events(self._held[name].sock, 0)
+        for job in jobs:
+            if job.state is not _JobState.LISTENING or not self._manager._loaded(job):
+                continue
+            self._woken.add(job)
+            for other in job.config.sockets:  # its other sockets stop waiting for it
+                if job in self._listening.get(other, []):
+                    self._listening[other].remove(job)
+            try:
+                self._manager._start_job(job)
+            except ProcessError as exc:
+                _log.error("%s", exc.reason)
+            self._manager._deps.wake()
+
     def describe(self):
         listeners = _tcp_listeners() or {}
         return [self._describe(held, listeners) for held in list(self._held.values())]
@@ -2028,6 +2077,8 @@ class _Sockets:
         return info
 
     def _close(self, held):
+        if self._listening.pop(held.name, None) is not None:
+            self._manager.loop.set_events(held.sock, 0)
         held.sock.close()
         if held.made is not None:
             try:
@@ -2734,6 +2785,7 @@ class _JobState(enum.Enum):
     BACKOFF = "backoff"     # running: a slot's respawn waits out its backoff
     RETRYING = "retrying"   # flapping stopped it; it starts again after flapping.retry_in
     FATAL = "fatal"         # flapping stopped it for good, until it is started by hand
+    LISTENING = "listening"  # on_demand: started, it spawns at the first connection on its sockets
 
     @property
     def shown(self):
@@ -2932,7 +2984,7 @@ class _Job:
                 "running": len(rows), "ready": self.ready, "target": self.numprocesses,
                 "restarts": self.restarts, "last_exit": self.last_exit, "last_error": self.last_error,
                 "processes": rows, "slots": self.empty_slots(now, waiting),
-                "outputs": list(dict.fromkeys(self.config.redirect_output))}
+                "outputs": list(dict.fromkeys(self.config.redirect_output)), "sockets": list(self.config.sockets)}
 
     def empty_slots(self, now, waiting):
         """Its slots that no process holds now, each with why: [{slot, state, delay}], state "backoff"
@@ -3378,7 +3430,8 @@ class _Containment:
         marks = {("GAFFER_PROCESS=%s\0" % self.mark(p)).encode(): p.os_pid for p in procs.values()}
         started = time.monotonic()
         try:
-            escaped = _escaped({os_pid: p._state is not _State.EXITED for os_pid, p in procs.items()}, marks)
+            escaped = _escaped({os_pid: p._state is not _State.EXITED for os_pid, p in procs.items()}, marks,
+                               {p.os_pid for p in self._held if p.config.stop_children})
         except OSError as exc:  # no /proc
             _log.debug("cannot look for escaped descendants: %s", exc)
             escaped = {}
@@ -3474,11 +3527,13 @@ class _Containment:
             self._tell_guardian(b"- %d\n" % target)
 
     def _tell_guardian(self, line):
-        """Lines for the guardian go in one write at the end of the loop's turn: a respawn's exit and spawn,
-        a start's hundreds of spawns wake it once."""
+        """Lines for the guardian go in one write at the end of the loop's turn (a respawn's exit and spawn,
+        a start's hundreds of spawns wake it once), or with cgroups up to _GUARDIAN_BATCH later: a guardian
+        that outlives the manager kills all of the manager's cgroups anyway, told of them or not."""
         self._to_guardian.append(line)
         if self._guardian_flush is None:
-            self._guardian_flush = self._loop.call_later(0, self._flush_guardian)
+            delay = _GUARDIAN_BATCH if self.cgroups is not None else 0
+            self._guardian_flush = self._loop.call_later(delay, self._flush_guardian)
 
     def _flush_guardian(self):
         self._guardian_flush = None
@@ -3522,9 +3577,9 @@ class _Containment:
 
     def dismiss(self, loop_closed=False):
         """The manager stopped its jobs itself: the guardian exits without a signal sent."""
-        if self._guardian_flush is not None:
+        if self._guardian_flush is not None:  # its lines are moot: it exits on "bye" without a signal
             self._guardian_flush.cancel()
-            self._flush_guardian()
+            self._guardian_flush, self._to_guardian = None, []
         guardian, self._guardian = self._guardian, None
         if self._guardian_timer is not None:
             self._guardian_timer.cancel()
@@ -5426,8 +5481,7 @@ class Manager:
         return self._batches.done(job, None, undo)
 
     def _do_stop_job(self, name):
-        job = self._job(name)
-        self._stop_job(job)
+        self._stop_job(self._job(name))
         self._deps.wake()
 
     def _do_commit(self, name, graceful_timeout, env):
@@ -5608,8 +5662,8 @@ class Manager:
     def _activate(self, job):
         """Mark a job started by hand: flapping history, backoffs and retired slots are forgotten."""
         self._respawns.reset(job)
-        if not job.active:  # STOPPED, RETRYING or FATAL -> running
-            self._job_to(job, _JobState.RUNNING)
+        if not job.active:  # STOPPED, RETRYING or FATAL -> running (on_demand: listening, which spawns nothing)
+            self._job_to(job, _JobState.LISTENING if self._sockets.defer(job) else _JobState.RUNNING)
 
     def _start_job(self, job):
         self._activate(job)
@@ -5625,6 +5679,7 @@ class Manager:
         """Stop every process of the job, none replaced: STOPPED, or RETRYING or FATAL after a flap."""
         job.rollout = None
         self._respawns.cancel(job)
+        self._sockets.undefer(job)
         was_active = job.active
         self._job_to(job, state, announce=False)
         for proc in job.processes():
@@ -6430,6 +6485,11 @@ def _http_status(req, m):
     return 200, {"jobs": m.status()}
 
 
+@_route("GET", "/sockets")
+def _http_sockets(req, m):
+    return 200, {"sockets": m.sockets()}
+
+
 @_route("GET", "/jobs/([^/]+)")
 def _http_session_jobs(req, m, session):
     return 200, {"sessionid": session, "jobs": m.jobs(session)}
@@ -6880,7 +6940,7 @@ def _quiet_names(text, names):
     return quiet
 
 
-def _run_foreground(configs, args, keep_alive):
+def _run_foreground(configs, args, keep_alive, sockets=()):
     """Run jobs in the foreground with prefixed output until Ctrl-C (or, unless keep_alive, a first exit).
 
     configs: [(session, ProcessConfig)]; each process shows as job.slot (web.1).
@@ -6921,6 +6981,7 @@ def _run_foreground(configs, args, keep_alive):
 
     def load_all():  # inside run(): a Ctrl-C while the first processes start already stops them
         try:
+            _add_sockets(manager, [(name, {"address": address}) for name, address in sockets])
             for session, config in configs:
                 name = _job_name(session, config.name)
                 manager.load(config, sessionid=session, start=False)
@@ -7044,10 +7105,20 @@ def _cmd_run(args):
     try:
         config = ProcessConfig(args.name or _run_name(command), shlex.quote(command[0]), args=command[1:],
                                numprocesses=args.n, redirect_output=["out", "out"],
-                               graceful_timeout=args.graceful_timeout, env={"PYTHONUNBUFFERED": "1"})
+                               graceful_timeout=args.graceful_timeout, env={"PYTHONUNBUFFERED": "1"},
+                               sockets=[name for name, _ in args.socket])
     except ValueError as exc:
         raise _UsageError("run: %s" % exc) from None
-    return _run_foreground([(_DEFAULT_SESSION, config)], args, keep_alive=True)
+    return _run_foreground([(_DEFAULT_SESSION, config)], args, keep_alive=True, sockets=args.socket)
+
+
+def _socket_text(text):
+    """--socket NAME=ADDRESS, as add_socket() takes them."""
+    name, _, address = text.partition("=")
+    if not name.isidentifier() or not address:
+        raise ValueError("give NAME=ADDRESS (web=tcp://127.0.0.1:8000), got %r" % (text,))
+    _socket_address(address)
+    return name, address
 
 
 # -- serve: a daemon from a config file ------------------------------------------------------------
@@ -7120,10 +7191,15 @@ def _read_json_config(path, text):
         raise _UsageError("%s: not valid JSON: %s" % (path, exc)) from None
     if not isinstance(data, dict):
         raise _UsageError("%s: the config must be a JSON object with 'jobs'" % path)
-    unknown = set(data) - {"jobs", "http", "token", "token_file", "include"}
+    unknown = set(data) - {"jobs", "http", "token", "token_file", "include", "sockets"}
     if unknown:
-        raise _UsageError("%s: unknown key %r (the keys are jobs, http, token, token_file, include)"
+        raise _UsageError("%s: unknown key %r (the keys are jobs, sockets, http, token, token_file, include)"
                           % (path, sorted(unknown)[0]))
+    sockets = data.get("sockets", {})
+    if not isinstance(sockets, dict):
+        raise _UsageError("%s: sockets: must be an object of name: address (or {address, ...})" % path)
+    sockets = {name: _config_socket("%s: sockets.%s" % (path, name), name, settings if isinstance(settings, dict)
+                                    else {"address": settings}) for name, settings in sockets.items()}
     include = data.get("include", [])
     if not isinstance(include, list) or not all(isinstance(item, str) for item in include):
         raise _UsageError("%s: include: must be a list of file names or patterns" % path)
@@ -7134,7 +7210,8 @@ def _read_json_config(path, text):
     for index, job in enumerate(jobs):
         where = "jobs[%d] (%s)" % (index, job.get("name", "?")) if isinstance(job, dict) else "jobs[%d]" % index
         configs.append(_json_job(job, "%s: %s" % (path, where)))
-    return configs, data.get("http"), _config_token(path, data.get("token"), data.get("token_file")), include
+    token = _config_token(path, data.get("token"), data.get("token_file"))
+    return configs, data.get("http"), token, include, sockets
 
 
 def _read_ini_config(path, text):
@@ -7147,9 +7224,11 @@ def _read_ini_config(path, text):
         raise _UsageError("%s: %s" % (path, str(exc).replace("\n", " "))) from None
     http, token, include = None, None, []
     for name in parser.sections():  # a typo in a section name is an error, never a job silently left out
-        if name != "gaffer" and name.partition(":")[0] not in ("job", "process", "env", "endpoint"):
-            raise _UsageError("%s: unknown section [%s] (the sections are [gaffer], [job:NAME], [env:NAME] "
-                              "and [endpoint:NAME])" % (path, name))
+        if name != "gaffer" and name.partition(":")[0] not in ("job", "process", "env", "endpoint", "socket"):
+            raise _UsageError("%s: unknown section [%s] (the sections are [gaffer], [job:NAME], [env:NAME], "
+                              "[socket:NAME] and [endpoint:NAME])" % (path, name))
+    sockets = {name[7:]: _config_socket("%s: [%s]" % (path, name), name[7:], dict(parser[name]))
+               for name in parser.sections() if name.startswith("socket:")}
     if parser.has_section("gaffer"):
         section = parser["gaffer"]
         unknown = set(section) - {"token", "token_file", "http", "http_endpoints", "include"}
@@ -7185,17 +7264,37 @@ def _read_ini_config(path, text):
             configs.append((session, ProcessConfig(job, settings.pop("cmd", None), **settings)))
         except (TypeError, ValueError) as exc:
             raise _UsageError("%s: %s: %s" % (path, name, exc)) from None
-    return configs, http, token, include
+    return configs, http, token, include, sockets
+
+
+def _config_socket(where, name, settings):
+    """A socket a config file declares, as add_socket() takes it: {address, backlog, reuseport, mode, owner}."""
+    unknown = set(settings) - {"address", "backlog", "reuseport", "mode", "owner"}
+    if unknown:
+        raise _UsageError("%s: unknown setting %r (the settings are address, backlog, reuseport, mode, owner)"
+                          % (where, sorted(unknown)[0]))
+    try:
+        if not name.isidentifier():
+            raise ValueError("a socket name is a name such as 'web', got %r" % (name,))
+        _socket_address(settings.get("address"))
+        socket_settings = dict(settings)
+        if isinstance(socket_settings.get("backlog"), str):
+            socket_settings["backlog"] = _int_text("backlog", socket_settings["backlog"])
+        if isinstance(socket_settings.get("reuseport"), str):  # an INI file's yes or no
+            socket_settings["reuseport"] = socket_settings["reuseport"].lower() in ("1", "yes", "true", "on")
+        return socket_settings
+    except ValueError as exc:
+        raise _UsageError("%s: %s" % (where, exc)) from None
 
 
 def _read_jobs(path, including):
-    """([(session, ProcessConfig, file)], http, token) of a config file and of those it includes: its
-    `include` globs (a JSON list, or a line in [gaffer]) are relative to its directory."""
+    """([(session, ProcessConfig, file)], http, token, {socket name: its settings}) of a config file and of
+    those it includes: its `include` globs (a JSON list, or a line in [gaffer]) are relative to its directory."""
     text = _read_text(path, "config file")
     if path.endswith(".json") or text.lstrip().startswith("{"):
-        configs, http, token, include = _read_json_config(path, text)
+        configs, http, token, include, sockets = _read_json_config(path, text)
     else:
-        configs, http, token, include = _read_ini_config(path, text)
+        configs, http, token, include, sockets = _read_ini_config(path, text)
     jobs = [(session, config, path) for session, config in configs]
     for pattern in include:
         import glob
@@ -7205,13 +7304,17 @@ def _read_jobs(path, including):
         for other in found:
             if os.path.realpath(other) in including + (os.path.realpath(path),):
                 raise _UsageError("%s: include: %s includes %s again" % (path, other, path))
-            jobs += _read_jobs(other, including + (os.path.realpath(path),))[0]
-    return jobs, http, token
+            more = _read_jobs(other, including + (os.path.realpath(path),))
+            jobs += more[0]
+            for name in set(sockets) & set(more[3]):
+                raise _UsageError("%s: socket %s is declared twice (in %s too)" % (path, name, other))
+            sockets.update(more[3])
+    return jobs, http, token, sockets
 
 
-def _validate_config(path, jobs, http):
-    """A config (with what it includes) names each job once, and each depends_on one of them, with no cycle.
-    jobs: [(session, ProcessConfig, file)]; returns [(session, ProcessConfig)]."""
+def _validate_config(path, jobs, http, sockets=()):
+    """A config (with what it includes) names each job once, each depends_on one of them, with no cycle,
+    and only sockets it declares.  jobs: [(session, ProcessConfig, file)]; returns [(session, ProcessConfig)]."""
     if http is not None:
         try:
             _parse_address(http)
@@ -7226,6 +7329,10 @@ def _validate_config(path, jobs, http):
         graph[name], files[name] = _dep_names(session, config), origin
     configs = [(session, config) for session, config, _ in jobs]
     for session, config in configs:
+        for name in config.sockets:
+            if name not in sockets:
+                raise _UsageError("%s: %s.%s: sockets names %r, which the file does not declare"
+                                  % (path, session, config.name, name))
         for dep, name in zip(config.depends_on, _dep_names(session, config)):
             if name not in graph:
                 raise _UsageError("%s: %s.%s: depends_on names %r, which the file does not define"
@@ -7238,12 +7345,13 @@ def _validate_config(path, jobs, http):
 
 
 def _read_config(path):
-    """Read a JSON or INI daemon config: ([(session, ProcessConfig)], http address or None, token or None).
+    """Read a JSON or INI daemon config: ([(session, ProcessConfig)], http address or None, token or None,
+    {socket name: add_socket()'s settings}).
 
     Errors are _UsageError("path: where: reason").
     """
-    jobs, http, token = _read_jobs(path, ())
-    return _validate_config(path, jobs, http), http, token
+    jobs, http, token, sockets = _read_jobs(path, ())
+    return _validate_config(path, jobs, http, sockets), http, token, sockets
 
 
 def _cannot_start(config):
@@ -7265,8 +7373,10 @@ def _cannot_start(config):
 
 def _cmd_check(args):
     if args.config:
-        configs = _read_config(args.config)[0]
+        configs, _, _, sockets = _read_config(args.config)
         print("valid config %s: %d job%s" % (args.config, len(configs), "s" if len(configs) != 1 else ""))
+        for name, settings in sockets.items():
+            print("  socket %s: %s" % (name, settings["address"]))
         for session, config in configs:
             after = " (after %s)" % ", ".join(config.depends_on) if config.depends_on else ""
             print("  %s.%s: %s%s" % (session, config.name, config.cmd, after))
@@ -7307,6 +7417,47 @@ def _apply_config(manager, configs, path):
             _log.error("reload of %s: %s: %s", path, name, exc)
     _log.info("reloaded %s: %s", path, ", ".join(
         "%d %s%s" % (len(names), kind, " (%s)" % ", ".join(names) if names else "") for kind, names in done.items()))
+
+
+def _add_sockets(manager, sockets):
+    """Bind [(name, add_socket()'s settings)] in turn; the first that fails raises."""
+    for name, settings in sockets:
+        manager.add_socket(name, **settings)
+
+
+def _serve_sockets(manager, sockets, path):
+    """serve binds its config's sockets before any job: one that cannot be bound stops it, in one line."""
+    try:
+        _add_sockets(manager, sockets.items())
+    except (ProcessError, ValueError) as exc:
+        manager.stop()
+        manager.run()
+        raise _Failure("%s: %s" % (path, exc)) from None
+
+
+def _apply_sockets(manager, held, wanted, path):
+    """SIGHUP: bind the sockets the config file declares now (one whose settings changed stays as it was
+    while it is held: its port cannot close under the processes that use it)."""
+    for name, settings in wanted.items():
+        if name in held and held[name] != settings:
+            _log.error("reload of %s: socket %s changed, but it stays as it was until remove_socket or a restart",
+                       path, name)
+        elif name not in held:
+            try:
+                manager.add_socket(name, **settings)
+                held[name] = settings
+            except (ProcessError, ValueError) as exc:
+                _log.error("reload of %s: %s", path, exc)
+
+
+def _close_sockets(manager, held, wanted, path):
+    """SIGHUP, after the jobs: the sockets gone from the file close, now that no job of the file names them."""
+    for name in [name for name in held if name not in wanted]:
+        try:
+            manager.remove_socket(name)
+            del held[name]
+        except ProcessError as exc:
+            _log.error("reload of %s: %s", path, exc)
 
 
 def _temporary_file(path, mode, data):
@@ -7560,19 +7711,23 @@ def _daemonize(log_fd):
     return tell
 
 
-def _serve(args, configs, app, state, on_ready):
+def _serve(args, configs, app, state, on_ready, sockets):
     manager = _cli_manager(args)
     for event in ("spawn", "exit", "flap", "spawn_error", "stop_process", "reap"):  # as supervisord says them
         manager.events.subscribe(event, lambda evtype, msg: _log.info("%s", _event_line(evtype, msg)))
     _start(manager, app)
+    _serve_sockets(manager, sockets, args.config)
+    held = dict(sockets)
 
     def reload_config():
         try:
-            configs = _read_config(args.config)[0]
+            configs, _, _, sockets = _read_config(args.config)
         except _UsageError as exc:
             _log.error("reload of %s failed: %s", args.config, exc)
             return
+        _apply_sockets(manager, held, sockets, args.config)
         _apply_config(manager, configs, args.config)
+        _close_sockets(manager, held, sockets, args.config)
 
     _forward_signals(manager, (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT))  # SIGHUP reloads the config
     previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
@@ -7615,7 +7770,7 @@ def _serve(args, configs, app, state, on_ready):
 
 
 def _cmd_serve(args):
-    configs, http, token = _read_config(args.config)
+    configs, http, token, sockets = _read_config(args.config)
     app = _http_app(args, http, token)
     state = args.state and _StateFile(os.path.abspath(args.state))
     if state and not os.access(os.path.dirname(state.path), os.W_OK):
@@ -7642,7 +7797,7 @@ def _cmd_serve(args):
         try:
             if pidfile:
                 pidfile.acquire()
-            return _serve(args, configs, app, state, lambda problems: tell(0, "\n".join(problems)))
+            return _serve(args, configs, app, state, lambda problems: tell(0, "\n".join(problems)), sockets)
         except (_UsageError, _Failure) as exc:
             tell(2 if isinstance(exc, _UsageError) else 1, str(exc))
             raise
@@ -7878,9 +8033,11 @@ def _cmd_ps(args):
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    for job in jobs:  # why a job could not start: under the table, whole
+    for job in jobs:  # why a job could not start, and the sockets it is handed: under the table, whole
         if job.get("last_error"):
             print("%s: %s" % (job["name"], job["last_error"]))
+        if job.get("sockets"):
+            print("%s: sockets %s" % (job["name"], ", ".join(job["sockets"])))
     return 0
 
 
@@ -8301,6 +8458,9 @@ _COMMANDS = [  # (name, function, help, option groups, its own options)
         (("--http",), dict(metavar="ADDR", type=_address_text, help="also serve the HTTP controller there")),
         (("--graceful-timeout",), dict(type=_seconds_text, default=5.0, metavar="S",
                                        help="seconds between SIGTERM and SIGKILL (default 5)")),
+        (("--socket",), dict(type=_socket_text, action="append", default=[], metavar="NAME=ADDR",
+                             help="hold a listening socket (tcp://HOST:PORT or unix:PATH) and hand it to the "
+                                  "command at fd 3, 4, ... ($GAFFER_SOCKET_NAME, LISTEN_FDS); again for more")),
         (("command",), dict(nargs="...", metavar="-- CMD [ARGS...]", help="the command and its arguments"))]),
     ("check", _cmd_check, "validate a Procfile (or, with -c, a daemon config) and list its jobs", ("procfile",), [
         (("-c", "--config"), dict(metavar="FILE", help="a JSON or INI config, as serve takes"))]),

@@ -2245,6 +2245,22 @@ class SocketTest(ManagerTestCase):
         with self.assertRaisesRegex(gaffer.ProcessNotFound, "socket 'nope' not found"):
             self.m.remove_socket("nope")
 
+    def test_an_on_demand_job_listens_and_starts_at_its_first_connection(self):
+        with self.assertRaisesRegex(ValueError, "on_demand needs sockets"):
+            gaffer.ProcessConfig("w", PY, on_demand=True)
+        web = self.m.add_socket("web", "tcp://127.0.0.1:0")
+        self.serve("w", ["web"], on_demand=True, numprocesses=2)
+        state = lambda: {job["name"]: job["state"] for job in self.m.status()}["default.w"]
+        self.assertEqual((self.m.pids("w"), state(), self.rec.matching("spawn")), ([], "listening", []))
+        answer = ask(web["address"])  # waits in the backlog for a process it started
+        self.assertIn(answer, [self.os_pid(pid) for pid in self.m.pids("w")])
+        self.assertEqual(len(self.m.pids("w")), 2, "at its configured count")
+        self.m.stop_job("w")
+        wait_until(lambda: not self.m.pids("w") and state() == "stopped", what="stopped")
+        self.m.start_job("w")
+        self.assertEqual((self.m.pids("w"), state()), ([], "listening"), "listening again, nothing spawned")
+        self.assertIn(ask(web["address"]), [self.os_pid(pid) for pid in self.m.pids("w")])
+
     def test_ipv6(self):
         if not socket.has_ipv6:
             self.skipTest("no IPv6 here")
@@ -4482,6 +4498,103 @@ class ServeTest(CommandLineTestCase):
         self.record_leaders()
         self.assertEqual(self.pids(), a_pids, "an unchanged job is untouched")
         self.assertEqual(len(self.pids("default.b")), 3)
+        proc.terminate()
+        self.assertEqual(proc.finish(), 0)
+
+    def test_a_socket_of_the_config_is_kept_across_sighup_and_closed_with_its_last_job(self):
+        server = self.write("server.py", SD_LISTEN_SERVER)
+        config = self.write("gaffer.ini", """
+            [socket:web]
+            address = tcp://127.0.0.1:0
+            backlog = 64
+
+            [job:web]
+            cmd = %s
+            args = -S %s
+            sockets = web
+            graceful_timeout = 2
+
+            [job:other]
+            cmd = %s
+            args = -S -c "import time; time.sleep(60)"
+            graceful_timeout = 2
+            """ % (PY, server, PY))
+        check = self.cli("check", "-c", config)
+        self.assertIn("  socket web: tcp://127.0.0.1:0", check.stdout.splitlines())
+        proc = self.serve(config)
+        self.record_leaders()
+        api = client("unix:" + self.sock)
+        sockets = api.request("GET", "/sockets")["sockets"]
+        self.assertEqual([(s["name"], s["jobs"]) for s in sockets], [("web", ["default.web"])])
+        address = sockets[0]["address"]
+        first = ask(address)
+        self.assertEqual(first, api.request("GET", "/%d" % self.pids("default.web")[0])["os_pid"])
+        proc.send_signal(signal.SIGHUP)  # the same file: the socket and its process stay
+        proc.wait_line(r"reloaded .*: 0 loaded, 0 updated, 0 unloaded")
+        self.assertEqual(api.request("GET", "/sockets")["sockets"][0]["address"], address)
+        self.assertEqual(ask(address), first)
+        self.assertIn("default.web: sockets web", self.client("ps").stdout.splitlines())
+        self.write("gaffer.ini", """
+            [job:other]
+            cmd = %s
+            args = -S -c "import time; time.sleep(60)"
+            graceful_timeout = 2
+            """ % PY)
+        proc.send_signal(signal.SIGHUP)
+        proc.wait_line(r"reloaded .*: 0 loaded, 0 updated, 1 unloaded \(default\.web\)")
+        wait_until(lambda: api.request("GET", "/sockets")["sockets"] == [], what="the socket closed with its job")
+        wait_until(lambda: not self.port_open(address), what="its port closed")
+        proc.terminate()
+        self.assertEqual(proc.finish(), 0)
+
+    @staticmethod
+    def port_open(address):
+        try:
+            ask(address)
+        except ConnectionRefusedError:
+            return False
+        except (OSError, ValueError):  # a process still stopping closed it unanswered
+            return True
+        return True
+
+    def test_a_socket_that_cannot_be_bound_stops_serve_and_run_in_one_line(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            address = "tcp://127.0.0.1:%d" % taken.getsockname()[1]
+            config = self.json_config([self.job("a", sockets=["web"])])
+            with open(config) as f:
+                data = json.load(f)
+            data["sockets"] = {"web": address}
+            with open(config, "w") as f:
+                json.dump(data, f)
+            result = self.gaffer("serve", "-c", config, "--http", "unix:" + os.path.join(self.tmp, "g.sock"))
+            self.assertEqual(result.returncode, 1, result.stderr)
+            self.assertEqual(result.stderr.strip().splitlines()[-1],
+                             "gaffer: %s: cannot bind socket 'web' to %s: [Errno 98] Address already in use"
+                             % (config, address))
+            result = self.gaffer("run", "--socket", "web=" + address, "--", PY, "-c", "pass")
+            self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+            self.assertIn("cannot bind socket 'web' to %s: [Errno 98] Address already in use" % address, result.stdout)
+        for args, message in ((("run", "--socket", "web", "--", PY), "give NAME=ADDRESS"),
+                              (("run", "--socket", "web=127.0.0.1:80", "--", PY), "a socket address is")):
+            with self.subTest(args=args):
+                result = self.cli(*args)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(message, result.stderr)
+        bad = self.write("bad.json", json.dumps({"jobs": [self.job("a", sockets=["nope"])]}))
+        result = self.cli("check", "-c", bad)
+        self.assertEqual((result.returncode, result.stderr.strip()),
+                         (2, "gaffer: %s: default.a: sockets names 'nope', which the file does not declare" % bad))
+
+    def test_run_with_a_socket(self):
+        port = free_port()
+        proc = self.spawn("run", "--socket", "web=tcp://127.0.0.1:%d" % port, "--", PY, "-S", "-c",
+                          textwrap.dedent(SD_LISTEN_SERVER), "--fd", "$GAFFER_SOCKET_WEB")
+        self.addCleanup(lambda: proc.poll() is None and (proc.terminate(), proc.finish()))
+        report = json.loads(proc.wait_line(r'"names": \["web"\]')[0].split("| ", 1)[1])
+        self.assertEqual((report["argv"], report["ports"]), (["--fd", "3"], [port]))
+        self.assertEqual(ask("tcp://127.0.0.1:%d" % port), report["pid"])
         proc.terminate()
         self.assertEqual(proc.finish(), 0)
 
