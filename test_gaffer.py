@@ -2273,9 +2273,10 @@ class SocketTest(ManagerTestCase):
         self.assertEqual(self.report(1)["families"], ["AF_INET6"])
         self.assertEqual(ask(web["address"]), self.os_pid(1))
 
-    def test_reloads_over_a_held_socket_lose_no_connection(self):
+    def test_reloads_updates_and_restarts_over_a_held_socket_lose_no_connection(self):
         web = self.m.add_socket("web", "tcp://127.0.0.1:0")
         self.serve("w", ["web"], ready="notify", env={"DELAY": "0.5"}, ready_timeout=30)
+        config = self.m.get("w")
         self.m.wait_ready("w", TIMEOUT)
         errors, answers, stop = [], [], threading.Event()
 
@@ -2290,9 +2291,16 @@ class SocketTest(ManagerTestCase):
         client.start()
         started = [self.m.get_process(self.m.pids("w")[0]).create_time]
         try:
-            for round_ in range(5):
+            for round_, how in enumerate(("reload", "update", "restart", "reload", "update")):
                 old = self.m.pids("w")[0]
-                self.m.reload("w")
+                if how == "reload":
+                    self.m.reload("w")
+                elif how == "update":  # a new version: another env, the same socket
+                    config = gaffer.ProcessConfig.from_dict(dict(config.to_dict(), env={"DELAY": "0.5",
+                                                                                        "VERSION": str(round_)}))
+                    self.m.update(config)
+                else:
+                    self.m.restart()
                 wait_until(lambda: len(self.m.pids("w")) == 1 and self.m.pids("w")[0] != old
                            and self.m.get_process(self.m.pids("w")[0]).status == "ready", what="reload %d" % round_)
                 self.assertGreater(self.m.get_process(self.m.pids("w")[0]).create_time, started[-1])
@@ -2302,7 +2310,7 @@ class SocketTest(ManagerTestCase):
         finally:
             stop.set()
             client.join(TIMEOUT)
-        self.assertEqual(errors, [], "no connection refused or reset during five reloads")
+        self.assertEqual(errors, [], "no connection refused or reset during five replacements")
         self.assertGreater(len(answers), 20)
 
     @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "binding a port below 1024 needs root")
