@@ -2088,7 +2088,8 @@ class _Sockets:
         self._manager._publish({"name": held.name, "address": held.address}, "socket_closed")
 
     def close_all(self):
-        """The manager's end: every socket closed, its unix socket file removed."""
+        """The manager's end (its selector closed already): every socket closed, its unix socket file removed."""
+        self._listening.clear()
         for held in list(self._held.values()):
             self._close(held)
         self._held.clear()
@@ -8615,7 +8616,8 @@ _DASHBOARD = r"""<!doctype html>
   tr.job:hover, tr.chosen { background: #eef4ff; }
   .state { padding: .1em .5em; border-radius: 1em; font-size: .85em; }
   .running { background: #d9f5dd; } .starting, .backoff { background: #fff1c9; }
-  .stopped { background: #e8e8e8; } .fatal { background: #fbd5d5; }
+  .stopped { background: #e8e8e8; } .fatal { background: #fbd5d5; } .listening { background: #dbe9ff; }
+  .sockets { color: #777; font-size: .85em; }
   button { font: inherit; margin-right: .2em; }
   input.count { width: 3.5em; font: inherit; }
   #logs { margin-top: 1.2em; }
@@ -8757,6 +8759,12 @@ function render(jobs) {
       link.title = "pid " + p.pid + ", os pid " + p.os_pid + ", " + p.status;
       link.addEventListener("click", (e) => { e.stopPropagation(); followProcess(job.name, p, job.outputs); });
       pids.append(link, " ");
+    }
+    if (job.sockets && job.sockets.length) {  // the held sockets it is handed (listening: waiting on them)
+      const held = document.createElement("span");
+      held.className = "sockets";
+      held.textContent = "on " + job.sockets.join(", ");
+      pids.append(held);
     }
     const last = cell(row, job.last_exit || "-");
     if (job.last_error) {  // why it cannot start: said, not only a state

@@ -2260,6 +2260,13 @@ class SocketTest(ManagerTestCase):
         self.m.start_job("w")
         self.assertEqual((self.m.pids("w"), state()), ([], "listening"), "listening again, nothing spawned")
         self.assertIn(ask(web["address"]), [self.os_pid(pid) for pid in self.m.pids("w")])
+        self.m.stop_job("w")
+        self.m.start_job("w")
+        self.assertEqual(state(), "listening")
+        self.m.stop()  # while it listens: the watch on its socket ends with the loop
+        self.m.run()
+        with self.assertRaises(ConnectionRefusedError):
+            ask(web["address"])
 
     def test_ipv6(self):
         if not socket.has_ipv6:
@@ -5459,7 +5466,8 @@ class ExportTest(CommandLineTestCase):
                                              and pid != runsv.pid and "python" in read_text("/proc/%d/cmdline" % pid)]
                                     if alive(leader) else None, what="the program running")
                 subprocess.run(["sv", "down", directory], check=True, timeout=TIMEOUT, capture_output=True)
-                wait_until(lambda: not any(alive(pid) for pid in family + [leader]), what="nothing left after sv down")
+                wait_until(lambda: not any(alive(pid) for pid in family + [leader]),
+                           what="nothing left after sv down (left: %s)" % family)
                 subprocess.run(["sv", "exit", directory], timeout=TIMEOUT, capture_output=True)
                 runsv.wait(TIMEOUT)
 
