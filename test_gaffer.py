@@ -2149,11 +2149,15 @@ SD_LISTEN_SERVER = """
     selector = selectors.DefaultSelector()
     for s in socks:
         selector.register(s, selectors.EVENT_READ)
+    answered = 0
     while True:
         for key, _ in selector.select():
             conn, _ = key.fileobj.accept()
             conn.sendall(b"%d\\n" % os.getpid())
             conn.close()
+            answered += 1
+            if answered == int(os.environ.get("CRASH_AFTER", "0")):  # a crash between two requests
+                os._exit(1)
 """
 
 
@@ -2319,6 +2323,14 @@ class SocketTest(ManagerTestCase):
             client.join(TIMEOUT)
         self.assertEqual(errors, [], "no connection refused or reset during five replacements")
         self.assertGreater(len(answers), 20)
+
+    def test_crashes_between_requests_lose_no_connection(self):
+        web = self.m.add_socket("web", "tcp://127.0.0.1:0")
+        self.serve("w", ["web"], env={"CRASH_AFTER": "25"}, min_uptime=0)
+        answers = [ask(web["address"]) for _ in range(130)]  # queued in the backlog while a respawn starts
+        self.assertEqual(len(answers), 130, "every request answered")
+        self.assertGreaterEqual(len(set(answers)), 6, "by a new process after each crash")
+        self.assertGreaterEqual(self.m.info("w")["restarts"], 5)
 
     @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "binding a port below 1024 needs root")
     def test_a_port_below_1024_bound_as_root_serves_a_job_run_as_nobody(self):
