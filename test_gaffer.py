@@ -2140,6 +2140,7 @@ SD_LISTEN_SERVER = """
     print(json.dumps({"names": names, "argv": sys.argv[1:], "pid": os.getpid(), "uid": os.getuid(),
                       "groups": sorted(os.getgroups()), "cgroup": open("/proc/self/cgroup").read().rpartition("0::")[2].strip()
                       if os.path.exists("/proc/self/cgroup") else "",
+                      "reuseport": [s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in socks],
                       "families": [s.family.name for s in socks], "listening": [s.getsockopt(socket.SOL_SOCKET,
                       socket.SO_ACCEPTCONN) for s in socks], "ports": [s.getsockname()[1] if s.family != socket.AF_UNIX
                       else None for s in socks]}), flush=True)
@@ -2191,10 +2192,15 @@ class SocketTest(ManagerTestCase):
     def test_a_server_finds_its_sockets_as_sd_listen_fds_says_and_keeps_them_across_respawns(self):
         bound = []
         self.m.events.subscribe("socket_bound", lambda evtype, msg: bound.append(msg))
-        web = self.m.add_socket("web", "tcp://127.0.0.1:0")
-        admin = self.m.add_socket("admin", "unix:" + os.path.join(self.tmp, "admin.sock"), mode=0o600)
+        web = self.m.add_socket("web", "tcp://127.0.0.1:0", reuseport=True, backlog=16)
+        owner = "nobody" if os.geteuid() == 0 else None  # only root can give a file away
+        admin = self.m.add_socket("admin", "unix:" + os.path.join(self.tmp, "admin.sock"), mode=0o600, owner=owner)
         self.assertRegex(web["address"], r"^tcp://127\.0\.0\.1:\d+$", "the real port, not 0")
-        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.tmp, "admin.sock")).st_mode), 0o600)
+        made = os.stat(os.path.join(self.tmp, "admin.sock"))
+        self.assertEqual(stat.S_IMODE(made.st_mode), 0o600)
+        if owner is not None:
+            import pwd
+            self.assertEqual(made.st_uid, pwd.getpwnam("nobody").pw_uid)
         self.assertEqual([msg["name"] for msg in bound], ["web", "admin"])
         self.serve("w", ["web", "admin"])
         report = self.report(1)
@@ -2202,6 +2208,7 @@ class SocketTest(ManagerTestCase):
         self.assertEqual((report["names"], report["families"], report["listening"], report["argv"]),
                          (["web", "admin"], ["AF_INET", "AF_UNIX"], [1, 1], ["--fd", "3"]))
         self.assertEqual(report["ports"][0], int(web["address"].rpartition(":")[2]))
+        self.assertEqual(report["reuseport"], [1, 0], "SO_REUSEPORT where it was asked for")
         self.assertEqual(self.m.info("w")["sockets"], ["web", "admin"])
         self.assertEqual(ask(web["address"]), self.os_pid(1))
         self.assertEqual(ask(admin["address"]), self.os_pid(1))
@@ -2236,6 +2243,21 @@ class SocketTest(ManagerTestCase):
             with self.subTest(address=address), self.assertRaisesRegex(ValueError, message):
                 self.m.add_socket("web", address)
         self.assertEqual(self.m.sockets(), [], "nothing half-bound")
+        path = os.path.join(self.tmp, "u.sock")
+        with socket.socket(socket.AF_UNIX) as live:
+            live.bind(path)
+            live.listen(1)
+            with self.assertRaisesRegex(gaffer.ProcessError, r"cannot bind socket 'u' to unix:%s: \[Errno 98\] a "
+                                                             r"process listens on it" % re.escape(path)):
+                self.m.add_socket("u", "unix:" + path)
+        self.assertTrue(os.path.exists(path), "a socket file in use is left alone")
+        self.m.add_socket("u", "unix:" + path)  # stale now: nothing listens on it, so it is replaced
+        self.m.remove_socket("u")
+        with open(path, "w"):
+            pass
+        with self.assertRaisesRegex(gaffer.ProcessError, "it exists and is not a socket"):
+            self.m.add_socket("u", "unix:" + path)
+        self.assertTrue(os.path.isfile(path), "a file that is not a socket is never removed")
         with self.assertRaisesRegex(ValueError, "job 'w' uses the socket 'nope', which the manager does not hold"):
             self.serve("w", ["nope"])
         web = self.m.add_socket("web", "tcp://127.0.0.1:0")
