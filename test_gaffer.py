@@ -2298,6 +2298,18 @@ class SocketTest(ManagerTestCase):
         with self.assertRaises(ConnectionRefusedError):
             ask(web["address"])
 
+    def test_sockets_count_the_connections_waiting_to_be_accepted(self):
+        if gaffer._tcp_listeners() is None:
+            self.skipTest("neither sock_diag nor /proc/net/tcp here")
+        web = self.m.add_socket("web", "tcp://127.0.0.1:0")
+        _, where = gaffer._socket_address(web["address"])
+        clients = [socket.create_connection(where, timeout=TIMEOUT) for _ in range(3)]
+        try:  # no job: the kernel completes each handshake and queues it
+            wait_until(lambda: self.m.sockets()[0]["waiting"] == 3, what="3 connections waiting")
+        finally:
+            for client in clients:
+                client.close()
+
     def test_ipv6(self):
         if not socket.has_ipv6:
             self.skipTest("no IPv6 here")
