@@ -107,12 +107,14 @@ def alive(pid):
 
 
 def program_started(pid):
-    """True once pid runs its program: in a cgroup, gaffer's launcher (/bin/sh) first enters it, then execs."""
+    """True once pid runs its program: in a cgroup, gaffer's launcher (/bin/sh) first enters it, then execs.
+    An empty command line is an exec under way (the kernel sets it after the vfork parent goes on)."""
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return not f.read().startswith(b"/bin/sh\0-c\0")
+            cmdline = f.read()
     except OSError:  # gone, or no /proc: no launcher here
         return True
+    return bool(cmdline) and not cmdline.startswith(b"/bin/sh\0-c\0")
 
 
 def client(address, token=None):
