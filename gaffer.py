@@ -155,7 +155,6 @@ _CHECK_WORKERS = 64                             # threads that run tcp, http and
 _SPAWN_SLICE = 0.02                             # seconds of spawning a loop turn: reaping and commands go between
 _ORPHAN_GIVE_UP = 10.0                          # seconds after SIGKILL a group may linger before it is forgotten
 _LED_SESSIONS = 4096                            # sessions of past processes a subreaper still knows its zombies by
-_GUARDIAN_BATCH = 0.02                          # with cgroups, the guardian is told of new processes this late at most
 _SWEEP_SPACING = 0.05                           # the least time between two looks through /proc (escapees, orphans)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 
@@ -1859,12 +1858,20 @@ def _socket_env(names):
     return env
 
 
+def _socket_name(name):
+    """A socket's name: it becomes $GAFFER_SOCKET_<NAME> and a LISTEN_FDNAMES entry."""
+    _valid_name("socket name", name)
+    if not name.isidentifier():
+        raise ValueError("a socket name is a name such as 'web', got %r" % (name,))
+    return name
+
+
 def _socket_address(address):
     """(family, what bind() takes) of "tcp://HOST:PORT" ([::] and [::1] for IPv6) or "unix:PATH"."""
-    if isinstance(address, str) and address.startswith("unix:") and len(address) > 5:
-        return socket.AF_UNIX, address[5:]
-    match = re.fullmatch(r"tcp://(\[([0-9A-Fa-f:.]+)\]|([^\[\]:/]+)):(\d{1,5})", address) \
-        if isinstance(address, str) else None
+    text = address if isinstance(address, str) else ""  # anything else is refused below, as it is
+    if text.startswith("unix:") and len(text) > 5:
+        return socket.AF_UNIX, text[5:]
+    match = re.fullmatch(r"tcp://(\[([0-9A-Fa-f:.]+)\]|([^\[\]:/]+)):(\d{1,5})", text)
     if match is None or int(match.group(4)) > 65535:
         raise ValueError("a socket address is tcp://HOST:PORT ([::]:PORT for IPv6) or unix:PATH, got %r"
                          % (address,))
@@ -1888,10 +1895,7 @@ def _bind(address, backlog, reuseport, mode, owner):
         sock.bind(where)
         if family == socket.AF_UNIX:
             made = where
-            if mode is not None:
-                os.chmod(where, mode)
-            if owner is not None:
-                os.chown(where, *owner)
+            _own_socket_file(where, mode, owner)
         sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -1899,6 +1903,25 @@ def _bind(address, backlog, reuseport, mode, owner):
             os.unlink(made)
         raise
     return sock, made
+
+
+def _own_socket_file(path, mode, owner):
+    """The mode and owner of the socket file bind() made, set on it: never on a file that another user,
+    who can write in its directory, put there meanwhile (a symlink to /etc/shadow, say)."""
+    if owner is not None:
+        os.lchown(path, *owner)
+    if mode is None:
+        return
+    if hasattr(os, "lchmod"):  # macOS, the BSDs
+        os.lchmod(path, mode)
+        return
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)  # Linux: the file itself, whatever it is
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.EEXIST, "replaced by another file before its mode was set", path)
+        os.chmod("/proc/self/fd/%d" % fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _remove_stale_socket(path):
@@ -1966,9 +1989,7 @@ class _Sockets:
     def add(self, name, address, backlog=None, reuseport=False, mode=None, owner=None):
         """Bind now: ValueError for a bad name or address, ProcessConflict for a name in use, ProcessError
         naming the address and the OS error when it cannot be bound (nothing is left bound)."""
-        _valid_name("socket name", name)
-        if not name.isidentifier():
-            raise ValueError("a socket name is a name such as 'web', got %r" % (name,))
+        _socket_name(name)
         _socket_address(address)
         backlog = socket.SOMAXCONN if backlog is None else _int_setting("backlog", backlog, 1, 1 << 16)
         _bool_setting("reuseport", reuseport)
@@ -2009,9 +2030,9 @@ class _Sockets:
             if name not in self._held:
                 raise ValueError("job %r uses the socket %r, which the manager does not hold (add_socket first)"
                                  % (config.name, name))
-            if not sys.executable:
-                raise ValueError("job %r has sockets, which need a Python interpreter (sys.executable) to hand "
-                                 "them over" % (config.name,))
+        if config.sockets and not sys.executable:
+            raise ValueError("job %r has sockets, which need a Python interpreter (sys.executable) to hand "
+                             "them over" % (config.name,))
         ports = {self._held[name].sock.getsockname()[1] for name in config.sockets
                  if self._held[name].sock.family != socket.AF_UNIX}
         for setting in ("ready", "health"):
@@ -3528,13 +3549,11 @@ class _Containment:
             self._tell_guardian(b"- %d\n" % target)
 
     def _tell_guardian(self, line):
-        """Lines for the guardian go in one write at the end of the loop's turn (a respawn's exit and spawn,
-        a start's hundreds of spawns wake it once), or with cgroups up to _GUARDIAN_BATCH later: a guardian
-        that outlives the manager kills all of the manager's cgroups anyway, told of them or not."""
+        """Lines for the guardian go in one write at the end of the loop's turn: a respawn's exit and spawn,
+        a start's hundreds of spawns wake it once."""
         self._to_guardian.append(line)
         if self._guardian_flush is None:
-            delay = _GUARDIAN_BATCH if self.cgroups is not None else 0
-            self._guardian_flush = self._loop.call_later(delay, self._flush_guardian)
+            self._guardian_flush = self._loop.call_later(0, self._flush_guardian)
 
     def _flush_guardian(self):
         self._guardian_flush = None
@@ -7275,8 +7294,7 @@ def _config_socket(where, name, settings):
         raise _UsageError("%s: unknown setting %r (the settings are address, backlog, reuseport, mode, owner)"
                           % (where, sorted(unknown)[0]))
     try:
-        if not name.isidentifier():
-            raise ValueError("a socket name is a name such as 'web', got %r" % (name,))
+        _socket_name(name)
         _socket_address(settings.get("address"))
         socket_settings = dict(settings)
         if isinstance(socket_settings.get("backlog"), str):
@@ -7363,13 +7381,11 @@ def _cannot_start(config):
     program = "/bin/sh" if config.shell else shlex.split(config.cmd)[0]
     if "$" in program:
         return None  # known at spawn only
-    if "/" in program:
-        path = os.path.join(config.cwd or ".", program)
-        found = os.path.isfile(path) and os.access(path, os.X_OK)
-    else:
-        import shutil
-        found = shutil.which(program, path=_child_env(config).get("PATH", os.defpath)) is not None
-    return None if found else "its program %s is not found%s" % (program, "" if "/" in program else " in its PATH")
+    try:
+        _check_program(program, _child_env(config), config.cwd)
+    except OSError:
+        return "its program %s is not found%s" % (program, "" if "/" in program else " in its PATH")
+    return None
 
 
 def _cmd_check(args):

@@ -528,6 +528,7 @@ class ReapAndStopTests:
         link = os.path.join(self.tmp, "python")
         os.symlink(PY, link)
         self.m.load(gaffer.ProcessConfig("w", link, args=SLEEP, graceful_timeout=2))
+        wait_until(lambda: program_started(self.os_pid(1)), what="the program run (through the launcher, in a cgroup)")
         os.unlink(link)
         os.kill(self.os_pid(1), signal.SIGKILL)
         stamps = []
@@ -1032,6 +1033,7 @@ class ManagerTest(ReapAndStopTests, ManagerTestCase):
         os.symlink(PY, link)
         self.m.load(gaffer.ProcessConfig("w", link, args=SLEEP, numprocesses=1, graceful_timeout=2))
         before = self.m.pids("w")
+        wait_until(lambda: program_started(self.os_pid(before[0])), what="the program run (through the launcher)")
         self.m.events.subscribe("spawn", lambda evtype, msg: msg["pid"] == before[0] + 1 and os.unlink(link))
         with self.assertRaises(gaffer.ProcessError):
             self.m.scale("w", 3)
