@@ -5515,10 +5515,13 @@ class ExportTest(CommandLineTestCase):
                 pidfile = os.path.join(directory, "supervise", "pid")
                 wait_until(lambda: os.path.exists(pidfile) and read_text(pidfile).strip(), what="runsv started it")
                 leader = int(read_text(pidfile))
+                # Its group once it leads one of its own (chpst -P): before, it is still in runsv's, which is
+                # this test's, and the family would take in this very process.
                 family = wait_until(lambda: [pid for pid, (_, sid, st) in proc_table().items()
                                              if os.getpgid(pid) == os.getpgid(leader) and st != "Z"
                                              and pid != runsv.pid and "python" in read_text("/proc/%d/cmdline" % pid)]
-                                    if alive(leader) else None, what="the program running")
+                                    if alive(leader) and os.getpgid(leader) != os.getpgid(runsv.pid) else None,
+                                    what="the program running in a group of its own")
                 subprocess.run(["sv", "down", directory], check=True, timeout=TIMEOUT, capture_output=True)
                 wait_until(lambda: not any(alive(pid) for pid in family + [leader]),
                            what="nothing left after sv down (left: %s)" % family)
