@@ -7153,6 +7153,10 @@ def _ini_value(key, text):
     kind = _CONFIG_TYPES.get(key, "str").replace(" | None", "")
     if key in ("max_rss", "memory_max", "log_max_bytes", "tail_bytes") and not _is_number(text):
         return text  # a size such as 200M
+    if key in ("uid", "gid") and not _is_number(text):
+        return text  # a user or group name, as supervisord's user= takes it
+    if key == "umask":
+        return text  # octal, as supervisord's umask= reads it: 027 is 0o027
     if key == "success_codes":
         return [int(code) for code in re.split(r"[\s,]+", text) if code]
     if key in ("redirect_output", "custom_streams", "depends_on", "sockets"):

@@ -28,6 +28,12 @@ import threading
 import time
 import unittest
 
+try:
+    import grp
+    import pwd
+except ImportError:  # not on this platform: the tests that need them skip
+    grp = pwd = None
+
 import gaffer
 
 PY = sys.executable
@@ -5143,6 +5149,26 @@ class ServeTest(CommandLineTestCase):
                 result = self.cli("check", "-c", bad)
                 self.assertEqual(result.returncode, 2)
                 self.assertIn(message, result.stderr)
+
+    @unittest.skipUnless(pwd is not None and grp is not None, "needs the pwd and grp modules")
+    def test_users_groups_and_umask_read_as_supervisord_reads_them(self):
+        """user and group names as supervisord's user=, and a umask in octal as its umask= (027 is 0o027)."""
+        try:
+            user, group = pwd.getpwuid(65534).pw_name, grp.getgrgid(65534).gr_name
+        except KeyError:
+            self.skipTest("this system has no user and group 65534")
+        ini = self.write("users.ini", "[job:web]\ncmd = sleep 60\nuid = %s\ngid = %s\numask = 027\n"
+                         % (user, group))
+        as_json = self.write("users.json", json.dumps({"jobs": [
+            {"name": "web", "cmd": "sleep 60", "uid": user, "gid": group, "umask": "027"}]}))
+        for path in (ini, as_json):
+            with self.subTest(path=os.path.basename(path)):
+                web = gaffer._read_config(path)[0][0][1]
+                self.assertEqual((web.uid, web.gid, web.umask), (65534, 65534, 0o027))
+        bad = self.write("bad.ini", "[job:web]\ncmd = sleep 60\nuid = no-such-user-here\n")
+        result = self.cli("check", "-c", bad)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("uid: no user named 'no-such-user-here'", result.stderr)
 
     def test_check_validates_dependencies_in_config_files(self):
         good = self.write("good.ini", """
