@@ -320,6 +320,48 @@ def _account(setting, value, lookup):
     raise ValueError("%s must be a name or a number >= 0, got %r" % (setting, value))
 
 
+def _may_raise_limits():
+    """Whether this process may raise a hard resource limit: CAP_SYS_RESOURCE (bit 24 of CapEff, which a
+    container's root may lack) on Linux, root elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+        return bool(int(caps.split()[1], 16) >> 24 & 1)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.geteuid() == 0
+
+
+def _rlimits_setting(value):
+    """Validate rlimits: {name: limit or [soft, hard]}, each an int >= 0 or "infinity"; returned as
+    {name: [soft, hard]} (-1: infinity).  A hard limit above the manager's own, which only root may
+    raise, is refused here rather than failing each spawn."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a POSIX system
+        resource = None
+    if not isinstance(value, dict):
+        raise ValueError("rlimits must be a dict such as {'nofile': 65536}, got %r" % (value,))
+    known = sorted(name[7:].lower() for name in dir(resource) if name.startswith("RLIMIT_"))
+    limits = {}
+    for name, limit in value.items():
+        if not isinstance(name, str) or name.lower() not in known:
+            raise ValueError("rlimits: unknown limit %r (this system has %s)" % (name, ", ".join(known)))
+        pair = list(limit) if isinstance(limit, (list, tuple)) else [limit, limit]
+        if len(pair) != 2:
+            raise ValueError("rlimits: %s takes a limit or [soft, hard], got %r" % (name, limit))
+        soft, hard = (resource.RLIM_INFINITY if part in ("infinity", "unlimited") else
+                      _int_setting("rlimits: %s" % name, part, 0) for part in pair)
+        if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+            raise ValueError("rlimits: %s's soft limit %s is above its hard limit %s" % (name, soft, hard))
+        own = resource.getrlimit(getattr(resource, "RLIMIT_" + name.upper()))[1]
+        if own != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > own) and not _may_raise_limits():
+            raise ValueError("rlimits: %s's hard limit %s is above this manager's own (%d), which it may not "
+                             "raise (that takes root, with CAP_SYS_RESOURCE)"
+                             % (name, "infinity" if hard == resource.RLIM_INFINITY else hard, own))
+        limits[name.lower()] = [soft, hard]
+    return limits
+
+
 def _user_entry(uid):
     """The password database's entry of a uid, or None (no uid, no such user, or no pwd module)."""
     if uid is None or pwd is None:
@@ -613,12 +655,21 @@ def _size_setting(setting, value):
     return _int_setting(setting, value, 1, 1 << 60)
 
 
+_CONDITIONS = ("started", "ready", "healthy", "completed", "completed_successfully")
+
+
 def _depends_on(value, name):
-    """Validate depends_on: a list of "job" or "session.job" (a str of them, comma-separated, works too)."""
+    """Validate depends_on: a list of "job" or "session.job" (each waits until that job is ready), or a
+    mapping {job: condition, or {"condition": c, "restart": bool}}, returned as {job: {condition, restart}}.
+    A str is the INI form: "db, migrate:completed_successfully, cache:ready:restart"."""
     if isinstance(value, str):
-        value = [item for item in re.split(r"[\s,]+", value) if item]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError("depends_on must be a list of job names, got %r" % (value,))
+        items = [item for item in re.split(r"[\s,]+", value) if item]
+        value = items if not any(":" in item for item in items) else dict(map(_dep_text, items))
+    if isinstance(value, dict):
+        value = {dep: _dep_condition(dep, spec) for dep, spec in value.items()}
+    elif not isinstance(value, (list, tuple)):
+        raise ValueError("depends_on must be a list of job names or a mapping of them to conditions, got %r"
+                         % (value,))
     for dep in value:
         if not isinstance(dep, str):
             raise ValueError("depends_on must hold job names, got %r" % (dep,))
@@ -628,7 +679,30 @@ def _depends_on(value, name):
             _valid_name("depends_on", session)
         if dep == name:
             raise ValueError("depends_on: job %r cannot depend on itself" % name)
-    return list(value)
+    return value if isinstance(value, dict) else list(value)
+
+
+def _dep_text(item):
+    """An INI depends_on entry: JOB, JOB:CONDITION or JOB:CONDITION:restart."""
+    name, *rest = item.split(":")
+    if len(rest) > 2 or rest[1:] not in ([], ["restart"]):
+        raise ValueError("depends_on: give JOB, JOB:CONDITION or JOB:CONDITION:restart, got %r" % item)
+    return name, {"condition": rest[0] if rest else "ready", "restart": rest[1:] == ["restart"]}
+
+
+def _dep_condition(dep, spec):
+    """One depends_on entry's {condition, restart}: a condition's name, or a mapping of both."""
+    if isinstance(spec, str):
+        spec = {"condition": spec}
+    if not isinstance(spec, dict) or set(spec) - {"condition", "restart"}:
+        raise ValueError("depends_on: %r takes a condition or {'condition': ..., 'restart': true}, got %r"
+                         % (dep, spec))
+    condition = spec.get("condition", "ready")
+    if condition not in _CONDITIONS:
+        raise ValueError("depends_on: unknown condition %r for %r: give %s or %s"
+                         % (condition, dep, ", ".join(_CONDITIONS[:-1]), _CONDITIONS[-1]))
+    return {"condition": condition, "restart": _bool_setting("depends_on: %s's restart" % dep,
+                                                             spec.get("restart", False))}
 
 
 def _ready_check(setting, value, redirect_output):
@@ -684,6 +758,66 @@ def _env_setting(setting, env):
     return {key: _env_value("%s[%r]" % (setting, key), value) for key, value in env.items()}
 
 
+def _dotenv_text(text, path):
+    """The variables of a .env file's text: KEY=value, quotes, 'export ' prefixes, # comments (the Procfile
+    runner's -e and a job's env_file); ValueError("path:line: reason") on a bad line."""
+    env = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if text.startswith("export "):
+            text = text[7:].lstrip()
+        key, sep, value = text.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError("%s:%d: expected KEY=value, got %r" % (path, lineno, line))
+        if value[:1] in ("'", '"'):
+            quote = value[0]
+            end = value.find(quote, 1)
+            while quote == '"' and end > 0 and value[end - 1] == "\\":
+                end = value.find(quote, end + 1)
+            if end < 0 or value[end + 1:].strip()[:1] not in ("", "#"):
+                raise ValueError("%s:%d: unbalanced %s in %r" % (path, lineno, quote, line))
+            value = value[1:end]
+            if quote == '"':
+                value = re.sub(r'\\([\\"n])', lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0]
+        env[key] = value
+    return env
+
+
+def _env_files(setting, value):
+    """Validate env_file: one path or a list of them; a path that starts with "-" may be missing."""
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) and p.lstrip("-") for p in paths):
+        raise ValueError("%s must be a path or a list of paths, got %r" % (setting, value))
+    return list(paths)
+
+
+def _read_env_files(paths):
+    """The variables of a job's env files, in order (the later win), read now: ValueError naming the file
+    (and its line) where one cannot be read or parsed, unless it is missing and its name starts with "-"."""
+    env = {}
+    for path in paths:
+        optional, name = path.startswith("-"), path[1:] if path.startswith("-") else path
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            if optional:
+                continue
+            raise ValueError("env_file %s does not exist (a name that starts with '-' may be missing)" % name) from None
+        except OSError as exc:
+            raise ValueError("env_file %s cannot be read: %s" % (name, exc.strerror)) from None
+        try:
+            env.update(_dotenv_text(data.decode("utf-8"), name))
+        except UnicodeDecodeError:
+            raise ValueError("env_file %s is not UTF-8" % name) from None
+    return env
+
+
 @dataclasses.dataclass
 class FlappingInfo:
     """Crash-loop detection for a job.
@@ -732,6 +866,9 @@ class ProcessConfig:
     args: list = dataclasses.field(default_factory=list)
     #: added to the environment
     env: dict = dataclasses.field(default_factory=dict)
+    #: .env files (a path or a list; "-path" may be missing), read at each spawn: the manager's
+    #: environment (os_env), then these in order, then env
+    env_file: list = dataclasses.field(default_factory=list)
     #: start from the manager's os.environ at each spawn (False: only env)
     os_env: bool = True
     #: $PORT of the process in slot 1; the one in slot N gets port + N - 1, as honcho numbers them
@@ -743,6 +880,9 @@ class ProcessConfig:
     gid: int | None = None
     #: the file mode creation mask of the process (0o027, or "027" in configs); None keeps the manager's
     umask: int | None = None
+    #: resource limits set before the program runs, by their resource names without RLIMIT_:
+    #: {"nofile": 65536, "core": 0, "nproc": [soft, hard]}; a number sets both, "infinity" lifts one
+    rlimits: dict = dataclasses.field(default_factory=dict)
     #: working directory (None: the manager's)
     cwd: str | None = None
     #: run cmd through /bin/sh -c, with args appended shell-quoted
@@ -773,8 +913,9 @@ class ProcessConfig:
     ready: object = None
     #: seconds a process has to become ready before it is stopped and respawned
     ready_timeout: float = 60.0
-    #: jobs ("name" in the same session, or "session.name") that must be ready before this one spawns
-    depends_on: list = dataclasses.field(default_factory=list)
+    #: jobs ("name" in the same session, or "session.name") that must be ready before this one spawns,
+    #: or {job: condition} with a condition of _CONDITIONS, or {job: {"condition": c, "restart": True}}
+    depends_on: object = dataclasses.field(default_factory=list)
     #: which exits are respawned: "always", "on-failure" (an exit status not in success_codes,
     #: or a signal the manager did not send) or "never"
     restart: str = "always"
@@ -856,6 +997,8 @@ class ProcessConfig:
             raise ValueError("args must be a list or a str, got %r" % (self.args,))
         self.args = [_env_value("args", a) for a in self.args]
         self.env = _env_setting("env", self.env)
+        self.env_file = _env_files("env_file", self.env_file)
+        _read_env_files(self.env_file)  # a missing or bad file is refused at load, not at each spawn
         self.port = None if self.port is None else _int_setting("port", self.port, 1, 65535)
         for setting in ("os_env", "shell", "redirect_input", "stop_children"):
             _bool_setting(setting, getattr(self, setting))
@@ -865,6 +1008,7 @@ class ProcessConfig:
             raise ValueError("uid %d names no user of this system, so it has no primary group to run with: "
                              "give gid too" % self.uid)
         self.umask = _umask_setting(self.umask)
+        self.rlimits = _rlimits_setting(self.rlimits)
         if self.cwd is not None:
             if not isinstance(self.cwd, (str, os.PathLike)) or not os.fspath(self.cwd):
                 raise ValueError("cwd must be a path, got %r" % (self.cwd,))
@@ -989,7 +1133,7 @@ def _plain(value):
         return {key: _plain(item) for key, item in value.items()}
     return value
 # What a process is spawned with: a change of any replaces the processes; the other settings apply in place.
-_SPAWN_SETTINGS = ("cmd", "args", "env", "os_env", "uid", "gid", "umask", "cwd", "shell", "redirect_output",
+_SPAWN_SETTINGS = ("cmd", "args", "env", "env_file", "os_env", "uid", "gid", "umask", "rlimits", "cwd", "shell", "redirect_output",
                    "redirect_input", "custom_streams", "sockets", "ready", "health", "log_file", "log_max_bytes",
                    "log_backups", "log_timestamps", "tail_bytes")
 
@@ -1008,11 +1152,12 @@ def _inherited_env():
 
 def _child_env(config, extra=None):
     """A process's environment: the manager's (os_env), the user's HOME, USER, LOGNAME and SHELL (with
-    a uid, as systemd's User= sets them), the job's env, then `extra` ($PORT, commit's env)."""
+    a uid, as systemd's User= sets them), the job's env files, its env, then `extra` ($PORT, commit's env)."""
     env = _inherited_env() if config.os_env else {}
     user = _user_entry(config.uid)
     if user is not None:
         env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name, SHELL=user.pw_shell or "/bin/sh")
+    env.update(_read_env_files(config.env_file))  # read at each spawn: an edit applies at the next one
     env.update(config.env)
     env.update(extra or {})
     return env
@@ -1800,8 +1945,8 @@ def _set_subreaper():
 
 _SOCKET_LAUNCHER = r"""
 import fcntl, os, signal, sys
-procs, mode, uid, gid, groups, umask, count = sys.argv[1:7] + [int(sys.argv[7])]
-fds, argv, first = [int(fd) for fd in sys.argv[8:8 + count]], sys.argv[8 + count:], 3 + count
+procs, mode, uid, gid, groups, umask, limits, count = sys.argv[1:8] + [int(sys.argv[8])]
+fds, argv, first = [int(fd) for fd in sys.argv[9:9 + count]], sys.argv[9 + count:], 3 + count
 moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, first) for fd in fds]
 for key, value in list(os.environ.items()):  # a custom stream where a socket goes moves past them
     if key.startswith("GAFFER_STREAM_") and value.isdigit() and int(value) < first:
@@ -1812,7 +1957,8 @@ for fd in fds:
 for number, fd in enumerate(moved, 3):
     os.dup2(fd, number)
     os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid())
+if count:
+    os.environ["LISTEN_PID"] = str(os.getpid())
 if mode == "enter":
     try:
         with open(procs, "w") as f:
@@ -1820,6 +1966,15 @@ if mode == "enter":
     except OSError as exc:
         sys.stderr.write("gaffer: cannot enter the cgroup %s: %s\n" % (os.path.dirname(procs), exc))
         os._exit(219)
+if limits:  # as root, before the user is dropped: a hard limit may be raised
+    import resource
+    for item in limits.split(","):
+        name, soft, hard = item.split(":")
+        try:
+            resource.setrlimit(getattr(resource, "RLIMIT_" + name.upper()), (int(soft), int(hard)))
+        except (OSError, ValueError) as exc:
+            sys.stderr.write("gaffer: cannot set the %s limit to %s:%s: %s\n" % (name, soft, hard, exc))
+            os._exit(126)
 if groups:  # as Popen drops them: supplementary groups, group, user
     os.setgroups([int(g) for g in groups.split(",")])
 if gid:
@@ -1836,14 +1991,16 @@ except OSError as exc:
 """
 
 
-def _launch_argv(argv, procs, mode, fds, credentials=(None, None, None, None)):
+def _launch_argv(argv, procs, mode, fds, credentials=(None, None, None, None), rlimits=None):
     """The command line Popen runs: argv itself, or through the launcher that enters the cgroup (mode
-    "enter", or "wait" for the mover) and, for sockets, puts `fds` at 3, 4, ... and takes on the
-    credentials (uid, gid, groups, umask; None: the manager's), which Popen then leaves alone."""
-    if fds:
+    "enter", or "wait" for the mover) and, for sockets or rlimits, puts `fds` at 3, 4, ..., sets the
+    limits and takes on the credentials (uid, gid, groups, umask; None: the manager's), which Popen
+    then leaves alone."""
+    if fds or rlimits:
         uid, gid, groups, umask = ("" if value is None else value for value in credentials)
+        limits = ",".join("%s:%d:%d" % (name, soft, hard) for name, (soft, hard) in sorted((rlimits or {}).items()))
         return [sys.executable, "-I", "-S", "-c", _SOCKET_LAUNCHER, procs, mode, str(uid), str(gid),
-                ",".join(map(str, groups)), str(umask), str(len(fds)), *map(str, fds)] + argv
+                ",".join(map(str, groups or ())), str(umask), limits, str(len(fds)), *map(str, fds)] + argv
     if not mode:
         return argv
     return [_LAUNCHER, "-c", _WAIT_FOR_CGROUP if mode == "wait" else _ENTER_CGROUP, "gaffer", procs] + argv
@@ -2517,7 +2674,10 @@ class Process:
                 raise ProcessError(400, "job %r cannot start a process in slot %d: its $PORT would be %d, past 65535"
                                    % (job.name, slot, config.port + slot - 1))
             env = {"PORT": str(config.port + slot - 1), **(env or {})}
-        self.env = _child_env(config, {**(env or {}), **_socket_env(config.sockets)})
+        try:
+            self.env = _child_env(config, {**(env or {}), **_socket_env(config.sockets)})
+        except ValueError as exc:  # an env file gone or broken since the job was loaded
+            raise ProcessError(400, "job %r cannot start: %s" % (job.name, exc)) from None
         self._own_env = {**config.env, **(env or {})}  # what info shows: never the inherited environment
         self.argv = _command_line(config, self.env)
         self.cmd = config.cmd
@@ -2570,11 +2730,11 @@ class Process:
                 theirs.append(child_end)
                 env["GAFFER_STREAM_" + label.upper()] = str(child_end.fileno())
             fds, umask = self._manager._sockets.fds(config.sockets), config.umask
-            entry = self._manager._containment.entry(self, None if fds else user)  # a socket launcher is root
-            argv = _launch_argv(self.argv, *entry, fds, (user, group, groups, umask))
+            entry = self._manager._containment.entry(self, None if fds or config.rlimits else user)  # root: see below
+            argv = _launch_argv(self.argv, *entry, fds, (user, group, groups, umask), config.rlimits)
             if argv is not self.argv:  # the launcher execs the program, and could only print why it cannot
                 _check_program(self.argv[0], env, config.cwd)
-            if fds:
+            if fds or config.rlimits:  # the Python launcher, root, enters the cgroup and drops to the user itself
                 user = group = groups = umask = None
             self._popen = subprocess.Popen(
                 argv, cwd=config.cwd, env=env, close_fds=True, start_new_session=True,
@@ -2808,6 +2968,9 @@ class _JobState(enum.Enum):
     RETRYING = "retrying"   # flapping stopped it; it starts again after flapping.retry_in
     FATAL = "fatal"         # flapping stopped it for good, until it is started by hand
     LISTENING = "listening"  # on_demand: started, it spawns at the first connection on its sockets
+    BLOCKED = "blocked"     # started, nothing running: a dependency can no longer meet its condition
+    COMPLETED = "completed"  # every slot's process exited and its restart policy left it empty: success
+    FAILED = "failed"       # the same, and an exit of this run was no success (not in success_codes)
 
     @property
     def shown(self):
@@ -2815,7 +2978,9 @@ class _JobState(enum.Enum):
         return "backoff" if self is _JobState.RETRYING else self.value
 
 
-_ACTIVE_JOB = frozenset({_JobState.STARTING, _JobState.RUNNING, _JobState.BACKOFF})  # exits are replaced
+_ACTIVE_JOB = frozenset({_JobState.STARTING, _JobState.RUNNING, _JobState.BACKOFF,
+                         _JobState.BLOCKED})  # exits are replaced
+_DONE_JOB = frozenset({_JobState.COMPLETED, _JobState.FAILED})  # a one-shot job's run ended
 
 
 class _Slot:
@@ -2870,6 +3035,8 @@ class _Job:
         self.restarts = 0             # respawns after an exit nobody asked for
         self.last_exit = None         # how its last process ended: "exit 3", "signal 9", or None
         self.last_error = None        # why its last spawn failed (a binary or cwd missing), until one succeeds
+        self.last_run = None          # {start, end, exit_status, term_signal}: from a spawn into an empty job
+        self.run_failed = False       # an exit of the current run was no success (FAILED once it ends)
         self.rollout = None           # a rolling replacement under way (_Rollout)
         self.history = collections.deque(maxlen=_HISTORY)  # the last exited processes with output in their tail
         self.followers = {}           # LOGS channel -> the pid it follows (None: every process): each new line
@@ -2926,9 +3093,36 @@ class _Job:
         return slot
 
     def enter(self, proc):
-        """A new process counts, in its slot."""
+        """A new process counts, in its slot; into an empty job, it begins a run (last_run)."""
+        if not self.running and (self.last_run is None or self.last_run["end"] is not None):
+            self.last_run = {"start": proc.create_time, "end": None, "exit_status": None, "term_signal": None}
+            self.run_failed = False
         self.running[proc.pid] = proc
         self.slots[proc.slot].procs.append(proc)
+
+    def ended(self, proc, exit_status, term_signal):
+        """A process exited: the job's last exit; for a counted one, its run fails on a status that is no
+        success, and the last one ends the run."""
+        self.last_exit = "signal %d" % term_signal if term_signal else "exit %d" % exit_status
+        if proc.once or self.last_run is None:
+            return
+        self.run_failed |= bool(term_signal) or exit_status not in proc.config.success_codes
+        if not self.running:
+            self.last_run.update(end=time.time(), exit_status=exit_status, term_signal=term_signal)
+
+    def lifecycle(self, blocked):
+        """The active state its slots and processes say (Manager._job_to), or COMPLETED or FAILED once the
+        restart policy left every slot empty; `blocked`: a dependency can no longer meet its condition."""
+        if self.backoff:
+            return _JobState.BACKOFF
+        if not self.running and self._count and len(self.retired) >= self._count and all(
+                number in self.slots and self.slots[number].retired for number in range(1, self._count + 1)):
+            return _JobState.FAILED if self.run_failed else _JobState.COMPLETED
+        if blocked and not self.running:
+            return _JobState.BLOCKED
+        if self.starting or len(self.running) < self._count:
+            return _JobState.STARTING
+        return _JobState.RUNNING
 
     def leave(self, proc):
         """The process no longer counts (it stops or exited): its slot may be idle again."""
@@ -2995,8 +3189,9 @@ class _Job:
     def processes(self):
         return list(self.running.values()) + list(self.running_out.values())
 
-    def status(self, sample, now, waiting):
-        """What status() says of it; sample(proc) gives a process's use, `waiting` the dependencies missing."""
+    def status(self, sample, now, waiting, blocked):
+        """What status() says of it; sample(proc) gives a process's use, `waiting` the dependencies missing,
+        `blocked` why one of them cannot meet its condition (or None)."""
         rows = []
         for proc in sorted(self.processes(), key=_by_slot):
             stats = sample(proc)
@@ -3005,6 +3200,7 @@ class _Job:
         return {"name": self.name, "state": self.state.shown, "cmd": " ".join([self.config.cmd] + self.config.args),
                 "running": len(rows), "ready": self.ready, "target": self.numprocesses,
                 "restarts": self.restarts, "last_exit": self.last_exit, "last_error": self.last_error,
+                "blocked": blocked if self.active else None, "last_run": self.last_run,
                 "processes": rows, "slots": self.empty_slots(now, waiting),
                 "outputs": list(dict.fromkeys(self.config.redirect_output)), "sockets": list(self.config.sockets)}
 
@@ -3019,13 +3215,14 @@ class _Job:
                  "delay": round(max(0.0, slot.timer.when - now), 3) if slot.timer else None}
                 for number, slot in sorted(self.slots.items()) if not slot.procs and number <= self._count]
 
-    def info(self, now, waiting):
+    def info(self, now, waiting, blocked):
         """What info() says of it (the seed's keys first)."""
         return {
             "name": self.name, "active": self.active, "running": len(self.running) + len(self.running_out),
             "running_out": len(self.running_out), "max_processes": self._count,
             "processes": [p.pid for p in sorted(self.processes(), key=_by_slot)], "config": self.config.to_dict(),
             "ready": self.ready, "numprocesses": self._count, "waiting_for": waiting if self.active else [],
+            "blocked": blocked if self.active else None, "state": self.state.shown, "last_run": self.last_run,
             "restarts": self.restarts, "last_exit": self.last_exit, "last_error": self.last_error,
             "backoff": sorted(round(max(0.0, slot.timer.when - now), 3) for slot in self.backoff),
             "log_dropped": self.log_dropped, "sockets": list(self.config.sockets),
@@ -3964,13 +4161,21 @@ class _Checks:
         if record.timer is not None:
             record.timer.cancel()
             record.timer = None
+        was_healthy = self.healthy(proc)
         record.passed += passed
         record.failures = 0 if passed else record.failures + 1
+        if self.healthy(proc) and not was_healthy:
+            self._manager._deps.release()  # a job that waits for it to be healthy may start
         if record.failures < proc.config.health_retries:
             self._arm_health(proc, record)
             return
         _log.warning("%r failed %d health checks in a row (%s): replaced", proc, record.failures, reason)
         self._manager._unhealthy(proc, reason)
+
+    def healthy(self, proc):
+        """Ready, and its last health check passed (without a health check: ready)."""
+        record = self._records.get(proc)
+        return proc.config.health is None or (record is not None and record.passed > 0 and not record.failures)
 
     def _on_ready_timeout(self, proc):
         record = self._records.get(proc)
@@ -4034,33 +4239,121 @@ class _ReadyWaiter:
 
 
 class _Dependencies:
-    """depends_on between the manager's jobs: what a job waits for, which jobs to fill once one is
-    ready, the cycles refused, and the order of a manager stop (dependents first); and the callers of
-    wait_ready(), woken when their job is ready, stopped or gone."""
+    """depends_on between the manager's jobs: what a job waits for (each dependency's condition), which
+    dependency can no longer meet its condition (the dependent is blocked), which jobs to fill or restart
+    once one changes, the cycles refused, and the order of a manager stop (dependents first); and the
+    callers of wait_ready(), woken when their job is ready, stopped or gone."""
 
     def __init__(self, manager):
         self._manager = manager
-        self._waiters = []  # _ReadyWaiter of wait_ready() callers
+        self._waiters = []   # _ReadyWaiter of wait_ready() callers
+        self._restarts = {}  # dependent _Job -> names of the dependencies whose replacement it follows
 
     @staticmethod
     def of(job):
         """[(session, name)] of what the job depends on: a bare name is in the job's own session."""
         return [_split_name(dep, job.session) for dep in job.config.depends_on]
 
+    @staticmethod
+    def condition(job, dep):
+        """{condition, restart} of the job's depends_on entry `dep` (as written in its config)."""
+        spec = job.config.depends_on
+        return spec[dep] if isinstance(spec, dict) else {"condition": "ready", "restart": False}
+
+    def _unmet(self, job):
+        """[(name, reason)] of the dependencies that do not meet their condition now; reason None: it may
+        yet (not loaded, stopped, starting), else why it cannot until it is started again."""
+        unmet, sessions = [], self._manager._sessions
+        for dep, (session, name) in zip(job.config.depends_on, self.of(job)):
+            other, condition = sessions.get(session, {}).get(name), self.condition(job, dep)["condition"]
+            full = _job_name(session, name)
+            if other is None or other.state is _JobState.STOPPED:
+                unmet.append((full, None))
+            elif other.state is _JobState.FATAL:
+                unmet.append((full, "%s is fatal (it was flapping)" % full))
+            elif other.state in _DONE_JOB:
+                if condition in ("completed", "started") or (condition == "completed_successfully"
+                                                             and other.state is _JobState.COMPLETED):
+                    continue
+                unmet.append((full, "%s %s with %s" % (full, other.state.value, other.last_exit)))
+            elif not self._meets(other, condition):
+                unmet.append((full, None))
+        return unmet
+
+    def _meets(self, other, condition):
+        """Whether a running (active) dependency meets a condition that its running can meet."""
+        if not other.active:
+            return False
+        if condition == "started":
+            return len(other.running) >= other.numprocesses
+        if condition in ("ready", "healthy") and other.ready >= other.numprocesses:
+            return condition == "ready" or all(self._manager._checks.healthy(proc) for proc in other.running.values())
+        return False
+
     def waiting_for(self, job):
-        """Names of the jobs this one depends on that are not loaded, active and ready."""
-        waiting, sessions = [], self._manager._sessions
-        for session, name in self.of(job):
-            dep = sessions.get(session, {}).get(name)
-            if dep is None or not dep.active or dep.ready < dep.numprocesses:
-                waiting.append(_job_name(session, name))
-        return waiting
+        """Names of the jobs this one depends on whose condition is not met (blocked ones included)."""
+        return [name for name, _ in self._unmet(job)] if job.config.depends_on else []
+
+    def blocked(self, job):
+        """Why the job cannot start (a dependency that can no longer meet its condition), or None."""
+        if not job.config.depends_on:
+            return None
+        return next((reason for _, reason in self._unmet(job) if reason is not None), None)
+
+    def progress(self, job):
+        """(waiting_for, blocked) of the job, as info() and status() give them."""
+        return self.waiting_for(job), self.blocked(job)
+
+    def changed(self, job, was):
+        """A job's state changed (Manager._job_to): a dependent that became blocked says why (blocked
+        event), and the states of the jobs that depend on this one follow (blocked or not).  What they
+        spawn waits for release(), after the event of the move that changed it; a one-shot job that
+        ended releases at once (its exit event is out)."""
+        m = self._manager
+        if job.state is _JobState.BLOCKED:
+            m._publish_job(job, "blocked", reason=self.blocked(job))
+        for dependent in self.dependents(job):
+            if dependent.active:
+                if job.active and was not in _ACTIVE_JOB and dependent.running:
+                    self.replaced(job, dependent)  # started again: its restart: true dependents follow
+                m._refresh(dependent)
+        if job.state in _DONE_JOB:
+            self.release()
+
+    def dependents(self, job):
+        """The jobs that depend on this one (a walk of the jobs, not of their processes)."""
+        return [other for other in self._manager._all_jobs()
+                if other.config.depends_on and job.name in _dep_names(other.session, other.config)]
+
+    def replaced(self, job, dependent=None):
+        """The job was replaced (a reload, update, restart) or started again: each of its dependents with
+        restart: true for it (or only `dependent`) is replaced in turn, once the job meets its condition."""
+        for other in [dependent] if dependent is not None else self.dependents(job):
+            dep = next((dep for dep, (session, name) in zip(other.config.depends_on, self.of(other))
+                        if _job_name(session, name) == job.name), None)
+            if dep is not None and self.condition(other, dep)["restart"] and other.running:
+                self._restarts.setdefault(other, set()).add(job.name)
+                self._restart(other)
+
+    def _restart(self, dependent):
+        """Replace a dependent, rolling and gated as a reload, once what it follows meets its conditions."""
+        if dependent not in self._restarts or dependent.active and self.waiting_for(dependent):
+            return
+        del self._restarts[dependent]  # a dependent stopped or unloaded meanwhile has nothing to replace
+        if dependent.active and self._manager._loaded(dependent):
+            try:
+                self._manager._rollouts.replace(dependent)
+            except ProcessError as exc:
+                _log.error("%s was not restarted with its dependency: %s", dependent.name, exc.reason)
 
     def release(self):
-        """A job became ready, started or changed its count: fill what waited for it."""
+        """A job became ready, healthy, started, ended or changed its count: fill what waited for it, and
+        replace the dependents that follow a replaced job, now that it may meet their condition."""
         for job in self._manager._all_jobs():
             if job.config.depends_on and job.active and len(job.running) < job.numprocesses:
                 self._manager._manage(job)
+        for dependent in list(self._restarts):
+            self._restart(dependent)
 
     def refuse_cycle(self, session, config):
         """ValueError naming the cycle if loading `config` in `session` would close one."""
@@ -4079,7 +4372,7 @@ class _Dependencies:
     def wait(self, job, waiter):
         """A wait_ready() caller: woken once the job is ready (or stopped, or gone)."""
         if not job.active:
-            raise ProcessError(409, "job %r is stopped" % job.name)
+            raise ProcessError(409, "job %r is %s" % (job.name, job.state.shown))
         waiter.job = job
         self._waiters.append(waiter)
         self.wake()
@@ -4103,7 +4396,7 @@ class _Dependencies:
             elif not m._loaded(job):
                 waiter.error = ProcessNotFound("job %r was unloaded" % job.name)
             elif not job.active:
-                waiter.error = ProcessError(409, "job %r is stopped" % job.name)
+                waiter.error = ProcessError(409, "job %r is %s" % (job.name, job.state.shown))
             elif job.ready < job.numprocesses:
                 continue
             self._waiters.remove(waiter)
@@ -4654,10 +4947,11 @@ class _Batches:
 class _Rollout:
     """A job's processes replaced one at a time: a new one, ready, then an old one stopped."""
 
-    def __init__(self, old, previous):
+    def __init__(self, old, previous, asked=True):
         self.old = old            # pids of the processes to replace, lowest slot first
         self.previous = previous  # the config they run: the job's again if the rollout fails
         self.surge = None         # the new process awaited, counted beyond numprocesses until ready
+        self.asked = asked        # a reload, update or restart (not recycling): its dependents may follow
 
 
 class _Rollouts:
@@ -4697,6 +4991,7 @@ class _Rollouts:
             raise
         for proc in old:
             m._stop(proc, "stop_process")
+        m._deps.replaced(job)
 
     def recycle(self, proc, reason):
         """The sampler found a ready process past its max_rss or max_age: a new one first, then it."""
@@ -4704,7 +4999,7 @@ class _Rollouts:
         if job.rollout is not None or not job.active or not m.active:
             return
         m._publish_job(job, "recycle", pid=proc.pid, reason=reason)
-        job.rollout = _Rollout([proc.pid], job.config)
+        job.rollout = _Rollout([proc.pid], job.config, asked=False)
         try:
             self.roll(job)
         except ProcessError:
@@ -4719,6 +5014,8 @@ class _Rollouts:
                 m._stop(job.running[pid], "stop_process")
             job.rollout = None
             m._publish_job(job, "rollout")
+            if rollout.asked:
+                m._deps.replaced(job)
             return
         try:  # the new process takes the slot of the old one that goes when it is ready
             surge = m._spawn(job, slot=job.running[old[0]].slot if old else None)
@@ -5379,13 +5676,14 @@ class Manager:
         processes (RUNNING, STARTING or BACKOFF); start and stop go out when it starts or stops running
         (unless announce is off: the caller says it, after what it does)."""
         if state in _ACTIVE_JOB:
-            state = (_JobState.BACKOFF if job.backoff else
-                     _JobState.STARTING if job.starting or len(job.running) < job.numprocesses else _JobState.RUNNING)
+            state = job.lifecycle(self._deps.blocked(job))
         was, job.state = job.state, state
         if was in _ACTIVE_JOB and state not in _ACTIVE_JOB:
             self._containment.trim(job)  # its slots' spare cgroups
         if announce and (was in _ACTIVE_JOB) != (state in _ACTIVE_JOB):
-            self._publish_job(job, "start" if state in _ACTIVE_JOB else "stop")
+            self._publish_job(job, "start" if state in _ACTIVE_JOB else state.value if state in _DONE_JOB else "stop")
+        if was is not state:
+            self._deps.changed(job, was)
 
     def _refresh(self, job):
         """A running job's processes or slots changed: its state follows."""
@@ -5543,12 +5841,11 @@ class Manager:
         return self._batches.done(job, job.numprocesses, undo)
 
     def _do_status(self):
-        return [job.status(self._sampler.sample, self.loop.time(), self._deps.waiting_for(job))
-                for job in self._all_jobs()]
+        return [job.status(self._sampler.sample, self.loop.time(), *self._deps.progress(job)) for job in self._all_jobs()]
 
     def _do_info(self, name):
         job = self._job(name)
-        return dict(job.info(self.loop.time(), self._deps.waiting_for(job)), containment=self._containment.kind)
+        return dict(job.info(self.loop.time(), *self._deps.progress(job)), containment=self._containment.kind)
 
     def _do_stop_process(self, pid):
         proc = self._running_process(pid)
@@ -5800,7 +6097,7 @@ class Manager:
         exit_status, term_signal = _exit_status(proc._popen.returncode)
         unasked = not asked and not proc.once and job.active
         slot, respawn, delay = self._respawns.decide(proc, exit_status, term_signal, unasked)
-        job.last_exit = "signal %d" % term_signal if term_signal else "exit %d" % exit_status
+        job.ended(proc, exit_status, term_signal)  # its last_exit, and the end of a run
         self._move(proc, _State.EXITED, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
                    dropped_input=dropped, respawn=respawn, delay=None if delay is None else round(delay, 3))
         self._forget(proc)
@@ -6767,32 +7064,11 @@ def _parse_procfile(path):
 
 
 def _parse_dotenv(path):
-    """Return the variables of a .env file: KEY=value, quotes, 'export ' prefixes, # comments."""
-    env = {}
-    for lineno, line in enumerate(_read_text(path, "env file").splitlines(), 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        if text.startswith("export "):
-            text = text[7:].lstrip()
-        key, sep, value = text.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise _UsageError("%s:%d: expected KEY=value, got %r" % (path, lineno, line))
-        if value[:1] in ("'", '"'):
-            quote = value[0]
-            end = value.find(quote, 1)
-            while quote == '"' and end > 0 and value[end - 1] == "\\":
-                end = value.find(quote, end + 1)
-            if end < 0 or value[end + 1:].strip()[:1] not in ("", "#"):
-                raise _UsageError("%s:%d: unbalanced %s in %r" % (path, lineno, quote, line))
-            value = value[1:end]
-            if quote == '"':
-                value = re.sub(r'\\([\\"n])', lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
-        else:
-            value = re.split(r"\s+#", value, maxsplit=1)[0]
-        env[key] = value
-    return env
+    """The variables of a .env file (_dotenv_text's rules); _UsageError("path:line: reason") on a bad line."""
+    try:
+        return _dotenv_text(_read_text(path, "env file"), path)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
 
 
 def _parse_concurrency(text, names):
@@ -7159,10 +7435,20 @@ def _ini_value(key, text):
         return text  # octal, as supervisord's umask= reads it: 027 is 0o027
     if key == "success_codes":
         return [int(code) for code in re.split(r"[\s,]+", text) if code]
-    if key in ("redirect_output", "custom_streams", "depends_on", "sockets"):
+    if key in ("redirect_output", "custom_streams", "sockets", "env_file"):
         return [label for label in re.split(r"[\s,]+", text) if label]
     if key == "env":
         return dict(item.split("=", 1) if "=" in item else (item, "") for item in shlex.split(text.replace(",", " ")))
+    if key == "rlimits":  # nofile=65536 core=0 nproc=512:1024
+        limits = {}
+        for item in filter(None, re.split(r"[\s,]+", text)):
+            name, sep, value = item.partition("=")
+            if not sep or value.count(":") > 1:
+                raise ValueError("give NAME=LIMIT or NAME=SOFT:HARD (nofile=65536 nproc=512:1024), got %r" % item)
+            parts = [part if part in ("infinity", "unlimited") else _int_text("rlimits: " + name, part)
+                     for part in value.split(":")]
+            limits[name] = parts if len(parts) == 2 else parts[0]
+        return limits
     if key == "flapping":
         values = [v for v in re.split(r"[\s,]+", text) if v]
         if len(values) > 4:
@@ -7233,6 +7519,8 @@ def _read_json_config(path, text):
     configs = []
     for index, job in enumerate(jobs):
         where = "jobs[%d] (%s)" % (index, job.get("name", "?")) if isinstance(job, dict) else "jobs[%d]" % index
+        if isinstance(job, dict) and "env_file" in job:
+            job = dict(job, env_file=_config_env_files(path, job["env_file"]))
         configs.append(_json_job(job, "%s: %s" % (path, where)))
     token = _config_token(path, data.get("token"), data.get("token_file"))
     return configs, data.get("http"), token, include, sockets
@@ -7284,11 +7572,23 @@ def _read_ini_config(path, text):
                 raise _UsageError("%s: %s/%s: %s" % (path, name, key, exc)) from None
         if parser.has_section("env:" + job):
             settings["env"] = {**settings.get("env", {}), **dict(parser["env:" + job])}
+        if "env_file" in settings:
+            settings["env_file"] = _config_env_files(path, settings["env_file"])
         try:
             configs.append((session, ProcessConfig(job, settings.pop("cmd", None), **settings)))
         except (TypeError, ValueError) as exc:
             raise _UsageError("%s: %s: %s" % (path, name, exc)) from None
     return configs, http, token, include, sockets
+
+
+def _config_env_files(path, value):
+    """A config file's env_file: each relative path is relative to the file's directory ("-" kept in front)."""
+    base = os.path.dirname(os.path.abspath(path))
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list):
+        return value  # ProcessConfig says what is wrong with it
+    return [(item[:1] == "-") * "-" + os.path.join(base, item[1:] if item[:1] == "-" else item)
+            if isinstance(item, str) and item.lstrip("-") else item for item in value]
 
 
 def _config_socket(where, name, settings):
@@ -8231,7 +8531,7 @@ def _cmd_logs(args):
 # or refused with one line that names it.  Each runs the program itself (exec), so that the system
 # manager's stop signal reaches it, and what a shell command starts is stopped with it.
 
-_Export = collections.namedtuple("_Export", "app cwd output user graceful_timeout fragment instances")
+_Export = collections.namedtuple("_Export", "app cwd output user graceful_timeout fragment instances env_files")
 
 
 def _carried(fmt, what, text, allowed=""):
@@ -8297,6 +8597,8 @@ def _export_systemd(ex):
         lines = ["[Unit]", "Description=%s %s.%d" % (ex.app, name, number), "PartOf=%s.target" % ex.app, "",
                  "[Service]", "WorkingDirectory=%s" % _systemd_path("the directory", ex.cwd)]
         lines += ["Environment=%s" % _systemd_quote("%s=%s" % item) for item in sorted(variables.items())]
+        # the .env files too, which systemd reads at each start: an edit applies at the next restart
+        lines += ["EnvironmentFile=%s" % _systemd_path("the env file", path) for path in ex.env_files]
         lines += ["ExecStart=/bin/sh -c %s" % _systemd_quote(_exec_form(command), command=True), "Restart=always",
                   "KillMode=control-group", "TimeoutStopSec=%g" % ex.graceful_timeout]
         if ex.user:
@@ -8389,7 +8691,9 @@ def _cmd_export(args):
     if bool(args.output) == bool(args.location):
         raise _UsageError("export: give the directory to write in, as -o DIR or after the format, once")
     output = os.path.abspath(args.output or args.location)
-    export = _Export(app, cwd, output, args.user, args.graceful_timeout, args.fragment, instances)
+    env_files = [os.path.abspath(path.strip()) for path in (args.env or ".env").split(",")
+                 if args.env or os.path.exists(path.strip())]
+    export = _Export(app, cwd, output, args.user, args.graceful_timeout, args.fragment, instances, env_files)
     files = list(_EXPORTERS[args.format](export))  # every value checked before anything is written
     for filename, text, executable in files:
         path = os.path.join(output, filename)

@@ -1693,11 +1693,14 @@ class LifecycleTest(LeakCheckedTestCase):
 # -- Privileges: what a job runs gets what it was given, and nothing of the manager's ---------
 
 REPORT = """
-    import json, os, socket, sys, time
+    import json, os, resource, socket, sys, time
     umask = os.umask(0)
     cgroup = open("/proc/self/cgroup").read() if os.path.exists("/proc/self/cgroup") else ""
     print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()), "umask": umask,
                       "env": {k: os.environ.get(k) for k in ("GAFFER_TOKEN", "HOME", "USER", "LOGNAME", "SHELL")},
+                      "vars": {k: v for k, v in os.environ.items() if k.startswith("T_")},
+                      "rlimits": {name: resource.getrlimit(getattr(resource, "RLIMIT_" + name.upper()))
+                                  for name in ("nofile", "core", "nproc")},
                       "cgroup": cgroup.rpartition("0::")[2].strip()}), flush=True)
     if "NOTIFY_SOCKET" in os.environ:
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
@@ -1732,6 +1735,99 @@ class SecretsTest(ManagerTestCase):
         self.assertEqual(self.report("given", env={"GAFFER_TOKEN": "its-own"})["env"]["GAFFER_TOKEN"], "its-own",
                          "a job's own env may still set it")
         self.assertEqual(self.report("umask", umask="077")["umask"], 0o077)
+
+
+class EnvFileTest(SecretsTest):
+    """env_file: .env files read at each spawn, between the manager's environment and the job's env."""
+
+    def write(self, name, text):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    def test_precedence_optional_files_and_an_edit_picked_up_by_a_reload(self):
+        self.setenv("T_OS", "manager")
+        self.setenv("T_A", "manager")
+        first = self.write("first.env", """
+            # a comment
+            export T_A=first
+            T_B='first # not a comment'
+            T_C="line\\none"
+        """)
+        second = self.write("second.env", "T_B=second\nT_D=second\n")
+        report = self.report("w", env_file=[first, second, "-" + os.path.join(self.tmp, "absent.env")],
+                             env={"T_D": "env"})
+        self.assertEqual(report["vars"], {"T_OS": "manager", "T_A": "first", "T_B": "second", "T_C": "line\none",
+                                          "T_D": "env"}, "os_env, then the files in order, then env")
+        self.assertEqual(self.report("alone", env_file=first, os_env=False)["vars"]["T_A"], "first", "one path")
+        self.write("second.env", "T_B=edited\n")
+        old = self.m.pids("w")
+        self.m.reload("w")
+        wait_until(lambda: self.m.pids("w") != old and self.m.get_process(self.m.pids("w")[0]).tail())
+        self.assertEqual(json.loads(self.m.get_process(self.m.pids("w")[0]).tail()[0])["vars"]["T_B"], "edited")
+
+    def test_a_missing_or_bad_file_is_refused_at_load_and_nothing_is_loaded(self):
+        bad = self.write("bad.env", "T_A=1\nthis is no assignment\n")
+        for env_file, message in [
+            (os.path.join(self.tmp, "absent.env"), "env_file %s does not exist (a name that starts with '-' may "
+                                                   "be missing)" % os.path.join(self.tmp, "absent.env")),
+            (bad, "%s:2: expected KEY=value, got 'this is no assignment'" % bad),
+            (self.tmp, "env_file %s cannot be read: Is a directory" % self.tmp),
+            ([3], "env_file must be a path or a list of paths, got [3]"),
+        ]:
+            with self.subTest(env_file=env_file), self.assertRaisesRegex(ValueError, re.escape(message)):
+                self.load("w", env_file=env_file)
+        self.assertEqual(self.m.jobs(), [])
+
+    def test_a_file_gone_since_the_load_is_a_spawn_error_retried_on_the_backoff(self):
+        path = self.write("gone.env", "T_A=1\n")
+        self.load("w", env_file=path)
+        os.unlink(path)
+        self.m.kill(self.m.pids("w")[0], "KILL")
+        error = self.rec.wait_for("spawn_error", name="default.w")[0]
+        self.assertIn("env_file %s does not exist" % path, error["reason"])
+        self.rec.wait_for("backoff", name="default.w")
+        self.write("gone.env", "T_A=2\n")
+        self.rec.wait_for("spawn", count=2, name="default.w", timeout=TIMEOUT)
+
+
+class RlimitTest(SecretsTest):
+    """rlimits: set before the program runs (the child reads them with resource.getrlimit)."""
+
+    def test_the_child_runs_with_its_limits_from_its_first_instruction(self):
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        soft = min(256, hard)
+        report = self.report("w", rlimits={"nofile": [soft, hard], "core": 0}, ready="output:{")
+        self.assertEqual(report["rlimits"]["nofile"], [soft, hard])
+        self.assertEqual(report["rlimits"]["core"], [0, 0], "one number sets both")
+        self.assertEqual(report["vars"], {}, "no LISTEN_PID or other variable of the launcher's")
+        self.assertNotIn("LISTEN_PID", self.m.get_process(self.m.pids("w")[0]).env)
+        if gaffer._may_raise_limits():
+            self.assertEqual(self.report("raised", rlimits={"nofile": hard + 1})["rlimits"]["nofile"],
+                             [hard + 1, hard + 1], "root raises a hard limit")
+        else:
+            with self.assertRaisesRegex(ValueError, r"rlimits: nofile's hard limit \d+ is above this manager's own"):
+                self.load("raised", rlimits={"nofile": hard + 1})
+        if os.geteuid() == 0:
+            python = python_for("nobody")
+            if python is not None:
+                dropped = self.report("dropped", cmd=python, uid="nobody", rlimits={"nproc": [100, 200]})
+                self.assertEqual((dropped["uid"], dropped["rlimits"]["nproc"]), (pwd.getpwnam("nobody").pw_uid,
+                                                                                 [100, 200]))
+
+    def test_bad_limits_are_refused_and_nothing_is_loaded(self):
+        for rlimits, message in [
+            ({"files": 10}, "rlimits: unknown limit 'files' (this system has "),
+            ({"nofile": [10, 5]}, "rlimits: nofile's soft limit 10 is above its hard limit 5"),
+            ({"nofile": -3}, "rlimits: nofile must be >= 0, got -3"),
+            ({"nofile": [1, 2, 3]}, "rlimits: nofile takes a limit or [soft, hard], got [1, 2, 3]"),
+            ("nofile=10", "rlimits must be a dict such as {'nofile': 65536}, got 'nofile=10'"),
+        ]:
+            with self.subTest(rlimits=rlimits), self.assertRaisesRegex(ValueError, re.escape(message)):
+                self.load("w", rlimits=rlimits)
+        self.assertEqual(self.m.jobs(), [])
 
 
 @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "dropping privileges needs root")
@@ -2815,6 +2911,154 @@ class ReadinessTest(ManagerTestCase):
 
 # -- Restart policies ------------------------------------------------------------------
 
+class DependencyConditionTest(ManagerTestCase):
+    """depends_on with conditions (started, ready, healthy, completed, completed_successfully), one-shot
+    jobs that end completed or failed, a dependent blocked by what can no longer happen, and dependents
+    restarted with what they depend on."""
+
+    def oneshot(self, name, code, **settings):
+        """A job whose process runs `code` once: restart never."""
+        return self.load(name, code=code, restart="never", **settings)
+
+    def test_a_one_shot_job_ends_completed_or_failed_with_its_last_run(self):
+        self.oneshot("ok", "pass")
+        self.oneshot("bad", "import sys; sys.exit(3)", numprocesses=2)
+        self.rec.wait_for("job.default.ok.completed")
+        self.rec.wait_for("job.default.bad.failed")
+        ok, bad = self.m.info("ok"), self.m.info("bad")
+        self.assertEqual((ok["state"], ok["active"], ok["running"]), ("completed", False, 0))
+        self.assertEqual((bad["state"], bad["last_run"]["exit_status"]), ("failed", 3))
+        run = ok["last_run"]
+        self.assertEqual((run["exit_status"], run["term_signal"]), (0, 0))
+        self.assertLessEqual(run["start"], run["end"])
+        self.assertLess(abs(run["end"] - time.time()), 60, "epoch seconds")
+        states = {job["name"]: job["state"] for job in self.m.status()}
+        self.assertEqual((states["default.ok"], states["default.bad"]), ("completed", "failed"))
+        self.assertEqual(self.rec.matching("job.default.ok.stop"), [], "it ended: completed, not stopped")
+        self.m.start_job("ok")  # runs it again
+        self.rec.wait_for("job.default.ok.completed", count=2)
+        self.assertEqual(len(self.rec.matching("spawn", name="default.ok")), 2)
+
+    def test_a_migration_gates_the_app_until_it_completed_successfully(self):
+        gate = os.path.join(self.tmp, "go")
+        self.load("app", depends_on={"migrate": "completed_successfully"})
+        self.oneshot("migrate", "import os, sys, time\nwhile not os.path.exists(%r): time.sleep(0.01)" % gate)
+        self.rec.wait_for("spawn", name="default.migrate")
+        info = self.m.info("app")
+        self.assertEqual((self.m.pids("app"), info["waiting_for"], info["blocked"], info["state"]),
+                         ([], ["default.migrate"], None, "starting"))
+        open(gate, "w").close()
+        self.rec.wait_for("spawn", name="default.app")
+        names = self.rec.names()
+        self.assertLess(names.index("job.default.migrate.completed"), names.index("job.default.app.spawn"))
+        self.assertEqual(self.m.info("app")["waiting_for"], [])
+
+    def test_a_dependency_that_fails_blocks_its_dependent_until_it_is_started_again(self):
+        flag = os.path.join(self.tmp, "fail")
+        open(flag, "w").close()
+        self.load("app", depends_on={"migrate": "completed_successfully"})
+        self.oneshot("migrate", "import os, sys; sys.exit(3 if os.path.exists(%r) else 0)" % flag)
+        blocked = self.rec.wait_for("job.default.app.blocked")[0]
+        self.assertEqual(blocked["reason"], "default.migrate failed with exit 3")
+        info = self.m.info("app")
+        self.assertEqual((info["state"], info["blocked"], info["waiting_for"], info["running"]),
+                         ("blocked", "default.migrate failed with exit 3", ["default.migrate"], 0))
+        row = next(job for job in self.m.status() if job["name"] == "default.app")
+        self.assertEqual((row["state"], row["blocked"]), ("blocked", "default.migrate failed with exit 3"))
+        os.unlink(flag)
+        self.m.start_job("migrate")  # the fix is in: its next run succeeds and unblocks the app
+        self.rec.wait_for("spawn", name="default.app")
+        self.assertEqual((self.m.info("app")["blocked"], self.m.info("app")["state"]), (None, "running"))
+
+    def test_each_condition(self):
+        gate = os.path.join(self.tmp, "go")
+        wait_gate = "import os, time\nwhile not os.path.exists(%r): time.sleep(0.01)\n" % gate
+        # started: as soon as it spawned, before it is ready
+        self.load("slow", code=wait_gate + "print('up', flush=True)\ntime.sleep(60)", ready="output:up",
+                  redirect_output=["out"])
+        self.load("s", depends_on={"slow": "started"})
+        self.load("r", depends_on={"slow": "ready"})
+        self.rec.wait_for("spawn", name="default.s")
+        self.assertEqual(self.m.pids("r"), [], "ready: not before it is ready")
+        open(gate, "w").close()
+        self.rec.wait_for("spawn", name="default.r")
+        # completed: whatever the status; completed_successfully: not with a failure (blocked)
+        self.oneshot("once", "import sys; sys.exit(1)")
+        self.load("c", depends_on={"once": "completed"})
+        self.load("cs", depends_on={"once": "completed_successfully"})
+        self.rec.wait_for("spawn", name="default.c")
+        self.rec.wait_for("job.default.cs.blocked")
+        # a job that went fatal can no longer be ready
+        self.load("flappy", code="import sys; sys.exit(1)", flapping=dict(attempts=2, window=10, max_retry=0))
+        self.rec.wait_for("job.default.flappy.flap")
+        self.load("f", depends_on=["flappy"])
+        self.assertEqual(self.rec.wait_for("job.default.f.blocked")[0]["reason"],
+                         "default.flappy is fatal (it was flapping)")
+
+    def test_healthy_waits_for_a_passing_health_check(self):
+        port = free_port()
+        flag = os.path.join(self.tmp, "healthy")
+        server = """
+            import os, socket, time
+            s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", %d)); s.listen(8)
+            while True:
+                c, _ = s.accept()
+                c.recv(1024)
+                ok = os.path.exists(%r)
+                c.sendall(b"HTTP/1.0 %%s\\r\\nContent-Length: 0\\r\\n\\r\\n" %% (b"200 OK" if ok else b"503 No"))
+                c.close()
+        """ % (port, flag)
+        self.load("db", code=server, health="http://127.0.0.1:%d/" % port, health_interval=0.1, health_retries=1000)
+        self.load("app", depends_on={"db": "healthy"})
+        self.rec.wait_for("ready", name="default.db")
+        self.assertEqual(self.m.pids("app"), [], "ready but not yet healthy")
+        open(flag, "w").close()
+        self.rec.wait_for("spawn", name="default.app")
+
+    def test_a_dependent_with_restart_follows_a_rolling_reload_of_its_dependency(self):
+        self.load("db", ready="delay:0.05")
+        self.load("app", depends_on={"db": {"condition": "ready", "restart": True}}, ready="delay:0.05")
+        self.load("other", depends_on=["db"])
+        self.rec.wait_for("ready", name="default.app")
+        app_before, other_before = self.m.pids("app"), self.m.pids("other")
+        self.m.reload("db")
+        self.rec.wait_for("job.default.db.rollout")
+        self.rec.wait_for("job.default.app.rollout")
+        names = self.rec.names()
+        self.assertLess(names.index("job.default.db.rollout"), names.index("job.default.app.rollout"))
+        wait_until(lambda: self.m.pids("app") != app_before and len(self.m.pids("app")) == 1, TIMEOUT,
+                   "app replaced by a new process")
+        self.assertEqual(self.m.pids("other"), other_before, "without restart: true it keeps running")
+        # stopped, then started again: the dependent follows once it is ready again
+        self.m.stop_job("db")
+        app_before = self.m.pids("app")
+        self.m.start_job("db")
+        self.rec.wait_for("job.default.app.rollout", count=2)
+        self.assertNotEqual(self.m.pids("app"), app_before)
+
+    def test_bad_conditions_are_refused_and_nothing_is_loaded(self):
+        for depends_on, message in [
+            ({"db": "done"}, "depends_on: unknown condition 'done' for 'db': give started, ready, healthy, "
+                             "completed or completed_successfully"),
+            ({"db": {"condition": "ready", "when": 1}}, "depends_on: 'db' takes a condition"),
+            ({"db": {"restart": "yes"}}, "depends_on: db's restart must be True or False"),
+            ("db:ready:later", "depends_on: give JOB, JOB:CONDITION or JOB:CONDITION:restart, got 'db:ready:later'"),
+            (3, "depends_on must be a list of job names or a mapping"),
+        ]:
+            with self.subTest(depends_on=depends_on), self.assertRaisesRegex(ValueError, re.escape(message)):
+                gaffer.ProcessConfig("w", PY, depends_on=depends_on)
+        self.assertEqual(gaffer.ProcessConfig("w", PY, depends_on="db, m:completed:restart").depends_on,
+                         {"db": {"condition": "ready", "restart": False},
+                          "m": {"condition": "completed", "restart": True}}, "the INI form")
+        config = gaffer.ProcessConfig("w", PY, depends_on={"db": "healthy"})
+        self.assertEqual(gaffer.ProcessConfig.from_dict(config.to_dict()).depends_on, config.depends_on)
+        self.load("a", depends_on={"b": "ready"})
+        with self.assertRaisesRegex(ValueError, "depends_on makes a cycle: default.b -> default.a -> default.b"):
+            self.load("b", depends_on={"a": "started"})
+        self.assertEqual(self.m.jobs(), ["default.a"])
+
+
 class RestartPolicyTest(ManagerTestCase):
 
     def test_a_crash_loop_backs_off_by_default(self):
@@ -2868,8 +3112,8 @@ class RestartPolicyTest(ManagerTestCase):
         self.rec.wait_for("spawn", count=2, name="default.bad")
         self.rec.wait_for("spawn", count=2, name="default.killed")
         info = self.m.info("ok")
-        self.assertEqual((info["active"], info["running"], info["max_processes"]), (True, 0, 1),
-                         "an empty slot: loaded, active, nothing running")
+        self.assertEqual((info["state"], info["active"], info["running"], info["max_processes"]),
+                         ("completed", False, 0, 1), "its one slot left empty: loaded, completed, nothing running")
         self.m.start_job("ok")
         self.assertEqual(len(self.m.pids("ok")), 1, "start_job fills it again")
 
@@ -3229,6 +3473,57 @@ class LogTest(ManagerTestCase):
         self.rec.wait_for("exit", name="default.full")
         self.assertEqual(self.m.info("full")["log_dropped"], 100, "counted, and the loop went on")
         self.assertEqual(len(self.m.logs("full")), 100, "the tail has them all the same")
+
+
+class ExecProbeTest(ManagerTestCase):
+    """ready="exec:CMD" and health="exec:CMD": a command run as a child the loop watches, in the job's
+    environment, cwd and user; exit 0 passes, its output is the reason, and it is killed at the timeout."""
+
+    def test_a_readiness_probe_passes_once_its_command_exits_zero(self):
+        flag = os.path.join(self.tmp, "ready")
+        self.load("w", ready="exec:test -f $FLAG", env={"FLAG": flag}, cwd=self.tmp)
+        pid = self.m.pids("w")[0]
+        self.assertEqual(self.m.get_process(pid).status, "starting", "the file is not there yet")
+        open(flag, "w").close()
+        self.rec.wait_for("ready", pid=pid)
+
+    def test_a_failing_health_probe_gives_its_output_as_the_reason(self):
+        self.load("w", health="exec:%s -S -c \"import os, sys; print('down in', os.getcwd()); sys.exit(2)\"" % PY,
+                  cwd=self.tmp, health_interval=0.05, health_retries=2)
+        msg = self.rec.wait_for("unhealthy")[0]
+        self.assertEqual(msg["reason"], "exec:%s -S -c \"import os, sys; print('down in', os.getcwd()); sys.exit(2)\" "
+                         "exited with 2: down in %s" % (PY, os.path.realpath(self.tmp)))
+        self.assertEqual([p for p in self.m.list() if p.pid not in self.m.pids("w")], [],
+                         "a probe is no process of any job")
+
+    def test_a_hanging_probe_is_killed_with_what_it_started_at_its_timeout(self):
+        started = os.path.join(self.tmp, "started")
+        self.load("w", health="exec:sh -c 'sleep 60 & echo $! >> %s; wait'" % started, health_interval=0.05,
+                  health_timeout=0.3, health_retries=2)
+        msg = self.rec.wait_for("unhealthy")[0]
+        self.assertEqual(msg["reason"], "exec:sh -c 'sleep 60 & echo $! >> %s; wait' did not end within 0.3s "
+                         "(killed)" % started)
+        for line in read_text(started).split():
+            wait_until(lambda: not os.path.exists("/proc/%s" % line) or " Z" in read_text("/proc/%s/stat" % line)
+                       .partition(")")[2][:2], what="the probe's own child killed with its group")
+
+    def test_a_probe_that_cannot_start_fails_and_nothing_is_left_when_the_process_goes(self):
+        self.load("w", ready="exec:/nonexistent/probe", ready_timeout=0.5)
+        self.rec.wait_for("ready_timeout", name="default.w")
+        self.load("slow", health="exec:sleep 30", health_interval=0.01, health_timeout=30)
+        pid = self.m.pids("slow")[0]
+        wait_until(lambda: any("sleep" in read_text("/proc/%d/cmdline" % child) for child in my_children()),
+                   what="the probe running")
+        self.m.stop_job("slow")
+        self.rec.wait_for("exit", pid=pid)
+        wait_until(lambda: not [child for child in my_children() if "sleep" in read_text("/proc/%d/cmdline" % child)],
+                   what="the probe of a process that went is killed and reaped")
+
+    def test_bad_exec_checks_are_refused(self):
+        for settings, message in [(dict(ready="exec:"), "ready 'exec:': give the command to run, as exec:CMD"),
+                                  (dict(health="exec:'open"), "health \"exec:'open\": No closing quotation")]:
+            with self.subTest(settings=settings), self.assertRaisesRegex(ValueError, re.escape(message)):
+                gaffer.ProcessConfig("w", PY, **settings)
 
 
 class HealthTest(ManagerTestCase):
@@ -5118,6 +5413,7 @@ class ServeTest(CommandLineTestCase):
             log_backups = 2
             log_timestamps = yes
             tail_bytes = 8K
+            rlimits = nofile=4096 core=0 nproc=512:1024
             [job:db]
             cmd = sleep 60
         """)
@@ -5126,7 +5422,8 @@ class ServeTest(CommandLineTestCase):
              "max_rss": "200M", "max_age": 3600, "max_age_variance": 60, "ready": "tcp:5000", "ready_timeout": 30,
              "depends_on": ["db"], "health": "http://127.0.0.1:5000/health", "health_interval": 5,
              "health_timeout": 2.5, "health_retries": 4, "port": 8000, "log_file": "logs/{name}.{slot}.log",
-             "log_max_bytes": "1M", "log_backups": 2, "log_timestamps": True, "tail_bytes": 8192},
+             "log_max_bytes": "1M", "log_backups": 2, "log_timestamps": True, "tail_bytes": 8192,
+             "rlimits": {"nofile": 4096, "core": 0, "nproc": [512, 1024]}},
             {"name": "db", "cmd": "sleep 60"}]}))
         for path in (ini, as_json):
             with self.subTest(path=os.path.basename(path)):
@@ -5139,6 +5436,7 @@ class ServeTest(CommandLineTestCase):
                 self.assertEqual((web.port, web.log_file, web.log_max_bytes, web.log_backups, web.log_timestamps,
                                   web.tail_bytes, web.redirect_output),
                                  (8000, "logs/{name}.{slot}.log", 1 << 20, 2, True, 8192, ["out", "err"]))
+                self.assertEqual(web.rlimits, {"nofile": [4096, 4096], "core": [0, 0], "nproc": [512, 1024]})
                 self.assertEqual(self.cli("check", "-c", path).returncode, 0)
         for setting, message in (("max_rss = 12 parsecs", "max_rss must be bytes or a size"),
                                  ("health = output:up", "a health check is tcp:"),
@@ -5149,6 +5447,30 @@ class ServeTest(CommandLineTestCase):
                 result = self.cli("check", "-c", bad)
                 self.assertEqual(result.returncode, 2)
                 self.assertIn(message, result.stderr)
+
+    def test_env_files_in_config_files_are_relative_to_the_file(self):
+        os.makedirs(os.path.join(self.tmp, "conf"))
+        self.write("conf/app.env", "T_A=1\n")
+        ini = self.write("conf/g.ini", "[job:web]\ncmd = sleep 60\nenv_file = app.env, -missing.env\n"
+                         "depends_on = db:completed_successfully, cache:ready:restart\n"
+                         "[job:db]\ncmd = true\nrestart = never\n[job:cache]\ncmd = sleep 60\n")
+        as_json = self.write("conf/g.json", json.dumps({"jobs": [
+            {"name": "web", "cmd": "sleep 60", "env_file": ["app.env", "-missing.env"],
+             "depends_on": {"db": "completed_successfully", "cache": {"condition": "ready", "restart": True}}},
+            {"name": "db", "cmd": "true", "restart": "never"}, {"name": "cache", "cmd": "sleep 60"}]}))
+        conf = os.path.join(self.tmp, "conf")
+        for path in (ini, as_json):
+            with self.subTest(path=os.path.basename(path)):
+                web = gaffer._read_config(path)[0][0][1]
+                self.assertEqual(web.env_file, [os.path.join(conf, "app.env"), "-" + os.path.join(conf, "missing.env")])
+                self.assertEqual(web.depends_on, {"db": {"condition": "completed_successfully", "restart": False},
+                                                  "cache": {"condition": "ready", "restart": True}})
+                self.assertEqual(self.cli("check", "-c", path).returncode, 0)
+        self.write("conf/app.env", "T_A=1\nnot an assignment\n")
+        result = self.cli("check", "-c", ini)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("%s:2: expected KEY=value, got 'not an assignment'" % os.path.join(conf, "app.env"),
+                      result.stderr)
 
     @unittest.skipUnless(pwd is not None and grp is not None, "needs the pwd and grp modules")
     def test_users_groups_and_umask_read_as_supervisord_reads_them(self):
@@ -5426,6 +5748,8 @@ class ExportTest(CommandLineTestCase):
         self.assertIn('Environment="TOKEN=abc"', unit)
         self.assertIn('Environment="WEIRD=a\\"b\\\\c%%d$e,f=g"', unit, "no $ expansion in Environment=: no $$")
         self.assertIn('Environment="PATH=%s"' % os.environ["PATH"], unit, "the exporting shell's PATH")
+        self.assertIn("EnvironmentFile=%s\n" % os.path.join(os.path.realpath(self.tmp), ".env"),
+                      unit.replace(self.tmp, os.path.realpath(self.tmp)), "read again at each start")
         self.assertIn("WorkingDirectory=%s" % self.tmp, unit)
         self.assertIn('ExecStart=/bin/sh -c "exec python3 -m http.server $$PORT"', unit, "the program replaces sh")
         self.assertIn('"exec ./work --level=100%%"', read_text(os.path.join(out, "shop-worker-1.service")))
