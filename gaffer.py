@@ -152,6 +152,7 @@ _ORPHAN_POLL_MIN, _ORPHAN_POLL_MAX = 0.005, 0.5  # rechecks of a group whose lea
 _CHECK_DELAY_MIN, _CHECK_DELAY_MAX = 0.005, 0.1  # retries of a tcp, http or callable readiness check
 _CHECK_TIMEOUT = 1.0                            # one try of a tcp or http check
 _CHECK_WORKERS = 64                             # threads that run tcp, http and callable checks, made as needed
+_PROBE_OUTPUT = 4096                            # bytes of an exec: check's output kept as its reason
 _SPAWN_SLICE = 0.02                             # seconds of spawning a loop turn: reaping and commands go between
 _ORPHAN_GIVE_UP = 10.0                          # seconds after SIGKILL a group may linger before it is forgotten
 _LED_SESSIONS = 4096                            # sessions of past processes a subreaper still knows its zombies by
@@ -709,7 +710,7 @@ def _ready_check(setting, value, redirect_output):
     """Validate a readiness check (see ProcessConfig.ready); return it as given."""
     if value is None or callable(value):
         return value
-    forms = "'tcp:[HOST:]PORT', 'http://...', 'output:REGEX', 'notify', 'delay:SECONDS' or a callable"
+    forms = "'tcp:[HOST:]PORT', 'http://...', 'exec:CMD', 'output:REGEX', 'notify', 'delay:SECONDS' or a callable"
     if not isinstance(value, str):
         raise ValueError("%s must be %s, got %r" % (setting, forms, value))
     scheme, _, rest = value.partition(":")
@@ -730,6 +731,13 @@ def _ready_check(setting, value, redirect_output):
             raise ValueError("%s %r: bad regex: %s" % (setting, value, exc)) from None
         if not redirect_output:
             raise ValueError("%s %r reads the process's output: set redirect_output too" % (setting, value))
+    elif scheme == "exec":
+        try:
+            words = shlex.split(rest)
+        except ValueError as exc:
+            raise ValueError("%s %r: %s" % (setting, value, exc)) from None
+        if not words:
+            raise ValueError("%s %r: give the command to run, as exec:CMD" % (setting, value))
     elif scheme == "delay":
         try:
             seconds = float(rest)
@@ -1060,7 +1068,7 @@ class ProcessConfig:
         self.max_age = None if self.max_age is None else _float_setting("max_age", self.max_age, 0.001)
         self.max_age_variance = _float_setting("max_age_variance", self.max_age_variance, 0)
         if isinstance(self.health, str) and self.health.startswith(("output:", "delay:")):
-            raise ValueError("health %r: a health check is tcp:, http(s)://, notify or a callable" % self.health)
+            raise ValueError("health %r: a health check is tcp:, http(s)://, exec:, notify or a callable" % self.health)
         self.health = _ready_check("health", self.health, self.redirect_output)
         self.health_interval = _float_setting("health_interval", self.health_interval, 0.001)
         self.health_timeout = _float_setting("health_timeout", self.health_timeout, 0.001)
@@ -3922,7 +3930,7 @@ class _CheckRecord:
     """What _Checks knows of one process's checks."""
 
     __slots__ = ("ready_timer", "timer", "delay", "attempt", "pending", "busy", "passed", "failures", "notify",
-                 "status", "reads")
+                 "status", "reads", "probe")
 
     def __init__(self):
         self.ready_timer = None  # ready_timeout
@@ -3936,6 +3944,26 @@ class _CheckRecord:
         self.notify = None       # the datagram socket of a notify check
         self.status = None       # the last STATUS= it sent there
         self.reads = False       # its readiness check reads its output (output:REGEX)
+        self.probe = None        # the exec: check running now (_Probe)
+
+
+class _Probe:
+    """An exec: check running: its Popen, the first bytes it wrote (its reason if it fails), the timer
+    that kills its process group at the check's timeout."""
+
+    __slots__ = ("popen", "output", "timer", "timed_out")
+
+    def __init__(self, popen):
+        self.popen = popen
+        self.output = bytearray()
+        self.timer = None
+        self.timed_out = None  # the timeout, once it passed and the probe was killed
+
+    def kill(self):
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)  # its own group: what a shell command started goes too
+        except OSError:
+            pass  # exited already
 
 
 class _Checks:
@@ -3978,7 +4006,7 @@ class _Checks:
         record.ready_timer = self._loop.call_later(proc.config.ready_timeout, self._on_ready_timeout, proc)
         if isinstance(check, str) and check.startswith("delay:"):
             record.timer = self._loop.call_later(float(check[6:]), self._manager._mark_ready, proc)
-        elif callable(check) or check.startswith(("tcp:", "http")):
+        elif callable(check) or check.startswith(("tcp:", "http", "exec:")):
             record.delay = _CHECK_DELAY_MIN
             self._run(proc)
         # output: and notify: the process's own lines and datagrams move it (saw_lines, _on_notify)
@@ -4010,6 +4038,7 @@ class _Checks:
         if record is None:
             return
         self._cancel(record)
+        self._end_probe(record)
         if record.notify is not None:
             if proc._popen is not None:
                 self._read_notify(proc, record)  # a STATUS= sent just before exiting
@@ -4027,6 +4056,7 @@ class _Checks:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         for record in self._records.values():
+            self._end_probe(record)
             if record.notify is not None:
                 record.notify.close()
         if self._notify_dir is not None:
@@ -4090,6 +4120,9 @@ class _Checks:
         record.attempt += 1
         record.pending = True
         attempt = record.attempt
+        if isinstance(check, str) and check.startswith("exec:"):
+            self._exec(proc, record, attempt, check[5:], timeout)
+            return
         if record.busy:  # a callable that has not returned yet: it gets no second thread
             self._on_answer(proc, attempt, False, "the previous check is still running")
             return
@@ -4103,6 +4136,82 @@ class _Checks:
         if proc._state is _State.READY:  # a readiness check has ready_timeout for a bound
             record.timer = self._loop.call_later(timeout, self._on_answer, proc, attempt, False,
                                                  "no answer within %gs" % timeout)
+
+    def _exec(self, proc, record, attempt, command, timeout):
+        """One try of an exec: check: the command, a child the loop watches like any other (counted in no
+        job), in the process's environment, cwd and user and a process group of its own, killed at
+        `timeout`.  Exit 0 passes; its exit answers _on_answer, with what it wrote as the reason."""
+        if record.probe is not None:
+            self._on_answer(proc, attempt, False, "the previous check is still running")
+            return
+        config = proc.config
+        user, group, groups = _credentials(config)
+        try:
+            popen = subprocess.Popen(shlex.split(_expand(command, proc.env)), cwd=config.cwd, env=proc.env,
+                                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, user=user, group=group, extra_groups=groups,
+                                     umask=-1 if config.umask is None else config.umask)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self._on_answer(proc, attempt, False, "exec:%s cannot start: %s" % (command, exc))
+            return
+        probe = record.probe = _Probe(popen)
+        os.set_blocking(popen.stdout.fileno(), False)
+        self._loop.set_events(popen.stdout, selectors.EVENT_READ, lambda mask: self._read_probe(probe))
+        probe.timer = self._loop.call_later(timeout, self._probe_timeout, probe, timeout)
+        self._manager._reaper.watch(popen, functools.partial(self._probe_exited, proc, record, attempt, probe,
+                                                             command))
+
+    @staticmethod
+    def _probe_timeout(probe, timeout):
+        probe.timer, probe.timed_out = None, timeout
+        probe.kill()
+
+    def _read_probe(self, probe, drain=False):
+        """What an exec: check writes: the first _PROBE_OUTPUT bytes are kept, the rest read and dropped."""
+        for _ in range(64 if drain else 1):
+            try:
+                data = os.read(probe.popen.stdout.fileno(), 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # its end, and of what it started
+                self._loop.set_events(probe.popen.stdout, 0)
+                return
+            probe.output += data[:max(0, _PROBE_OUTPUT - len(probe.output))]
+
+    def _probe_exited(self, proc, record, attempt, probe, command):
+        """An exec: check was reaped: its output read, its descriptors closed, and its answer given."""
+        if probe.timer is not None:
+            probe.timer.cancel()
+            probe.timer = None
+        self._read_probe(probe, drain=True)
+        self._loop.set_events(probe.popen.stdout, 0)
+        probe.popen.stdout.close()
+        if record.probe is not probe:
+            return  # its process is gone, and the check with it
+        record.probe = None
+        said = probe.output.decode("utf-8", "replace").strip()
+        status = probe.popen.returncode
+        if probe.timed_out is not None:
+            reason = "exec:%s did not end within %gs (killed)" % (command, probe.timed_out)
+        else:
+            reason = "exec:%s %s" % (command, "exited with %d" % status if status >= 0 else "killed by signal %d" % -status)
+        self._on_answer(proc, attempt, status == 0 and probe.timed_out is None, reason + (": " + said if said else ""))
+
+    def _end_probe(self, record):
+        """Its process is gone: an exec: check still running is killed and reaped now (a SIGKILLed child
+        goes within milliseconds), so that a manager that stops leaves none behind."""
+        probe, record.probe = record.probe, None
+        if probe is None:
+            return
+        probe.kill()
+        try:
+            probe.popen.wait(1.0)
+        except subprocess.TimeoutExpired:
+            return  # the reaper still watches it: its exit is handled when it comes
+        self._manager._reaper.forget(probe.popen)
+        self._probe_exited(None, record, None, probe, "")
 
     @staticmethod
     def _shares_port(proc, check):
