@@ -4279,7 +4279,13 @@ class _Checks:
             self._arm_health(proc, record)
             return
         _log.warning("%r failed %d health checks in a row (%s): replaced", proc, record.failures, reason)
-        self._manager._unhealthy(proc, reason)
+        m, job = self._manager, proc._job
+        m._publish_job(job, "unhealthy", pid=proc.pid, reason=reason)
+        counted = proc.pid in job.running
+        m._stop(proc, "stop_process")
+        if counted and job.active:
+            job.restarts += 1
+            m._manage(job)
 
     def healthy(self, proc):
         """Ready, and its last health check passed (without a health check: ready)."""
@@ -4292,7 +4298,12 @@ class _Checks:
             return
         record.ready_timer = None
         _log.warning("%r was not ready within %gs: replaced", proc, proc.config.ready_timeout)
-        self._manager._not_ready(proc)
+        m, job = self._manager, proc._job  # stopped and respawned, or its rollout fails
+        m._publish_job(job, "ready_timeout", pid=proc.pid)
+        if not m._rollouts.lost(job, proc, "new process %d was not ready within %gs"
+                                % (proc.pid, proc.config.ready_timeout)):
+            m._stop(proc, "stop_process")
+            m._manage(job)
 
 
 # -- Dependencies (_Dependencies) ------------------------------------------------------------------
@@ -6064,26 +6075,6 @@ class Manager:
         self._rollouts.ready(proc._job, proc)
         self._deps.wake()
         self._deps.release()
-
-    def _unhealthy(self, proc, reason):
-        """It failed health_retries checks in a row (_Checks): replaced."""
-        job = proc._job
-        self._publish_job(job, "unhealthy", pid=proc.pid, reason=reason)
-        counted = proc.pid in job.running
-        self._stop(proc, "stop_process")
-        if counted and job.active:
-            job.restarts += 1
-            self._manage(job)
-
-    def _not_ready(self, proc):
-        """It was not ready within ready_timeout (_Checks): stopped and respawned, or its rollout fails."""
-        job = proc._job
-        self._publish_job(job, "ready_timeout", pid=proc.pid)
-        if self._rollouts.lost(job, proc, "new process %d was not ready within %gs"
-                               % (proc.pid, proc.config.ready_timeout)):
-            return
-        self._stop(proc, "stop_process")
-        self._manage(proc._job)
 
     def _activate(self, job):
         """Mark a job started by hand: flapping history, backoffs and retired slots are forgotten."""
