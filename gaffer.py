@@ -10,6 +10,7 @@ Contents, one banner each, in dependency order (what it owns; the thread that us
 - Errors: ProcessError, ProcessNotFound, ProcessConflict (any thread).
 - Utilities: signals, names, settings' validators, accounts (any thread).
 - /proc: process groups, children, cpu and memory, listening sockets (any thread).
+- Cron expressions and durations: _Cron, the next time a schedule matches (any thread).
 - Configuration: FlappingInfo, ProcessConfig, a child's environment (any thread).
 - Events: EventEmitter (published on the loop thread, subscribed from any).
 - Loop: the selector, the timer heap, the command queue (the loop thread; call() from any).
@@ -26,6 +27,7 @@ Contents, one banner each, in dependency order (what it owns; the thread that us
 - The sampler (_Sampler): one /proc reading per tick for stats, monitors and limits (loop thread).
 - Pub/sub channels (_Topics): Channel and its hooks (fed on the loop thread, read from any).
 - Restart policy, backoff and flapping (_Respawns): when an emptied slot refills (loop thread).
+- Schedules (_Schedules): cron and every, a timer for each job's next run (loop thread).
 - Large spawns in batches (_Batches): 20 ms of spawning a loop turn (loop thread).
 - Rolling replacement (_Rollouts): reload, update, restart, recycling (loop thread).
 - Apps and stop callbacks (_Apps) (loop thread).
@@ -625,6 +627,136 @@ def _listens(owner, port):
     return False
 
 
+# -- Cron expressions and durations ----------------------------------------------------------------
+# A job's schedule as Vixie cron and cronie read it, in local time, and the next time it matches: what
+# a schedule timer waits for (_Schedules).  Any thread: pure functions of the expression and a time.
+
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
+                ("day of week", 0, 7))
+_CRON_NAMES = {3: ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"],
+               4: ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]}
+_CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+                "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+_CRON_YEARS = 28  # the calendar repeats after 28 years: a schedule that matches no day in them never runs
+
+
+def _cron_value(index, text, expression):
+    """One value of a cron field: a number in its range, or a month or day name (any case)."""
+    name, low, high = _CRON_FIELDS[index]
+    names = _CRON_NAMES.get(index, [])
+    if text.lower() in names:
+        return names.index(text.lower()) + (1 if index == 3 else 0)
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ValueError("schedule %r: the %s field takes %d-%d%s, got %r" % (
+            expression, name, low, high, " or a name (%s...)" % ", ".join(names[:3]) if names else "", text))
+    return int(text)
+
+
+def _cron_field(index, text, expression):
+    """The set of values a cron field matches: lists (,) of *, a value or a range (a-b), each with an
+    optional step (/n)."""
+    name, low, high = _CRON_FIELDS[index]
+    values = set()
+    for item in text.split(","):
+        spread, _, step = item.partition("/")
+        if step and (not step.isdigit() or int(step) == 0):
+            raise ValueError("schedule %r: the %s field's step must be a number > 0, got %r" % (expression, name, step))
+        if spread == "*":
+            first, last = low, high
+        elif "-" in spread:
+            first, last = (_cron_value(index, part, expression) for part in spread.split("-", 1))
+            if first > last:
+                raise ValueError("schedule %r: the %s field's range %r goes backwards" % (expression, name, spread))
+        else:
+            first = last = _cron_value(index, spread, expression)
+            if step:  # a/n: from a to the end of the field, as cronie reads it
+                last = high
+        values.update(range(first, last + 1, int(step) if step else 1))
+    if index == 4 and 7 in values:  # 0 and 7 are Sunday
+        values = (values - {7}) | {0}
+    return frozenset(values)
+
+
+class _Cron:
+    """A parsed cron expression: five fields (minute hour day-of-month month day-of-week) or a macro
+    (@hourly, @daily, @weekly, @monthly, @yearly).  As in Vixie cron, day of month and day of week match
+    with OR when both are restricted (neither starts with *), else with AND."""
+
+    def __init__(self, expression):
+        if not isinstance(expression, str):
+            raise ValueError("schedule must be a cron expression such as '*/5 * * * *' or '@daily', got %r"
+                             % (expression,))
+        self.expression = expression
+        text = _CRON_MACROS.get(expression.strip().lower(), expression)
+        if text.strip().startswith("@"):
+            raise ValueError("schedule %r: unknown macro (the macros are %s)" % (expression, ", ".join(_CRON_MACROS)))
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError("schedule %r: give five fields (minute hour day-of-month month day-of-week), got %d"
+                             % (expression, len(fields)))
+        self.minutes, self.hours, self.days, self.months, self.weekdays = (
+            _cron_field(index, field, expression) for index, field in enumerate(fields))
+        self.either_day = not fields[2].startswith("*") and not fields[4].startswith("*")
+        self.hour_list, self.minute_list = sorted(self.hours), sorted(self.minutes)
+
+    def _matches_day(self, day):
+        in_month = day.day in self.days
+        in_week = (day.weekday() + 1) % 7 in self.weekdays  # cron counts from Sunday
+        return day.month in self.months and ((in_month or in_week) if self.either_day else (in_month and in_week))
+
+    def next_after(self, after):
+        """The first time (epoch seconds) after `after` at which the expression matches local time, or
+        None if it never does.  A time that a DST change skips runs when the skipped hour ends; a time
+        that a DST change repeats runs once, at its first occurrence."""
+        import datetime
+        start = datetime.datetime.fromtimestamp(after).replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+        day = start.date()
+        for _ in range(366 * _CRON_YEARS + 1):
+            if self._matches_day(day):
+                for hour in self.hour_list:
+                    for minute in self.minute_list:
+                        naive = datetime.datetime.combine(day, datetime.time(hour, minute))
+                        if naive >= start:
+                            when = _local_epoch(naive)
+                            if when > after:
+                                return when
+            day += datetime.timedelta(days=1)
+        return None
+
+
+def _local_epoch(naive):
+    """The epoch of a local time: the earliest where the clock shows it twice (a DST change repeats an
+    hour), or the end of the gap where a DST change skips it."""
+    import datetime
+    shown = naive.timetuple()[:5]
+    found = [when for when in (time.mktime(naive.timetuple()[:8] + (dst,)) for dst in (0, 1))
+             if time.localtime(when)[:5] == shown]
+    if found:
+        return min(found)
+    later = naive
+    for _ in range(24 * 60):  # skipped: the first minute after the gap that the clock shows
+        later += datetime.timedelta(minutes=1)
+        when = time.mktime(later.timetuple()[:8] + (-1,))
+        if time.localtime(when)[:5] == later.timetuple()[:5]:
+            return when
+    return time.mktime(naive.timetuple()[:8] + (-1,))
+
+
+def _scheduled(config):
+    """Whether a job runs on a schedule (cron or every) rather than all the time."""
+    return config.schedule is not None or config.every is not None
+
+
+def _duration(setting, value, low=0.0, high=10 * 365 * 86400.0):
+    """Seconds from a number or a duration such as "30s", "5m", "1h", "2d"."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+        if match is None:
+            raise ValueError("%s must be seconds or a duration such as '30s', '5m', '1h', got %r" % (setting, value))
+        value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return _float_setting(setting, value, low, high)
+
+
 # -- Configuration ---------------------------------------------------------------------------------
 # Plain dataclasses, validated and normalised when made.  Any thread; the
 # manager keeps its own copies, so changing a config after load changes nothing.
@@ -927,6 +1059,17 @@ class ProcessConfig:
     #: which exits are respawned: "always", "on-failure" (an exit status not in success_codes,
     #: or a signal the manager did not send) or "never"
     restart: str = "always"
+    #: run the job on a cron schedule in local time ("*/5 * * * *", "@daily"): each run spawns its
+    #: processes, which are not respawned ("always" reads as "never"; "on-failure" retries a failed run)
+    schedule: str | None = None
+    #: or run it every so long ("30s", "5m", "1h", or seconds), at fixed steps from its first run (at start)
+    every: object = None
+    #: a run due while the last one still runs: "skip" it, "queue" it (one at most) or "replace" the last
+    concurrency: str = "skip"
+    #: move each run a random amount up to this much later (seconds, or a duration such as "10m")
+    jitter: object = 0.0
+    #: a run missed while the manager was down runs once at start (load's last_run, serve --state)
+    catch_up: bool = False
     #: exit statuses that are not failures
     success_codes: list = dataclasses.field(default_factory=lambda: [0])
     #: a process that exits sooner after its spawn is a quick exit: its slot's respawns back off
@@ -1053,12 +1196,30 @@ class ProcessConfig:
         self.graceful_timeout = _float_setting("graceful_timeout", self.graceful_timeout, 0)
         self.stop_signal = _signum(self.stop_signal, "stop_signal")
 
+    def _normalise_schedule(self):
+        if self.schedule is not None:
+            cron = _Cron(self.schedule)
+            if cron.next_after(time.time()) is None:
+                raise ValueError("schedule %r matches no day: it would never run" % (self.schedule,))
+        if self.every is not None:
+            self.every = _duration("every", self.every, 1.0)
+            if self.schedule is not None:
+                raise ValueError("give schedule or every, not both")
+        if self.concurrency not in ("skip", "queue", "replace"):
+            raise ValueError("concurrency must be 'skip', 'queue' or 'replace', got %r" % (self.concurrency,))
+        self.jitter = _duration("jitter", self.jitter, 0.0)
+        if _bool_setting("catch_up", self.catch_up) and not _scheduled(self):
+            raise ValueError("catch_up needs a schedule or every: it runs a missed run at start")
+        if _scheduled(self) and self.on_demand:
+            raise ValueError("a job runs on_demand or on a schedule, not both")
+
     def _normalise_policies(self):
         self.ready = _ready_check("ready", self.ready, self.redirect_output)
         self.ready_timeout = _float_setting("ready_timeout", self.ready_timeout, 0.001)
         self.depends_on = _depends_on(self.depends_on, self.name)
         if self.restart not in ("always", "on-failure", "never"):
             raise ValueError("restart must be 'always', 'on-failure' or 'never', got %r" % (self.restart,))
+        self._normalise_schedule()
         if isinstance(self.success_codes, (str, bytes)) or not isinstance(self.success_codes, (list, tuple)):
             raise ValueError("success_codes must be a list of exit statuses, got %r" % (self.success_codes,))
         self.success_codes = [_int_setting("success_codes", code, 0, 255) for code in self.success_codes]
@@ -1352,10 +1513,12 @@ class Loop:
     Args:
         clock: the monotonic clock every deadline uses (default time.monotonic);
             tests may pass one they can move forward.
+        wall_clock: the wall clock schedules follow (default time.time).
     """
 
-    def __init__(self, clock=None):
+    def __init__(self, clock=None, wall_clock=None):
         self.time = clock or time.monotonic
+        self.wall = wall_clock or time.time  # what schedules follow: it may jump (NTP, DST, a suspend)
         self.thread = None
         self._selector = self._wake_r = self._wake_w = None  # made by start()
         self._commands = collections.deque()  # (fn, args, future or None); deque ops are atomic
@@ -2213,16 +2376,17 @@ class _Sockets:
 
     def defer(self, job):
         """An on_demand job being started spawns nothing yet: it listens (the loop watches its sockets)
-        until a first connection, which waits in the backlog for a process that it starts."""
+        until a first connection, which waits in the backlog for a process that it starts.  Its state
+        (LISTENING), or None: start it as any job."""
         if not job.config.on_demand or job in self._woken:
-            return False
+            return None
         for name in job.config.sockets:
             jobs = self._listening.setdefault(name, [])
             if job not in jobs:
                 jobs.append(job)
             self._manager.loop.set_events(self._held[name].sock, selectors.EVENT_READ,
                                           functools.partial(self._on_connection, name))
-        return True
+        return _JobState.LISTENING
 
     def undefer(self, job):
         """The job stopped: a start makes it listen again."""
@@ -2826,8 +2990,8 @@ class Process:
         """Its restart policy, as it exited unasked: always, never, or on a failure (a bad status, or a
         signal the manager did not send)."""
         restart = self.config.restart
-        if restart != "on-failure":
-            return restart == "always"
+        if restart != "on-failure":  # a scheduled run ends with its process: "always" reads as "never"
+            return restart == "always" and not _scheduled(self.config)
         if term_signal:
             return not self._signalled
         return exit_status not in self.config.success_codes
@@ -2977,6 +3141,7 @@ class _JobState(enum.Enum):
     FATAL = "fatal"         # flapping stopped it for good, until it is started by hand
     LISTENING = "listening"  # on_demand: started, it spawns at the first connection on its sockets
     BLOCKED = "blocked"     # started, nothing running: a dependency can no longer meet its condition
+    SCHEDULED = "scheduled"  # started, with a schedule: it waits for its next run (_Schedules)
     COMPLETED = "completed"  # every slot's process exited and its restart policy left it empty: success
     FAILED = "failed"       # the same, and an exit of this run was no success (not in success_codes)
 
@@ -3102,21 +3267,30 @@ class _Job:
 
     def enter(self, proc):
         """A new process counts, in its slot; into an empty job, it begins a run (last_run)."""
-        if not self.running and (self.last_run is None or self.last_run["end"] is not None):
+        if not self.running:  # (a process of the last run may still be stopping: it ends with that run)
             self.last_run = {"start": proc.create_time, "end": None, "exit_status": None, "term_signal": None}
             self.run_failed = False
         self.running[proc.pid] = proc
         self.slots[proc.slot].procs.append(proc)
 
-    def ended(self, proc, exit_status, term_signal):
+    def ended(self, proc, exit_status, term_signal, asked):
         """A process exited: the job's last exit; for a counted one, its run fails on a status that is no
-        success, and the last one ends the run."""
+        success (unless it was asked to stop), and the last one ends the run."""
         self.last_exit = "signal %d" % term_signal if term_signal else "exit %d" % exit_status
         if proc.once or self.last_run is None:
             return
-        self.run_failed |= bool(term_signal) or exit_status not in proc.config.success_codes
+        self.run_failed |= not asked and (bool(term_signal) or exit_status not in proc.config.success_codes)
         if not self.running:
             self.last_run.update(end=time.time(), exit_status=exit_status, term_signal=term_signal)
+
+    def announcement(self, state):
+        """The event a move into or out of running says: start; completed or failed for a one-shot job or a
+        scheduled run that ended; else stop."""
+        if state in _ACTIVE_JOB:
+            return "start"
+        if state in _DONE_JOB or state is _JobState.SCHEDULED:
+            return "failed" if self.run_failed else "completed"
+        return "stop"
 
     def lifecycle(self, blocked):
         """The active state its slots and processes say (Manager._job_to), or COMPLETED or FAILED once the
@@ -3125,7 +3299,8 @@ class _Job:
             return _JobState.BACKOFF
         if not self.running and self._count and len(self.retired) >= self._count and all(
                 number in self.slots and self.slots[number].retired for number in range(1, self._count + 1)):
-            return _JobState.FAILED if self.run_failed else _JobState.COMPLETED
+            return (_JobState.SCHEDULED if _scheduled(self.config) else  # a run ended: it waits for the next
+                    _JobState.FAILED if self.run_failed else _JobState.COMPLETED)
         if blocked and not self.running:
             return _JobState.BLOCKED
         if self.starting or len(self.running) < self._count:
@@ -3971,7 +4146,8 @@ class _Checks:
     threads (none may block the loop), each answer or timeout posted back as a command; delay: is a
     timer; output: reads the process's lines; notify reads a datagram socket of the process's own.
     A ready process's health is checked every health_interval.  The manager is told when to move a
-    process (ready), or to replace it (not ready in time, unhealthy)."""
+    process (ready); one not ready in time, or unhealthy, is replaced here (stopped, then its slot
+    filled by the manager's slot engine)."""
 
     def __init__(self, manager):
         self._manager = manager
@@ -4999,6 +5175,151 @@ class _Respawns:
         self._flaps.pop(job, None)
 
 
+# -- Schedules (_Schedules) ------------------------------------------------------------------------
+# A job with a schedule (cron) or every waits, started, for its next run: a timer on the loop's
+# monotonic clock towards a time of the wall clock, which may jump (NTP, DST, a suspend).  So the timer
+# sleeps a minute at most, and each wake-up works the next run out again from the wall clock.  Each run
+# is the job started (its processes spawned), and it ends once its processes exited.  Loop thread.
+
+_SCHEDULE_RECHECK = 60.0  # the longest a schedule's timer sleeps before it reads the wall clock again
+
+
+class _Schedule:
+    """A started scheduled job's next run: the time it matches (base), that time moved by its jitter
+    (when, what next_run shows), the timer towards it, the anchor of an `every`, and a queued run."""
+
+    __slots__ = ("base", "when", "timer", "anchor", "queued")
+
+    def __init__(self, anchor):
+        self.base = self.when = self.timer = None
+        self.anchor = anchor  # an every's first run (wall clock): its runs are anchor + k * every
+        self.queued = False   # concurrency "queue": a run came due while the last one ran
+
+
+class _Schedules:
+    """The jobs that run on a schedule: each started one's next run and its timer, the overlap policy
+    (concurrency) when a run comes due while the last one still runs, and what a start by hand does."""
+
+    def __init__(self, manager):
+        self._manager = manager
+        self._loop = manager.loop
+        self._jobs = {}  # _Job -> _Schedule, while it is started (SCHEDULED, or running a run)
+
+    def defer(self, job):
+        """A scheduled job being started: it waits for its next run (SCHEDULED), except an every, whose
+        first run is at start, and a catch_up job that missed a run since `last_run`.  A job that is
+        already waiting runs now (start_job).  None: start it now, as any job."""
+        if not _scheduled(job.config):
+            return None
+        if job in self._jobs:
+            return None  # it waits (SCHEDULED): start_job runs it now
+        record = self._jobs[job] = _Schedule(self._loop.wall())
+        self._arm(job, record)
+        return None if job.config.every is not None else _JobState.SCHEDULED  # an every's first run is now
+
+    def catch_up(self, job, last_run):
+        """serve --state knows the job's last run (epoch seconds): with catch_up, a run the schedule had
+        due since then (while no manager ran) runs once, now."""
+        record = self._jobs.get(job)
+        if record is None or not job.config.catch_up or last_run is None or job.state is not _JobState.SCHEDULED:
+            return
+        missed = self._base_after(job, record, last_run)
+        if missed is not None and missed <= self._loop.wall():
+            self._run(job)
+
+    def next_run(self, job):
+        """When the job runs next (epoch seconds, its jitter included), or None."""
+        record = self._jobs.get(job)
+        return None if record is None or record.when is None else round(record.when, 3)
+
+    def cancel(self, job):
+        """The job stopped (or is unloaded): no run is due any more."""
+        record = self._jobs.pop(job, None)
+        if record is not None and record.timer is not None:
+            record.timer.cancel()
+
+    def updated(self, job, previous):
+        """The job has a new config: a new schedule is worked out again from now; a job that no longer has
+        one and was waiting starts as any job."""
+        record = self._jobs.get(job)
+        if record is None or (job.config.schedule, job.config.every, job.config.jitter) == (
+                previous.schedule, previous.every, previous.jitter):
+            return
+        waiting = job.state is _JobState.SCHEDULED
+        self.cancel(job)
+        if _scheduled(job.config):
+            self._jobs[job] = record = _Schedule(self._loop.wall())
+            self._arm(job, record)
+        elif waiting:
+            self._manager._job_to(job, _JobState.RUNNING)
+
+    def changed(self, job):
+        """The job's state changed: a run that ended starts the one queued meanwhile (on the next turn);
+        one started without a timer (a flapping retry) waits for its next run again."""
+        if job.state is not _JobState.SCHEDULED:
+            return
+        record = self._jobs.get(job)
+        if record is None:
+            record = self._jobs[job] = _Schedule(self._loop.wall())
+            self._arm(job, record)
+        elif record.queued:
+            record.queued = False
+            self._loop.call_soon_threadsafe(self._run, job)
+
+    def _base_after(self, job, record, after):
+        """The first time after `after` that the job's schedule matches (no jitter)."""
+        every = job.config.every
+        if every is None:
+            return _Cron(job.config.schedule).next_after(after)
+        return record.anchor + (int(max(0.0, after - record.anchor) // every) + 1) * every
+
+    def _arm(self, job, record):
+        """The timer towards the next run, from the wall clock now: a new base (the first, after a run,
+        or after the clock jumped) draws a new jitter."""
+        now = self._loop.wall()
+        base = self._base_after(job, record, now)
+        if base != record.base:
+            import random
+            record.base = base
+            record.when = None if base is None else base + random.uniform(0, job.config.jitter)
+        if record.timer is not None:
+            record.timer.cancel()
+        delay = _SCHEDULE_RECHECK if record.when is None else min(max(0.0, record.when - now), _SCHEDULE_RECHECK)
+        record.timer = self._loop.call_later(delay, self._wake, job)
+
+    def _wake(self, job):
+        record = self._jobs.get(job)
+        if record is None:
+            return
+        record.timer = None
+        if record.when is not None and self._loop.wall() >= record.when and self._manager.active:
+            record.base = None  # this one is taken: the next is worked out from now
+            self._run(job)
+        if job in self._jobs:  # a listener of the run's events may have stopped the job
+            self._arm(job, record)
+
+    def _run(self, job):
+        """A run is due: the job starts (its processes spawn), unless one runs still; then its concurrency
+        skips this one, queues it for when that one ends, or stops that one for this."""
+        m = self._manager
+        record = self._jobs.get(job)
+        if record is None or not m._loaded(job) or not m.active:
+            return
+        if job.state is not _JobState.SCHEDULED:  # the last run goes on
+            policy = job.config.concurrency
+            _log.info("%s: a run is due while the last one runs: %s", job.name,
+                      {"skip": "skipped", "queue": "queued", "replace": "that one is replaced"}[policy])
+            if policy == "queue":
+                record.queued = True
+            elif policy == "replace" and job.active:
+                for proc in job.processes():
+                    m._stop(proc, "stop_process")
+                m._manage(job)  # the same slots, filled by this run's processes
+            return
+        m._activate(job)  # SCHEDULED -> running (defer says: now)
+        m._manage(job)
+
+
 # -- Large spawns in batches (_Batches) ------------------------------------------------------------
 # A call that spawns many processes spawns 20 ms of them a loop turn, reaping and other calls in
 # between; the caller waits for a Future of the whole.  Loop thread.
@@ -5344,6 +5665,7 @@ class Manager:
     Args:
         loop: a Loop to run on (default: a new one).
         clock: the monotonic clock of a new loop (tests); not with `loop`.
+        wall_clock: its wall clock, which schedules follow (default time.time; tests move it).
         stats_interval: seconds between two samples for monitor() and STATS channels.
         guardian: start a guardian process that stops every process if this program dies (SIGKILL too).
         cgroups: "auto" puts each process in a cgroup of its own where the system allows; True
@@ -5357,12 +5679,13 @@ class Manager:
     running raise RuntimeError("manager is not running").
     """
 
-    def __init__(self, loop=None, clock=None, stats_interval=1.0, guardian=True, cgroups="auto", subreaper=False):
+    def __init__(self, loop=None, clock=None, stats_interval=1.0, guardian=True, cgroups="auto", subreaper=False,
+                 wall_clock=None):
         _check_manager_settings(loop, clock, cgroups, subreaper)
         self.cgroups = cgroups
         self.subreaper = subreaper
         self.guardian = _bool_setting("guardian", guardian)
-        self.loop = loop or Loop(clock)
+        self.loop = loop or Loop(clock, wall_clock)
         self.events = EventEmitter()
         self.use_pidfd = _HAVE_PIDFD and os.environ.get("GAFFER_NO_PIDFD", "") in ("", "0")
         # The parts, each owning its state (DESIGN.md, "Growing the core"):
@@ -5377,6 +5700,7 @@ class Manager:
         self._batches = _Batches(self)  # large spawns, 20 ms of them a loop turn
         self._respawns = _Respawns(self)  # restart policy, backoff, flapping
         self._sockets = _Sockets(self)  # the listening sockets it holds for its jobs
+        self._schedules = _Schedules(self)  # the next run of each job with a schedule
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
@@ -5511,7 +5835,7 @@ class Manager:
         for name in self.jobs(sessionid):
             callback(self, name)
 
-    def load(self, config, sessionid=None, env=None, start=True, wait=False, retry=False):
+    def load(self, config, sessionid=None, env=None, start=True, wait=False, retry=False, last_run=None):
         """Add a job and (by default) start its processes.
 
         Args:
@@ -5524,6 +5848,8 @@ class Manager:
                 loaded and retry it on its backoff schedule, with the reason in
                 ``info(name)["last_error"]``, instead of raising (serve does so for the jobs
                 of its config file: a missing mount or binary often appears later).
+            last_run: when the job last ran under an earlier manager (epoch seconds, as serve --state
+                keeps it): a catch_up job whose schedule had a run due since then runs once, now.
 
         Raises:
             ProcessConflict: a job of that name exists in the session.
@@ -5533,6 +5859,9 @@ class Manager:
         config = _config_with_env(config, env)
         session = _valid_name("sessionid", sessionid or _DEFAULT_SESSION)
         self._call(self._do_load, config, session, start, _bool_setting("retry", retry))
+        if last_run is not None:
+            last_run = _float_setting("last_run", last_run, 0, 1e11)
+            self._call(lambda: self._schedules.catch_up(self._job((session, config.name)), last_run))
         if start and wait is not False and wait is not None:
             self.wait_ready(_job_name(session, config.name), None if wait is True else wait)
 
@@ -5801,9 +6130,10 @@ class Manager:
         if was in _ACTIVE_JOB and state not in _ACTIVE_JOB:
             self._containment.trim(job)  # its slots' spare cgroups
         if announce and (was in _ACTIVE_JOB) != (state in _ACTIVE_JOB):
-            self._publish_job(job, "start" if state in _ACTIVE_JOB else state.value if state in _DONE_JOB else "stop")
+            self._publish_job(job, job.announcement(state))
         if was is not state:
             self._deps.changed(job, was)
+            self._schedules.changed(job)
 
     def _refresh(self, job):
         """A running job's processes or slots changed: its state follows."""
@@ -5885,6 +6215,7 @@ class Manager:
 
         job.config = config
         job.numprocesses = max(config.numprocesses, job.numprocesses)
+        self._schedules.updated(job, old[0])
         if start and not job.active:
             self._activate(job)
         if job.active:
@@ -5961,11 +6292,13 @@ class Manager:
         return self._batches.done(job, job.numprocesses, undo)
 
     def _do_status(self):
-        return [job.status(self._sampler.sample, self.loop.time(), *self._deps.progress(job)) for job in self._all_jobs()]
+        return [dict(job.status(self._sampler.sample, self.loop.time(), *self._deps.progress(job)),
+                     next_run=self._schedules.next_run(job)) for job in self._all_jobs()]
 
     def _do_info(self, name):
         job = self._job(name)
-        return dict(job.info(self.loop.time(), *self._deps.progress(job)), containment=self._containment.kind)
+        return dict(job.info(self.loop.time(), *self._deps.progress(job)), containment=self._containment.kind,
+                    next_run=self._schedules.next_run(job))
 
     def _do_stop_process(self, pid):
         proc = self._running_process(pid)
@@ -6080,7 +6413,7 @@ class Manager:
         """Mark a job started by hand: flapping history, backoffs and retired slots are forgotten."""
         self._respawns.reset(job)
         if not job.active:  # STOPPED, RETRYING or FATAL -> running (on_demand: listening, which spawns nothing)
-            self._job_to(job, _JobState.LISTENING if self._sockets.defer(job) else _JobState.RUNNING)
+            self._job_to(job, self._sockets.defer(job) or self._schedules.defer(job) or _JobState.RUNNING)
 
     def _start_job(self, job):
         self._activate(job)
@@ -6097,6 +6430,7 @@ class Manager:
         job.rollout = None
         self._respawns.cancel(job)
         self._sockets.undefer(job)
+        self._schedules.cancel(job)
         was_active = job.active
         self._job_to(job, state, announce=False)
         for proc in job.processes():
@@ -6197,7 +6531,7 @@ class Manager:
         exit_status, term_signal = _exit_status(proc._popen.returncode)
         unasked = not asked and not proc.once and job.active
         slot, respawn, delay = self._respawns.decide(proc, exit_status, term_signal, unasked)
-        job.ended(proc, exit_status, term_signal)  # its last_exit, and the end of a run
+        job.ended(proc, exit_status, term_signal, asked)  # its last_exit, and the end of a run
         self._move(proc, _State.EXITED, "exit", exit_status=exit_status, term_signal=term_signal, once=proc.once,
                    dropped_input=dropped, respawn=respawn, delay=None if delay is None else round(delay, 3))
         self._forget(proc)
@@ -7928,6 +8262,7 @@ class _StateFile:
     def __init__(self, path):
         self.path = path
         self.jobs = {}
+        self.runs = {}  # "session.job" -> when a catch_up job last started a run (epoch seconds)
         self.problems = []  # what could not be restored, one line each: serve --daemon says it on the terminal
         self._lock = threading.Lock()  # requests come on their own threads
 
@@ -7952,6 +8287,9 @@ class _StateFile:
                 _log.error("cannot set %s aside: %s", self.path, move.strerror)
             return {}
         self.jobs = data["jobs"]  # kept whole: an entry this start cannot use is written back as it was
+        runs = data.get("runs", {})
+        self.runs = {name: when for name, when in runs.items() if isinstance(when, (int, float))
+                     and not isinstance(when, bool)} if isinstance(runs, dict) else {}
         recorded = {}
         for name, entry in self.jobs.items():
             try:
@@ -8014,10 +8352,21 @@ class _StateFile:
                                    "active": info["active"]}
             except ProcessNotFound:
                 self.jobs[name] = {"unloaded": True}
-            try:  # private: it holds the jobs' environments
-                _replace_file(self.path, _json_text({"jobs": self.jobs}, indent=1, sort_keys=True).encode(), 0o600)
-            except OSError as exc:
-                _log.error("cannot write state file %s: %s", self.path, exc.strerror or exc)
+            self._write()
+
+    def ran(self, name, when):
+        """A catch_up job started a run (on a thread of its own, not the loop's): a restarted serve knows
+        whether a run was missed meanwhile."""
+        with self._lock:
+            self.runs[name] = when
+            self._write()
+
+    def _write(self):
+        try:  # private: it holds the jobs' environments
+            _replace_file(self.path, _json_text({"jobs": self.jobs, "runs": self.runs}, indent=1,
+                                                sort_keys=True).encode(), 0o600)
+        except OSError as exc:
+            _log.error("cannot write state file %s: %s", self.path, exc.strerror or exc)
 
 
 class _Pidfile:
@@ -8154,11 +8503,15 @@ def _serve(args, configs, app, state, on_ready, sockets):
     previous = signal.signal(signal.SIGHUP, lambda *_: manager.loop.call_soon_threadsafe(reload_config))
 
     def load(session, config, start):
+        last_run = state.runs.get(_job_name(session, config.name)) if state and config.catch_up else None
         try:  # a job of the file that cannot spawn stays, retried on its backoff: never lost in silence
-            manager.load(config, sessionid=session, start=start, retry=True)
+            manager.load(config, sessionid=session, start=start, retry=True, last_run=last_run)
         except (ProcessError, ValueError, TypeError) as exc:  # a cycle, a limit this machine lacks...
             return exc
         return None
+
+    if state:
+        _record_runs(manager, state)
 
     def load_all():  # inside run(): SIGTERM while loading stops what is loaded
         # The recorded state goes in before the first spawn: a job stopped over the API never runs.
@@ -8188,6 +8541,20 @@ def _serve(args, configs, app, state, on_ready, sockets):
     finally:
         signal.signal(signal.SIGHUP, previous)
     return 0
+
+
+def _record_runs(manager, state):
+    """serve --state: each run of a catch_up job is noted in the state file (written on a thread of its
+    own, never the loop's), so that a restarted serve knows whether it missed one."""
+    def on_start(evtype, msg):
+        try:
+            config = manager.get(msg["name"])  # on the loop thread: answered inline
+        except ProcessNotFound:
+            return
+        if config.catch_up:
+            threading.Thread(target=state.ran, args=(msg["name"], manager.loop.wall()), daemon=True).start()
+
+    manager.events.subscribe("start", on_start)
 
 
 def _cmd_serve(args):
@@ -8459,7 +8826,25 @@ def _cmd_ps(args):
             print("%s: %s" % (job["name"], job["last_error"]))
         if job.get("sockets"):
             print("%s: sockets %s" % (job["name"], ", ".join(job["sockets"])))
+        if job.get("blocked"):
+            print("%s: blocked: %s" % (job["name"], job["blocked"]))
+        if job.get("next_run") or job["state"] in ("completed", "failed") and job.get("last_run"):
+            print("%s: %s" % (job["name"], _runs_text(job)))
     return 0
+
+
+def _runs_text(job):
+    """A scheduled or one-shot job's runs, as ps says them: "next run 2026-12-04 18:30:00, last run
+    2026-12-04 18:29:00 (exit 0 after 1.2s)"."""
+    def when(epoch):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+    parts = ["next run %s" % when(job["next_run"])] if job.get("next_run") else []
+    last = job.get("last_run")
+    if last:
+        ended = ("signal %d" % last["term_signal"] if last["term_signal"] else "exit %d" % last["exit_status"]
+                 ) + " after %.1fs" % (last["end"] - last["start"]) if last["end"] is not None else "running"
+        parts.append("last run %s (%s)" % (when(last["start"]), ended))
+    return ", ".join(parts)
 
 
 def _cmd_status(args):
@@ -9040,8 +9425,9 @@ _DASHBOARD = r"""<!doctype html>
   tr.job:hover, tr.chosen { background: #eef4ff; }
   .state { padding: .1em .5em; border-radius: 1em; font-size: .85em; }
   .running { background: #d9f5dd; } .starting, .backoff { background: #fff1c9; }
-  .stopped { background: #e8e8e8; } .fatal { background: #fbd5d5; } .listening { background: #dbe9ff; }
-  .sockets { color: #777; font-size: .85em; }
+  .stopped { background: #e8e8e8; } .fatal, .failed, .blocked { background: #fbd5d5; }
+  .listening, .scheduled { background: #dbe9ff; } .completed { background: #e3f0e5; }
+  .sockets, .runs { color: #777; font-size: .85em; }
   button { font: inherit; margin-right: .2em; }
   input.count { width: 3.5em; font: inherit; }
   #logs { margin-top: 1.2em; }
@@ -9190,9 +9576,17 @@ function render(jobs) {
       held.textContent = "on " + job.sockets.join(", ");
       pids.append(held);
     }
+    const when = (epoch) => new Date(epoch * 1000).toLocaleString();
+    if (job.next_run || (job.last_run && job.last_run.end)) {  // a schedule's next run, a one-shot's last one
+      const runs = document.createElement("span");
+      runs.className = "runs";
+      runs.textContent = (job.next_run ? "next run " + when(job.next_run) : "") +
+        (job.last_run && job.last_run.end ? (job.next_run ? "; " : "") + "last run " + when(job.last_run.start) : "");
+      pids.append(runs);
+    }
     const last = cell(row, job.last_exit || "-");
-    if (job.last_error) {  // why it cannot start: said, not only a state
-      last.textContent = job.last_error;
+    if (job.last_error || job.blocked) {  // why it cannot start: said, not only a state
+      last.textContent = job.last_error || "blocked: " + job.blocked;
       last.className = "error";
     }
     const actions = cell(row, "");

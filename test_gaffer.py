@@ -134,13 +134,14 @@ def python(code):
 
 
 class FakeClock:
-    """time.monotonic plus an offset that tests move forward."""
+    """time.monotonic (or another clock: time.time for the wall clock) plus an offset that tests move."""
 
-    def __init__(self):
+    def __init__(self, base=time.monotonic):
         self.offset = 0.0
+        self.base = base
 
     def __call__(self):
-        return time.monotonic() + self.offset
+        return self.base() + self.offset
 
 
 class Recorder:
@@ -239,7 +240,8 @@ class ManagerTestCase(LeakCheckedTestCase):
                 self.setenv(variable, "1")
         super().setUp()
         self.clock = FakeClock()
-        self.m = gaffer.Manager(clock=self.clock, stats_interval=self.stats_interval)
+        self.wall = FakeClock(time.time)  # what schedules follow
+        self.m = gaffer.Manager(clock=self.clock, stats_interval=self.stats_interval, wall_clock=self.wall)
         self.rec = Recorder(self.m.events)
         self.m.events.subscribe("spawn", self._on_spawn)
         self.output = {}  # pid -> bytes read under any label
@@ -3057,6 +3059,243 @@ class DependencyConditionTest(ManagerTestCase):
         with self.assertRaisesRegex(ValueError, "depends_on makes a cycle: default.b -> default.a -> default.b"):
             self.load("b", depends_on={"a": "started"})
         self.assertEqual(self.m.jobs(), ["default.a"])
+
+
+class CronTest(unittest.TestCase):
+    """Cron expressions read as Vixie cron and cronie read them, and their next times in local time."""
+
+    def in_zone(self, zone):
+        previous = os.environ.get("TZ")
+        os.environ["TZ"] = zone
+        time.tzset()
+
+        def restore():
+            if previous is None:
+                os.environ.pop("TZ", None)
+            else:
+                os.environ["TZ"] = previous
+            time.tzset()
+        self.addCleanup(restore)
+        if zone != "UTC" and time.daylight == 0:
+            self.skipTest("no time zone data for %s here" % zone)
+
+    @staticmethod
+    def utc(*fields):
+        import calendar
+        return calendar.timegm(fields + (0,) * (6 - len(fields)))
+
+    def test_next_times(self):
+        self.in_zone("UTC")
+        friday = self.utc(2026, 12, 4, 10, 0)  # a Friday
+        for expression, after, expected in [
+            ("0 0 * * *", self.utc(2026, 1, 31, 12), self.utc(2026, 2, 1)),
+            ("0 0 31 * *", self.utc(2026, 2, 1), self.utc(2026, 3, 31)),  # a month end: February has none
+            ("0 0 30 * *", self.utc(2026, 1, 31), self.utc(2026, 3, 30)),
+            ("0 0 29 2 *", self.utc(2026, 1, 1), self.utc(2028, 2, 29)),  # the next leap year
+            ("@yearly", self.utc(2026, 6, 15), self.utc(2027, 1, 1)),
+            ("@ANNUALLY", self.utc(2026, 6, 15), self.utc(2027, 1, 1)),
+            ("@monthly", self.utc(2026, 12, 31, 23, 59), self.utc(2027, 1, 1)),
+            ("@weekly", friday, self.utc(2026, 12, 6)),
+            ("@daily", friday, self.utc(2026, 12, 5)),
+            ("@hourly", self.utc(2026, 12, 4, 10, 0, 30), self.utc(2026, 12, 4, 11)),
+            ("*/15 * * * *", self.utc(2026, 12, 4, 12, 7), self.utc(2026, 12, 4, 12, 15)),
+            ("*/15 * * * *", self.utc(2026, 12, 4, 12, 15), self.utc(2026, 12, 4, 12, 30)),  # strictly after
+            ("5/20 * * * *", self.utc(2026, 12, 4, 12, 7), self.utc(2026, 12, 4, 12, 25)),
+            ("0 9 * * mon-fri", friday, self.utc(2026, 12, 7, 9)),
+            ("0 9 * * MON-Fri", friday, self.utc(2026, 12, 7, 9)),
+            ("0 0 13 * 5", friday, self.utc(2026, 12, 11)),  # both restricted: the 13th OR a Friday
+            ("0 0 */10 * 5", friday, self.utc(2026, 12, 11)),  # a * day of month: the 1st, 11th... AND Friday
+            ("0 0 * * 7", friday, self.utc(2026, 12, 6)),  # 7 is Sunday
+            ("0 0 * * 0", friday, self.utc(2026, 12, 6)),
+            ("30 4 1,15 * *", friday, self.utc(2026, 12, 15, 4, 30)),
+            ("0 12 1 JAN,jul *", friday, self.utc(2027, 1, 1, 12)),
+            ("0-10/5 8-9 * * *", friday, self.utc(2026, 12, 5, 8)),
+        ]:
+            with self.subTest(expression=expression):
+                self.assertEqual(gaffer._Cron(expression).next_after(after), expected)
+
+    def test_daylight_saving_time(self):
+        self.in_zone("America/New_York")  # 2026: 2:00 -> 3:00 on March 8, 2:00 -> 1:00 on November 1
+        cron = gaffer._Cron("30 2 * * *")
+        skipped = cron.next_after(self.utc(2026, 3, 7, 17))
+        self.assertEqual(skipped, self.utc(2026, 3, 8, 7), "2:30 does not exist: it runs when the gap ends, 3:00")
+        self.assertEqual(cron.next_after(skipped), self.utc(2026, 3, 9, 6, 30), "then 2:30 EDT the next day")
+        every_minute = gaffer._Cron("* * * * *")
+        self.assertEqual(every_minute.next_after(self.utc(2026, 3, 8, 6, 59)), self.utc(2026, 3, 8, 7),
+                         "the skipped minutes run once, at 3:00")
+        self.assertEqual(every_minute.next_after(self.utc(2026, 3, 8, 7)), self.utc(2026, 3, 8, 7, 1))
+        repeated = gaffer._Cron("30 1 * * *")
+        first = repeated.next_after(self.utc(2026, 10, 31, 16))
+        self.assertEqual(first, self.utc(2026, 11, 1, 5, 30), "1:30 EDT, the first of the two")
+        self.assertEqual(repeated.next_after(first), self.utc(2026, 11, 2, 6, 30), "not 1:30 EST the same night")
+        self.assertEqual(repeated.next_after(self.utc(2026, 11, 1, 6)), self.utc(2026, 11, 2, 6, 30),
+                         "from inside the repeated hour too")
+        self.assertEqual(gaffer._Cron("0 0 * * *").next_after(self.utc(2026, 3, 7, 12)), self.utc(2026, 3, 8, 5))
+
+    def test_bad_expressions_are_one_line_each(self):
+        for settings, message in [
+            (dict(schedule="61 * * * *"), "schedule '61 * * * *': the minute field takes 0-59, got '61'"),
+            (dict(schedule="* * * * * *"), "schedule '* * * * * *': give five fields (minute hour day-of-month "
+                                           "month day-of-week), got 6"),
+            (dict(schedule="* * * foo *"), "the month field takes 1-12 or a name (jan, feb, mar...), got 'foo'"),
+            (dict(schedule="*/0 * * * *"), "the minute field's step must be a number > 0, got '0'"),
+            (dict(schedule="0 0 5-1 * *"), "the day of month field's range '5-1' goes backwards"),
+            (dict(schedule="@reboot"), "schedule '@reboot': unknown macro (the macros are @yearly"),
+            (dict(schedule="0 0 30 2 *"), "schedule '0 0 30 2 *' matches no day: it would never run"),
+            (dict(schedule=5), "schedule must be a cron expression such as '*/5 * * * *' or '@daily', got 5"),
+            (dict(every="5x"), "every must be seconds or a duration such as '30s', '5m', '1h', got '5x'"),
+            (dict(every=0.5), "every must be >= 1.0, got 0.5"),
+            (dict(schedule="@daily", every="1h"), "give schedule or every, not both"),
+            (dict(schedule="@daily", concurrency="allow"), "concurrency must be 'skip', 'queue' or 'replace'"),
+            (dict(schedule="@daily", jitter=-1), "jitter must be >= 0.0, got -1"),
+            (dict(catch_up=True), "catch_up needs a schedule or every"),
+        ]:
+            with self.subTest(settings=settings), self.assertRaisesRegex(ValueError, re.escape(message)):
+                gaffer.ProcessConfig("w", PY, **settings)
+        self.assertEqual(gaffer.ProcessConfig("w", PY, every="5m", jitter="10m").every, 300.0)
+
+
+class ScheduleTest(ManagerTestCase):
+    """Jobs with a schedule or every: a timer towards each run on the wall clock, and what a run that is
+    due while the last one runs does (concurrency)."""
+
+    def advance(self, seconds):
+        """Both clocks move on, and the loop takes a turn (a call wakes it)."""
+        self.wall.offset += seconds
+        self.clock.offset += seconds
+        self.m.pids()
+
+    def until_next_run(self, name):
+        self.advance(self.m.info(name)["next_run"] - self.wall() + 0.01)
+
+    def gated(self, name, **settings):
+        """A job whose runs each say they started (started-N) and wait for their own end-N file, so the
+        test says when each one ends."""
+        code = """
+            import os, sys, time
+            n = len(os.listdir(%r)) + 1
+            open(os.path.join(%r, "started-%%d" %% n), "w").close()
+            while not os.path.exists(os.path.join(%r, "end-%%d" %% n)): time.sleep(0.01)
+        """ % (self.runs, self.runs, self.tmp)
+        return self.load(name, code=code, **settings)
+
+    def end_run(self, number):
+        open(os.path.join(self.tmp, "end-%d" % number), "w").close()
+
+    def setUp(self):
+        super().setUp()
+        self.runs = os.path.join(self.tmp, "runs")
+        os.mkdir(self.runs)
+
+    def test_a_cron_job_waits_runs_at_its_time_and_start_job_runs_it_now(self):
+        self.load("tick", code="print('tick')", schedule="* * * * *", redirect_output=["out"])
+        info = self.m.info("tick")
+        self.assertEqual((info["state"], self.m.pids("tick"), info["last_run"]), ("scheduled", [], None))
+        self.assertLessEqual(info["next_run"] - self.wall(), 60)
+        self.assertEqual(info["next_run"] % 60, 0, "at the start of a minute")
+        due = info["next_run"]
+        self.until_next_run("tick")
+        self.rec.wait_for("job.default.tick.completed")
+        info = self.m.info("tick")
+        self.assertEqual((info["state"], info["last_run"]["exit_status"], info["next_run"]), ("scheduled", 0, due + 60))
+        self.assertEqual(self.m.logs("tick")[-1]["line"], "tick", "each run is a process, with its output")
+        self.m.start_job("tick")  # now
+        self.rec.wait_for("job.default.tick.completed", count=2)
+        self.assertEqual(len(self.rec.matching("spawn", name="default.tick")), 2)
+        self.assertEqual(self.m.info("tick")["next_run"], due + 60, "a run by hand moves no scheduled one")
+        self.m.stop_job("tick")
+        self.assertEqual((self.m.info("tick")["state"], self.m.info("tick")["next_run"]), ("stopped", None))
+        self.advance(120)
+        self.assertEqual(len(self.rec.matching("spawn", name="default.tick")), 2, "stopped: no run")
+
+    def test_every_runs_at_start_then_at_fixed_steps_and_a_failed_run_says_so(self):
+        self.load("beat", code="import sys; sys.exit(4)", every="30s")
+        self.rec.wait_for("job.default.beat.failed")
+        first = self.m.info("beat")
+        self.assertEqual((first["state"], first["last_run"]["exit_status"]), ("scheduled", 4))
+        start = first["next_run"] - 30
+        self.until_next_run("beat")
+        self.rec.wait_for("job.default.beat.failed", count=2)
+        self.assertAlmostEqual(self.m.info("beat")["next_run"], start + 60, delta=0.01, msg="fixed steps")
+
+    def test_skip_leaves_out_a_run_due_while_the_last_one_runs(self):
+        self.gated("job", every="10s")
+        self.rec.wait_for("spawn", name="default.job")
+        self.until_next_run("job")
+        wait_until(lambda: self.m.info("job")["next_run"] > self.wall() + 5, what="the next run armed")
+        self.assertEqual(len(self.rec.matching("spawn", name="default.job")), 1, "skipped")
+        self.end_run(1)
+        self.rec.wait_for("job.default.job.completed")
+        self.assertEqual((self.m.info("job")["state"], len(os.listdir(self.runs))), ("scheduled", 1))
+
+    def test_queue_runs_it_once_the_last_one_ended(self):
+        self.gated("job", every="10s", concurrency="queue")
+        self.rec.wait_for("spawn", name="default.job")
+        self.until_next_run("job")
+        self.until_next_run("job")  # two due while it runs: one is queued
+        self.assertEqual(len(self.rec.matching("spawn", name="default.job")), 1)
+        self.end_run(1)
+        self.rec.wait_for("spawn", count=2, name="default.job")
+        self.end_run(2)
+        self.rec.wait_for("job.default.job.completed", count=2)
+        self.assertEqual(len(self.rec.matching("spawn", name="default.job")), 2, "one queued run, not two")
+
+    def test_replace_stops_the_last_run_for_the_new_one(self):
+        self.gated("job", every="10s", concurrency="replace")
+        first = self.rec.wait_for("spawn", name="default.job")[0]["pid"]
+        wait_until(lambda: os.listdir(self.runs), what="the first run under way")
+        self.until_next_run("job")
+        self.rec.wait_for("stop_process", pid=first)
+        self.rec.wait_for("spawn", count=2, name="default.job")
+        self.rec.wait_for("exit", pid=first)
+        wait_until(lambda: len(os.listdir(self.runs)) == 2, what="the second run under way")
+        self.end_run(2)
+        self.rec.wait_for("job.default.job.completed")
+
+    def test_a_wall_clock_jump_is_noticed_at_the_next_wake_up(self):
+        self.load("hourly", code="pass", schedule="0 * * * *")
+        due = self.m.info("hourly")["next_run"]
+        self.wall.offset += 3 * 3600 + 1  # forward, past three runs (a suspend): one run, then the next hour
+        self.advance(60)  # the timer wakes within a minute to read the wall clock
+        self.rec.wait_for("job.default.hourly.completed")
+        self.assertEqual(self.m.info("hourly")["next_run"], due + 3 * 3600)
+        self.assertEqual(len(self.rec.matching("spawn", name="default.hourly")), 1, "missed runs are not run")
+        self.wall.offset -= 2 * 3600  # backward (NTP): the next run is worked out again
+        self.advance(60)
+        wait_until(lambda: self.m.info("hourly")["next_run"] == due + 3600, what="next_run moved back")
+
+    def test_jitter_moves_each_run_later_by_up_to_that_much(self):
+        self.load("late", code="pass", schedule="@hourly", jitter="10m")
+        base = (self.wall() // 3600 + 1) * 3600
+        when = self.m.info("late")["next_run"]
+        self.assertTrue(base <= when <= base + 600, (base, when))
+        self.until_next_run("late")
+        self.rec.wait_for("job.default.late.completed")
+        self.assertTrue(base + 3600 <= self.m.info("late")["next_run"] <= base + 4200)
+
+    def test_catch_up_runs_a_missed_run_once_at_load(self):
+        day = 86400
+        self.m.load(gaffer.ProcessConfig("nightly", PY, args=["-S", "-c", "pass"], schedule="0 3 * * *",
+                                         catch_up=True), last_run=self.wall() - 2 * day)
+        self.rec.wait_for("job.default.nightly.completed")
+        self.assertEqual(self.m.info("nightly")["state"], "scheduled")
+        self.m.load(gaffer.ProcessConfig("recent", PY, args=["-S", "-c", "pass"], schedule="0 3 * * *",
+                                         catch_up=True), last_run=self.wall() - 60)
+        self.m.load(gaffer.ProcessConfig("plain", PY, args=["-S", "-c", "pass"], schedule="0 3 * * *"),
+                    last_run=self.wall() - 2 * day)
+        self.assertEqual(len(self.rec.matching("spawn", name="default.recent")) +
+                         len(self.rec.matching("spawn", name="default.plain")), 0,
+                         "nothing missed since, or no catch_up: no run")
+        self.assertEqual(len(self.rec.matching("spawn", name="default.nightly")), 1, "once, not once a day missed")
+
+    def test_an_update_works_the_schedule_out_again_and_runs_nothing(self):
+        self.load("tick", code="pass", schedule="*/5 * * * *")
+        due = self.m.info("tick")["next_run"]
+        self.m.update(gaffer.ProcessConfig("tick", PY, args=["-S", "-c", "pass"], schedule="*/10 * * * *"))
+        self.assertEqual(self.m.info("tick")["state"], "scheduled", "an update runs nothing")
+        self.assertEqual(self.m.info("tick")["next_run"] % 600, 0)
+        self.assertGreaterEqual(self.m.info("tick")["next_run"], due)
+        self.assertEqual(self.rec.matching("spawn", name="default.tick"), [])
 
 
 class RestartPolicyTest(ManagerTestCase):
