@@ -3742,21 +3742,33 @@ class ExecProbeTest(ManagerTestCase):
         msg = self.rec.wait_for("unhealthy")[0]
         self.assertEqual(msg["reason"], "exec:sh -c 'sleep 60 & echo $! >> %s; wait' did not end within 0.3s "
                          "(killed)" % started)
-        for line in read_text(started).split():
-            wait_until(lambda: not os.path.exists("/proc/%s" % line) or " Z" in read_text("/proc/%s/stat" % line)
-                       .partition(")")[2][:2], what="the probe's own child killed with its group")
+        def dead(pid):
+            try:
+                return read_text("/proc/%s/stat" % pid).partition(")")[2].split()[0] == "Z"
+            except OSError:  # reaped
+                return True
+        for pid in read_text(started).split():
+            wait_until(lambda: dead(pid), what="the probe's own child killed with its group")
+
+    @staticmethod
+    def probes():
+        """The manager's children that run sleep (a probe; the job's processes run Python)."""
+        def cmdline(pid):
+            try:
+                return read_text("/proc/%d/cmdline" % pid)
+            except OSError:  # reaped meanwhile
+                return ""
+        return [child for child in my_children() if "sleep" in cmdline(child)]
 
     def test_a_probe_that_cannot_start_fails_and_nothing_is_left_when_the_process_goes(self):
         self.load("w", ready="exec:/nonexistent/probe", ready_timeout=0.5)
         self.rec.wait_for("ready_timeout", name="default.w")
         self.load("slow", health="exec:sleep 30", health_interval=0.01, health_timeout=30)
         pid = self.m.pids("slow")[0]
-        wait_until(lambda: any("sleep" in read_text("/proc/%d/cmdline" % child) for child in my_children()),
-                   what="the probe running")
+        wait_until(lambda: self.probes(), what="the probe running")
         self.m.stop_job("slow")
         self.rec.wait_for("exit", pid=pid)
-        wait_until(lambda: not [child for child in my_children() if "sleep" in read_text("/proc/%d/cmdline" % child)],
-                   what="the probe of a process that went is killed and reaped")
+        wait_until(lambda: not self.probes(), what="the probe of a process that went is killed and reaped")
 
     def test_bad_exec_checks_are_refused(self):
         for settings, message in [(dict(ready="exec:"), "ready 'exec:': give the command to run, as exec:CMD"),
