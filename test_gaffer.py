@@ -5276,6 +5276,52 @@ class ServeTest(CommandLineTestCase):
         server.send_signal(signal.SIGINT)
         self.assertEqual(server.finish(), 0)
 
+    def test_a_catch_up_job_missed_while_serve_was_down_runs_once_and_each_run_is_noted(self):
+        config = self.json_config([self.job("nightly", args=["-S", "-c", "pass"], schedule="0 3 * * *", catch_up=True),
+                                   self.job("beat", args=["-S", "-c", "pass"], every="1h", catch_up=True),
+                                   self.job("plain", args=["-S", "-c", "pass"], schedule="0 3 * * *")])
+        state = os.path.join(self.tmp, "state.json")
+        missed = time.time() - 2 * 86400
+        with open(state, "w") as f:
+            json.dump({"jobs": {}, "runs": {"default.nightly": missed, "default.plain": missed}}, f)
+        server = self.serve(config, "--state", state)
+
+        def status():
+            return {job["name"]: job for job in json.loads(self.client("status", "--json").stdout)}
+        wait_until(lambda: all(status()[name]["last_run"] and status()[name]["last_run"]["end"]
+                               for name in ("default.nightly", "default.beat")), what="both ran at start")
+        jobs = status()
+        self.assertEqual([jobs[name]["state"] for name in ("default.nightly", "default.beat", "default.plain")],
+                         ["scheduled"] * 3)
+        self.assertIsNone(jobs["default.plain"]["last_run"], "no catch_up: a missed run is not run")
+        wait_until(lambda: set(json.loads(read_text(state))["runs"]) == {"default.nightly", "default.beat",
+                                                                          "default.plain"}, what="the runs noted")
+        runs = json.loads(read_text(state))["runs"]
+        self.assertGreater(runs["default.nightly"], missed + 86400, "the run it just made")
+        self.assertEqual(runs["default.plain"], missed, "kept as it was")
+        ps = self.client("ps").stdout
+        self.assertRegex(ps, r"default\.nightly +scheduled")
+        self.assertRegex(ps, r"\ndefault\.nightly: next run \d{4}-\d\d-\d\d 03:00:00, last run [\d:\- ]+ "
+                             r"\(exit 0 after \d+\.\ds\)\n")
+        server.send_signal(signal.SIGINT)
+        self.assertEqual(server.finish(), 0)
+
+    def test_schedules_in_ini_and_json(self):
+        ini = self.write("s.ini", "[job:backup]\ncmd = sleep 1\nschedule = 30 2 * * mon-fri\njitter = 10m\n"
+                         "concurrency = queue\ncatch_up = yes\n[job:probe]\ncmd = true\nevery = 5m\n")
+        as_json = self.write("s.json", json.dumps({"jobs": [
+            {"name": "backup", "cmd": "sleep 1", "schedule": "30 2 * * mon-fri", "jitter": "10m",
+             "concurrency": "queue", "catch_up": True}, {"name": "probe", "cmd": "true", "every": 300}]}))
+        for path in (ini, as_json):
+            with self.subTest(path=os.path.basename(path)):
+                (_, backup), (_, probe) = gaffer._read_config(path)[0]
+                self.assertEqual((backup.schedule, backup.jitter, backup.concurrency, backup.catch_up, probe.every),
+                                 ("30 2 * * mon-fri", 600.0, "queue", True, 300.0))
+        bad = self.write("bad.ini", "[job:backup]\ncmd = true\nschedule = 30 25 * * *\n")
+        result = self.cli("check", "-c", bad)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("schedule '30 25 * * *': the hour field takes 0-23, got '25'", result.stderr)
+
     def test_state_file_brings_back_what_the_api_changed(self):
         config = self.json_config([self.job("a"), self.job("d")])
         state = os.path.join(self.tmp, "state.json")
