@@ -4635,8 +4635,8 @@ class _Dependencies:
         """Replace a dependent, rolling and gated as a reload, once what it follows meets its conditions."""
         if dependent not in self._restarts or dependent.active and self.waiting_for(dependent):
             return
-        del self._restarts[dependent]  # a dependent stopped or unloaded meanwhile has nothing to replace
-        if dependent.active and self._manager._loaded(dependent):
+        del self._restarts[dependent]  # a dependent stopped, unloaded or being replaced already: nothing to do
+        if dependent.active and self._manager._loaded(dependent) and dependent.rollout is None:
             try:
                 self._manager._rollouts.replace(dependent)
             except ProcessError as exc:

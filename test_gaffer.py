@@ -3038,6 +3038,11 @@ class DependencyConditionTest(ManagerTestCase):
         self.m.start_job("db")
         self.rec.wait_for("job.default.app.rollout", count=2)
         self.assertNotEqual(self.m.pids("app"), app_before)
+        restarted = threading.Event()
+        self.m.restart(lambda manager: restarted.set())  # every job replaced: the app once, not a second time
+        self.assertTrue(restarted.wait(TIMEOUT))
+        self.rec.wait_for("job.default.app.rollout", count=3)
+        self.assertEqual(self.rec.matching("rollout_failed"), [])
 
     def test_bad_conditions_are_refused_and_nothing_is_loaded(self):
         for depends_on, message in [
