@@ -3390,10 +3390,10 @@ class _Job:
     def empty_slots(self, now, waiting):
         """Its slots that no process holds now, each with why: [{slot, state, delay}], state "backoff"
         (delay: the seconds until its respawn), "exited" (its restart policy left it empty), "waiting"
-        (for a dependency) or "starting"."""
+        (for a dependency), "blocked" (by one that can no longer meet its condition) or "starting"."""
         if not self.active:
             return []
-        idle = "waiting" if waiting else "starting"
+        idle = "blocked" if self.state is _JobState.BLOCKED else "waiting" if waiting else "starting"
         return [{"slot": slot.number, "state": idle if slot.idle else slot.state,
                  "delay": round(max(0.0, slot.timer.when - now), 3) if slot.timer else None}
                 for number, slot in sorted(self.slots.items()) if not slot.procs and number <= self._count]
@@ -6216,7 +6216,7 @@ class Manager:
         job.config = config
         job.numprocesses = max(config.numprocesses, job.numprocesses)
         self._schedules.updated(job, old[0])
-        if start and not job.active:
+        if start and not job.active and job.state is not _JobState.SCHEDULED:  # started, it waits: no run
             self._activate(job)
         if job.active:
             try:

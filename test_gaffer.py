@@ -3296,7 +3296,8 @@ class ScheduleTest(ManagerTestCase):
     def test_an_update_works_the_schedule_out_again_and_runs_nothing(self):
         self.load("tick", code="pass", schedule="*/5 * * * *")
         due = self.m.info("tick")["next_run"]
-        self.m.update(gaffer.ProcessConfig("tick", PY, args=["-S", "-c", "pass"], schedule="*/10 * * * *"))
+        self.m.update(gaffer.ProcessConfig("tick", PY, args=["-S", "-c", "pass"], schedule="*/10 * * * *"),
+                      start=True)  # as a SIGHUP'd config file's changed job is updated
         self.assertEqual(self.m.info("tick")["state"], "scheduled", "an update runs nothing")
         self.assertEqual(self.m.info("tick")["next_run"] % 600, 0)
         self.assertGreaterEqual(self.m.info("tick")["next_run"], due)
