@@ -1873,11 +1873,21 @@ def _cgroup_members(path):
     """The pids in a cgroup (zombies are not): [] once it is empty or gone, or for no cgroup (None)."""
     if not path:
         return []
+    try:  # raw reads: a third of open()'s cost, and a manager stop reads each slot's once
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_RDONLY)
+    except OSError:
+        return []
     try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(pid) for pid in f.read().split()]
+        data = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return [int(pid) for pid in data.split()]
+            data += chunk
     except (OSError, ValueError):
         return []
+    finally:
+        os.close(fd)
 
 
 def _cgroup_populated(path):
