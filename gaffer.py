@@ -147,6 +147,8 @@ _READ_MIN, _READ_MAX = 1 << 16, 1 << 20        # a channel's reads start small, 
 _DRAIN_LIMIT = 1 << 26                          # bytes read from a process's pipes once it exited
 _LINE_MAX = 1 << 16                             # a line of output still unfinished this long is cut there
 _HISTORY = 10                                   # exited processes of a job whose output tail is kept
+_SAMPLE_HISTORY = 300                           # ticks of each job's cpu and memory kept for the dashboard
+_METRICS_KEEP = 300.0                           # seconds the sampler reads every process after a scrape
 _MAX_WAIT = 7 * 86400.0                         # the longest any setting may make the loop wait (a week)
 _MAX_SELECT = 3600.0                            # the longest one select sleeps, whatever is due
 _MAX_COUNT = 1 << 31                            # the largest count a setting may hold
@@ -1527,6 +1529,8 @@ class Loop:
         self._compact_at = 256
         self._accepting = False
         self._stopping = False
+        self.longest_turn = 0.0  # seconds of the longest turn's work (not its wait) since /metrics read it
+        self.started = None      # when start() ran (its clock): the manager's uptime
 
     def __repr__(self):
         return "<Loop %s timers=%d>" % ("running" if self._accepting else "idle", len(self._timers))
@@ -1543,6 +1547,11 @@ class Loop:
             self._wake_w.send(b"\0")
         except (AttributeError, OSError):
             pass  # not started, closed, or full (a wake-up is pending already)
+
+    def take_longest_turn(self):
+        """The longest turn's work since the last call (/metrics), which starts the next count (loop thread)."""
+        longest, self.longest_turn = self.longest_turn, 0.0
+        return longest
 
     def call_soon_threadsafe(self, fn, *args):
         """Run fn(*args) on the loop thread soon, without waiting for it."""
@@ -1639,6 +1648,7 @@ class Loop:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, _Watch(self._on_wake))
         self._accepting = True
+        self.started = self.time()
         self.thread = threading.Thread(target=self._run, args=(on_close,), name=name, daemon=True)
         self.thread.start()
 
@@ -1662,7 +1672,9 @@ class Loop:
             timeout = 0
         elif self._timers:
             timeout = min(max(0.0, self._timers[0].when - self.time()), _MAX_SELECT)
-        for key, mask in self._selector.select(timeout):
+        events = self._selector.select(timeout)
+        began = time.perf_counter()
+        for key, mask in events:
             callback = key.data.callback
             if callback is None:
                 continue  # forgotten by an earlier callback of this batch
@@ -1672,6 +1684,7 @@ class Loop:
                 _log.exception("callback for %r failed", key.fileobj)
         self._run_commands()
         self._run_timers()
+        self.longest_turn = max(self.longest_turn, time.perf_counter() - began)
 
     def _on_wake(self, mask):
         try:
@@ -1888,6 +1901,35 @@ def _cgroup_members(path):
         return []
     finally:
         os.close(fd)
+
+
+def _cgroup_stats(path):
+    """What /metrics says of a cgroup, from the files it has (its controllers' may be absent): memory
+    (bytes), oom_kills, pids, cpu_seconds and throttled_seconds."""
+    stats = {}
+    if not path:
+        return stats
+    for name, key, field, scale in (("memory.current", "memory", None, 1), ("pids.current", "pids", None, 1),
+                                    ("memory.events", "oom_kills", b"oom_kill", 1),
+                                    ("cpu.stat", "cpu_seconds", b"usage_usec", 1e-6),
+                                    ("cpu.stat", "throttled_seconds", b"throttled_usec", 1e-6)):
+        try:
+            fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            text = os.read(fd, 4096)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        words = text.split()
+        try:
+            value = int(words[0]) if field is None else int(words[words.index(field) + 1])
+        except (ValueError, IndexError):
+            continue
+        stats[key] = round(value * scale, 6) if scale != 1 else value
+    return stats
 
 
 def _cgroup_populated(path):
@@ -2424,6 +2466,9 @@ class _Sockets:
             except ProcessError as exc:
                 _log.error("%s", exc.reason)
             self._manager._deps.wake()
+
+    def count(self):
+        return len(self._held)
 
     def describe(self):
         listeners = _tcp_listeners() or {}
@@ -3172,10 +3217,11 @@ class _Slot:
     streak, and either the timer of a respawn waiting out its backoff, or whether the restart policy
     retired it.  Only the job (_Job) and its slot engine (Manager) change it."""
 
-    __slots__ = ("number", "procs", "streak", "timer", "retired")
+    __slots__ = ("number", "procs", "streak", "timer", "retired", "last_exit")
 
     def __init__(self, number):
         self.number = number
+        self.last_exit = None  # the exit code of its last process (-N: killed by signal N)
         self.procs = []
         self.streak = 0      # quick exits in a row of the processes in this slot
         self.timer = None    # the respawn after a backoff
@@ -3287,6 +3333,8 @@ class _Job:
         """A process exited: the job's last exit; for a counted one, its run fails on a status that is no
         success (unless it was asked to stop), and the last one ends the run."""
         self.last_exit = "signal %d" % term_signal if term_signal else "exit %d" % exit_status
+        if proc.slot in self.slots:
+            self.slots[proc.slot].last_exit = -term_signal if term_signal else exit_status
         if proc.once or self.last_run is None:
             return
         self.run_failed |= not asked and (bool(term_signal) or exit_status not in proc.config.success_codes)
@@ -4718,15 +4766,33 @@ class _Sampler:
     tick moves a process's cpu baseline: an on-demand sample (status, stats) computes without writing,
     so it never changes what a monitor sees next."""
 
-    def __init__(self, loop, interval, jobs, on_limit):
+    def __init__(self, loop, interval, jobs, on_limit, cgroup_of):
         self.interval = interval
         self._loop = loop
         self._jobs = jobs          # jobs() -> every loaded job
         self._on_limit = on_limit  # on_limit(proc, reason): it passed its max_rss or max_age
+        self._cgroup_of = cgroup_of  # cgroup_of(proc) -> its cgroup's path, or None
         self._timer = None
         self._monitors = {}        # _Job or Process -> its listeners
         self._baselines = {}       # Process -> (cpu seconds, monotonic time) at its last tick
         self._deadlines = {}       # Process -> its max_age, plus its share of max_age_variance
+        self._wanted_until = 0.0   # /metrics or the dashboard read the samples: every process is read each tick
+        self._last = {}            # Process -> its last tick's reading (and its cgroup's), while wanted
+        self._history = {}         # _Job -> deque of [wall time, cpu %, rss bytes] of its processes, per tick
+
+    def want(self, seconds):
+        """/metrics or the dashboard reads the samples: every process is read at each tick for that long
+        (the first read finds what the ticks before it kept, maybe nothing)."""
+        self._wanted_until = max(self._wanted_until, self._loop.time() + seconds)
+        self._arm()
+
+    def last(self, proc):
+        """A process's reading at the last tick, with its cgroup's ("cgroup": {...}), or None."""
+        return self._last.get(proc)
+
+    def history(self, job):
+        """[[wall time, cpu %, rss bytes]] of the job's processes over the last ticks (_SAMPLE_HISTORY)."""
+        return [list(point) for point in self._history.get(job, ())]
 
     def watch(self, target, listener):
         """Call listener("stat", msg) each tick, for a process or every process of a job."""
@@ -4753,9 +4819,11 @@ class _Sampler:
             self._arm()
 
     def forget(self, target):
-        """A process exited or a job was unloaded: its monitors, baseline and deadline go."""
+        """A process exited or a job was unloaded: its monitors, baseline, deadline and samples go."""
         self._baselines.pop(target, None)
         self._deadlines.pop(target, None)
+        self._last.pop(target, None)
+        self._history.pop(target, None)
         if self._monitors.pop(target, None) is not None:
             self._idle()
 
@@ -4782,7 +4850,7 @@ class _Sampler:
         return stats
 
     def _needed(self):
-        return bool(self._monitors) or bool(self._limited())
+        return bool(self._monitors) or self._loop.time() < self._wanted_until or bool(self._limited())
 
     def _limited(self):
         """The jobs with a max_rss or max_age and processes to hold to it."""
@@ -4820,8 +4888,28 @@ class _Sampler:
                         listener("stat", msg)
                     except Exception:
                         _log.exception("stats listener %r failed", listener)
+        if self._loop.time() < self._wanted_until:
+            self._keep(reading)
+        else:
+            self._last.clear()
         if self._needed():
             self._arm()
+
+    def _keep(self, reading):
+        """/metrics and the dashboard's charts: every process's reading and its cgroup's kept, and each
+        job's sums added to its history."""
+        now = self._loop.wall()
+        for job in self._jobs():
+            cpu = rss = 0
+            for proc in job.processes():
+                sample = self._last[proc] = dict(reading(proc), cgroup=_cgroup_stats(self._cgroup_of(proc)),
+                                                 cpu_seconds=self._baselines.get(proc, (None,))[0])
+                cpu += sample["cpu"] if isinstance(sample["cpu"], float) else 0
+                rss += sample["rss"] if isinstance(sample["rss"], int) else 0
+            history = self._history.get(job)
+            if history is None:
+                history = self._history[job] = collections.deque(maxlen=_SAMPLE_HISTORY)
+            history.append((round(now, 1), round(cpu, 1), rss))
 
     def _over(self, proc, now, reading):
         """Why a process passed its max_age or max_rss, or None."""
@@ -4832,6 +4920,87 @@ class _Sampler:
         if isinstance(rss, int) and rss > proc.config.max_rss:
             return "rss %s > %s" % (_human(rss), _human(proc.config.max_rss))
         return None
+
+
+# -- Metrics: the Prometheus text exposition (GET /metrics) ----------------------------------------
+# What the loop holds and what the sampler's last tick read, in Prometheus's text format 0.0.4.  A
+# scrape reads no /proc of its own: it keeps the sampler reading every process for _METRICS_KEEP
+# seconds, and a process the sampler has not read yet has no cpu or memory series.  Loop thread.
+
+_METRICS = [  # name, type, help
+    ("gaffer_job_state", "gauge", "The job's state: 1 for its current one, 0 for the others."),
+    ("gaffer_job_processes", "gauge", "The job's processes: running, ready, and its target count."),
+    ("gaffer_job_restarts_total", "counter", "Respawns after exits nobody asked for."),
+    ("gaffer_process_start_time_seconds", "gauge", "When the slot's process started (epoch seconds)."),
+    ("gaffer_process_cpu_seconds_total", "counter", "CPU seconds the slot's process used (user and system)."),
+    ("gaffer_process_resident_memory_bytes", "gauge", "The slot's process's resident memory."),
+    ("gaffer_process_ready", "gauge", "1 when the slot's process is ready."),
+    ("gaffer_process_last_exit_code", "gauge", "How the slot's last process ended: its status, or -N for signal N."),
+    ("gaffer_cgroup_memory_bytes", "gauge", "memory.current of the slot's cgroup."),
+    ("gaffer_cgroup_oom_kills_total", "counter", "OOM kills in the slot's cgroup (memory.events)."),
+    ("gaffer_cgroup_pids", "gauge", "pids.current of the slot's cgroup."),
+    ("gaffer_cgroup_cpu_seconds_total", "counter", "CPU seconds of the slot's cgroup (cpu.stat usage_usec)."),
+    ("gaffer_cgroup_cpu_throttled_seconds_total", "counter", "Seconds the slot's cgroup was throttled (cpu.stat)."),
+    ("gaffer_socket_waiting_connections", "gauge", "Connections a held socket has that no process accepted yet."),
+    ("gaffer_manager_uptime_seconds", "gauge", "Seconds since the manager started."),
+    ("gaffer_manager_loop_turn_max_seconds", "gauge", "The longest loop turn's work since the last scrape."),
+]
+_CGROUP_METRICS = [("memory", "gaffer_cgroup_memory_bytes"), ("oom_kills", "gaffer_cgroup_oom_kills_total"),
+                   ("pids", "gaffer_cgroup_pids"), ("cpu_seconds", "gaffer_cgroup_cpu_seconds_total"),
+                   ("throttled_seconds", "gaffer_cgroup_cpu_throttled_seconds_total")]
+_SHOWN_STATES = list(dict.fromkeys(state.shown for state in _JobState))
+
+
+def _label_value(value):
+    return '"%s"' % str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric_value(value):
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
+def _exposition(manager):
+    """GET /metrics: every job, slot, cgroup, held socket and the manager, as Prometheus reads them."""
+    sampler, loop = manager._sampler, manager.loop
+    sampler.want(_METRICS_KEEP)
+    series = {name: [] for name, _, _ in _METRICS}
+
+    def add(name, labels, value):
+        if value is not None:
+            series[name].append((labels, value))
+    for job in manager._all_jobs():
+        labels = {"session": job.session, "job": job.config.name}
+        for state in _SHOWN_STATES:
+            add("gaffer_job_state", dict(labels, state=state), int(job.state.shown == state))
+        for kind, count in (("running", len(job.running)), ("ready", job.ready), ("target", job.numprocesses)):
+            add("gaffer_job_processes", dict(labels, kind=kind), count)
+        add("gaffer_job_restarts_total", labels, job.restarts)
+        for number, slot in sorted(job.slots.items()):
+            slotted = dict(labels, slot=str(number))
+            add("gaffer_process_last_exit_code", slotted, slot.last_exit)
+            if not slot.procs:
+                continue
+            proc = slot.procs[-1]  # the newest: in a replacement, the one that takes over the slot
+            sample = sampler.last(proc) or {}
+            add("gaffer_process_start_time_seconds", slotted, proc.create_time)
+            add("gaffer_process_ready", slotted, int(proc._state is _State.READY))
+            add("gaffer_process_cpu_seconds_total", slotted, sample.get("cpu_seconds"))
+            add("gaffer_process_resident_memory_bytes", slotted,
+                sample.get("rss") if isinstance(sample.get("rss"), int) else None)
+            for key, name in _CGROUP_METRICS:
+                add(name, slotted, sample.get("cgroup", {}).get(key))
+    for held in manager._sockets.describe() if manager._sockets.count() else ():
+        add("gaffer_socket_waiting_connections", {"socket": held["name"]}, held.get("waiting"))
+    add("gaffer_manager_uptime_seconds", {}, round(loop.time() - loop.started, 3))
+    add("gaffer_manager_loop_turn_max_seconds", {}, round(loop.take_longest_turn(), 6))
+    lines = []
+    for name, kind, text in _METRICS:
+        if series[name]:
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+            lines += ["%s%s %s" % (name, "{%s}" % ",".join("%s=%s" % (key, _label_value(value)) for key, value
+                                                           in labels.items()) if labels else "", _metric_value(value))
+                      for labels, value in series[name]]
+    return "\n".join(lines) + "\n"
 
 
 # -- Pub/sub channels (_Topics) --------------------------------------------------------------------
@@ -5702,8 +5871,8 @@ class Manager:
         self._reaper = (_PidfdReaper if self.use_pidfd else _PollReaper)(self.loop)  # the child watcher
         self._containment = _Containment(self, cgroups, subreaper, self.guardian)
         self._checks = _Checks(self)  # readiness and health
-        self._sampler = _Sampler(self.loop, _float_setting("stats_interval", stats_interval, 0.001),
-                                 self._all_jobs, lambda proc, reason: self._rollouts.recycle(proc, reason))
+        self._sampler = _Sampler(self.loop, _float_setting("stats_interval", stats_interval, 0.001), self._all_jobs,
+                                 lambda proc, reason: self._rollouts.recycle(proc, reason), self._containment.cgroup)
         self._topics = _Topics(self)  # the pub/sub channels
         self._deps = _Dependencies(self)  # depends_on, and the wait_ready() callers
         self._rollouts = _Rollouts(self)  # reload, update and restart, one at a time with a check
@@ -5898,6 +6067,12 @@ class Manager:
             RuntimeError: called on the loop thread (it would wait for itself), or the manager stopped.
         """
         _ReadyWaiter().wait(self, name, timeout)
+
+    def metrics(self):
+        """The Prometheus text exposition (format 0.0.4) of the jobs, slots, cgroups, held sockets and the
+        manager (GET /metrics; README: "Metrics").  It keeps the sampler reading every process for the
+        next five minutes: a process it has not read yet has no cpu or memory series."""
+        return self._call(_exposition, self)
 
     def not_ready(self):
         """Return the active jobs (``"session.name"``) whose counted processes are not all ready."""
@@ -6973,10 +7148,15 @@ class _RequestHandler:
 
     def send_page(self):
         data, policy = _dashboard()
+        self.send_text(data, "text/html; charset=utf-8", {"Content-Security-Policy": policy,
+                                                          "Referrer-Policy": "no-referrer"})
+
+    def send_text(self, data, content_type, headers=None):
+        """A 200 answer that is not JSON (the dashboard, /metrics)."""
         self.send_response(200)
-        for key, value in (("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(data))),
-                           ("Content-Security-Policy", policy), ("X-Content-Type-Options", "nosniff"),
-                           ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store")):
+        for key, value in (("Content-Type", content_type), ("Content-Length", str(len(data))),
+                           ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store"),
+                           *(headers or {}).items()):
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)
@@ -7229,6 +7409,13 @@ def _http_ready(req, m):
     if not waiting:
         return 200, {"ready": True}
     return 503, {"ready": False, "waiting": waiting, "error": "not ready: %s" % ", ".join(waiting), "errno": 503}
+
+
+@_route("GET", "/metrics")
+def _http_metrics(req, m):
+    """Prometheus scrapes it, with Authorization: Bearer where the server has a token."""
+    req.send_text(m.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+    return None
 
 
 @_route("GET", "/sessions")

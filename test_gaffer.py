@@ -4183,6 +4183,135 @@ class HttpTestCase(ManagerTestCase):
         return events
 
 
+def parse_exposition(text):
+    """Prometheus's text format 0.0.4, read strictly: {name: {"type", "help", "samples": {labels: value}}}.
+    AssertionError on what Prometheus would refuse: a sample before its TYPE, a family split in two, a
+    TYPE or HELP twice, a bad name, label or escape, a duplicate series, a counter not named _total."""
+    name_re, label_re = r"[a-zA-Z_:][a-zA-Z0-9_:]*", r"[a-zA-Z_][a-zA-Z0-9_]*"
+    families, done, current = {}, set(), None
+    assert text.endswith("\n"), "the exposition ends with a newline"
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = "line %d: %r" % (number, line)
+        if line.startswith("# "):
+            keyword, name, rest = (line[2:].split(" ", 2) + [""])[:3]
+            if keyword not in ("HELP", "TYPE"):
+                continue  # a comment
+            assert re.fullmatch(name_re, name), where
+            family = families.setdefault(name, {"type": None, "help": None, "samples": {}})
+            assert family[keyword.lower()] is None and name not in done, "%s: a second %s" % (where, keyword)
+            if keyword == "TYPE":
+                assert rest in ("counter", "gauge", "histogram", "summary", "untyped"), where
+                assert not family["samples"], "%s: TYPE after samples" % where
+            family[keyword.lower()] = rest
+            if current != name:
+                done.add(current)
+            current = name
+            continue
+        match = re.fullmatch(r"(%s)(?:\{(.*)\})? (\S+)(?: -?\d+)?" % name_re, line)
+        assert match, where
+        name, labels_text, value = match.groups()
+        assert name == current and families[name]["type"], "%s: a sample outside its family, or before TYPE" % where
+        labels, rest = [], labels_text or ""
+        while rest:
+            label = re.match(r'(%s)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)' % label_re, rest)
+            assert label, "%s: bad labels at %r" % (where, rest)
+            labels.append((label.group(1), re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1),
+                                                  label.group(2))))
+            rest = rest[label.end():]
+        key = tuple(sorted(labels))
+        assert len(dict(labels)) == len(labels), "%s: a label twice" % where
+        assert key not in families[name]["samples"], "%s: a duplicate series" % where
+        families[name]["samples"][key] = float(value)
+        if families[name]["type"] == "counter":
+            assert name.endswith("_total"), "%s: a counter's name ends with _total" % where
+    return families
+
+
+class MetricsTest(HttpTestCase):
+    """GET /metrics in Prometheus's text format: the jobs, slots, cgroups, held sockets and the manager."""
+
+    token = "metrics-scrape-token-1234"
+    stats_interval = 0.05
+
+    def scrape(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=TIMEOUT)
+        try:
+            conn.request("GET", "/metrics", headers={"Authorization": "Bearer " + self.token})
+            resp = conn.getresponse()
+            body = resp.read().decode()
+            self.assertEqual((resp.status, resp.getheader("Content-Type")),
+                             (200, "text/plain; version=0.0.4; charset=utf-8"), body)
+            return parse_exposition(body)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def value(families, name, **labels):
+        samples = families[name]["samples"]
+        found = [value for key, value in samples.items() if dict(key).items() >= labels.items()]
+        if len(found) != 1:
+            raise AssertionError("%s %r: %d series in %r" % (name, labels, len(found), samples))
+        return found[0]
+
+    def test_jobs_slots_cgroups_and_the_manager(self):
+        self.load("web", 2)
+        self.load("once", code="import sys; sys.exit(3)", restart="never")
+        self.rec.wait_for("job.default.once.failed")
+        self.assertEqual(self.req("GET", "/metrics", token=False)[0], 401, "the token rule of every route")
+        first = self.scrape()  # the first scrape starts the sampler: no process has been read yet
+        for name in ("gaffer_job_state", "gaffer_job_processes", "gaffer_job_restarts_total",
+                     "gaffer_process_start_time_seconds", "gaffer_process_ready", "gaffer_process_last_exit_code",
+                     "gaffer_manager_uptime_seconds", "gaffer_manager_loop_turn_max_seconds"):
+            self.assertIn(name, first)
+            self.assertTrue(first[name]["help"], name)
+        self.assertEqual(self.value(first, "gaffer_job_state", job="web", state="running"), 1)
+        self.assertEqual(sum(v for k, v in first["gaffer_job_state"]["samples"].items() if ("job", "web") in k), 1,
+                         "one state at a time")
+        self.assertEqual(self.value(first, "gaffer_job_state", job="once", state="failed"), 1)
+        self.assertEqual(self.value(first, "gaffer_job_processes", job="web", kind="target"), 2)
+        self.assertEqual(self.value(first, "gaffer_job_processes", job="web", kind="ready"), 2)
+        self.assertEqual(self.value(first, "gaffer_process_last_exit_code", job="once", slot="1"), 3)
+        self.assertEqual(self.value(first, "gaffer_process_ready", session="default", job="web", slot="2"), 1)
+        start = self.value(first, "gaffer_process_start_time_seconds", job="web", slot="1")
+        self.assertLess(abs(start - time.time()), 60)
+        wait_until(lambda: "gaffer_process_resident_memory_bytes" in self.scrape(), what="a tick of the sampler")
+        later = self.scrape()
+        self.assertGreater(self.value(later, "gaffer_process_resident_memory_bytes", job="web", slot="1"), 1 << 20)
+        self.assertGreaterEqual(self.value(later, "gaffer_process_cpu_seconds_total", job="web", slot="1"), 0)
+        self.assertGreater(self.value(later, "gaffer_manager_uptime_seconds"), 0)
+        if self.m._containment.cgroups is not None:  # cpu.stat is there without any controller
+            self.assertGreater(self.value(later, "gaffer_cgroup_cpu_seconds_total", job="web", slot="1"), 0)
+        else:
+            self.assertNotIn("gaffer_cgroup_cpu_seconds_total", later)
+        os.kill(self.os_pid(self.m.pids("web")[0]), signal.SIGKILL)
+        self.rec.wait_for("spawn", count=3, name="default.web")
+        wait_until(lambda: self.value(self.scrape(), "gaffer_job_restarts_total", job="web") == 1)
+        self.assertEqual(self.value(self.scrape(), "gaffer_process_last_exit_code", job="web", slot="1"), -9)
+
+    def test_a_held_socket_s_waiting_connections(self):
+        self.m.add_socket("web", "tcp://127.0.0.1:0")
+        port = int(self.m.sockets()[0]["address"].rpartition(":")[2])
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for conn in conns:
+            self.addCleanup(conn.close)
+        wait_until(lambda: self.value(self.scrape(), "gaffer_socket_waiting_connections", socket="web") == 3)
+
+    def test_label_values_are_escaped(self):
+        self.assertEqual(gaffer._label_value('a"b\\c\nd'), '"a\\"b\\\\c\\nd"')
+        families = parse_exposition('# TYPE x gauge\nx{a="q\\"\\\\\\n"} 1\n')
+        self.assertEqual(families["x"]["samples"], {(("a", 'q"\\\n'),): 1.0})
+
+    @unittest.skipUnless(shutil.which("promtool"), "promtool (Debian's prometheus package) is not installed")
+    def test_promtool_accepts_it(self):
+        self.load("web", 2)
+        conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=TIMEOUT)
+        conn.request("GET", "/metrics", headers={"Authorization": "Bearer " + self.token})
+        text = conn.getresponse().read()
+        conn.close()
+        result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+
 class HttpTest(HttpTestCase):
 
     def test_read_routes(self):
