@@ -33,6 +33,7 @@ Contents, one banner each, in dependency order (what it owns; the thread that us
 - Apps and stop callbacks (_Apps) (loop thread).
 - Manager: the public API (any thread), its commands, the slot engine and _on_exit (loop thread).
 - HTTP controller, server, app (HttpHandler) and routes (a thread per connection).
+- Webhooks (WebhooksApp): events posted to URLs (a thread per URL).
 - Procfile and the foreground runner, serve, client commands, export, main (main thread).
 - The dashboard: one page, served by the HTTP app.
 
@@ -95,7 +96,7 @@ from __future__ import annotations
 __all__ = [
     "ProcessError", "ProcessNotFound", "ProcessConflict",
     "FlappingInfo", "ProcessConfig",
-    "EventEmitter", "Loop", "Process", "Stream", "Manager", "Channel", "HttpHandler", "main",
+    "EventEmitter", "Loop", "Process", "Stream", "Manager", "Channel", "HttpHandler", "WebhooksApp", "main",
 ]
 __version__ = "0.1.0"
 
@@ -7612,6 +7613,175 @@ def _http_process_logs(req, m, pid):
     return 200, {"lines": process.tail(label, _query_count(req, "lines", 100))}
 
 
+# -- Webhooks (WebhooksApp) ------------------------------------------------------------------------
+# The app that posts events to URLs as the old gaffer's webhooks app did.  Each URL has its own queue
+# and thread: the loop only queues (a listener never waits), and a URL that hangs holds up its own
+# posts only.  A post that fails is retried with backoff for a bounded time; what a full queue or a
+# post that never went through loses is counted.
+
+_WEBHOOK_BACKOFF = (0.5, 10.0)  # the first wait before a retry, doubling up to the second
+
+
+class _Hook:
+    """One URL: its queue of bodies, its worker thread, and what it sent, failed and dropped."""
+
+    def __init__(self, url, max_queue):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("a webhook URL is http:// or https:// with a host, got %r" % (url,))
+        try:
+            parts.port
+        except ValueError as exc:
+            raise ValueError("webhook URL %r: %s" % (url, exc)) from None
+        self.url, self.parts = url, parts
+        self.queue = queue.Queue(max_queue)
+        self.sent = self.failed = self.dropped = 0
+        self.thread = None
+
+    def stats(self):
+        return {"sent": self.sent, "failed": self.failed, "dropped": self.dropped, "queued": self.queue.qsize()}
+
+
+class WebhooksApp:
+    """An app that posts the manager's events to URLs as JSON, as the old gaffer's webhooks app did.
+
+    Args:
+        hooks: {pattern: URL or [URLs]}: each pattern is an ``events.subscribe`` pattern (``"exit"``,
+            ``"job.default.web"``, ``"."`` for every event); each matching event is posted to its URLs,
+            its message as the JSON body, with ``"event"`` set to the event's full name.
+        timeout: seconds one post may take (connect, send, answer).
+        retry_for: seconds a failed post (no answer, or a status that is not 2xx) is tried again, after
+            0.5 s, then twice as long each time up to 10 s; then it is counted as failed.
+        max_queue: posts that may wait for each URL; past it a new one is dropped and counted.
+
+    Use: ``manager.start(apps=[WebhooksApp({"exit": "http://127.0.0.1:9000/hook"})])``; ``stats()``
+    gives {url: {sent, failed, dropped, queued}}.
+
+    Raises:
+        ValueError: a pattern that is not a string, a URL that is not http(s), or a bad bound.
+    """
+
+    def __init__(self, hooks, timeout=5.0, retry_for=60.0, max_queue=1000):
+        if not isinstance(hooks, dict):
+            raise ValueError("hooks must be a dict of event patterns to URLs, got %r" % (hooks,))
+        self.timeout = _float_setting("timeout", timeout, 0.001)
+        self.retry_for = _float_setting("retry_for", retry_for, 0)
+        max_queue = _int_setting("max_queue", max_queue, 1, 1 << 20)
+        self._hooks = {}      # url -> _Hook
+        self._patterns = []   # (pattern, [_Hook])
+        for pattern, urls in hooks.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError("a webhook's event pattern is a string such as 'exit', got %r" % (pattern,))
+            urls = [urls] if isinstance(urls, str) else urls
+            if not isinstance(urls, (list, tuple)) or not urls or not all(isinstance(url, str) for url in urls):
+                raise ValueError("webhook %r: give a URL or a list of URLs, got %r" % (pattern, urls))
+            self._patterns.append((pattern, [self._hooks.get(url) or self._hooks.setdefault(url, _Hook(url, max_queue))
+                                             for url in dict.fromkeys(urls)]))  # a URL named twice: once
+        self._manager = None
+        self._listeners = []
+        self._closing = threading.Event()
+
+    def __repr__(self):
+        return "<WebhooksApp %s>" % ", ".join(self._hooks)
+
+    def start(self, loop, manager):
+        self._manager = manager
+        for hook in self._hooks.values():
+            hook.thread = threading.Thread(target=self._work, args=(hook,), name="gaffer-webhook", daemon=True)
+            hook.thread.start()
+        for pattern, hooks in self._patterns:
+            listener = functools.partial(self._on_event, hooks)
+            manager.events.subscribe(pattern, listener)
+            self._listeners.append((pattern, listener))
+
+    def restart(self):
+        pass  # nothing it holds changes
+
+    def stop(self):
+        """On the loop thread, as the manager stops: no more events; what is queued is still posted, each
+        tried once, for about `timeout` at most, then the workers end."""
+        for pattern, listener in self._listeners:
+            self._manager.events.unsubscribe(pattern, listener)
+        self._listeners = []
+        self._closing.set()
+        for hook in self._hooks.values():
+            try:
+                hook.queue.put_nowait(None)  # wakes a worker that waits for work
+            except queue.Full:
+                pass
+
+    def stats(self):
+        """{url: {sent, failed, dropped, queued}} (any thread)."""
+        return {url: hook.stats() for url, hook in self._hooks.items()}
+
+    def _on_event(self, hooks, evtype, msg=None, *args, **kwargs):
+        body = dict(msg) if isinstance(msg, dict) else {"args": [msg, *args], **kwargs}
+        body["event"] = evtype
+        data = _json_text(body).encode()
+        for hook in hooks:
+            try:
+                hook.queue.put_nowait(data)
+            except queue.Full:
+                hook.dropped += 1
+
+    def _work(self, hook):
+        ends = None  # once closing: when the worker gives up on what is left
+        while True:
+            if self._closing.is_set() and ends is None:
+                ends = time.monotonic() + self.timeout
+            try:
+                data = hook.queue.get(timeout=None if ends is None else max(0.0, ends - time.monotonic()))
+            except queue.Empty:
+                return
+            if data is None:
+                if self._closing.is_set() and hook.queue.empty():
+                    return
+                continue
+            if ends is not None and time.monotonic() > ends:
+                hook.dropped += 1 + hook.queue.qsize()
+                return
+            self._post_with_retries(hook, data)
+
+    def _post_with_retries(self, hook, data):
+        deadline, delay = time.monotonic() + self.retry_for, _WEBHOOK_BACKOFF[0]
+        while True:
+            problem = self._post(hook, data)
+            if problem is None:
+                hook.sent += 1
+                return
+            if self._closing.is_set() or time.monotonic() + delay > deadline:
+                hook.failed += 1
+                _log.warning("webhook %s: %s; the event is dropped", hook.url, problem)
+                return
+            if self._closing.wait(delay):  # a stop ends the retries at once
+                hook.failed += 1
+                return
+            delay = min(delay * 2, _WEBHOOK_BACKOFF[1])
+
+    def _post(self, hook, data):
+        """One POST; None if it answered 2xx, else what went wrong."""
+        import http.client
+        parts = hook.parts
+        try:
+            if parts.scheme == "https":
+                import ssl
+                conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=self.timeout,
+                                                   context=ssl.create_default_context())
+            else:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
+            try:
+                conn.request("POST", (parts.path or "/") + ("?" + parts.query if parts.query else ""), body=data,
+                             headers={"Content-Type": "application/json", "User-Agent": "gaffer/" + __version__})
+                resp = conn.getresponse()
+                resp.read(65536)
+            finally:
+                conn.close()
+        except (OSError, http.client.HTTPException) as exc:
+            return "%s: %s" % (type(exc).__name__, exc)
+        return None if 200 <= resp.status < 300 else "HTTP %d" % resp.status
+
+
 # -- Procfile and the foreground runner (start, run) -----------------------------------------------
 # Procfile and .env parsing, the token and manager of a command, and the foreground
 # runner (start, run).  This and every command-line section: main thread only.
@@ -7850,10 +8020,11 @@ def _forward_signals(manager, signals):
             signal.signal(signum, on_signal)
 
 
-def _start(manager, app):
-    """Start the manager, with the HTTP app if any; an address in use is one line, not a traceback."""
+def _start(manager, app, more=()):
+    """Start the manager, with the HTTP app if any (and `more` apps); an address in use is one line, not
+    a traceback."""
     try:
-        manager.start([app] if app else [])
+        manager.start(([app] if app else []) + list(more))
     except OSError as exc:
         raise _Failure("cannot serve on %s: %s" % (app.url, exc.strerror or exc)) from None
 
@@ -8132,10 +8303,10 @@ def _read_json_config(path, text):
         raise _UsageError("%s: not valid JSON: %s" % (path, exc)) from None
     if not isinstance(data, dict):
         raise _UsageError("%s: the config must be a JSON object with 'jobs'" % path)
-    unknown = set(data) - {"jobs", "http", "token", "token_file", "include", "sockets"}
+    unknown = set(data) - {"jobs", "http", "token", "token_file", "include", "sockets", "webhooks"}
     if unknown:
-        raise _UsageError("%s: unknown key %r (the keys are jobs, sockets, http, token, token_file, include)"
-                          % (path, sorted(unknown)[0]))
+        raise _UsageError("%s: unknown key %r (the keys are jobs, sockets, webhooks, http, token, token_file, "
+                          "include)" % (path, sorted(unknown)[0]))
     sockets = data.get("sockets", {})
     if not isinstance(sockets, dict):
         raise _UsageError("%s: sockets: must be an object of name: address (or {address, ...})" % path)
@@ -8167,8 +8338,9 @@ def _read_ini_config(path, text):
         raise _UsageError("%s: %s" % (path, str(exc).replace("\n", " "))) from None
     http, token, include = None, None, []
     for name in parser.sections():  # a typo in a section name is an error, never a job silently left out
-        if name != "gaffer" and name.partition(":")[0] not in ("job", "process", "env", "endpoint", "socket"):
-            raise _UsageError("%s: unknown section [%s] (the sections are [gaffer], [job:NAME], [env:NAME], "
+        if name not in ("gaffer", "webhooks") and name.partition(":")[0] not in ("job", "process", "env", "endpoint",
+                                                                                   "socket"):
+            raise _UsageError("%s: unknown section [%s] (the sections are [gaffer], [webhooks], [job:NAME], [env:NAME], "
                               "[socket:NAME] and [endpoint:NAME])" % (path, name))
     sockets = {name[7:]: _config_socket("%s: [%s]" % (path, name), name[7:], dict(parser[name]))
                for name in parser.sections() if name.startswith("socket:")}
@@ -8298,6 +8470,28 @@ def _validate_config(path, jobs, http, sockets=()):
     return configs
 
 
+def _config_webhooks(path):
+    """A config file's webhooks, {pattern: [URLs]}: INI's [webhooks] section of PATTERN = URL [URL...], the
+    old gafferd's shape, or JSON's "webhooks" object (each a URL or a list); checked as WebhooksApp checks."""
+    text = _read_text(path, "config file")
+    if path.endswith(".json") or text.lstrip().startswith("{"):
+        hooks = _json_value(text).get("webhooks", {})
+        if not isinstance(hooks, dict):
+            raise _UsageError("%s: webhooks: must be an object of event pattern: URL (or [URLs])" % path)
+    else:
+        import configparser
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str  # an event pattern keeps its case
+        parser.read_string(text, path)
+        hooks = {pattern: urls.split() for pattern, urls in parser["webhooks"].items()} \
+            if parser.has_section("webhooks") else {}
+    try:
+        WebhooksApp(hooks)
+    except ValueError as exc:
+        raise _UsageError("%s: webhooks: %s" % (path, exc)) from None
+    return hooks
+
+
 def _read_config(path):
     """Read a JSON or INI daemon config: ([(session, ProcessConfig)], http address or None, token or None,
     {socket name: add_socket()'s settings}).
@@ -8329,6 +8523,8 @@ def _cmd_check(args):
         print("valid config %s: %d job%s" % (args.config, len(configs), "s" if len(configs) != 1 else ""))
         for name, settings in sockets.items():
             print("  socket %s: %s" % (name, settings["address"]))
+        for pattern, urls in _config_webhooks(args.config).items():
+            print("  webhook %s: %s" % (pattern, " ".join([urls] if isinstance(urls, str) else urls)))
         for session, config in configs:
             after = " (after %s)" % ", ".join(config.depends_on) if config.depends_on else ""
             print("  %s.%s: %s%s" % (session, config.name, config.cmd, after))
@@ -8682,7 +8878,8 @@ def _serve(args, configs, app, state, on_ready, sockets):
     manager = _cli_manager(args)
     for event in ("spawn", "exit", "flap", "spawn_error", "stop_process", "reap"):  # as supervisord says them
         manager.events.subscribe(event, lambda evtype, msg: _log.info("%s", _event_line(evtype, msg)))
-    _start(manager, app)
+    hooks = _config_webhooks(args.config)
+    _start(manager, app, [WebhooksApp(hooks)] if hooks else [])
     _serve_sockets(manager, sockets, args.config)
     held = dict(sockets)
 
@@ -8756,6 +8953,7 @@ def _record_runs(manager, state):
 
 def _cmd_serve(args):
     configs, http, token, sockets = _read_config(args.config)
+    _config_webhooks(args.config)  # refused before anything starts
     app = _http_app(args, http, token)
     state = args.state and _StateFile(os.path.abspath(args.state))
     if state and not os.access(os.path.dirname(state.path), os.W_OK):

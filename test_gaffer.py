@@ -4312,6 +4312,94 @@ class MetricsTest(HttpTestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
 
+class Receiver:
+    """A local HTTP server that records the JSON bodies posted to it: it answers 200, fails (500) the
+    first `failures` posts, or hangs (never answers) until it is closed."""
+
+    def __init__(self, test, failures=0, hang=False):
+        import http.server
+        self.bodies, self.attempts, self.release = [], 0, threading.Event()
+        self.cond = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.cond:
+                    receiver.attempts += 1
+                    failing = receiver.attempts <= failures
+                if hang:
+                    receiver.release.wait(30)
+                    return
+                self.send_response(500 if failing else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                if not failing:
+                    with receiver.cond:
+                        receiver.bodies.append((self.path, self.headers["Content-Type"], json.loads(body)))
+                        receiver.cond.notify_all()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d/hook" % self.server.server_address[1]
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        test.addCleanup(lambda: (self.release.set(), self.server.shutdown(), self.server.server_close(),
+                                 thread.join(5)))
+
+    def wait(self, count, timeout=TIMEOUT):
+        with self.cond:
+            if not self.cond.wait_for(lambda: len(self.bodies) >= count, timeout):
+                raise AssertionError("%d posts, not %d: %r" % (len(self.bodies), count, self.bodies))
+            return list(self.bodies)
+
+
+class WebhooksTest(ManagerTestCase):
+    """WebhooksApp: events posted as JSON to URLs, each URL on a thread and a queue of its own."""
+
+    def make_apps(self):
+        self.ok, self.failing, self.hanging = Receiver(self), Receiver(self, failures=2), Receiver(self, hang=True)
+        self.hooks = gaffer.WebhooksApp({"exit": [self.ok.url, self.hanging.url],
+                                         "job.default.w": self.failing.url}, timeout=0.3, retry_for=2.0)
+        return [self.hooks]
+
+    def test_events_posted_retried_and_a_hanging_url_delays_nothing(self):
+        started = time.monotonic()
+        self.load("w", code="import sys; sys.exit(3)", restart="never")
+        path, content_type, body = self.ok.wait(1)[0]
+        self.assertLess(time.monotonic() - started, 5, "not held up by the URL that hangs")
+        self.assertEqual((path, content_type), ("/hook", "application/json"))
+        self.assertEqual((body["event"], body["name"], body["exit_status"]), ("exit", "default.w", 3))
+        events = [b["event"] for _, _, b in self.failing.wait(3)]
+        self.assertEqual(events[:3], ["job.default.w.start", "job.default.w.spawn", "job.default.w.ready"],
+                         "in order, the first retried past two failures")
+        wait_until(lambda: self.hooks.stats()[self.failing.url]["sent"] >= 5, what="all of the job's events")
+        self.assertEqual(self.failing.attempts - self.hooks.stats()[self.failing.url]["sent"], 2)
+        self.assertEqual(self.hooks.stats()[self.hanging.url]["sent"], 0)
+        wait_until(lambda: self.hooks.stats()[self.hanging.url]["failed"] >= 1, TIMEOUT,
+                   "the hanging URL's post given up after retry_for")
+
+    def test_bad_hooks_are_refused(self):
+        for hooks, message in [({"exit": "ftp://host/x"}, "a webhook URL is http:// or https:// with a host, got"),
+                               ({"exit": "http:///x"}, "with a host"),
+                               ({"exit": []}, "webhook 'exit': give a URL or a list of URLs, got []"),
+                               ({3: "http://h/"}, "a webhook's event pattern is a string"),
+                               ({"exit": "http://h:99999/"}, "webhook URL 'http://h:99999/': Port out of range"),
+                               ("http://h/", "hooks must be a dict of event patterns to URLs")]:
+            with self.subTest(hooks=hooks), self.assertRaisesRegex(ValueError, re.escape(message)):
+                gaffer.WebhooksApp(hooks)
+
+    def test_a_full_queue_drops_and_counts(self):
+        hooks = gaffer.WebhooksApp({".": self.hanging.url}, timeout=0.2, retry_for=0, max_queue=2)
+        hooks.start(self.m.loop, self.m)
+        self.addCleanup(hooks.stop)
+        self.load("w", 3)
+        wait_until(lambda: hooks.stats()[self.hanging.url]["dropped"] > 0, what="posts dropped")
+
+
 class HttpTest(HttpTestCase):
 
     def test_read_routes(self):
@@ -5440,6 +5528,28 @@ class ServeTest(CommandLineTestCase):
                              r"\(exit 0 after \d+\.\ds\)\n")
         server.send_signal(signal.SIGINT)
         self.assertEqual(server.finish(), 0)
+
+    def test_webhooks_from_the_config_file(self):
+        receiver = Receiver(self)
+        ini = self.write("hooks.ini", "[webhooks]\nexit = %s\njob.default.w = %s %s\n[job:w]\ncmd = %s -S -c pass\n"
+                                      "restart = never\n" % (receiver.url, receiver.url, receiver.url, PY))
+        check = self.cli("check", "-c", ini)
+        self.assertEqual(check.returncode, 0, check.stderr)
+        self.assertIn("  webhook exit: %s\n" % receiver.url, check.stdout)
+        self.assertEqual(gaffer._config_webhooks(self.write("hooks.json", json.dumps(
+            {"webhooks": {"exit": receiver.url}, "jobs": []}))), {"exit": receiver.url})
+        server = self.serve(ini)
+        wait_until(lambda: any(body["event"] == "exit" for _, _, body in receiver.bodies), what="the exit posted")
+        exit_body = next(body for _, _, body in receiver.bodies if body["event"] == "exit")
+        wait_until(lambda: [body["event"] for _, _, body in receiver.bodies].count("job.default.w.exit") == 1,
+                   what="the job's exit posted once (its pattern names the URL twice)")
+        self.assertEqual((exit_body["name"], exit_body["exit_status"]), ("default.w", 0))
+        server.send_signal(signal.SIGINT)
+        self.assertEqual(server.finish(), 0)
+        bad = self.write("bad.ini", "[webhooks]\nexit = ftp://example.org/\n[job:w]\ncmd = true\n")
+        result = self.cli("check", "-c", bad)
+        self.assertEqual((result.returncode, result.stderr.strip()), (2, "gaffer: %s: webhooks: a webhook URL is "
+                         "http:// or https:// with a host, got 'ftp://example.org/'" % bad))
 
     def test_schedules_in_ini_and_json(self):
         ini = self.write("s.ini", "[job:backup]\ncmd = sleep 1\nschedule = 30 2 * * mon-fri\njitter = 10m\n"
