@@ -765,12 +765,24 @@ def _duration(setting, value, low=0.0, high=10 * 365 * 86400.0):
 # manager keeps its own copies, so changing a config after load changes nothing.
 
 _LOG_FIELDS = ("session", "name", "slot", "pid", "label")  # what a log_file path may hold
+_LOG_SOCKETS = {"syslog": "/dev/log", "journal": "/run/systemd/journal/socket"}
+
+
+def _log_socket(log_file):
+    """(kind, socket path) of a log_file that names the syslog or the journal, else None."""
+    kind, colon, path = log_file.partition(":")
+    if kind in _LOG_SOCKETS and (not colon or path):
+        return kind, path or _LOG_SOCKETS[kind]
+    return None
 
 
 def _log_template(value):
-    """Check a log_file: "-", or a path whose {fields} are all _LOG_FIELDS (ValueError otherwise)."""
+    """Check a log_file: "-", "syslog[:PATH]", "journal[:PATH]", or a path whose {fields} are all
+    _LOG_FIELDS (ValueError otherwise)."""
     if not isinstance(value, str) or not value:
-        raise ValueError("log_file must be a path or '-', got %r" % (value,))
+        raise ValueError("log_file must be a path, '-', 'syslog' or 'journal', got %r" % (value,))
+    if _log_socket(value) is not None:
+        return
     try:
         fields = [field for _, field, spec, conversion in string.Formatter().parse(value) if field is not None]
     except ValueError as exc:
@@ -1104,8 +1116,13 @@ class ProcessConfig:
     log_file: str | None = None
     #: a log file past this many bytes is renamed .1 (and .1 to .2...); 0 never rotates
     log_max_bytes: int = 10 << 20
-    #: rotated files kept
+    #: rotated files kept (compressed or not)
     log_backups: int = 5
+    #: when a log file is rotated: "size" (past log_max_bytes), "hourly" or "daily" (at the local clock's hour
+    #: or midnight, when the first line after it comes)
+    log_rotate: str = "size"
+    #: gzip each rotated file (.1.gz), on a thread of its own
+    log_compress: bool = False
     #: each line of the log file starts with the time it was read, ISO 8601
     log_timestamps: bool = False
     #: the output kept in memory per label, also for a while after the exit (Process.tail, Manager.logs)
@@ -1249,6 +1266,9 @@ class ProcessConfig:
         self.log_max_bytes = 0 if self.log_max_bytes == 0 else _size_setting("log_max_bytes", self.log_max_bytes)
         self.log_backups = _int_setting("log_backups", self.log_backups, 0, 1000)
         _bool_setting("log_timestamps", self.log_timestamps)
+        if self.log_rotate not in ("size", "hourly", "daily"):
+            raise ValueError("log_rotate must be 'size', 'hourly' or 'daily', got %r" % (self.log_rotate,))
+        _bool_setting("log_compress", self.log_compress)
         self.tail_bytes = 0 if self.tail_bytes == 0 else _size_setting("tail_bytes", self.tail_bytes)
         if self.tail_bytes > 1 << 30:
             raise ValueError("tail_bytes must be <= 1 GiB, got %d" % self.tail_bytes)
@@ -2502,19 +2522,86 @@ class _Sockets:
 
 
 # -- Log files (_LogFiles) -------------------------------------------------------------------------
-# A job's output written to files: opened once per path however many processes share it,
-# size-rotated, reopened on request (logrotate).  Loop thread.
+# A job's output written to files: opened once per path however many processes share it, rotated by
+# size or by the clock (and gzipped on a thread of its own), reopened on request (logrotate); or sent
+# line by line to the syslog or the journal.  Loop thread (the compressor: its own thread).
+
+def _shift_backups(path, backups):
+    """Make room for a new .1: .1 becomes .2 (and .1.gz .2.gz)... and what is past `backups`, of either
+    kind, goes.  One file per number: a plain one and a gzipped one of the same number never stay both."""
+    for index in range(backups, 0, -1):
+        for ext in ("", ".gz"):
+            source, target = "%s.%d%s" % (path, index, ext), "%s.%d%s" % (path, index + 1, ext)
+            if os.path.exists(source):
+                os.replace(source, target)
+                other = "%s.%d%s" % (path, index + 1, ".gz" if not ext else "")
+                if os.path.exists(other):
+                    os.unlink(other)
+    for ext in ("", ".gz"):
+        if os.path.exists("%s.%d%s" % (path, backups + 1, ext)):
+            os.unlink("%s.%d%s" % (path, backups + 1, ext))
+
+
+def _next_boundary(rotate, now):
+    """When an hourly or daily log file rotates next (epoch seconds, the local clock's), or None."""
+    if rotate == "size":
+        return None
+    import datetime
+    local = datetime.datetime.fromtimestamp(now)
+    if rotate == "hourly":
+        return _local_epoch(local.replace(minute=0, second=0, microsecond=0) + datetime.timedelta(hours=1))
+    return _local_epoch(datetime.datetime.combine(local.date() + datetime.timedelta(days=1), datetime.time()))
+
+
+class _Compressor:
+    """Rotated files to gzip, one after the other on a thread that runs while there are any: the loop
+    only renames the file aside, and this thread makes it .1.gz, shifting the older ones first."""
+
+    def __init__(self):
+        self._todo = collections.deque()  # (path, file set aside, backups)
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def submit(self, path, aside, backups):
+        with self._lock:
+            self._todo.append((path, aside, backups))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gaffer-compress", daemon=True)
+                self._thread.start()
+
+    def _run(self):
+        import gzip
+        import shutil
+        while True:
+            with self._lock:
+                if not self._todo:
+                    self._thread = None
+                    return
+                path, aside, backups = self._todo.popleft()
+            try:
+                if backups:
+                    _shift_backups(path, backups)
+                    with open(aside, "rb") as source, gzip.open(path + ".1.gz.tmp", "wb") as target:
+                        shutil.copyfileobj(source, target, 1 << 20)
+                    os.replace(path + ".1.gz.tmp", path + ".1.gz")
+                os.unlink(aside)
+            except OSError as exc:
+                _log.error("cannot compress the rotated log file %s: %s", path, exc.strerror or exc)
 
 class _LogFile:
     """A log file that processes share: complete lines appended, renamed .1 (.1 to .2...) past
     max_bytes, reopened on demand.  A write that fails (a full disk) drops its lines and counts
     them: the loop never waits on a disk for longer than a write to the page cache."""
 
-    def __init__(self, path, max_bytes, backups):
+    def __init__(self, path, max_bytes, backups, rotate="size", compressor=None, wall=time.time):
         self.path = path
-        self.limit = max_bytes if path != "-" else 0  # as configured
+        self.limit = max_bytes if path != "-" and rotate == "size" else 0  # as configured
         self.max_bytes = self.limit  # what rotates this file: 0 for one that is not a regular file
         self.backups = backups
+        self.rotate = rotate if path != "-" else "size"
+        self.compressor = compressor  # gzips what rotates, or None
+        self.boundary = None  # an hourly or daily file's next rotation (on the `wall` clock)
+        self._wall = wall
         self.users = 0    # processes writing to it: closed when none is left
         self.fd = None
         self.size = 0
@@ -2533,12 +2620,17 @@ class _LogFile:
         info = os.fstat(self.fd)
         self.size = info.st_size
         # A FIFO, /dev/null, a terminal: written, never renamed (bpo-45401).
-        self.max_bytes = self.limit if stat.S_ISREG(info.st_mode) else 0
+        regular = stat.S_ISREG(info.st_mode)
+        self.max_bytes = self.limit if regular else 0
+        self.boundary = _next_boundary(self.rotate, self._wall()) if regular else None
 
-    def write(self, data):
+    def write(self, data, proc=None, label=None):
         """Append data (complete lines); return how many lines were dropped.  Past max_bytes the
-        file is rotated between two lines: no file is larger, unless one line is."""
+        file is rotated between two lines: no file is larger, unless one line is; an hourly or daily
+        one, before the first line past its hour or midnight."""
         dropped = 0
+        if self.boundary is not None and self._wall() >= self.boundary:
+            self.reopen(rotate=True)
         while self.max_bytes and self.size + len(data) > self.max_bytes:
             room = self.max_bytes - self.size  # may be negative: a long line went past it
             fit = data.rfind(b"\n", 0, room) + 1 if room > 0 else 0
@@ -2575,11 +2667,13 @@ class _LogFile:
             return
         self.close()
         try:
-            if rotate and self.max_bytes:
-                for index in range(self.backups - 1, 0, -1):
-                    if os.path.exists("%s.%d" % (self.path, index)):
-                        os.replace("%s.%d" % (self.path, index), "%s.%d" % (self.path, index + 1))
-                if self.backups:
+            if rotate and (self.max_bytes or self.boundary is not None):
+                if self.compressor is not None:  # renamed aside now, gzipped as .1.gz on its thread
+                    aside = "%s.%d.%s.rotating" % (self.path, os.getpid(), os.urandom(4).hex())
+                    os.replace(self.path, aside)
+                    self.compressor.submit(self.path, aside, self.backups)
+                elif self.backups:
+                    _shift_backups(self.path, self.backups)
                     os.replace(self.path, self.path + ".1")
                 else:
                     os.unlink(self.path)
@@ -2593,12 +2687,59 @@ class _LogFile:
         self.fd, self.size = None, 0
 
 
+class _LogSocket:
+    """The syslog or the journal, as a log file: each line one datagram to its socket, tagged with the
+    process's job and slot, its priority from its output (stderr: err, else info).  A datagram the
+    socket cannot take now (full, or no daemon) is dropped and counted: the loop never waits."""
+
+    def __init__(self, kind, address):
+        self.path = "%s:%s" % (kind, address)
+        self.kind, self.address = kind, address
+        self.users = 0
+        self.failing = False
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def write(self, data, proc, label):
+        lines = data[:-1].split(b"\n")
+        priority = 3 if label != "out" and label == proc.config.redirect_output[-1] and \
+            len(set(proc.config.redirect_output)) == 2 else 6  # stderr's own label: err; stdout or both: info
+        tag = "%s.%s" % (proc.config.name, proc.slot)
+        if self.kind == "syslog":  # RFC 3164, as glibc's syslog(3) sends it: facility daemon (3)
+            head = ("<%d>%s %s[%d]: " % (3 * 8 + priority, time.strftime("%b %e %H:%M:%S"), tag, proc.os_pid)).encode()
+            datagrams = [head + line for line in lines]
+        else:  # journald's native protocol: KEY=value lines (a line holds no newline)
+            fields = ("PRIORITY=%d\nSYSLOG_IDENTIFIER=%s\nSYSLOG_PID=%d\nGAFFER_JOB=%s\nGAFFER_SLOT=%d\n"
+                      "GAFFER_STREAM=%s\n" % (priority, tag, proc.os_pid, proc.name, proc.slot, label)).encode()
+            datagrams = [fields + b"MESSAGE=" + line + b"\n" for line in lines]
+        dropped = 0
+        for datagram in datagrams:
+            try:
+                self.sock.sendto(datagram, self.address)
+                self.failing = False
+            except OSError as exc:
+                if not self.failing and not isinstance(exc, BlockingIOError):
+                    _log.error("cannot send to the %s at %s (%s): dropping lines until it works again", self.kind,
+                               self.address, exc.strerror or exc)
+                self.failing = True
+                dropped += 1
+        return dropped
+
+    def reopen(self, rotate=False):
+        pass  # a datagram socket: nothing to reopen
+
+    def close(self):
+        self.sock.close()
+
+
 class _LogFiles:
     """The log files of the manager's processes, by path: the processes whose log_file names the same
     file share it, and the last one out closes it.  Loop thread only."""
 
-    def __init__(self):
+    def __init__(self, wall=time.time):
         self._files = {}  # path -> _LogFile
+        self._compressor = None  # made when a log_compress file first rotates
+        self._wall = wall  # the clock an hourly or daily file rotates by (the loop's wall clock)
 
     def open(self, proc):
         """{label: _LogFile} of a new process, opened (or shared) now; OSError names the file."""
@@ -2607,14 +2748,18 @@ class _LogFiles:
             return logs
         try:
             for label in dict.fromkeys(config.redirect_output):
-                path = config.log_file
-                if path != "-":
+                path, socket_sink = config.log_file, _log_socket(config.log_file)
+                if socket_sink is not None:
+                    path = "%s:%s" % socket_sink
+                elif path != "-":
                     path = os.path.abspath(path.format(session=proc._job.session, name=config.name, slot=proc.slot,
                                                        pid=proc.pid, label=label))
                 log = self._files.get(path)
                 if log is None:
                     try:
-                        log = self._files[path] = _LogFile(path, config.log_max_bytes, config.log_backups)
+                        log = self._files[path] = _LogSocket(*socket_sink) if socket_sink else _LogFile(
+                            path, config.log_max_bytes, config.log_backups, config.log_rotate,
+                            self._compressor_for(config), self._wall)
                     except OSError as exc:
                         raise OSError("cannot open log file %s: %s" % (path, exc.strerror or exc)) from None
                 log.users += 1
@@ -2623,6 +2768,13 @@ class _LogFiles:
             self.release(logs)
             raise
         return logs
+
+    def _compressor_for(self, config):
+        if not config.log_compress:
+            return None
+        if self._compressor is None:
+            self._compressor = _Compressor()
+        return self._compressor
 
     def release(self, logs):
         """A process is done with its {label: _LogFile}."""
@@ -3015,14 +3167,14 @@ class Process:
         log = self._logs.get(label)
         if log is not None:
             prefix = b""
-            if self.config.log_timestamps:
+            if self.config.log_timestamps and isinstance(log, _LogFile):  # the syslog and journal stamp lines
                 import datetime
                 stamp = datetime.datetime.fromtimestamp(now).astimezone()
                 prefix = stamp.isoformat("T", "milliseconds").encode() + b" "
             if log.path == "-":
                 prefix += ("%s | " % self.label).encode()
             written = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n" if prefix else block
-            self._job.log_dropped += log.write(written)
+            self._job.log_dropped += log.write(written, self, label)
         checks = self._manager._checks
         followers, awaits = self._job.followers, checks.wants_lines(self)
         if not followers and not awaits:
@@ -5884,7 +6036,7 @@ class Manager:
         self._state = _Lifecycle.NEW
         self._sessions = {}       # session -> {job name -> _Job}, in load order
         self._procs = {}          # pid -> Process not yet reaped
-        self._log_files = _LogFiles()
+        self._log_files = _LogFiles(self.loop.wall)
         self._stop_pending = []   # jobs a manager stop has yet to stop, after their dependents
         self._pids = itertools.count(1)
         self._apps = _Apps()      # the HTTP controller and other apps, and the stop() callbacks

@@ -3496,6 +3496,89 @@ class LogTest(ManagerTestCase):
                          "the newest lines, none lost, cut or repeated across rotations")
         self.assertGreater(first, 0, "the oldest went with the rotations")
 
+    ECHO = """
+        import sys
+        for line in sys.stdin:
+            print(line.strip(), flush=True)
+    """
+
+    def say(self, pid, log, text):
+        self.m.send(pid, text + "\n")
+        wait_until(lambda: any(text in read_text(name) for name in [log] if os.path.exists(name)),
+                   what="%r written" % text)
+
+    def test_hourly_and_daily_rotation_at_the_local_clock_s_boundary(self):
+        for rotate, step in (("hourly", 3600), ("daily", 86400)):
+            with self.subTest(rotate=rotate):
+                log = self.path("%s.log" % rotate)
+                self.load(rotate, code=self.ECHO, log_file=log, log_rotate=rotate, log_backups=2, redirect_input=True)
+                pid = self.m.pids(rotate)[0]
+                self.say(pid, log, "first")
+                self.wall.offset += step  # the next hour (or day) of the wall clock
+                self.say(pid, log, "second")
+                self.assertEqual((read_text(log + ".1"), read_text(log)), ("first\n", "second\n"))
+                for n in range(3):
+                    self.wall.offset += step
+                    self.say(pid, log, "more %d" % n)
+                self.assertEqual(sorted(f for f in os.listdir(self.tmp) if f.startswith(rotate)),
+                                 [rotate + ".log", rotate + ".log.1", rotate + ".log.2"], "log_backups old files")
+                self.assertEqual(read_text(log + ".2"), "more 0\n")
+        boundary = gaffer._next_boundary("daily", time.mktime((2026, 12, 4, 18, 30, 0, 0, 0, -1)))
+        self.assertEqual(time.localtime(boundary)[:6], (2026, 12, 5, 0, 0, 0), "midnight of the local clock")
+
+    def test_compressed_backups_off_the_loop(self):
+        import gzip
+        log = self.path("w.log")
+        self.load("w", code=self.ECHO, log_file=log, log_max_bytes=64, log_backups=2, log_compress=True,
+                  redirect_input=True)
+        pid = self.m.pids("w")[0]
+        for n in range(5):
+            self.say(pid, log, "%02d %s" % (n, "x" * 40))
+        wait_until(lambda: sorted(os.listdir(self.tmp)) == ["w.log", "w.log.1.gz", "w.log.2.gz"],
+                   what="two gzipped backups, nothing set aside left")
+        self.assertEqual(gzip.open(log + ".1.gz").read(), b"03 %s\n" % (b"x" * 40))
+        self.assertEqual(gzip.open(log + ".2.gz").read(), b"02 %s\n" % (b"x" * 40))
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name == "gaffer-compress"],
+                   what="the compressor's thread gone once idle")
+
+    def test_syslog_and_journal_as_their_daemons_read_them(self):
+        sockets = {}
+        for kind in ("syslog", "journal"):
+            sock = sockets[kind] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(self.path(kind + ".sock"))
+            sock.settimeout(TIMEOUT)
+            self.addCleanup(sock.close)
+        code = "import sys; print('to out', flush=True); print('to err', file=sys.stderr, flush=True)"
+        self.load("web", code=code, log_file="syslog:" + self.path("syslog.sock"), restart="never")
+        self.load("db", code=code, log_file="journal:" + self.path("journal.sock"), restart="never")
+        web, db = (self.rec.wait_for("spawn", name="default." + name)[0]["os_pid"] for name in ("web", "db"))
+        rfc3164 = re.compile(r"<(\d{1,3})>([A-Z][a-z]{2} [ 123]\d \d\d:\d\d:\d\d) ([^\s\[:]+)\[(\d+)\]: (.*)", re.S)
+        got = {}
+        for _ in range(2):
+            match = rfc3164.fullmatch(sockets["syslog"].recv(65536).decode())
+            self.assertIsNotNone(match, "an RFC 3164 line, as glibc's syslog(3) sends it")
+            pri, stamp, tag, pid, text = match.groups()
+            time.strptime(stamp, "%b %d %H:%M:%S")
+            got[text] = (int(pri) // 8, int(pri) % 8, tag, int(pid))
+        self.assertEqual(got, {"to out": (3, 6, "web.1", web), "to err": (3, 3, "web.1", web)},
+                         "facility daemon; stdout info, stderr err")
+        entries = {}
+        for _ in range(2):
+            fields = dict(line.split("=", 1) for line in sockets["journal"].recv(65536).decode().split("\n")[:-1])
+            entries[fields["MESSAGE"]] = fields
+        self.assertEqual({message: (f["PRIORITY"], f["SYSLOG_IDENTIFIER"], f["GAFFER_JOB"], f["GAFFER_SLOT"],
+                                    f["GAFFER_STREAM"], f["SYSLOG_PID"]) for message, f in entries.items()},
+                         {"to out": ("6", "db.1", "default.db", "1", "out", str(db)),
+                          "to err": ("3", "db.1", "default.db", "1", "err", str(db))})
+
+    def test_a_log_socket_without_its_daemon_drops_and_counts(self):
+        self.load("w", code="print('nobody listens', flush=True)", log_file="syslog:" + self.path("absent.sock"),
+                  restart="never")
+        self.rec.wait_for("exit", name="default.w")
+        wait_until(lambda: self.m.info("w")["log_dropped"] == 1, what="the line counted")
+        with self.assertRaisesRegex(ValueError, r"log_rotate must be 'size', 'hourly' or 'daily', got 'weekly'"):
+            gaffer.ProcessConfig("w", PY, log_file="w.log", log_rotate="weekly")
+
     def test_reopen_after_the_file_was_moved_and_timestamps(self):
         log = self.path("w.log")
         self.load("w", code="""
