@@ -6292,16 +6292,13 @@ class Manager:
         """
         return self._call(self._do_scale, name, *_scale_change(n))
 
-    def status(self):
-        """Every job with its state and processes, in one call (what ``gaffer ps`` shows).
-
-        Returns ``[{name, state, cmd, running, ready, target, restarts, last_exit,
-        processes: [{pid, os_pid, slot, status, create_time, cpu, mem}]}]``; the state is
-        "running", "starting" (processes not ready yet, or waiting for a dependency),
-        "backoff" (a respawn waits out its delay, or a flapping job its retry),
-        "stopped" or "fatal" (flapping stopped it for good).
-        """
-        return self._call(self._do_status)
+    def status(self, history=False):
+        """Every job with its state and processes, in one call (what ``gaffer ps`` shows): ``[{name, state,
+        cmd, running, ready, target, restarts, last_exit, processes: [{pid, os_pid, slot, status,
+        create_time, cpu, mem}], ...}]``, the states as README's "Command line" lists them.  With history,
+        each job's "history" too: [[time, cpu %, rss]] of the sampler's last ticks (the dashboard's charts),
+        which it keeps reading for five minutes."""
+        return self._call(self._do_status, _bool_setting("history", history))
 
     def info(self, name):
         """Return ``{name, active, running, running_out, max_processes, processes, config}``."""
@@ -6629,9 +6626,12 @@ class Manager:
         self._deps.release()
         return self._batches.done(job, job.numprocesses, undo)
 
-    def _do_status(self):
+    def _do_status(self, history=False):
+        if history:
+            self._sampler.want(_METRICS_KEEP)
         return [dict(job.status(self._sampler.sample, self.loop.time(), *self._deps.progress(job)),
-                     next_run=self._schedules.next_run(job)) for job in self._all_jobs()]
+                     next_run=self._schedules.next_run(job), **({"history": self._sampler.history(job)} if history
+                                                                else {})) for job in self._all_jobs()]
 
     def _do_info(self, name):
         job = self._job(name)
@@ -7583,7 +7583,7 @@ def _http_jobs(req, m):
 
 @_route("GET", "/status")
 def _http_status(req, m):
-    return 200, {"jobs": m.status()}
+    return 200, {"jobs": m.status(history=req.query.get("history") == "1")}
 
 
 @_route("GET", "/sockets")
@@ -9975,6 +9975,9 @@ _DASHBOARD = r"""<!doctype html>
   .stopped { background: #e8e8e8; } .fatal, .failed, .blocked { background: #fbd5d5; }
   .listening, .scheduled { background: #dbe9ff; } .completed { background: #e3f0e5; }
   .sockets, .runs { color: #777; font-size: .85em; }
+  td.command { max-width: 18em; overflow: hidden; text-overflow: ellipsis; font: 12px ui-monospace, monospace; }
+  svg.chart { vertical-align: middle; } svg.chart polyline { fill: none; stroke-width: 1.2; }
+  svg.chart .cpu { stroke: #2a8a3e; } svg.chart .mem { stroke: #3a6fd0; }
   button { font: inherit; margin-right: .2em; }
   input.count { width: 3.5em; font: inherit; }
   #logs { margin-top: 1.2em; }
@@ -9994,8 +9997,9 @@ _DASHBOARD = r"""<!doctype html>
 <p id="error"></p>
 <table>
   <thead><tr><th>job</th><th>state</th><th class="num">ready</th><th class="num">running</th>
-    <th class="num">target</th><th class="num">restarts</th><th class="num">CPU %</th><th class="num">MEM %</th>
-    <th>processes</th><th>last exit</th><th></th></tr></thead>
+    <th class="num">target</th><th class="num">restarts</th><th class="num">uptime</th><th class="num">CPU %</th>
+    <th class="num">MEM %</th><th>last minutes</th><th>processes</th><th>command</th><th>last exit</th><th></th>
+  </tr></thead>
   <tbody id="jobs"></tbody>
 </table>
 <section id="logs" hidden>
@@ -10089,6 +10093,40 @@ function jobPath(name) {
 
 function showError(err) { $("error").textContent = String(err.message || err); }
 
+function uptime(seconds) {
+  const s = Math.max(0, Math.floor(seconds));
+  return Math.floor(s / 3600) + ":" + String(Math.floor(s / 60) % 60).padStart(2, "0") + ":" +
+    String(s % 60).padStart(2, "0");
+}
+
+// The job's cpu (green) and memory (blue) over the sampler's last ticks, each scaled to its own top.
+function chart(points) {
+  const ns = "http://www.w3.org/2000/svg", width = 120, height = 26;
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
+  svg.setAttribute("class", "chart");
+  if (points.length < 2) return svg;
+  const first = points[0][0], span = Math.max(points[points.length - 1][0] - first, 1);
+  for (const [index, cls] of [[1, "cpu"], [2, "mem"]]) {
+    const top = Math.max(...points.map((p) => p[index]), index === 1 ? 1 : 1 << 20);
+    const line = document.createElementNS(ns, "polyline");
+    line.setAttribute("class", cls);
+    line.setAttribute("points", points.map((p) => ((p[0] - first) / span * (width - 2) + 1).toFixed(1) + "," +
+      (height - 2 - p[index] / top * (height - 4)).toFixed(1)).join(" "));
+    svg.appendChild(line);
+  }
+  const last = points[points.length - 1];
+  svg.appendChild(document.createElementNS(ns, "title")).textContent =
+    "cpu " + last[1] + "% (top " + Math.max(...points.map((p) => p[1])) + "%), rss " +
+    (last[2] / 1048576).toFixed(1) + " MiB, over " + Math.round(span) + " s";
+  return svg;
+}
+
+function clock(epoch) {  // HH:MM:SS, local
+  return new Date(epoch * 1000).toTimeString().slice(0, 8);
+}
+
 function render(jobs) {
   const body = $("jobs");
   body.replaceChildren();
@@ -10105,11 +10143,14 @@ function render(jobs) {
     cell(row, job.running, "num");
     cell(row, job.target, "num");
     cell(row, job.restarts, "num");
+    const started = Math.min(...job.processes.map((p) => p.create_time || Infinity));
+    cell(row, isFinite(started) ? uptime(Date.now() / 1000 - started) : "-", "num");
     const sum = (key) => job.processes.reduce((total, p) => total + (typeof p[key] === "number" ? p[key] : 0), 0);
     cell(row, sum("cpu").toFixed(1), "num");
     cell(row, sum("mem").toFixed(2), "num");
+    cell(row, "").appendChild(chart(job.history || []));
     const pids = cell(row, "");
-    for (const p of job.processes) {
+    for (const p of [...job.processes].sort((a, b) => (a.slot || 1e9) - (b.slot || 1e9) || a.pid - b.pid)) {
       const link = document.createElement("span");
       link.className = "pid";
       link.textContent = p.slot ? job.name.slice(job.name.indexOf(".") + 1) + "." + p.slot : String(p.pid);
@@ -10131,6 +10172,8 @@ function render(jobs) {
         (job.last_run && job.last_run.end ? (job.next_run ? "; " : "") + "last run " + when(job.last_run.start) : "");
       pids.append(runs);
     }
+    const command = cell(row, job.cmd, "command");
+    command.title = job.cmd;
     const last = cell(row, job.last_exit || "-");
     if (job.last_error || job.blocked) {  // why it cannot start: said, not only a state
       last.textContent = job.last_error || "blocked: " + job.blocked;
@@ -10138,9 +10181,13 @@ function render(jobs) {
     }
     const actions = cell(row, "");
     const path = jobPath(job.name);
-    button(actions, "start", () => api("POST", path + "/state", {state: "start"}));
-    button(actions, "stop", () => api("POST", path + "/state", {state: "stop"}));
-    button(actions, "reload", () => api("POST", path + "/state", {state: "reload"}));
+    const runs = ["running", "starting", "backoff", "blocked"].includes(job.state);
+    if (!runs) button(actions, job.state === "scheduled" ? "run now" : "start",
+                      () => api("POST", path + "/state", {state: "start"}));
+    if (runs || ["scheduled", "listening"].includes(job.state)) {
+      button(actions, "stop", () => api("POST", path + "/state", {state: "stop"}));
+    }
+    if (runs) button(actions, "reload", () => api("POST", path + "/state", {state: "reload"}));
     const count = document.createElement("input");
     count.type = "number"; count.min = "0"; count.className = "count"; count.value = job.target;
     count.addEventListener("click", (e) => e.stopPropagation());
@@ -10154,7 +10201,7 @@ let refreshing = null;
 function refresh() {  // at most one /status request in flight, and one waiting
   if (refreshing) { refreshing.again = true; return; }
   refreshing = {again: false};
-  api("GET", "/status").then((data) => { render(data.jobs); $("error").textContent = ""; })
+  api("GET", "/status?history=1").then((data) => { render(data.jobs); $("error").textContent = ""; })
     .catch(showError)
     .finally(() => { const again = refreshing.again; refreshing = null; if (again) refresh(); });
 }
@@ -10188,7 +10235,8 @@ function followJob(name, outputs) {
   showLogs("logs of " + name, name, jobPath(name) + "/logs?lines=200&follow=1", (event, data) => {
     const line = JSON.parse(data);
     if (event === "overflow") return "[" + line.dropped + " lines dropped: this page read too slowly]\n";
-    return short + "." + line.slot + (line.label === "out" ? "" : ":" + line.label) + " | " + line.line + "\n";
+    return clock(line.time) + " " + short + "." + line.slot + (line.label === "out" ? "" : ":" + line.label) +
+      " | " + line.line + "\n";
   });
 }
 

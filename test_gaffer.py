@@ -4910,6 +4910,7 @@ class HttpTokenTest(HttpTestCase):
         self.assertEqual(self.ok("GET", "/jobs"), {"jobs": []})
 
     def test_the_dashboard_page_and_the_api_it_calls(self):
+        self.m.stats_interval = 0.1  # the charts' ticks
         conn = http.client.HTTPConnection("127.0.0.1", self.http.port, timeout=TIMEOUT)
         conn.request("GET", "/", headers={"Accept": "text/html,application/xhtml+xml"})  # a browser, no token
         resp = conn.getresponse()
@@ -4928,13 +4929,19 @@ class HttpTokenTest(HttpTestCase):
         self.assertEqual(self.req("GET", "/", token=False)[0], 401, "curl still gets JSON, behind the token")
         self.assertEqual(self.ok("GET", "/")["name"], "gaffer")
         # What the page calls, each as it calls it: the same API as any client.
-        for fragment in ('"/version"', '"/status"', '"/watch"', '"/state", {state: "start"}', '"/numprocesses", {scale:',
+        for fragment in ('"/version"', '"/status?history=1"', '"/watch"', '"/state", {state: "start"}',
+                         '"/numprocesses", {scale:',
                          '"/logs?lines=200&follow=1"', '"/streams/" + encodeURIComponent(outputs[0]) + "?tail=200"',
                          '"Bearer " + token'):
             self.assertIn(fragment, script)
         self.load("w", code="import time\nprint('hello', flush=True)\ntime.sleep(60)", redirect_output=["out"])
         self.assertEqual(self.ok("GET", "/version")["name"], "gaffer")
         self.assertEqual([job["name"] for job in self.ok("GET", "/status")["jobs"]], ["default.w"])
+        self.assertNotIn("history", self.ok("GET", "/status")["jobs"][0], "ps asks for none")
+        wait_until(lambda: len(self.ok("GET", "/status?history=1")["jobs"][0]["history"]) >= 2,
+                   what="the charts' history, kept by the sampler once the page asks for it")
+        point = self.ok("GET", "/status?history=1")["jobs"][0]["history"][-1]
+        self.assertTrue(abs(point[0] - time.time()) < 60 and point[2] > 1 << 20, point)
         for state in ("stop", "start", "reload"):
             self.ok("POST", "/jobs/default/w/state", {"state": state}, status=202)
         self.assertEqual(self.ok("POST", "/jobs/default/w/numprocesses", {"scale": "=2"}), {"numprocesses": 2})
