@@ -9239,6 +9239,15 @@ class _EventStream:
         self._events.close()
         self._connection.close()
 
+    def abort(self):
+        """End it from another thread than the one reading it: that read sees the end and returns."""
+        sock = self._connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     @staticmethod
     def _read(response):
         event, data = None, []
@@ -9558,6 +9567,196 @@ def _cmd_logs(args):
     return 0
 
 
+# -- top: a live terminal view (curses) ------------------------------------------------------------
+# Jobs, their slots and the selected job's last lines, read again from /status whenever /watch says
+# something happened (and every few seconds, for cpu and uptime), with keys that act on the selected job.
+
+_TOP_KEYS = "up/down move  s stop  S start  r restart  + - scale  l follow logs  q quit"
+_TOP_ACTIONS = {"s": ("stop", "stopped"), "S": ("start", "started"), "r": ("reload", "restarting (rolling)")}
+
+
+class _Top:
+    """gaffer top's screen: what it shows, the selected job, the last action's message, and the threads
+    that read /watch (and the logs it follows) and wake the screen through a pipe."""
+
+    def __init__(self, client, screen):
+        self.client, self.screen = client, screen
+        self.jobs, self.selected, self.lines = [], 0, []
+        self.message = _TOP_KEYS
+        self.following = None  # (job name, _EventStream) while l follows its logs
+        self.followed = collections.deque(maxlen=500)
+        self.wake_r, self.wake_w = os.pipe()
+        self.streams = []
+
+    def run(self):
+        import curses
+        curses.curs_set(0)
+        self.screen.nodelay(True)
+        self.screen.keypad(True)
+        watch = self.client.events("/watch")
+        self.streams.append(watch)
+        threading.Thread(target=self._pump, args=(watch, None), daemon=True).start()
+        try:
+            self.refresh()
+            while True:
+                self.draw()
+                import select
+                ready = select.select([sys.stdin, self.wake_r], [], [], 5.0)[0]
+                if self.wake_r in ready:
+                    os.read(self.wake_r, 4096)
+                if sys.stdin in ready and not self.key():
+                    return 0
+                self.refresh()
+        finally:
+            for stream in self.streams:
+                stream.abort()  # its thread, reading it, ends
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+
+    def _pump(self, stream, sink):
+        """On its own thread: each event (or followed line) wakes the screen; the stream's end, or an error
+        once it is closed, ends the thread."""
+        try:
+            for event, data in stream:
+                if sink is not None:
+                    sink.append(data)
+                os.write(self.wake_w, b".")
+        except (OSError, ValueError, _Failure):
+            pass  # aborted (the screen closed its pipe too), or the server went away
+        finally:
+            stream.close()  # on the thread that read it
+
+    def refresh(self):
+        try:
+            self.jobs = self.client.request("GET", "/status")["jobs"]
+            self.selected = min(self.selected, max(0, len(self.jobs) - 1))
+            if self.jobs and self.following is None:
+                self.lines = [self._line(row) for row in self.client.request(
+                    "GET", self._path() + "/logs?lines=50")["lines"]]
+        except _Failure as exc:
+            self.message = str(exc)
+
+    def _path(self):
+        session, _, name = self.jobs[self.selected]["name"].partition(".")
+        return "/jobs/%s/%s" % (_quote(session), _quote(name))
+
+    @staticmethod
+    def _line(row):
+        return "%s %s.%s | %s" % (time.strftime("%H:%M:%S", time.localtime(row["time"])), row["slot"], row["label"],
+                                  row["line"])
+
+    def key(self):
+        """Act on each key waiting; False once q asks to quit."""
+        import curses
+        while True:
+            key = self.screen.getch()
+            if key == -1:
+                return True
+            char = chr(key) if 0 <= key < 256 else ""
+            if char == "q":
+                return False
+            if key in (curses.KEY_UP, ord("k")):
+                self.selected = max(0, self.selected - 1)
+                self._unfollow()
+            elif key in (curses.KEY_DOWN, ord("j")):
+                self.selected = min(len(self.jobs) - 1, self.selected + 1) if self.jobs else 0
+                self._unfollow()
+            elif self.jobs and char in "sSr+-l":
+                self.act(char)
+
+    def act(self, char):
+        name = self.jobs[self.selected]["name"]
+        try:
+            if char in _TOP_ACTIONS:
+                state, said = _TOP_ACTIONS[char]
+                self.client.request("POST", self._path() + "/state", {"state": state})
+                self.message = "%s %s" % (said, name)
+            elif char in "+-":
+                count = self.client.request("POST", self._path() + "/numprocesses", {"scale": char + "1"})
+                self.message = "scaled %s to %d" % (name, count["numprocesses"])
+            elif self.following is not None:
+                self._unfollow()
+                self.message = "stopped following the logs of %s" % name
+            else:
+                stream = self.client.events(self._path() + "/logs?lines=50&follow=1")
+                self.streams.append(stream)
+                self.following, self.lines = (name, stream), []
+                self.followed.clear()
+                threading.Thread(target=self._pump, args=(stream, self.followed), daemon=True).start()
+                self.message = "following the logs of %s (l again stops)" % name
+        except _Failure as exc:
+            self.message = str(exc)
+
+    def _unfollow(self):
+        if self.following is not None:
+            self.following[1].abort()
+            self.following = None
+
+    def draw(self):
+        import curses
+        screen = self.screen
+        height, width = screen.getmaxyx()
+        screen.erase()
+        if width < 40 or height < 10:
+            self._put(0, "gaffer top needs 40x10 at least", 0)
+            screen.refresh()
+            return
+        self._put(0, "gaffer top  %s  %d jobs  %s" % (self.client.text, len(self.jobs), time.strftime("%H:%M:%S")),
+                  curses.A_BOLD)
+        self._put(1, "%-24s %-10s %7s %8s %6s %6s %9s" % ("JOB", "STATE", "READY", "RESTARTS", "CPU%", "MEM%",
+                                                            "UPTIME"), curses.A_UNDERLINE)
+        rows = []
+        for index, job in enumerate(self.jobs):
+            procs = job["processes"]
+            cpu = sum(p["cpu"] for p in procs if isinstance(p["cpu"], (int, float)))
+            mem = sum(p["mem"] for p in procs if isinstance(p["mem"], (int, float)))
+            oldest = min([p["create_time"] for p in procs if p["create_time"]] or [None], key=lambda t: t or 0)
+            rows.append(("%-24s %-10s %3d/%-3d %8d %6.1f %6.2f %9s" % (
+                job["name"][:24], job["state"], job["ready"], job["target"], job["restarts"], cpu, mem,
+                _uptime(oldest) if oldest else "-"), curses.A_REVERSE if index == self.selected else 0))
+            short = job["name"].partition(".")[2]
+            for proc in procs:
+                rows.append(("  %-22s %-10s %7s %8s %6s %6s %9s" % (
+                    "%s.%s pid %s" % (short, proc["slot"] or "-", proc["pid"]), proc["status"], "", "", proc["cpu"],
+                    proc["mem"], _uptime(proc["create_time"])), 0))
+            rows += [("  %-22s %-10s" % ("%s.%s" % (short, slot["slot"]), slot["state"]), 0)
+                     for slot in job.get("slots", ())]
+        room = max(3, (height - 4) // 2)
+        for y, (text, attr) in enumerate(rows[:room], 2):
+            self._put(y, text, attr)
+        top = 2 + min(len(rows), room)
+        title = self.jobs[self.selected]["name"] if self.jobs else "-"
+        self._put(top, "-- logs of %s %s" % (title, "(following) " if self.following else ""), curses.A_BOLD)
+        lines = list(self.followed)[-(height - top - 2):] if self.following else self.lines[-(height - top - 2):]
+        if self.following:
+            lines = [self._line(json_row) for json_row in map(_json_value, lines)]
+        for y, text in enumerate(lines, top + 1):
+            self._put(y, text, 0)
+        self._put(height - 1, self.message, curses.A_BOLD)
+        screen.refresh()
+
+    def _put(self, y, text, attr):
+        import curses
+        height, width = self.screen.getmaxyx()
+        if 0 <= y < height:
+            try:
+                self.screen.addnstr(y, 0, text.replace("\n", " "), width - 1, attr)
+            except curses.error:
+                pass
+
+
+def _cmd_top(args):
+    if not (os.isatty(0) and os.isatty(1)):
+        raise _UsageError("top: needs a terminal (stdin and stdout are not ttys); use ps or watch instead")
+    size = os.get_terminal_size(1)
+    if size.columns < 40 or size.lines < 10:
+        raise _UsageError("top: the terminal is %dx%d; it needs 40x10 at least" % (size.columns, size.lines))
+    client = _client(args)
+    client.request("GET", "/status")  # an unreachable server, or one that is not gaffer: one line, before curses
+    import curses
+    return curses.wrapper(lambda screen: _Top(client, screen).run())
+
+
 # -- export: unit files for a system manager -------------------------------------------------------
 # One function per format, from the same instances; every value is escaped in that format's own way,
 # or refused with one line that names it.  Each runs the program itself (exec), so that the system
@@ -9855,6 +10054,7 @@ _COMMANDS = [  # (name, function, help, option groups, its own options)
     ("wait", _cmd_wait, "wait until every process of a job is ready (exit 1 on timeout)", ("client",), [
         (("job",), dict(help="the job")),
         (("--timeout",), dict(type=_seconds_text, default=60.0, metavar="S", help="seconds (default 60)"))]),
+    ("top", _cmd_top, "a live view of the jobs and their processes, with keys to act on them", ("client",), []),
     ("watch", _cmd_watch, "follow the events (optionally those under PATTERN)", ("client",), [
         (("pattern",), dict(nargs="?", help="an event pattern: job.default.web, exit..."))]),
     ("logs", _cmd_logs, "show the last lines of a job's output (exited processes too) or of one process's, "

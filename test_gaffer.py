@@ -5641,6 +5641,68 @@ class ServeTest(CommandLineTestCase):
         self.assertEqual((result.returncode, result.stderr.strip()), (2, "gaffer: %s: webhooks: a webhook URL is "
                          "http:// or https:// with a host, got 'ftp://example.org/'" % bad))
 
+    def top(self, rows, columns):
+        """gaffer top on a pseudo-terminal of that size: (the process, the master end)."""
+        import fcntl
+        import termios
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        proc = subprocess.Popen([PY, GAFFER, "top", "--http", "unix:" + self.sock], stdin=slave, stdout=slave,
+                                stderr=slave, env=dict(os.environ, TERM="xterm"), start_new_session=True)
+        os.close(slave)
+        self.addCleanup(os.close, master)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        return proc, master
+
+    @staticmethod
+    def screen_text(master, until, timeout=TIMEOUT):
+        """What the terminal got, escape sequences left out, read until `until` is in it."""
+        import select
+        data, deadline = b"", time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    data += os.read(master, 65536)
+                except OSError:  # the other end closed: the program ended
+                    break
+            text = re.sub(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>]|\][^\x07]*\x07)", "", data.decode("utf-8", "replace"))
+            if until in text:
+                return text
+        raise AssertionError("%r never showed; the terminal got %r" % (until, data[-2000:]))
+
+    def test_top_through_a_pseudo_terminal(self):
+        server = self.serve(self.json_config([self.job("web", numprocesses=2)]))
+        self.record_leaders()
+        proc, master = self.top(24, 100)
+        text = self.screen_text(master, "default.web")  # the header, then the jobs: the first frame
+        self.assertIn("JOB", text)
+        self.assertIn("web.2 pid", self.screen_text(master, "web.2 pid") if "web.2 pid" not in text else text,
+                      "each slot's process under its job")
+        os.write(master, b"+")
+        wait_until(lambda: json.loads(self.client("status", "--json").stdout)[0]["target"] == 3,
+                   what="+ scaled the job up")
+        self.record_leaders()
+        os.write(master, b"s")
+        wait_until(lambda: json.loads(self.client("status", "--json").stdout)[0]["state"] == "stopped",
+                   what="s stopped the selected job")
+        os.write(master, b"q")
+        self.assertEqual(proc.wait(TIMEOUT), 0, "q quits with 0")
+        server.send_signal(signal.SIGINT)
+        server.finish()
+
+    def test_top_refuses_a_pipe_and_a_tiny_terminal_in_one_line(self):
+        server = self.serve(self.json_config([self.job("web")]))
+        self.record_leaders()
+        result = self.cli("top", "--http", "unix:" + self.sock)  # in this process: stdout is no tty
+        self.assertEqual((result.returncode, result.stderr.strip()),
+                         (2, "gaffer: top: needs a terminal (stdin and stdout are not ttys); use ps or watch instead"))
+        proc, master = self.top(8, 30)
+        text = self.screen_text(master, "needs 40x10")
+        self.assertIn("gaffer: top: the terminal is 30x8; it needs 40x10 at least", text)
+        self.assertEqual(proc.wait(TIMEOUT), 2)
+        server.send_signal(signal.SIGINT)
+        server.finish()
+
     def test_schedules_in_ini_and_json(self):
         ini = self.write("s.ini", "[job:backup]\ncmd = sleep 1\nschedule = 30 2 * * mon-fri\njitter = 10m\n"
                          "concurrency = queue\ncatch_up = yes\n[job:probe]\ncmd = true\nevery = 5m\n")
