@@ -5641,13 +5641,13 @@ class ServeTest(CommandLineTestCase):
         self.assertEqual((result.returncode, result.stderr.strip()), (2, "gaffer: %s: webhooks: a webhook URL is "
                          "http:// or https:// with a host, got 'ftp://example.org/'" % bad))
 
-    def top(self, rows, columns):
+    def top(self, rows, columns, address=None):
         """gaffer top on a pseudo-terminal of that size: (the process, the master end)."""
         import fcntl
         import termios
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-        proc = subprocess.Popen([PY, GAFFER, "top", "--http", "unix:" + self.sock], stdin=slave, stdout=slave,
+        proc = subprocess.Popen([PY, GAFFER, "top", "--http", address or "unix:" + self.sock], stdin=slave, stdout=slave,
                                 stderr=slave, env=dict(os.environ, TERM="xterm"), start_new_session=True)
         os.close(slave)
         self.addCleanup(os.close, master)
@@ -5700,6 +5700,13 @@ class ServeTest(CommandLineTestCase):
         text = self.screen_text(master, "needs 40x10")
         self.assertIn("gaffer: top: the terminal is 30x8; it needs 40x10 at least", text)
         self.assertEqual(proc.wait(TIMEOUT), 2)
+        import http.server
+        other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        self.addCleanup(lambda: (other.shutdown(), other.server_close()))
+        proc, master = self.top(24, 100, "127.0.0.1:%d" % other.server_address[1])
+        self.assertIn("is not a gaffer server", self.screen_text(master, "gaffer server"))
+        self.assertEqual(proc.wait(TIMEOUT), 1)
         server.send_signal(signal.SIGINT)
         server.finish()
 
