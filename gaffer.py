@@ -8644,6 +8644,12 @@ def _config_webhooks(path):
     return hooks
 
 
+def _webhook_apps(path):
+    """[WebhooksApp] for a config file that declares webhooks, else []."""
+    hooks = _config_webhooks(path)
+    return [WebhooksApp(hooks)] if hooks else []
+
+
 def _read_config(path):
     """Read a JSON or INI daemon config: ([(session, ProcessConfig)], http address or None, token or None,
     {socket name: add_socket()'s settings}).
@@ -9030,8 +9036,7 @@ def _serve(args, configs, app, state, on_ready, sockets):
     manager = _cli_manager(args)
     for event in ("spawn", "exit", "flap", "spawn_error", "stop_process", "reap"):  # as supervisord says them
         manager.events.subscribe(event, lambda evtype, msg: _log.info("%s", _event_line(evtype, msg)))
-    hooks = _config_webhooks(args.config)
-    _start(manager, app, [WebhooksApp(hooks)] if hooks else [])
+    _start(manager, app, _webhook_apps(args.config))
     _serve_sockets(manager, sockets, args.config)
     held = dict(sockets)
 
