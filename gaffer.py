@@ -13,7 +13,8 @@ Contents, one banner each, in dependency order (what it owns; the thread that us
 - Cron expressions and durations: _Cron, the next time a schedule matches (any thread).
 - Configuration: FlappingInfo, ProcessConfig, a child's environment (any thread).
 - Events: EventEmitter (published on the loop thread, subscribed from any).
-- Loop: the selector, the timer heap, the command queue (the loop thread; call() from any).
+- Loop: the selector, the timer heap, the command queue (the loop thread; call() from any);
+  _Worker, work done off the loop on a thread that runs while there is some.
 - Reaper backends: the one child watcher, pidfd or polling, and its descriptors (loop thread).
 - Cgroups (_Cgroups, _Mover): a cgroup per slot, entered by the launcher; limits, cgroup.kill.
 - Held sockets (_Sockets): listening sockets bound once, handed over as systemd does (loop thread).
@@ -1756,6 +1757,43 @@ class Loop:
                 _log.exception("timer %r failed", timer.fn)
 
 
+class _Worker:
+    """Work done off the loop, in order, on one thread that runs while there is work and ends when there
+    is none (so an idle manager holds no thread of it).  submit() from any thread; handle() on its own."""
+
+    name = "gaffer worker"
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._todo = collections.deque()
+        self._thread = None
+
+    def submit(self, *item):
+        with self._lock:
+            self._todo.append(item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+
+    def _run(self):
+        while True:
+            with self._lock:
+                if not self._todo:
+                    self._thread = None
+                    return
+                item = self._todo.popleft()
+            self.handle(*item)
+
+    def handle(self, *item):
+        raise NotImplementedError
+
+    def join(self, timeout):
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+
 # -- Reaper backends: the one child watcher --------------------------------------------------------
 # How the loop learns that a child exited.  Both reap only the pids they were
 # given (Popen.poll, never waitpid(-1)) and call on_exit() on the loop thread.
@@ -2106,38 +2144,25 @@ def _check_program(program, env, cwd):
     raise OSError(code, os.strerror(code), program)
 
 
-class _Mover:
+class _Mover(_Worker):
     """Moves the stopped launchers of other users' processes into their cgroups, off the loop, then lets
-    them go on (SIGCONT); one that cannot be moved is killed.  One thread while there is work.  Any thread."""
+    them go on (SIGCONT); one that cannot be moved is killed.  Any thread."""
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._todo = collections.deque()  # (os pid, its pidfd or None, its cgroup.procs)
-        self._thread = None
+    name = "gaffer cgroup mover"
 
     def move(self, pid, procs):
         try:
             pidfd = os.pidfd_open(pid)  # not yet reaped: ours; the mover waits on it, never on a reused pid
         except (AttributeError, OSError):
             pidfd = None
-        with self._lock:
-            self._todo.append((pid, pidfd, procs))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="gaffer cgroup mover", daemon=True)
-                self._thread.start()
+        self.submit(pid, pidfd, procs)
 
-    def _run(self):
-        while True:
-            with self._lock:
-                if not self._todo:
-                    self._thread = None
-                    return
-                pid, pidfd, procs = self._todo.popleft()
-            try:
-                self._move_one(pid, pidfd, procs)
-            finally:
-                if pidfd is not None:
-                    os.close(pidfd)
+    def handle(self, pid, pidfd, procs):
+        try:
+            self._move_one(pid, pidfd, procs)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
 
     @staticmethod
     def _move_one(pid, pidfd, procs):
@@ -2156,12 +2181,6 @@ class _Mover:
             _send_signal(pid, signal.SIGKILL, group=False)
             return
         _send_signal(pid, signal.SIGCONT, group=False)
-
-    def join(self, timeout):
-        with self._lock:
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
 
 
 def _set_subreaper():
@@ -2553,40 +2572,24 @@ def _next_boundary(rotate, now):
     return _local_epoch(datetime.datetime.combine(local.date() + datetime.timedelta(days=1), datetime.time()))
 
 
-class _Compressor:
-    """Rotated files to gzip, one after the other on a thread that runs while there are any: the loop
-    only renames the file aside, and this thread makes it .1.gz, shifting the older ones first."""
+class _Compressor(_Worker):
+    """Rotated files to gzip, one after the other: the loop only renames the file aside (submit(path,
+    aside, backups)), and this worker makes it .1.gz, shifting the older ones first."""
 
-    def __init__(self):
-        self._todo = collections.deque()  # (path, file set aside, backups)
-        self._lock = threading.Lock()
-        self._thread = None
+    name = "gaffer-compress"
 
-    def submit(self, path, aside, backups):
-        with self._lock:
-            self._todo.append((path, aside, backups))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="gaffer-compress", daemon=True)
-                self._thread.start()
-
-    def _run(self):
+    def handle(self, path, aside, backups):
         import gzip
         import shutil
-        while True:
-            with self._lock:
-                if not self._todo:
-                    self._thread = None
-                    return
-                path, aside, backups = self._todo.popleft()
-            try:
-                if backups:
-                    _shift_backups(path, backups)
-                    with open(aside, "rb") as source, gzip.open(path + ".1.gz.tmp", "wb") as target:
-                        shutil.copyfileobj(source, target, 1 << 20)
-                    os.replace(path + ".1.gz.tmp", path + ".1.gz")
-                os.unlink(aside)
-            except OSError as exc:
-                _log.error("cannot compress the rotated log file %s: %s", path, exc.strerror or exc)
+        try:
+            if backups:
+                _shift_backups(path, backups)
+                with open(aside, "rb") as source, gzip.open(path + ".1.gz.tmp", "wb") as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
+                os.replace(path + ".1.gz.tmp", path + ".1.gz")
+            os.unlink(aside)
+        except OSError as exc:
+            _log.error("cannot compress the rotated log file %s: %s", path, exc.strerror or exc)
 
 class _LogFile:
     """A log file that processes share: complete lines appended, renamed .1 (.1 to .2...) past

@@ -56,6 +56,13 @@ def wait_until(predicate, timeout=TIMEOUT, what=None):
         pause = min(pause * 1.5, 0.02)  # soon at first, then without stealing the CPU from what it waits for
 
 
+def write_dedented(path, text):
+    """Write text, dedented, to path; return the path."""
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text))
+    return path
+
+
 def read_text(path):
     with open(path) as f:
         return f.read()
@@ -1743,10 +1750,7 @@ class EnvFileTest(SecretsTest):
     """env_file: .env files read at each spawn, between the manager's environment and the job's env."""
 
     def write(self, name, text):
-        path = os.path.join(self.tmp, name)
-        with open(path, "w") as f:
-            f.write(textwrap.dedent(text))
-        return path
+        return write_dedented(os.path.join(self.tmp, name), text)
 
     def test_precedence_optional_files_and_an_edit_picked_up_by_a_reload(self):
         self.setenv("T_OS", "manager")
@@ -5031,10 +5035,7 @@ class CommandLineTestCase(LeakCheckedTestCase):
     """Runs gaffer.py as a program in a temporary directory."""
 
     def write(self, name, text):
-        path = os.path.join(self.tmp, name)
-        with open(path, "w") as f:
-            f.write(textwrap.dedent(text))
-        return path
+        return write_dedented(os.path.join(self.tmp, name), text)
 
     def gaffer(self, *args, timeout=60, env=None):
         return subprocess.run([*CLI, *args], cwd=self.tmp, capture_output=True, text=True, timeout=timeout,
