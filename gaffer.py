@@ -78,6 +78,8 @@ below it; ``msg["event"]`` is the event name):
 ``job.<job>.kill``, ``proc.<pid>.kill``         name, pid (kill) or not (killall), signum
 ``flap``, ``job.<job>.flap``                    name
 ``spawn_error``, ``job.<job>.spawn_error``      name, reason
+``completed``, ``failed`` (and job forms)       name (a one-shot job or a scheduled run ended)
+``blocked``, ``job.<job>.blocked``              name, reason (a dependency cannot meet its condition)
 ==============================================  ===================================
 
 ``<job>`` is ``session.name``; ``pid`` is the manager's id of a process (an int
