@@ -5544,8 +5544,8 @@ class _Schedules:
 
     def defer(self, job):
         """A scheduled job being started: it waits for its next run (SCHEDULED), except an every, whose
-        first run is at start, and a catch_up job that missed a run since `last_run`.  A job that is
-        already waiting runs now (start_job).  None: start it now, as any job."""
+        first run is at start.  A job that is already waiting runs now (start_job).  None: start it now,
+        as any job."""
         if not _scheduled(job.config):
             return None
         if job in self._jobs:
@@ -5588,7 +5588,7 @@ class _Schedules:
             self._jobs[job] = record = _Schedule(self._loop.wall())
             self._arm(job, record)
         elif waiting:
-            self._manager._job_to(job, _JobState.RUNNING)
+            self._manager._activate(job)  # as any started job now: the update's spawn fills it
 
     def changed(self, job):
         """The job's state changed: a run that ended starts the one queued meanwhile (on the next turn);

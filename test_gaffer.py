@@ -3309,6 +3309,11 @@ class ScheduleTest(ManagerTestCase):
         self.assertEqual(self.m.info("tick")["next_run"] % 600, 0)
         self.assertGreaterEqual(self.m.info("tick")["next_run"], due)
         self.assertEqual(self.rec.matching("spawn", name="default.tick"), [])
+        self.until_next_run("tick")
+        self.rec.wait_for("job.default.tick.completed")  # its slot left empty by the run
+        self.m.update(gaffer.ProcessConfig("tick", PY, args=list(SLEEP)), start=True)  # no schedule any more
+        self.rec.wait_for("spawn", count=2, name="default.tick")
+        self.assertEqual((self.m.info("tick")["state"], self.m.info("tick")["next_run"]), ("running", None))
 
 
 class RestartPolicyTest(ManagerTestCase):
