@@ -6306,7 +6306,8 @@ class Manager:
         return self._call(self._do_status, _bool_setting("history", history))
 
     def info(self, name):
-        """Return ``{name, active, running, running_out, max_processes, processes, config}``."""
+        """``{name, active, running, running_out, max_processes, processes, config}`` (the seed's), then its
+        state, counts, waiting_for, blocked, last_run, next_run, restarts, last_exit, last_error..."""
         return self._call(self._do_info, name)
 
     def logs(self, name, lines=100, pid=None):
