@@ -4430,13 +4430,13 @@ class Receiver:
                 if hang:
                     receiver.release.wait(30)
                     return
-                self.send_response(500 if failing else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                if not failing:
+                if not failing:  # before the answer: the next post, on another thread, comes after it
                     with receiver.cond:
                         receiver.bodies.append((self.path, self.headers["Content-Type"], json.loads(body)))
                         receiver.cond.notify_all()
+                self.send_response(500 if failing else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, *args):
                 pass
