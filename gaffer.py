@@ -4783,11 +4783,12 @@ class _Dependencies:
                 unmet.append((full, None))
             elif other.state is _JobState.FATAL:
                 unmet.append((full, "%s is fatal (it was flapping)" % full))
-            elif other.state in _DONE_JOB:
-                if condition in ("completed", "started") or (condition == "completed_successfully"
-                                                             and other.state is _JobState.COMPLETED):
+            elif other.state in _DONE_JOB or (other.state is _JobState.SCHEDULED and other.last_run
+                                               and other.last_run["end"] is not None):  # its last run counts
+                failed = other.state is _JobState.FAILED or other.state is _JobState.SCHEDULED and other.run_failed
+                if condition in ("completed", "started") or (condition == "completed_successfully" and not failed):
                     continue
-                unmet.append((full, "%s %s with %s" % (full, other.state.value, other.last_exit)))
+                unmet.append((full, "%s %s with %s" % (full, "failed" if failed else "completed", other.last_exit)))
             elif not self._meets(other, condition):
                 unmet.append((full, None))
         return unmet
@@ -4819,8 +4820,8 @@ class _Dependencies:
     def changed(self, job, was):
         """A job's state changed (Manager._job_to): a dependent that became blocked says why (blocked
         event), and the states of the jobs that depend on this one follow (blocked or not).  What they
-        spawn waits for release(), after the event of the move that changed it; a one-shot job that
-        ended releases at once (its exit event is out)."""
+        spawn waits for release(), after the event of the move that changed it; a one-shot job or a
+        scheduled run that ended releases at once (its exit event is out)."""
         m = self._manager
         if job.state is _JobState.BLOCKED:
             m._publish_job(job, "blocked", reason=self.blocked(job))
@@ -4829,7 +4830,7 @@ class _Dependencies:
                 if job.active and was not in _ACTIVE_JOB and dependent.running:
                     self.replaced(job, dependent)  # started again: its restart: true dependents follow
                 m._refresh(dependent)
-        if job.state in _DONE_JOB:
+        if job.state in _DONE_JOB or job.state is _JobState.SCHEDULED:  # a run ended
             self.release()
 
     def dependents(self, job):

@@ -3300,6 +3300,17 @@ class ScheduleTest(ManagerTestCase):
                          "nothing missed since, or no catch_up: no run")
         self.assertEqual(len(self.rec.matching("spawn", name="default.nightly")), 1, "once, not once a day missed")
 
+    def test_a_scheduled_job_s_last_run_meets_a_completed_condition(self):
+        self.load("nightly", code="import sys; sys.exit(2)", schedule="0 3 * * *")
+        self.load("report", depends_on={"nightly": "completed_successfully"})
+        self.assertEqual((self.m.pids("report"), self.m.info("report")["blocked"]), ([], None), "no run yet")
+        self.m.start_job("nightly")  # a run now, which fails
+        self.assertEqual(self.rec.wait_for("job.default.report.blocked")[0]["reason"],
+                         "default.nightly failed with exit 2")
+        self.m.update(gaffer.ProcessConfig("nightly", PY, args=["-S", "-c", "pass"], schedule="0 3 * * *"))
+        self.m.start_job("nightly")
+        self.rec.wait_for("spawn", name="default.report")
+
     def test_an_update_works_the_schedule_out_again_and_runs_nothing(self):
         self.load("tick", code="pass", schedule="*/5 * * * *")
         due = self.m.info("tick")["next_run"]
