@@ -921,12 +921,12 @@ def _dotenv_text(text, path):
     runner's -e and a job's env_file); ValueError("path:line: reason") on a bad line."""
     env = {}
     for lineno, line in enumerate(text.splitlines(), 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
             continue
-        if text.startswith("export "):
-            text = text[7:].lstrip()
-        key, sep, value = text.partition("=")
+        if entry.startswith("export "):
+            entry = entry[7:].lstrip()
+        key, sep, value = entry.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError("%s:%d: expected KEY=value, got %r" % (path, lineno, line))
@@ -1328,9 +1328,9 @@ def _plain(value):
         return {key: _plain(item) for key, item in value.items()}
     return value
 # What a process is spawned with: a change of any replaces the processes; the other settings apply in place.
-_SPAWN_SETTINGS = ("cmd", "args", "env", "env_file", "os_env", "uid", "gid", "umask", "rlimits", "cwd", "shell", "redirect_output",
-                   "redirect_input", "custom_streams", "sockets", "ready", "health", "log_file", "log_max_bytes",
-                   "log_backups", "log_timestamps", "tail_bytes")
+_SPAWN_SETTINGS = ("cmd", "args", "env", "env_file", "os_env", "uid", "gid", "umask", "rlimits", "cwd", "shell",
+                   "redirect_output", "redirect_input", "custom_streams", "sockets", "ready", "health", "log_file",
+                   "log_max_bytes", "log_backups", "log_timestamps", "tail_bytes")
 
 
 # Variables gaffer reads a secret from: never inherited by a process (a job's own env may still set them).
@@ -1784,7 +1784,10 @@ class _Worker:
                     self._thread = None
                     return
                 item = self._todo.popleft()
-            self.handle(*item)
+            try:
+                self.handle(*item)
+            except Exception:  # one item that fails leaves the rest to do
+                _log.exception("%s failed on %r", self.name, item)
 
     def handle(self, *item):
         raise NotImplementedError
@@ -1964,32 +1967,35 @@ def _cgroup_members(path):
         os.close(fd)
 
 
+_CGROUP_FILES = (  # file -> what /metrics takes of it: (key, its field or None for the whole file, scale)
+    ("memory.current", [("memory", None, 1)]), ("pids.current", [("pids", None, 1)]),
+    ("memory.events", [("oom_kills", b"oom_kill", 1)]),
+    ("cpu.stat", [("cpu_seconds", b"usage_usec", 1e-6), ("throttled_seconds", b"throttled_usec", 1e-6)]))
+
+
 def _cgroup_stats(path):
     """What /metrics says of a cgroup, from the files it has (its controllers' may be absent): memory
     (bytes), oom_kills, pids, cpu_seconds and throttled_seconds."""
     stats = {}
     if not path:
         return stats
-    for name, key, field, scale in (("memory.current", "memory", None, 1), ("pids.current", "pids", None, 1),
-                                    ("memory.events", "oom_kills", b"oom_kill", 1),
-                                    ("cpu.stat", "cpu_seconds", b"usage_usec", 1e-6),
-                                    ("cpu.stat", "throttled_seconds", b"throttled_usec", 1e-6)):
+    for name, wanted in _CGROUP_FILES:
         try:
             fd = os.open(os.path.join(path, name), os.O_RDONLY)
         except OSError:
-            continue
+            continue  # no such controller here
         try:
-            text = os.read(fd, 4096)
+            words = os.read(fd, 4096).split()
         except OSError:
             continue
         finally:
             os.close(fd)
-        words = text.split()
-        try:
-            value = int(words[0]) if field is None else int(words[words.index(field) + 1])
-        except (ValueError, IndexError):
-            continue
-        stats[key] = round(value * scale, 6) if scale != 1 else value
+        for key, field, scale in wanted:
+            try:
+                value = int(words[0]) if field is None else int(words[words.index(field) + 1])
+            except (ValueError, IndexError):
+                continue
+            stats[key] = round(value * scale, 6) if scale != 1 else value
     return stats
 
 
@@ -2581,17 +2587,32 @@ class _Compressor(_Worker):
     name = "gaffer-compress"
 
     def handle(self, path, aside, backups):
-        import gzip
-        import shutil
         try:
             if backups:
                 _shift_backups(path, backups)
-                with open(aside, "rb") as source, gzip.open(path + ".1.gz.tmp", "wb") as target:
-                    shutil.copyfileobj(source, target, 1 << 20)
-                os.replace(path + ".1.gz.tmp", path + ".1.gz")
+                os.replace(self._gzipped(path, aside), path + ".1.gz")
             os.unlink(aside)
         except OSError as exc:
             _log.error("cannot compress the rotated log file %s: %s", path, exc.strerror or exc)
+
+    @staticmethod
+    def _gzipped(path, aside):
+        """A gzipped copy of `aside` beside path, in a file made exclusively under an unpredictable name
+        (mkstemp: O_EXCL, O_NOFOLLOW), so that nobody who may write in that directory can steer it."""
+        import gzip
+        import shutil
+        import tempfile
+        fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".gz.tmp",
+                                         dir=os.path.dirname(path) or ".")
+        try:
+            os.fchmod(fd, 0o644)  # as the log file itself
+            with os.fdopen(fd, "wb") as raw, open(aside, "rb") as source, \
+                    gzip.GzipFile(os.path.basename(path) + ".1", "wb", fileobj=raw) as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+        return temporary
 
 class _LogFile:
     """A log file that processes share: complete lines appended, renamed .1 (.1 to .2...) past
@@ -4759,7 +4780,7 @@ class _Dependencies:
     def __init__(self, manager):
         self._manager = manager
         self._waiters = []   # _ReadyWaiter of wait_ready() callers
-        self._restarts = {}  # dependent _Job -> names of the dependencies whose replacement it follows
+        self._restarts = set()  # dependents to replace once what they follow meets their condition again
 
     @staticmethod
     def of(job):
@@ -4845,14 +4866,14 @@ class _Dependencies:
             dep = next((dep for dep, (session, name) in zip(other.config.depends_on, self.of(other))
                         if _job_name(session, name) == job.name), None)
             if dep is not None and self.condition(other, dep)["restart"] and other.running:
-                self._restarts.setdefault(other, set()).add(job.name)
+                self._restarts.add(other)
                 self._restart(other)
 
     def _restart(self, dependent):
         """Replace a dependent, rolling and gated as a reload, once what it follows meets its conditions."""
         if dependent not in self._restarts or dependent.active and self.waiting_for(dependent):
             return
-        del self._restarts[dependent]  # a dependent stopped, unloaded or being replaced already: nothing to do
+        self._restarts.discard(dependent)  # a dependent stopped, unloaded or being replaced already: nothing to do
         if dependent.active and self._manager._loaded(dependent) and dependent.rollout is None:
             try:
                 self._manager._rollouts.replace(dependent)
@@ -7897,8 +7918,8 @@ class WebhooksApp:
                 if self._closing.is_set() and hook.queue.empty():
                     return
                 continue
-            if ends is not None and time.monotonic() > ends:
-                hook.dropped += 1 + hook.queue.qsize()
+            if ends is not None and time.monotonic() > ends:  # never went through (the loop alone counts dropped)
+                hook.failed += 1 + hook.queue.qsize()
                 return
             self._post_with_retries(hook, data)
 
@@ -8259,12 +8280,16 @@ def _run_foreground(configs, args, keep_alive, sockets=()):
     return first_exit[0] if first_exit else 0
 
 
+def _dotenv_paths(args):
+    """The .env files a command reads: -e (several with commas), else ./.env when present."""
+    return [path.strip() for path in (args.env or ".env").split(",") if args.env or os.path.exists(path.strip())]
+
+
 def _dotenv(args):
-    """The variables of the .env files (-e, several with commas, the later winning; ./.env when present)."""
+    """The variables of the .env files (_dotenv_paths), the later winning."""
     env = {}
-    for env_file in (args.env or ".env").split(","):
-        if args.env or os.path.exists(env_file):
-            env.update(_parse_dotenv(env_file.strip()))
+    for env_file in _dotenv_paths(args):
+        env.update(_parse_dotenv(env_file))
     return env
 
 
@@ -8484,7 +8509,7 @@ def _read_json_config(path, text):
             job = dict(job, env_file=_config_env_files(path, job["env_file"]))
         configs.append(_json_job(job, "%s: %s" % (path, where)))
     token = _config_token(path, data.get("token"), data.get("token_file"))
-    return configs, data.get("http"), token, include, sockets
+    return configs, data.get("http"), token, include, sockets, _config_webhooks(path, data.get("webhooks", {}))
 
 
 def _read_ini_config(path, text):
@@ -8540,7 +8565,9 @@ def _read_ini_config(path, text):
             configs.append((session, ProcessConfig(job, settings.pop("cmd", None), **settings)))
         except (TypeError, ValueError) as exc:
             raise _UsageError("%s: %s: %s" % (path, name, exc)) from None
-    return configs, http, token, include, sockets
+    webhooks = {pattern: urls.split() for pattern, urls in parser["webhooks"].items()} \
+        if parser.has_section("webhooks") else {}
+    return configs, http, token, include, sockets, _config_webhooks(path, webhooks)
 
 
 def _config_env_files(path, value):
@@ -8573,13 +8600,14 @@ def _config_socket(where, name, settings):
 
 
 def _read_jobs(path, including):
-    """([(session, ProcessConfig, file)], http, token, {socket name: its settings}) of a config file and of
-    those it includes: its `include` globs (a JSON list, or a line in [gaffer]) are relative to its directory."""
+    """([(session, ProcessConfig, file)], http, token, {socket name: its settings}, webhooks) of a config file
+    and of those it includes: its `include` globs (a JSON list, or a line in [gaffer]) are relative to its
+    directory; http, token and webhooks are the file's own."""
     text = _read_text(path, "config file")
     if path.endswith(".json") or text.lstrip().startswith("{"):
-        configs, http, token, include, sockets = _read_json_config(path, text)
+        configs, http, token, include, sockets, webhooks = _read_json_config(path, text)
     else:
-        configs, http, token, include, sockets = _read_ini_config(path, text)
+        configs, http, token, include, sockets, webhooks = _read_ini_config(path, text)
     jobs = [(session, config, path) for session, config in configs]
     for pattern in include:
         import glob
@@ -8594,7 +8622,7 @@ def _read_jobs(path, including):
             for name in set(sockets) & set(more[3]):
                 raise _UsageError("%s: socket %s is declared twice (in %s too)" % (path, name, other))
             sockets.update(more[3])
-    return jobs, http, token, sockets
+    return jobs, http, token, sockets, webhooks
 
 
 def _validate_config(path, jobs, http, sockets=()):
@@ -8629,21 +8657,11 @@ def _validate_config(path, jobs, http, sockets=()):
     return configs
 
 
-def _config_webhooks(path):
-    """A config file's webhooks, {pattern: [URLs]}: INI's [webhooks] section of PATTERN = URL [URL...], the
-    old gafferd's shape, or JSON's "webhooks" object (each a URL or a list); checked as WebhooksApp checks."""
-    text = _read_text(path, "config file")
-    if path.endswith(".json") or text.lstrip().startswith("{"):
-        hooks = _json_value(text).get("webhooks", {})
-        if not isinstance(hooks, dict):
-            raise _UsageError("%s: webhooks: must be an object of event pattern: URL (or [URLs])" % path)
-    else:
-        import configparser
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.optionxform = str  # an event pattern keeps its case
-        parser.read_string(text, path)
-        hooks = {pattern: urls.split() for pattern, urls in parser["webhooks"].items()} \
-            if parser.has_section("webhooks") else {}
+def _config_webhooks(path, hooks):
+    """A config file's webhooks, {pattern: URL or [URLs]}: INI's [webhooks] section of PATTERN = URL [URL...],
+    the old gafferd's shape, or JSON's "webhooks" object; checked as WebhooksApp checks them."""
+    if not isinstance(hooks, dict):
+        raise _UsageError("%s: webhooks: must be an object of event pattern: URL (or [URLs])" % path)
     try:
         WebhooksApp(hooks)
     except ValueError as exc:
@@ -8651,20 +8669,14 @@ def _config_webhooks(path):
     return hooks
 
 
-def _webhook_apps(path):
-    """[WebhooksApp] for a config file that declares webhooks, else []."""
-    hooks = _config_webhooks(path)
-    return [WebhooksApp(hooks)] if hooks else []
-
-
 def _read_config(path):
     """Read a JSON or INI daemon config: ([(session, ProcessConfig)], http address or None, token or None,
-    {socket name: add_socket()'s settings}).
+    {socket name: add_socket()'s settings}, {webhook pattern: URLs}).
 
     Errors are _UsageError("path: where: reason").
     """
-    jobs, http, token, sockets = _read_jobs(path, ())
-    return _validate_config(path, jobs, http, sockets), http, token, sockets
+    jobs, http, token, sockets, webhooks = _read_jobs(path, ())
+    return _validate_config(path, jobs, http, sockets), http, token, sockets, webhooks
 
 
 def _cannot_start(config):
@@ -8684,11 +8696,11 @@ def _cannot_start(config):
 
 def _cmd_check(args):
     if args.config:
-        configs, _, _, sockets = _read_config(args.config)
+        configs, _, _, sockets, webhooks = _read_config(args.config)
         print("valid config %s: %d job%s" % (args.config, len(configs), "s" if len(configs) != 1 else ""))
         for name, settings in sockets.items():
             print("  socket %s: %s" % (name, settings["address"]))
-        for pattern, urls in _config_webhooks(args.config).items():
+        for pattern, urls in webhooks.items():
             print("  webhook %s: %s" % (pattern, " ".join([urls] if isinstance(urls, str) else urls)))
         for session, config in configs:
             after = " (after %s)" % ", ".join(config.depends_on) if config.depends_on else ""
@@ -9039,17 +9051,17 @@ def _daemonize(log_fd):
     return tell
 
 
-def _serve(args, configs, app, state, on_ready, sockets):
+def _serve(args, configs, app, state, on_ready, sockets, webhooks):
     manager = _cli_manager(args)
     for event in ("spawn", "exit", "flap", "spawn_error", "stop_process", "reap"):  # as supervisord says them
         manager.events.subscribe(event, lambda evtype, msg: _log.info("%s", _event_line(evtype, msg)))
-    _start(manager, app, _webhook_apps(args.config))
+    _start(manager, app, [WebhooksApp(webhooks)] if webhooks else [])
     _serve_sockets(manager, sockets, args.config)
     held = dict(sockets)
 
     def reload_config():
         try:
-            configs, _, _, sockets = _read_config(args.config)
+            configs, _, _, sockets, _ = _read_config(args.config)
         except _UsageError as exc:
             _log.error("reload of %s failed: %s", args.config, exc)
             return
@@ -9116,8 +9128,7 @@ def _record_runs(manager, state):
 
 
 def _cmd_serve(args):
-    configs, http, token, sockets = _read_config(args.config)
-    _config_webhooks(args.config)  # refused before anything starts
+    configs, http, token, sockets, webhooks = _read_config(args.config)
     app = _http_app(args, http, token)
     state = args.state and _StateFile(os.path.abspath(args.state))
     if state and not os.access(os.path.dirname(state.path), os.W_OK):
@@ -9144,7 +9155,7 @@ def _cmd_serve(args):
         try:
             if pidfile:
                 pidfile.acquire()
-            return _serve(args, configs, app, state, lambda problems: tell(0, "\n".join(problems)), sockets)
+            return _serve(args, configs, app, state, lambda problems: tell(0, "\n".join(problems)), sockets, webhooks)
         except (_UsageError, _Failure) as exc:
             tell(2 if isinstance(exc, _UsageError) else 1, str(exc))
             raise
@@ -9934,8 +9945,7 @@ def _cmd_export(args):
     if bool(args.output) == bool(args.location):
         raise _UsageError("export: give the directory to write in, as -o DIR or after the format, once")
     output = os.path.abspath(args.output or args.location)
-    env_files = [os.path.abspath(path.strip()) for path in (args.env or ".env").split(",")
-                 if args.env or os.path.exists(path.strip())]
+    env_files = [os.path.abspath(path) for path in _dotenv_paths(args)]
     export = _Export(app, cwd, output, args.user, args.graceful_timeout, args.fragment, instances, env_files)
     files = list(_EXPORTERS[args.format](export))  # every value checked before anything is written
     for filename, text, executable in files:
@@ -10393,13 +10403,13 @@ function render(jobs) {
     }
     const actions = cell(row, "");
     const path = jobPath(job.name);
-    const runs = ["running", "starting", "backoff", "blocked"].includes(job.state);
-    if (!runs) button(actions, job.state === "scheduled" ? "run now" : "start",
-                      () => api("POST", path + "/state", {state: "start"}));
-    if (runs || ["scheduled", "listening"].includes(job.state)) {
+    const active = ["running", "starting", "backoff", "blocked"].includes(job.state);
+    if (!active) button(actions, job.state === "scheduled" ? "run now" : "start",
+                        () => api("POST", path + "/state", {state: "start"}));
+    if (active || ["scheduled", "listening"].includes(job.state)) {
       button(actions, "stop", () => api("POST", path + "/state", {state: "stop"}));
     }
-    if (runs) button(actions, "reload", () => api("POST", path + "/state", {state: "reload"}));
+    if (active) button(actions, "reload", () => api("POST", path + "/state", {state: "reload"}));
     const count = document.createElement("input");
     count.type = "number"; count.min = "0"; count.className = "count"; count.value = job.target;
     count.addEventListener("click", (e) => e.stopPropagation());

@@ -5652,8 +5652,8 @@ class ServeTest(CommandLineTestCase):
         check = self.cli("check", "-c", ini)
         self.assertEqual(check.returncode, 0, check.stderr)
         self.assertIn("  webhook exit: %s\n" % receiver.url, check.stdout)
-        self.assertEqual(gaffer._config_webhooks(self.write("hooks.json", json.dumps(
-            {"webhooks": {"exit": receiver.url}, "jobs": []}))), {"exit": receiver.url})
+        self.assertEqual(gaffer._read_config(self.write("hooks.json", json.dumps(
+            {"webhooks": {"exit": receiver.url}, "jobs": []})))[4], {"exit": receiver.url})
         server = self.serve(ini)
         wait_until(lambda: any(body["event"] == "exit" for _, _, body in receiver.bodies), what="the exit posted")
         exit_body = next(body for _, _, body in receiver.bodies if body["event"] == "exit")
